@@ -1,0 +1,24 @@
+//! kvinfer-engine: sampling and the generation loop over a [`kvinfer_model::Model`].
+//!
+//! The continuous-batching engine loop and scheduler arrive with the server; today one sequence
+//! runs at a time through [`generate`].
+#![deny(missing_docs)]
+
+mod generate;
+mod sampler;
+mod stop;
+
+pub use generate::{generate, FinishReason, GenerateOutput, GenerateRequest, Timings};
+pub use sampler::{Sampler, SamplingParams};
+pub use stop::{StopMatcher, Utf8Stream};
+
+/// Errors of the engine.
+#[derive(Debug, thiserror::Error)]
+pub enum EngineError {
+    /// The model failed (bad ids, context full...).
+    #[error(transparent)]
+    Model(#[from] kvinfer_model::ModelError),
+    /// The request is invalid.
+    #[error("invalid request: {0}")]
+    Invalid(String),
+}

@@ -1,0 +1,76 @@
+//! Tensor element types of GGUF files (the ggml type ids) and their block geometry.
+//!
+//! A quantized row of `n` weights is `n / block_size` blocks of `type_size` bytes each.
+//! Layouts follow ggml (`ggml-common.h`); each type's block struct is documented in
+//! `kernels/quant.rs`.
+
+/// A ggml tensor element type. Discriminants are the ids stored in GGUF files.
+#[allow(non_camel_case_types, missing_docs)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[repr(u32)]
+pub enum GgmlType {
+    F32 = 0,
+    F16 = 1,
+    Q4_0 = 2,
+    Q4_1 = 3,
+    Q5_0 = 6,
+    Q5_1 = 7,
+    Q8_0 = 8,
+    Q4_K = 12,
+    Q6_K = 14,
+    Q8_K = 15,
+    BF16 = 30,
+}
+
+/// Weights per super-block of the K-quants.
+pub const QK_K: usize = 256;
+
+impl GgmlType {
+    /// The type for a GGUF type id, or `None` when kvinfer does not support it.
+    pub fn from_id(id: u32) -> Option<Self> {
+        Some(match id {
+            0 => Self::F32,
+            1 => Self::F16,
+            2 => Self::Q4_0,
+            3 => Self::Q4_1,
+            6 => Self::Q5_0,
+            7 => Self::Q5_1,
+            8 => Self::Q8_0,
+            12 => Self::Q4_K,
+            14 => Self::Q6_K,
+            15 => Self::Q8_K,
+            30 => Self::BF16,
+            _ => return None,
+        })
+    }
+
+    /// Number of weights in one block.
+    pub fn block_size(self) -> usize {
+        match self {
+            Self::F32 | Self::F16 | Self::BF16 => 1,
+            Self::Q4_0 | Self::Q4_1 | Self::Q5_0 | Self::Q5_1 | Self::Q8_0 => 32,
+            Self::Q4_K | Self::Q6_K | Self::Q8_K => QK_K,
+        }
+    }
+
+    /// Bytes of one block.
+    pub fn type_size(self) -> usize {
+        match self {
+            Self::F32 => 4,
+            Self::F16 | Self::BF16 => 2,
+            Self::Q4_0 => 2 + 16,
+            Self::Q4_1 => 2 + 2 + 16,
+            Self::Q5_0 => 2 + 4 + 16,
+            Self::Q5_1 => 2 + 2 + 4 + 16,
+            Self::Q8_0 => 2 + 32,
+            Self::Q4_K => 2 + 2 + 12 + QK_K / 2,
+            Self::Q6_K => QK_K / 2 + QK_K / 4 + QK_K / 16 + 2,
+            Self::Q8_K => 4 + QK_K + QK_K / 16 * 2,
+        }
+    }
+
+    /// Bytes of a row of `n` weights; `None` when `n` is not a whole number of blocks.
+    pub fn row_bytes(self, n: usize) -> Option<usize> {
+        (n % self.block_size() == 0).then(|| n / self.block_size() * self.type_size())
+    }
+}

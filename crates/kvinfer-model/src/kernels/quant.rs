@@ -1,0 +1,372 @@
+//! Block formats of the ggml quantized types, scalar dequantization, quantization of the
+//! activations (to our Q8 / Q8_K formats) and the scalar dot products every SIMD kernel is
+//! tested against.
+//!
+//! Layouts follow ggml's `ggml-common.h` byte for byte. Weights come straight from the mmap'd
+//! GGUF file, which guarantees no alignment for these structs, so blocks are read as byte slices
+//! (`f16` fields with `u16::from_le_bytes`), never cast to `&Block`.
+//!
+//! | type | bytes | layout (byte offsets)                                                    |
+//! |------|-------|---------------------------------------------------------------------------|
+//! | Q4_0 | 18    | `d: f16 [0..2]`, `qs [2..18]`: w = d * (q - 8)                             |
+//! | Q4_1 | 20    | `d [0..2]`, `m [2..4]`, `qs [4..20]`: w = d * q + m                        |
+//! | Q5_0 | 22    | `d [0..2]`, `qh: u32 [2..6]`, `qs [6..22]`: w = d * (q - 16)               |
+//! | Q5_1 | 24    | `d [0..2]`, `m [2..4]`, `qh [4..8]`, `qs [8..24]`: w = d * q + m           |
+//! | Q8_0 | 34    | `d [0..2]`, `qs: i8 [2..34]`: w = d * q                                    |
+//! | Q4_K | 144   | `d [0..2]`, `dmin [2..4]`, `scales [4..16]` (8 x 6-bit scale+min), `qs [16..144]` |
+//! | Q6_K | 210   | `ql [0..128]`, `qh [128..192]`, `scales: i8 [192..208]`, `d [208..210]`    |
+//!
+//! In the 32-weight types, byte `j` of `qs` holds weight `j` in its low nibble and weight
+//! `j + 16` in its high nibble; bit `j` of `qh` is the fifth bit of weight `j`.
+
+use crate::ggml_type::{GgmlType, QK_K};
+
+/// Weights per block of the 32-weight types (Q4_0 ... Q8_0) and of our activation Q8 format.
+pub const QK: usize = 32;
+
+/// An `f16` stored little-endian at `b[at..at + 2]`, as f32.
+#[inline(always)]
+pub(crate) fn f16_at(b: &[u8], at: usize) -> f32 {
+    half::f16::from_bits(u16::from_le_bytes([b[at], b[at + 1]])).to_f32()
+}
+
+/// Scale and min of sub-block `j` (0..8) of a Q4_K block from its 12 packed `scales` bytes
+/// (ggml's `get_scale_min_k4`).
+#[inline(always)]
+pub(crate) fn scale_min_k4(j: usize, q: &[u8]) -> (u8, u8) {
+    if j < 4 {
+        (q[j] & 63, q[j + 4] & 63)
+    } else {
+        (
+            (q[j + 4] & 0xF) | ((q[j - 4] >> 6) << 4),
+            (q[j + 4] >> 4) | ((q[j] >> 6) << 4),
+        )
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Dequantization (scalar reference; also the non-x86 fallback).
+// ---------------------------------------------------------------------------------------------
+
+/// Dequantize one row of `dst.len()` weights of type `ty` from `src` (exactly
+/// `ty.row_bytes(dst.len())` bytes). Scalar; `kernels::dequantize_row` may use SIMD instead.
+pub fn dequantize_row_scalar(ty: GgmlType, src: &[u8], dst: &mut [f32]) {
+    let n = dst.len();
+    assert_eq!(
+        ty.row_bytes(n),
+        Some(src.len()),
+        "dequantize_row: {ty:?} row of {n} weights needs a whole number of blocks"
+    );
+    match ty {
+        GgmlType::F32 => {
+            for (d, c) in dst.iter_mut().zip(src.chunks_exact(4)) {
+                *d = f32::from_le_bytes([c[0], c[1], c[2], c[3]]);
+            }
+        }
+        GgmlType::F16 => {
+            for (i, d) in dst.iter_mut().enumerate() {
+                *d = f16_at(src, 2 * i);
+            }
+        }
+        GgmlType::BF16 => {
+            for (d, c) in dst.iter_mut().zip(src.chunks_exact(2)) {
+                *d = f32::from_bits((u16::from_le_bytes([c[0], c[1]]) as u32) << 16);
+            }
+        }
+        GgmlType::Q8_K => {
+            for (b, y) in src.chunks_exact(ty.type_size()).zip(dst.chunks_exact_mut(QK_K)) {
+                let d = f32::from_le_bytes([b[0], b[1], b[2], b[3]]);
+                for (yi, &q) in y.iter_mut().zip(&b[4..4 + QK_K]) {
+                    *yi = d * q as i8 as f32;
+                }
+            }
+        }
+        GgmlType::Q4_K => {
+            for (b, y) in src.chunks_exact(ty.type_size()).zip(dst.chunks_exact_mut(QK_K)) {
+                dequant_block_q4_k(b, y);
+            }
+        }
+        GgmlType::Q6_K => {
+            for (b, y) in src.chunks_exact(ty.type_size()).zip(dst.chunks_exact_mut(QK_K)) {
+                dequant_block_q6_k(b, y);
+            }
+        }
+        _ => {
+            for (b, y) in src.chunks_exact(ty.type_size()).zip(dst.chunks_exact_mut(QK)) {
+                dequant_block_32(ty, b, y);
+            }
+        }
+    }
+}
+
+/// The 32 integer quants of one block of a 32-weight type, and (d, m) such that the weights are
+/// `d * v + m` (exactly so for Q4_1/Q5_1/Q8_0; for Q4_0/Q5_0, m = -8d / -16d, one rounding off
+/// ggml's `d * (v - 8)`).
+#[inline(always)]
+pub(crate) fn block_32_values(ty: GgmlType, b: &[u8], v: &mut [i32; QK]) -> (f32, f32) {
+    let d = f16_at(b, 0);
+    let nibbles = |qs: &[u8], v: &mut [i32; QK]| {
+        for j in 0..16 {
+            v[j] = (qs[j] & 0xF) as i32;
+            v[j + 16] = (qs[j] >> 4) as i32;
+        }
+    };
+    let high_bits = |qh: u32, v: &mut [i32; QK]| {
+        for (j, vj) in v.iter_mut().enumerate() {
+            *vj |= (((qh >> j) & 1) << 4) as i32;
+        }
+    };
+    let qh_at = |at: usize| u32::from_le_bytes([b[at], b[at + 1], b[at + 2], b[at + 3]]);
+    match ty {
+        GgmlType::Q4_0 => {
+            nibbles(&b[2..18], v);
+            (d, -8.0 * d)
+        }
+        GgmlType::Q4_1 => {
+            nibbles(&b[4..20], v);
+            (d, f16_at(b, 2))
+        }
+        GgmlType::Q5_0 => {
+            nibbles(&b[6..22], v);
+            high_bits(qh_at(2), v);
+            (d, -16.0 * d)
+        }
+        GgmlType::Q5_1 => {
+            nibbles(&b[8..24], v);
+            high_bits(qh_at(4), v);
+            (d, f16_at(b, 2))
+        }
+        GgmlType::Q8_0 => {
+            for (vj, &q) in v.iter_mut().zip(&b[2..34]) {
+                *vj = q as i8 as i32;
+            }
+            (d, 0.0)
+        }
+        _ => unreachable!("{ty:?} is not a 32-weight block type"),
+    }
+}
+
+/// Dequantize one block of a 32-weight type exactly as ggml's `dequantize_row_*` does.
+fn dequant_block_32(ty: GgmlType, b: &[u8], y: &mut [f32]) {
+    let mut v = [0i32; QK];
+    let (d, m) = block_32_values(ty, b, &mut v);
+    let offset = match ty {
+        GgmlType::Q4_0 => 8,
+        GgmlType::Q5_0 => 16,
+        _ => 0,
+    };
+    let has_min = matches!(ty, GgmlType::Q4_1 | GgmlType::Q5_1);
+    for (yi, &vi) in y.iter_mut().zip(&v) {
+        *yi = if has_min { vi as f32 * d + m } else { (vi - offset) as f32 * d };
+    }
+}
+
+fn dequant_block_q4_k(b: &[u8], y: &mut [f32]) {
+    let d = f16_at(b, 0);
+    let dmin = f16_at(b, 2);
+    let scales = &b[4..16];
+    let qs = &b[16..144];
+    for (j, (q, y)) in qs.chunks_exact(32).zip(y.chunks_exact_mut(64)).enumerate() {
+        let (sc1, m1) = scale_min_k4(2 * j, scales);
+        let (sc2, m2) = scale_min_k4(2 * j + 1, scales);
+        let (d1, m1) = (d * sc1 as f32, dmin * m1 as f32);
+        let (d2, m2) = (d * sc2 as f32, dmin * m2 as f32);
+        for l in 0..32 {
+            y[l] = d1 * (q[l] & 0xF) as f32 - m1;
+            y[l + 32] = d2 * (q[l] >> 4) as f32 - m2;
+        }
+    }
+}
+
+/// Weight `l + 32 * k` (k in 0..4, l in 0..32) of one 128-weight half of a Q6_K block, in
+/// 0..64 (subtract 32 for the signed value). `ql` is the half's 64 bytes, `qh` its 32.
+#[inline(always)]
+pub(crate) fn q6_k_value(ql: &[u8], qh: &[u8], l: usize, k: usize) -> i32 {
+    let lo = match k {
+        0 => ql[l] & 0xF,
+        1 => ql[l + 32] & 0xF,
+        2 => ql[l] >> 4,
+        _ => ql[l + 32] >> 4,
+    };
+    (lo | (((qh[l] >> (2 * k)) & 3) << 4)) as i32
+}
+
+fn dequant_block_q6_k(b: &[u8], y: &mut [f32]) {
+    let d = f16_at(b, 208);
+    for half in 0..2 {
+        let ql = &b[64 * half..64 * half + 64];
+        let qh = &b[128 + 32 * half..128 + 32 * half + 32];
+        let sc = &b[192 + 8 * half..192 + 8 * half + 8];
+        let y = &mut y[128 * half..128 * half + 128];
+        for l in 0..32 {
+            for k in 0..4 {
+                let q = q6_k_value(ql, qh, l, k) - 32;
+                y[l + 32 * k] = d * (sc[l / 16 + 2 * k] as i8 as f32) * q as f32;
+            }
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Activation quantization.
+// ---------------------------------------------------------------------------------------------
+
+/// Activations quantized to 8 bits in blocks of 32, for the 32-weight types (ggml's Q8_0/Q8_1,
+/// kept as separate arrays so kernels can read the scales of several tokens cheaply).
+///
+/// # Invariants
+/// `qs.len() == n_tokens * nb * 32`, `d.len() == s.len() == n_tokens * nb`; token `t` owns
+/// blocks `t * nb .. (t + 1) * nb`; value = `d * qs`; `s[i] == d[i] * sum(qs of block i)`.
+#[derive(Default)]
+pub struct Q8Acts {
+    /// Blocks per token (`cols / 32`).
+    pub nb: usize,
+    /// Quants, `[n_tokens][nb][32]`.
+    pub qs: Vec<i8>,
+    /// Block scales, `[n_tokens][nb]`.
+    pub d: Vec<f32>,
+    /// Block sums times scale, `[n_tokens][nb]` (for the offsets / mins of Q4_0 ... Q5_1).
+    pub s: Vec<f32>,
+}
+
+impl Q8Acts {
+    /// Reshape (reusing capacity) for `n_tokens` tokens of `cols` values.
+    pub fn resize(&mut self, n_tokens: usize, cols: usize) {
+        debug_assert!(cols % QK == 0, "Q8 activations need cols % 32 == 0, got {cols}");
+        self.nb = cols / QK;
+        self.qs.resize(n_tokens * cols, 0);
+        self.d.resize(n_tokens * self.nb, 0.0);
+        self.s.resize(n_tokens * self.nb, 0.0);
+    }
+
+    /// Quantize token `t` from `x` (cols values) with the scalar code.
+    pub fn quantize_token_scalar(&mut self, t: usize, x: &[f32]) {
+        let nb = self.nb;
+        let qs = &mut self.qs[t * nb * QK..(t + 1) * nb * QK];
+        let d = &mut self.d[t * nb..(t + 1) * nb];
+        let s = &mut self.s[t * nb..(t + 1) * nb];
+        quantize_q8_scalar(x, qs, d, s);
+    }
+}
+
+/// Quantize `x` (nb * 32 values) into `qs` with one scale per 32 values: `d = amax / 127`,
+/// `q = round_ties_even(x * 127 / amax)`. The AVX2 version computes bit-identical results.
+pub fn quantize_q8_scalar(x: &[f32], qs: &mut [i8], d: &mut [f32], s: &mut [f32]) {
+    for ((xb, qb), (db, sb)) in x
+        .chunks_exact(QK)
+        .zip(qs.chunks_exact_mut(QK))
+        .zip(d.iter_mut().zip(s.iter_mut()))
+    {
+        let amax = xb.iter().fold(0.0f32, |m, v| m.max(v.abs()));
+        let dd = amax / 127.0;
+        let id = if amax != 0.0 { 127.0 / amax } else { 0.0 };
+        let mut sum = 0i32;
+        for (q, &v) in qb.iter_mut().zip(xb) {
+            let r = (v * id).round_ties_even() as i32;
+            *q = r as i8;
+            sum += r;
+        }
+        *db = dd;
+        *sb = dd * sum as f32;
+    }
+}
+
+/// One super-block of activations quantized for the K-quants (ggml's `block_q8_K`, but with a
+/// symmetric scale `d = amax / 127` so quants stay in -127..=127).
+#[derive(Clone, Copy)]
+#[repr(C)]
+pub struct BlockQ8K {
+    /// Scale.
+    pub d: f32,
+    /// Quants.
+    pub qs: [i8; QK_K],
+    /// Sum of each group of 16 quants.
+    pub bsums: [i16; QK_K / 16],
+}
+
+impl BlockQ8K {
+    /// All zero.
+    pub const ZERO: Self = Self { d: 0.0, qs: [0; QK_K], bsums: [0; QK_K / 16] };
+}
+
+/// Quantize `x` (a multiple of 256 values) into `out` (one block per 256).
+pub fn quantize_q8_k(x: &[f32], out: &mut [BlockQ8K]) {
+    for (xb, blk) in x.chunks_exact(QK_K).zip(out.iter_mut()) {
+        let amax = xb.iter().fold(0.0f32, |m, v| m.max(v.abs()));
+        let id = if amax != 0.0 { 127.0 / amax } else { 0.0 };
+        blk.d = amax / 127.0;
+        for (q, &v) in blk.qs.iter_mut().zip(xb) {
+            *q = (v * id).round_ties_even() as i8;
+        }
+        for (g, bs) in blk.bsums.iter_mut().enumerate() {
+            *bs = blk.qs[16 * g..16 * g + 16].iter().map(|&q| q as i16).sum();
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Scalar dot products: one weight row against one quantized token. These define the results;
+// the SIMD kernels must agree up to float rounding.
+// ---------------------------------------------------------------------------------------------
+
+/// Dot of a row of a 32-weight type (`row`: nb blocks) with token activations
+/// (`qs`: nb * 32, `d`, `s`: nb).
+pub fn dot_q8_scalar(ty: GgmlType, row: &[u8], qs: &[i8], d: &[f32], s: &[f32]) -> f32 {
+    let bs = ty.type_size();
+    let mut v = [0i32; QK];
+    let mut sum = 0.0f32;
+    for (b, blk) in row.chunks_exact(bs).enumerate() {
+        let (dw, mw) = block_32_values(ty, blk, &mut v);
+        let y = &qs[b * QK..(b + 1) * QK];
+        let isum: i32 = v.iter().zip(y).map(|(&a, &b)| a * b as i32).sum();
+        sum += dw * d[b] * isum as f32 + mw * s[b];
+    }
+    sum
+}
+
+/// Dot of a Q4_K row with Q8_K activations.
+pub fn dot_q4_k_scalar(row: &[u8], act: &[BlockQ8K]) -> f32 {
+    let mut sum = 0.0f32;
+    for (b, y) in row.chunks_exact(GgmlType::Q4_K.type_size()).zip(act) {
+        let (d, dmin) = (f16_at(b, 0) * y.d, f16_at(b, 2) * y.d);
+        let scales = &b[4..16];
+        let (mut isum, mut msum) = (0i32, 0i32);
+        for j in 0..8 {
+            let (sc, m) = scale_min_k4(j, scales);
+            let q = &b[16 + 32 * (j / 2)..16 + 32 * (j / 2) + 32];
+            let ys = &y.qs[32 * j..32 * j + 32];
+            let dot: i32 = q
+                .iter()
+                .zip(ys)
+                .map(|(&q, &yv)| (if j % 2 == 0 { q & 0xF } else { q >> 4 }) as i32 * yv as i32)
+                .sum();
+            isum += sc as i32 * dot;
+            msum += m as i32 * (y.bsums[2 * j] as i32 + y.bsums[2 * j + 1] as i32);
+        }
+        sum += d * isum as f32 - dmin * msum as f32;
+    }
+    sum
+}
+
+/// Dot of a Q6_K row with Q8_K activations.
+pub fn dot_q6_k_scalar(row: &[u8], act: &[BlockQ8K]) -> f32 {
+    let mut sum = 0.0f32;
+    for (b, y) in row.chunks_exact(GgmlType::Q6_K.type_size()).zip(act) {
+        let d = f16_at(b, 208) * y.d;
+        let mut isum = 0i32;
+        for half in 0..2 {
+            let ql = &b[64 * half..64 * half + 64];
+            let qh = &b[128 + 32 * half..128 + 32 * half + 32];
+            let sc = &b[192 + 8 * half..192 + 8 * half + 8];
+            let ys = &y.qs[128 * half..128 * half + 128];
+            for l in 0..32 {
+                for k in 0..4 {
+                    let q = q6_k_value(ql, qh, l, k) - 32;
+                    isum += sc[l / 16 + 2 * k] as i8 as i32 * q * ys[l + 32 * k] as i32;
+                }
+            }
+        }
+        sum += d * isum as f32;
+    }
+    sum
+}

@@ -1,0 +1,338 @@
+//! Kernel tests: hand-checked block decodes, every SIMD level against the scalar reference, and
+//! matmul against a naive dequantize-then-f32 product.
+
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+
+use super::matmul::matmul_with;
+use super::quant::{self, BlockQ8K, QK};
+use super::*;
+use crate::ggml_type::{GgmlType, QK_K};
+
+const ALL_MATMUL_TYPES: [GgmlType; 10] = [
+    GgmlType::F32,
+    GgmlType::F16,
+    GgmlType::BF16,
+    GgmlType::Q4_0,
+    GgmlType::Q4_1,
+    GgmlType::Q5_0,
+    GgmlType::Q5_1,
+    GgmlType::Q8_0,
+    GgmlType::Q4_K,
+    GgmlType::Q6_K,
+];
+
+fn f16_bytes(v: f32) -> [u8; 2] {
+    half::f16::from_f32(v).to_bits().to_le_bytes()
+}
+
+/// A random but well-formed row of `cols` weights (finite scales of realistic size).
+fn random_row(rng: &mut StdRng, ty: GgmlType, cols: usize) -> Vec<u8> {
+    let mut out = Vec::new();
+    let nblocks = cols / ty.block_size();
+    for _ in 0..nblocks {
+        let mut b: Vec<u8> = (0..ty.type_size()).map(|_| rng.random()).collect();
+        let d = rng.random_range(0.002f32..0.02);
+        let m = rng.random_range(-0.1f32..0.1);
+        match ty {
+            GgmlType::F32 => b.copy_from_slice(&rng.random_range(-1.0f32..1.0).to_le_bytes()),
+            GgmlType::F16 => b.copy_from_slice(&f16_bytes(rng.random_range(-1.0f32..1.0))),
+            GgmlType::BF16 => {
+                let bits = (rng.random_range(-1.0f32..1.0).to_bits() >> 16) as u16;
+                b.copy_from_slice(&bits.to_le_bytes());
+            }
+            GgmlType::Q4_0 | GgmlType::Q5_0 | GgmlType::Q8_0 => b[0..2].copy_from_slice(&f16_bytes(d)),
+            GgmlType::Q4_1 | GgmlType::Q5_1 => {
+                b[0..2].copy_from_slice(&f16_bytes(d));
+                b[2..4].copy_from_slice(&f16_bytes(m));
+            }
+            GgmlType::Q4_K => {
+                b[0..2].copy_from_slice(&f16_bytes(d / 16.0));
+                b[2..4].copy_from_slice(&f16_bytes(d / 32.0));
+            }
+            GgmlType::Q6_K => b[208..210].copy_from_slice(&f16_bytes(d / 64.0)),
+            GgmlType::Q8_K => unreachable!(),
+        }
+        out.extend_from_slice(&b);
+    }
+    out
+}
+
+fn random_matrix(rng: &mut StdRng, ty: GgmlType, rows: usize, cols: usize) -> Vec<u8> {
+    (0..rows).flat_map(|_| random_row(rng, ty, cols)).collect()
+}
+
+fn random_f32(rng: &mut StdRng, n: usize) -> Vec<f32> {
+    (0..n).map(|_| rng.random_range(-1.0f32..1.0)).collect()
+}
+
+/// ||a - b|| / ||b||.
+fn rel_err(a: &[f32], b: &[f32]) -> f32 {
+    let num: f32 = a.iter().zip(b).map(|(x, y)| (x - y) * (x - y)).sum();
+    let den: f32 = b.iter().map(|y| y * y).sum();
+    (num / den.max(1e-30)).sqrt()
+}
+
+#[test]
+fn dequant_hand_checked_q4_0_q4_1_q5_0_q8_0() {
+    // Q4_0: d = 0.5, qs[0] = 0x21 -> w0 = (1 - 8) * 0.5, w16 = (2 - 8) * 0.5.
+    let mut b = vec![0u8; 18];
+    b[0..2].copy_from_slice(&f16_bytes(0.5));
+    b[2] = 0x21;
+    b[17] = 0xF0; // w15 = -4, w31 = (15 - 8) * 0.5
+    let mut y = [0.0f32; 32];
+    dequantize_row(GgmlType::Q4_0, &b, &mut y);
+    assert_eq!((y[0], y[16], y[15], y[31], y[1]), (-3.5, -3.0, -4.0, 3.5, -4.0));
+
+    // Q4_1: d = 0.25, m = 1.0, qs[3] = 0x5A -> w3 = 10 * 0.25 + 1, w19 = 5 * 0.25 + 1.
+    let mut b = vec![0u8; 20];
+    b[0..2].copy_from_slice(&f16_bytes(0.25));
+    b[2..4].copy_from_slice(&f16_bytes(1.0));
+    b[4 + 3] = 0x5A;
+    dequantize_row(GgmlType::Q4_1, &b, &mut y);
+    assert_eq!((y[3], y[19], y[0]), (3.5, 2.25, 1.0));
+
+    // Q5_0: d = 1, qh bit 2 and bit 20 set; qs[2] = 0x31, qs[4] = 0x07.
+    let mut b = vec![0u8; 22];
+    b[0..2].copy_from_slice(&f16_bytes(1.0));
+    b[2..6].copy_from_slice(&((1u32 << 2) | (1 << 20)).to_le_bytes());
+    b[6 + 2] = 0x31;
+    b[6 + 4] = 0x07;
+    dequantize_row(GgmlType::Q5_0, &b, &mut y);
+    // w2 = (1 | 16) - 16 = 1; w18 = 3 - 16; w4 = 7 - 16; w20 = (0 | 16) - 16 = 0.
+    assert_eq!((y[2], y[18], y[4], y[20]), (1.0, -13.0, -9.0, 0.0));
+
+    // Q8_0: d = 2, qs[5] = -3.
+    let mut b = vec![0u8; 34];
+    b[0..2].copy_from_slice(&f16_bytes(2.0));
+    b[2 + 5] = (-3i8) as u8;
+    dequantize_row(GgmlType::Q8_0, &b, &mut y);
+    assert_eq!((y[5], y[0]), (-6.0, 0.0));
+}
+
+#[test]
+fn dequant_hand_checked_q4_k_q6_k() {
+    // Q4_K: d = 1, dmin = 0.5; sub-block 0 scale 3 min 2, sub-block 1 scale 5 min 1,
+    // sub-block 4 (packed in the high bits) scale 0x12 | (1 << 4) ... see get_scale_min_k4.
+    let mut b = vec![0u8; 144];
+    b[0..2].copy_from_slice(&f16_bytes(1.0));
+    b[2..4].copy_from_slice(&f16_bytes(0.5));
+    b[4] = 3; // sc0
+    b[5] = 5; // sc1
+    b[8] = 2; // m0
+    b[9] = 1; // m1
+    b[4 + 8] = 0x21; // sub-block 4: sc low nibble 1, m low nibble 2
+    b[4] |= 0x40; // sc4 high bits = 1 -> sc4 = 1 | (1 << 4) = 17
+    b[16] = 0x97; // weight 0: low nibble 7 (sub-block 0); weight 32: high nibble 9 (sub-block 1)
+    b[16 + 64] = 0x04; // weight 128: low nibble 4 (sub-block 4)
+    let mut y = [0.0f32; QK_K];
+    dequantize_row(GgmlType::Q4_K, &b, &mut y);
+    assert_eq!(y[0], 3.0 * 7.0 - 0.5 * 2.0);
+    assert_eq!(y[32], 5.0 * 9.0 - 0.5 * 1.0);
+    assert_eq!(y[128], 17.0 * 4.0 - 0.5 * 2.0);
+
+    // Q6_K: d = 0.5; weight 0 = (ql[0] & 0xF | (qh[0] & 3) << 4) - 32 with scale sc[0];
+    // weight 96 = (ql[32] >> 4 | (qh[0] >> 6) << 4) - 32 with sc[6]; weight 150 in the second half.
+    let mut b = vec![0u8; 210];
+    b[208..210].copy_from_slice(&f16_bytes(0.5));
+    b[0] = 0x05;
+    b[32] = 0xA0;
+    b[128] = 0b11_00_00_10;
+    b[192] = 2;
+    b[192 + 6] = (-1i8) as u8;
+    b[64 + 22] = 0x0F; // second half, l = 22, k = 0 -> weight 128 + 22 with sc[8 + 1]
+    b[128 + 32 + 22] = 0x01;
+    b[192 + 9] = 4;
+    let mut y = [0.0f32; QK_K];
+    dequantize_row(GgmlType::Q6_K, &b, &mut y);
+    assert_eq!(y[0], 0.5 * 2.0 * ((5 | (2 << 4)) - 32) as f32);
+    assert_eq!(y[96], 0.5 * -1.0 * ((0xA | (3 << 4)) - 32) as f32);
+    assert_eq!(y[150], 0.5 * 4.0 * ((0xF | (1 << 4)) - 32) as f32);
+}
+
+#[test]
+fn dequant_bf16_f16_f32() {
+    let vals = [1.5f32, -2.25, 0.0, 3.0e-3];
+    let mut y = [0.0f32; 4];
+    let f32b: Vec<u8> = vals.iter().flat_map(|v| v.to_le_bytes()).collect();
+    dequantize_row(GgmlType::F32, &f32b, &mut y);
+    assert_eq!(y, vals);
+    let f16b: Vec<u8> = vals.iter().flat_map(|&v| f16_bytes(v)).collect();
+    dequantize_row(GgmlType::F16, &f16b, &mut y);
+    for (a, b) in y.iter().zip(&vals) {
+        assert!((a - b).abs() <= 1e-3 * b.abs());
+    }
+    let bf: Vec<u8> = vals.iter().flat_map(|v| ((v.to_bits() >> 16) as u16).to_le_bytes()).collect();
+    dequantize_row(GgmlType::BF16, &bf, &mut y);
+    assert_eq!(&y[..3], &vals[..3]);
+}
+
+#[test]
+fn simd_dequant_f16_matches_scalar() {
+    let mut rng = StdRng::seed_from_u64(1);
+    let row = random_row(&mut rng, GgmlType::F16, 77);
+    let (mut a, mut b) = (vec![0.0; 77], vec![0.0; 77]);
+    quant::dequantize_row_scalar(GgmlType::F16, &row, &mut a);
+    for level in SimdLevel::available() {
+        dequantize_row_with(level, GgmlType::F16, &row, &mut b);
+        assert_eq!(a, b, "{level:?}");
+    }
+}
+
+/// The block-value decode used by the dot products agrees with ggml's dequantization.
+#[test]
+fn block_values_match_dequant() {
+    let mut rng = StdRng::seed_from_u64(2);
+    for ty in [GgmlType::Q4_0, GgmlType::Q4_1, GgmlType::Q5_0, GgmlType::Q5_1, GgmlType::Q8_0] {
+        let row = random_row(&mut rng, ty, 64);
+        let mut y = vec![0.0f32; 64];
+        dequantize_row(ty, &row, &mut y);
+        let mut v = [0i32; QK];
+        for (b, blk) in row.chunks_exact(ty.type_size()).enumerate() {
+            let (d, m) = quant::block_32_values(ty, blk, &mut v);
+            for j in 0..QK {
+                let w = d * v[j] as f32 + m;
+                assert!((w - y[b * QK + j]).abs() <= 1e-6, "{ty:?} block {b} weight {j}");
+            }
+        }
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+#[test]
+fn simd_quantize_q8_is_bit_identical() {
+    if SimdLevel::available().len() < 2 {
+        return;
+    }
+    let mut rng = StdRng::seed_from_u64(3);
+    let mut x = random_f32(&mut rng, 32 * 20);
+    x[32..64].fill(0.0); // an all-zero block
+    let nb = x.len() / QK;
+    let (mut q1, mut d1, mut s1) = (vec![0i8; x.len()], vec![0.0; nb], vec![0.0; nb]);
+    let (mut q2, mut d2, mut s2) = (q1.clone(), d1.clone(), s1.clone());
+    quant::quantize_q8_scalar(&x, &mut q1, &mut d1, &mut s1);
+    // SAFETY: AVX2 available (checked above).
+    unsafe { super::x86::quantize_q8(&x, &mut q2, &mut d2, &mut s2) };
+    assert_eq!((q1, d1, s1), (q2, d2, s2));
+}
+
+/// Naive reference: dequantize every row, f32 dot with every token.
+fn naive_matmul(w: QMatRef, x: &[f32], n_tokens: usize) -> Vec<f32> {
+    let mut y = vec![0.0f32; n_tokens * w.rows];
+    let rb = w.ty.row_bytes(w.cols).unwrap();
+    let mut wf = vec![0.0f32; w.cols];
+    for r in 0..w.rows {
+        quant::dequantize_row_scalar(w.ty, &w.data[r * rb..(r + 1) * rb], &mut wf);
+        for t in 0..n_tokens {
+            let xt = &x[t * w.cols..(t + 1) * w.cols];
+            y[t * w.rows + r] = wf.iter().zip(xt).map(|(a, b)| *a as f64 * *b as f64).sum::<f64>() as f32;
+        }
+    }
+    y
+}
+
+/// Every level (scalar included) against the naive f32 product; SIMD levels also against the
+/// scalar integer reference, which sees identical quantized activations.
+#[test]
+fn matmul_all_types_all_levels() {
+    let mut rng = StdRng::seed_from_u64(4);
+    for ty in ALL_MATMUL_TYPES {
+        let cols = if ty.block_size() == QK_K { 512 } else { 96 };
+        for &(rows, n_tokens) in &[(37usize, 1usize), (37, 7), (64, 9), (5, 4)] {
+            // Offset by one byte: GGUF tensors are not aligned for these structs.
+            let mut data = vec![0u8];
+            data.extend(random_matrix(&mut rng, ty, rows, cols));
+            let w = QMatRef { ty, rows, cols, data: &data[1..] };
+            let x = random_f32(&mut rng, n_tokens * cols);
+            let want = naive_matmul(w, &x, n_tokens);
+            let mut scalar = vec![f32::NAN; n_tokens * rows];
+            matmul_with(SimdLevel::Scalar, w, &x, n_tokens, &mut scalar);
+            let e = rel_err(&scalar, &want);
+            let tol = if matches!(ty, GgmlType::F32 | GgmlType::F16 | GgmlType::BF16) { 1e-5 } else { 1e-2 };
+            assert!(e < tol, "{ty:?} scalar {rows}x{cols} n={n_tokens}: rel err {e}");
+            for level in SimdLevel::available() {
+                let mut y = vec![f32::NAN; n_tokens * rows];
+                matmul_with(level, w, &x, n_tokens, &mut y);
+                let e = rel_err(&y, &want);
+                assert!(e < tol, "{ty:?} {level:?} {rows}x{cols} n={n_tokens}: rel err {e} vs f32");
+                // Offsets / mins are applied as a separate f32 term, so allow cancellation error
+                // relative to the typical output size.
+                let rms = (scalar.iter().map(|v| v * v).sum::<f32>() / scalar.len() as f32).sqrt();
+                for (i, (a, b)) in y.iter().zip(&scalar).enumerate() {
+                    let scale = b.abs().max(rms);
+                    assert!(
+                        (a - b).abs() <= 1e-4 * scale,
+                        "{ty:?} {level:?} {rows}x{cols} n={n_tokens}: y[{i}] = {a} vs scalar {b}"
+                    );
+                }
+            }
+        }
+    }
+}
+
+/// The public entry point on the shapes of the real models' 32-weight layers (cols 576/640).
+#[test]
+fn matmul_model_shapes() {
+    let mut rng = StdRng::seed_from_u64(5);
+    for &(ty, rows, cols) in &[(GgmlType::Q4_1, 192, 576), (GgmlType::Q5_0, 256, 640), (GgmlType::Q6_K, 64, 2048)] {
+        let data = random_matrix(&mut rng, ty, rows, cols);
+        let w = QMatRef { ty, rows, cols, data: &data };
+        for n_tokens in [1, 7] {
+            let x = random_f32(&mut rng, n_tokens * cols);
+            let mut y = vec![0.0f32; n_tokens * rows];
+            matmul(w, &x, n_tokens, &mut y);
+            let e = rel_err(&y, &naive_matmul(w, &x, n_tokens));
+            assert!(e < 1e-2, "{ty:?} {rows}x{cols} n={n_tokens}: rel err {e}");
+        }
+    }
+}
+
+#[test]
+fn k_quant_dots_simd_vs_scalar() {
+    let mut rng = StdRng::seed_from_u64(6);
+    let cols = 1024;
+    let x = random_f32(&mut rng, cols);
+    let mut act = vec![BlockQ8K::ZERO; cols / QK_K];
+    quant::quantize_q8_k(&x, &mut act);
+    for ty in [GgmlType::Q4_K, GgmlType::Q6_K] {
+        let row = random_row(&mut rng, ty, cols);
+        let scalar = if ty == GgmlType::Q4_K { quant::dot_q4_k_scalar(&row, &act) } else { quant::dot_q6_k_scalar(&row, &act) };
+        #[cfg(target_arch = "x86_64")]
+        if SimdLevel::available().len() >= 2 {
+            // SAFETY: AVX2 available.
+            let simd = unsafe {
+                if ty == GgmlType::Q4_K { super::x86::dot_q4_k(&row, &act) } else { super::x86::dot_q6_k(&row, &act) }
+            };
+            assert!((simd - scalar).abs() <= 1e-4 * scalar.abs().max(1.0), "{ty:?}: {simd} vs {scalar}");
+        }
+        let mut wf = vec![0.0f32; cols];
+        dequantize_row(ty, &row, &mut wf);
+        let exact: f32 = wf.iter().zip(&x).map(|(a, b)| a * b).sum();
+        let norm: f32 = wf.iter().map(|a| a.abs()).sum::<f32>() / cols as f32;
+        assert!((scalar - exact).abs() < 2e-2 * norm * (cols as f32).sqrt(), "{ty:?}: {scalar} vs {exact}");
+    }
+}
+
+#[test]
+fn f32_helpers_all_levels() {
+    let mut rng = StdRng::seed_from_u64(7);
+    for n in [0usize, 1, 7, 8, 31, 64, 100] {
+        let a = random_f32(&mut rng, n);
+        let b = random_f32(&mut rng, n);
+        let want: f32 = a.iter().zip(&b).map(|(x, y)| x * y).sum();
+        for level in SimdLevel::available() {
+            let got = dot_f32_with(level, &a, &b);
+            assert!((got - want).abs() <= 1e-5 * (n as f32 + 1.0), "{level:?} n={n}: {got} vs {want}");
+            let mut y = b.clone();
+            axpy_f32_with(level, 0.5, &a, &mut y);
+            for i in 0..n {
+                assert!((y[i] - (b[i] + 0.5 * a[i])).abs() <= 1e-6, "{level:?} axpy n={n}");
+            }
+        }
+    }
+}
+
+#[test]
+fn simd_level_is_named() {
+    assert!(["scalar", "avx2", "avx512"].contains(&simd_level()));
+}

@@ -1,0 +1,628 @@
+//! x86-64 SIMD kernels (AVX2 + FMA + F16C, optionally AVX-512 VNNI on 256-bit vectors).
+//!
+//! Everything here is `unsafe`: callers (`kernels::matmul`) check the CPU features once
+//! (`kernels::simd`) and pass in-bounds pointers. Each kernel has a scalar twin in `quant.rs`
+//! that the tests compare it against.
+//!
+//! The 32-weight types all go through one tile kernel, [`q32_tile`]: every weight block is
+//! unpacked to 32 *unsigned* bytes `u` with `w = d * u + m` (Q4_0: m = -8d, Q5_0: m = -16d,
+//! Q4_1/Q5_1: their min, Q8_0 with VNNI: u = q ^ 0x80 and m = -128d), multiplied with the signed
+//! activation bytes by `maddubs` (or VNNI `dpbusd`), scaled by `d_w * d_y` and accumulated in f32.
+//! The `m * sum(y)` part is separable: it is one short f32 dot per (row, token) over the blocks'
+//! `m` and the activations' `s = d_y * sum(q_y)`, done once at the end of a row.
+//! Q8_0 without VNNI keeps its signed quants and uses the `sign` trick (`maddubs` would
+//! saturate on u8 values up to 255).
+
+use std::arch::x86_64::*;
+
+use super::matmul::OutPtr;
+use super::quant::{BlockQ8K, Q8Acts, QK};
+use crate::ggml_type::GgmlType;
+
+// ---------------------------------------------------------------------------------------------
+// Small helpers (always inlined into a `#[target_feature]` caller).
+// ---------------------------------------------------------------------------------------------
+
+#[inline(always)]
+unsafe fn hsum_ps(x: __m256) -> f32 {
+    let r = _mm_add_ps(_mm256_extractf128_ps(x, 1), _mm256_castps256_ps128(x));
+    let r = _mm_add_ps(r, _mm_movehl_ps(r, r));
+    let r = _mm_add_ss(r, _mm_movehdup_ps(r));
+    _mm_cvtss_f32(r)
+}
+
+#[inline(always)]
+unsafe fn hsum_epi32(x: __m256i) -> i32 {
+    let r = _mm_add_epi32(_mm256_extracti128_si256(x, 1), _mm256_castsi256_si128(x));
+    let r = _mm_add_epi32(r, _mm_unpackhi_epi64(r, r));
+    let r = _mm_add_epi32(r, _mm_shuffle_epi32(r, 0b10_11_00_01));
+    _mm_cvtsi128_si32(r)
+}
+
+/// `f16` bits at `p` (unaligned) as f32, with F16C.
+#[inline(always)]
+unsafe fn f16_at(p: *const u8) -> f32 {
+    let bits = (p as *const u16).read_unaligned();
+    _mm_cvtss_f32(_mm_cvtph_ps(_mm_cvtsi32_si128(bits as i32)))
+}
+
+/// 16 bytes at `p` as 32 nibbles: byte j of the result = low nibble of p[j] (j < 16) or high
+/// nibble of p[j - 16].
+#[inline(always)]
+unsafe fn nibbles_32(p: *const u8) -> __m256i {
+    let v = _mm_loadu_si128(p as *const __m128i);
+    let both = _mm256_set_m128i(_mm_srli_epi16(v, 4), v);
+    _mm256_and_si256(both, _mm256_set1_epi8(0xF))
+}
+
+/// The 32 bits at `p` as 32 bytes: 0x10 where the bit is set, else 0.
+#[inline(always)]
+unsafe fn bits_32_as_0x10(p: *const u8) -> __m256i {
+    let x = (p as *const u32).read_unaligned();
+    let shuf = _mm256_set_epi64x(
+        0x0303030303030303,
+        0x0202020202020202,
+        0x0101010101010101,
+        0x0000000000000000,
+    );
+    let bytes = _mm256_shuffle_epi8(_mm256_set1_epi32(x as i32), shuf);
+    let bit = _mm256_set1_epi64x(0x8040201008040201u64 as i64);
+    let set = _mm256_cmpeq_epi8(_mm256_and_si256(bytes, bit), bit);
+    _mm256_and_si256(set, _mm256_set1_epi8(0x10))
+}
+
+/// f32 dot of `n` values at two pointers.
+#[inline(always)]
+unsafe fn dot_f32_ptr(a: *const f32, b: *const f32, n: usize) -> f32 {
+    let mut acc = [_mm256_setzero_ps(); 4];
+    let mut i = 0;
+    while i + 32 <= n {
+        for (k, acc) in acc.iter_mut().enumerate() {
+            let x = _mm256_loadu_ps(a.add(i + 8 * k));
+            *acc = _mm256_fmadd_ps(x, _mm256_loadu_ps(b.add(i + 8 * k)), *acc);
+        }
+        i += 32;
+    }
+    while i + 8 <= n {
+        acc[0] = _mm256_fmadd_ps(_mm256_loadu_ps(a.add(i)), _mm256_loadu_ps(b.add(i)), acc[0]);
+        i += 8;
+    }
+    let s = _mm256_add_ps(_mm256_add_ps(acc[0], acc[1]), _mm256_add_ps(acc[2], acc[3]));
+    let mut sum = hsum_ps(s);
+    while i < n {
+        sum += *a.add(i) * *b.add(i);
+        i += 1;
+    }
+    sum
+}
+
+// ---------------------------------------------------------------------------------------------
+// Small f32 helpers for attention.
+// ---------------------------------------------------------------------------------------------
+
+#[target_feature(enable = "avx2,fma")]
+pub(crate) unsafe fn dot_f32(a: &[f32], b: &[f32]) -> f32 {
+    dot_f32_ptr(a.as_ptr(), b.as_ptr(), a.len().min(b.len()))
+}
+
+#[target_feature(enable = "avx2,fma")]
+pub(crate) unsafe fn axpy_f32(alpha: f32, x: &[f32], y: &mut [f32]) {
+    let n = x.len().min(y.len());
+    let (xp, yp) = (x.as_ptr(), y.as_mut_ptr());
+    let va = _mm256_set1_ps(alpha);
+    let mut i = 0;
+    while i + 8 <= n {
+        let v = _mm256_fmadd_ps(va, _mm256_loadu_ps(xp.add(i)), _mm256_loadu_ps(yp.add(i)));
+        _mm256_storeu_ps(yp.add(i), v);
+        i += 8;
+    }
+    while i < n {
+        *yp.add(i) += alpha * *xp.add(i);
+        i += 1;
+    }
+}
+
+/// F16 row -> f32.
+#[target_feature(enable = "avx2,f16c")]
+pub(crate) unsafe fn f16_to_f32_row(src: &[u8], dst: &mut [f32]) {
+    let n = dst.len().min(src.len() / 2);
+    let (s, d) = (src.as_ptr(), dst.as_mut_ptr());
+    let mut i = 0;
+    while i + 8 <= n {
+        let h = _mm_loadu_si128(s.add(2 * i) as *const __m128i);
+        _mm256_storeu_ps(d.add(i), _mm256_cvtph_ps(h));
+        i += 8;
+    }
+    while i < n {
+        *d.add(i) = f16_at(s.add(2 * i));
+        i += 1;
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Activation quantization (bit-identical to `quant::quantize_q8_scalar`).
+// ---------------------------------------------------------------------------------------------
+
+#[target_feature(enable = "avx2,fma")]
+pub(crate) unsafe fn quantize_q8(x: &[f32], qs: &mut [i8], d: &mut [f32], s: &mut [f32]) {
+    let nb = x.len() / QK;
+    assert!(qs.len() >= nb * QK && d.len() >= nb && s.len() >= nb);
+    let sign = _mm256_set1_ps(-0.0);
+    for b in 0..nb {
+        let p = x.as_ptr().add(b * QK);
+        let v = [
+            _mm256_loadu_ps(p),
+            _mm256_loadu_ps(p.add(8)),
+            _mm256_loadu_ps(p.add(16)),
+            _mm256_loadu_ps(p.add(24)),
+        ];
+        let mut m = _mm256_andnot_ps(sign, v[0]);
+        for vk in &v[1..] {
+            m = _mm256_max_ps(m, _mm256_andnot_ps(sign, *vk));
+        }
+        let m4 = _mm_max_ps(_mm256_extractf128_ps(m, 1), _mm256_castps256_ps128(m));
+        let m4 = _mm_max_ps(m4, _mm_movehl_ps(m4, m4));
+        let amax = _mm_cvtss_f32(_mm_max_ss(m4, _mm_movehdup_ps(m4)));
+        let dd = amax / 127.0;
+        let id = _mm256_set1_ps(if amax != 0.0 { 127.0 / amax } else { 0.0 });
+        const NEAREST: i32 = _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC;
+        let i: [__m256i; 4] =
+            v.map(|vk| _mm256_cvtps_epi32(_mm256_round_ps::<NEAREST>(_mm256_mul_ps(vk, id))));
+        let sum = hsum_epi32(_mm256_add_epi32(
+            _mm256_add_epi32(i[0], i[1]),
+            _mm256_add_epi32(i[2], i[3]),
+        ));
+        let p01 = _mm256_packs_epi32(i[0], i[1]);
+        let p23 = _mm256_packs_epi32(i[2], i[3]);
+        let packed = _mm256_packs_epi16(p01, p23);
+        let packed = _mm256_permutevar8x32_epi32(packed, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7));
+        _mm256_storeu_si256(qs.as_mut_ptr().add(b * QK) as *mut __m256i, packed);
+        d[b] = dd;
+        s[b] = dd * sum as f32;
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// 32-weight block types.
+// ---------------------------------------------------------------------------------------------
+
+/// How to unpack one block of a 32-weight type.
+pub(crate) trait Block32 {
+    /// Bytes per block.
+    const BYTES: usize;
+    /// Quants are signed bytes (Q8_0) rather than small unsigned values.
+    const SIGNED: bool;
+    /// The block stores its min `m` as an f16 right after `d` (Q4_1, Q5_1); otherwise
+    /// m = -OFFSET * d.
+    const HAS_MIN: bool;
+    /// See `HAS_MIN`.
+    const OFFSET: f32;
+    /// The 32 quants of the block at `p`: u8 values, or i8 when `SIGNED`.
+    unsafe fn quants(p: *const u8) -> __m256i;
+    /// (d, m) with `w = d * u + m` for the unsigned quants `u` (for `SIGNED`: m = 0, and the
+    /// caller adds the -128d of the `^ 0x80` trick itself).
+    unsafe fn scale_min(p: *const u8) -> (f32, f32);
+}
+
+pub(crate) struct Q4_0;
+pub(crate) struct Q4_1;
+pub(crate) struct Q5_0;
+pub(crate) struct Q5_1;
+pub(crate) struct Q8_0;
+
+impl Block32 for Q4_0 {
+    const HAS_MIN: bool = false;
+    const OFFSET: f32 = 8.0;
+    const BYTES: usize = 18;
+    const SIGNED: bool = false;
+    #[inline(always)]
+    unsafe fn quants(p: *const u8) -> __m256i {
+        nibbles_32(p.add(2))
+    }
+    #[inline(always)]
+    unsafe fn scale_min(p: *const u8) -> (f32, f32) {
+        let d = f16_at(p);
+        (d, -8.0 * d)
+    }
+}
+
+impl Block32 for Q4_1 {
+    const HAS_MIN: bool = true;
+    const OFFSET: f32 = 0.0;
+    const BYTES: usize = 20;
+    const SIGNED: bool = false;
+    #[inline(always)]
+    unsafe fn quants(p: *const u8) -> __m256i {
+        nibbles_32(p.add(4))
+    }
+    #[inline(always)]
+    unsafe fn scale_min(p: *const u8) -> (f32, f32) {
+        (f16_at(p), f16_at(p.add(2)))
+    }
+}
+
+impl Block32 for Q5_0 {
+    const HAS_MIN: bool = false;
+    const OFFSET: f32 = 16.0;
+    const BYTES: usize = 22;
+    const SIGNED: bool = false;
+    #[inline(always)]
+    unsafe fn quants(p: *const u8) -> __m256i {
+        _mm256_or_si256(nibbles_32(p.add(6)), bits_32_as_0x10(p.add(2)))
+    }
+    #[inline(always)]
+    unsafe fn scale_min(p: *const u8) -> (f32, f32) {
+        let d = f16_at(p);
+        (d, -16.0 * d)
+    }
+}
+
+impl Block32 for Q5_1 {
+    const HAS_MIN: bool = true;
+    const OFFSET: f32 = 0.0;
+    const BYTES: usize = 24;
+    const SIGNED: bool = false;
+    #[inline(always)]
+    unsafe fn quants(p: *const u8) -> __m256i {
+        _mm256_or_si256(nibbles_32(p.add(8)), bits_32_as_0x10(p.add(4)))
+    }
+    #[inline(always)]
+    unsafe fn scale_min(p: *const u8) -> (f32, f32) {
+        (f16_at(p), f16_at(p.add(2)))
+    }
+}
+
+impl Block32 for Q8_0 {
+    const HAS_MIN: bool = false;
+    const OFFSET: f32 = 0.0;
+    const BYTES: usize = 34;
+    const SIGNED: bool = true;
+    #[inline(always)]
+    unsafe fn quants(p: *const u8) -> __m256i {
+        _mm256_loadu_si256(p.add(2) as *const __m256i)
+    }
+    #[inline(always)]
+    unsafe fn scale_min(p: *const u8) -> (f32, f32) {
+        (f16_at(p), 0.0)
+    }
+}
+
+/// Lanes (d, m, _, _) of the block at `p` (for Q8_0 with VNNI, m = -128d: see `q32_tile`).
+#[inline(always)]
+unsafe fn scale_min_vec<B: Block32, const VNNI: bool>(p: *const u8) -> __m128 {
+    if B::HAS_MIN {
+        _mm_cvtph_ps(_mm_cvtsi32_si128((p as *const i32).read_unaligned()))
+    } else {
+        let off = if B::SIGNED { if VNNI { 128.0 } else { 0.0 } } else { B::OFFSET };
+        let d = _mm_cvtph_ps(_mm_set1_epi16((p as *const i16).read_unaligned()));
+        _mm_mul_ps(d, _mm_setr_ps(1.0, -off, 0.0, 0.0))
+    }
+}
+
+/// Decode: `R` weight rows . one token (quants `yq`, block scales `yd`, block sums `ys`).
+/// Scales and mins are read inline: `(d_w, m_w) * (d_y, s_y)` in one 128-bit multiply gives
+/// both the block's scale and its min correction. By far the most time of decoding is spent
+/// here (memory-bound on large matrices).
+#[inline(always)]
+unsafe fn q32_dot_rows<B: Block32, const VNNI: bool, const R: usize>(
+    nb: usize,
+    w: [*const u8; R],
+    yq: *const i8,
+    yd: *const f32,
+    ys: *const f32,
+) -> [f32; R] {
+    let mut acc = [_mm256_setzero_ps(); R];
+    let mut corr = [_mm_setzero_ps(); R];
+    let ones = _mm256_set1_epi16(1);
+    for b in 0..nb {
+        let y = _mm256_loadu_si256(yq.add(b * QK) as *const __m256i);
+        let dys = _mm_setr_ps(*yd.add(b), *ys.add(b), 0.0, 0.0);
+        for r in 0..R {
+            let p = w[r].add(b * B::BYTES);
+            let u = B::quants(p);
+            let isum = if VNNI {
+                let u = if B::SIGNED { _mm256_xor_si256(u, _mm256_set1_epi8(-128)) } else { u };
+                _mm256_dpbusd_epi32(_mm256_setzero_si256(), u, y)
+            } else if B::SIGNED {
+                let dot = _mm256_maddubs_epi16(_mm256_sign_epi8(u, u), _mm256_sign_epi8(y, u));
+                _mm256_madd_epi16(dot, ones)
+            } else {
+                _mm256_madd_epi16(_mm256_maddubs_epi16(u, y), ones)
+            };
+            let prod = _mm_mul_ps(scale_min_vec::<B, VNNI>(p), dys);
+            corr[r] = _mm_add_ps(corr[r], prod);
+            acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(isum), _mm256_broadcastss_ps(prod), acc[r]);
+        }
+    }
+    let mut out = [0.0f32; R];
+    for r in 0..R {
+        out[r] = hsum_ps(acc[r]) + _mm_cvtss_f32(_mm_movehdup_ps(corr[r]));
+    }
+    out
+}
+
+/// Rows `R` x tokens `T` of f32 accumulators over all `nb` blocks.
+///
+/// `w[r]`: start of weight row r; `dw[r]`: its nb block scales (f32); `yq[t]`/`yd[t]`: token t's
+/// quants and block scales. Returns per-(r, t) vectors whose lane sum is
+/// `sum_b d_w d_y dot(u, q_y)`. By far the most time of prompt processing is spent here.
+#[inline(always)]
+unsafe fn q32_tile<B: Block32, const VNNI: bool, const R: usize, const T: usize>(
+    nb: usize,
+    w: [*const u8; R],
+    dw: [*const f32; R],
+    yq: [*const i8; T],
+    yd: [*const f32; T],
+) -> [[__m256; T]; R] {
+    let mut acc = [[_mm256_setzero_ps(); T]; R];
+    let ones = _mm256_set1_epi16(1);
+    for b in 0..nb {
+        let mut u = [_mm256_setzero_si256(); R];
+        for r in 0..R {
+            u[r] = B::quants(w[r].add(b * B::BYTES));
+            if B::SIGNED && VNNI {
+                u[r] = _mm256_xor_si256(u[r], _mm256_set1_epi8(-128));
+            }
+        }
+        // For signed quants without VNNI: |u| as the unsigned operand, sign moved to y.
+        let mut au = u;
+        if B::SIGNED && !VNNI {
+            for r in 0..R {
+                au[r] = _mm256_sign_epi8(u[r], u[r]);
+            }
+        }
+        for t in 0..T {
+            let y = _mm256_loadu_si256(yq[t].add(b * QK) as *const __m256i);
+            let dy = _mm256_set1_ps(*yd[t].add(b));
+            for r in 0..R {
+                let isum = if VNNI {
+                    _mm256_dpbusd_epi32(_mm256_setzero_si256(), u[r], y)
+                } else if B::SIGNED {
+                    let sy = _mm256_sign_epi8(y, u[r]);
+                    _mm256_madd_epi16(_mm256_maddubs_epi16(au[r], sy), ones)
+                } else {
+                    _mm256_madd_epi16(_mm256_maddubs_epi16(u[r], y), ones)
+                };
+                let dd = _mm256_mul_ps(_mm256_set1_ps(*dw[r].add(b)), dy);
+                acc[r][t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(isum), dd, acc[r][t]);
+            }
+        }
+    }
+    acc
+}
+
+/// `R` rows starting at `r0`, all tokens: unpack the rows' scales and mins into `dm`
+/// (`[R][2][nb]`), run tiles of `T` tokens (then single tokens) and write the results.
+#[inline(always)]
+unsafe fn q32_rows_block<B: Block32, const VNNI: bool, const R: usize, const T: usize>(
+    w: &[u8],
+    row_bytes: usize,
+    r0: usize,
+    acts: &Q8Acts,
+    n_tokens: usize,
+    dm: &mut [f32],
+    out: OutPtr,
+) {
+    let nb = acts.nb;
+    let mut wp = [std::ptr::null(); R];
+    let mut dwp = [std::ptr::null(); R];
+    let has_min = !B::SIGNED || VNNI;
+    for r in 0..R {
+        wp[r] = w.as_ptr().add((r0 + r) * row_bytes);
+        let (dr, mr) = dm[2 * r * nb..2 * (r + 1) * nb].split_at_mut(nb);
+        for b in 0..nb {
+            let (d, m) = B::scale_min(wp[r].add(b * B::BYTES));
+            dr[b] = d;
+            mr[b] = if B::SIGNED && VNNI { -128.0 * d } else { m };
+        }
+        dwp[r] = dr.as_ptr();
+    }
+    let finish = |acc: &[[__m256; T]; R], t0: usize| {
+        for r in 0..R {
+            let mr = dm.as_ptr().add((2 * r + 1) * nb);
+            for t in 0..T {
+                let mut v = hsum_ps(acc[r][t]);
+                if has_min {
+                    v += dot_f32_ptr(mr, acts.s.as_ptr().add((t0 + t) * nb), nb);
+                }
+                out.write(r0 + r, t0 + t, v);
+            }
+        }
+    };
+    let tok = |t: usize| {
+        (
+            acts.qs.as_ptr().add(t * nb * QK),
+            acts.d.as_ptr().add(t * nb),
+        )
+    };
+    let mut t0 = 0;
+    while t0 + T <= n_tokens {
+        let mut yq = [std::ptr::null(); T];
+        let mut yd = [std::ptr::null(); T];
+        for t in 0..T {
+            (yq[t], yd[t]) = tok(t0 + t);
+        }
+        let acc = q32_tile::<B, VNNI, R, T>(nb, wp, dwp, yq, yd);
+        finish(&acc, t0);
+        t0 += T;
+    }
+    while t0 < n_tokens {
+        let (yq, yd) = tok(t0);
+        let acc = q32_tile::<B, VNNI, R, 1>(nb, wp, dwp, [yq], [yd]);
+        for r in 0..R {
+            let mut v = hsum_ps(acc[r][0]);
+            if has_min {
+                let mr = dm.as_ptr().add((2 * r + 1) * nb);
+                v += dot_f32_ptr(mr, acts.s.as_ptr().add(t0 * nb), nb);
+            }
+            out.write(r0 + r, t0, v);
+        }
+        t0 += 1;
+    }
+}
+
+/// Rows `rows` of a 32-weight-type matrix times all `n_tokens` quantized tokens.
+#[inline(always)]
+unsafe fn q32_rows<B: Block32, const VNNI: bool, const R: usize, const T: usize>(
+    w: &[u8],
+    row_bytes: usize,
+    rows: std::ops::Range<usize>,
+    acts: &Q8Acts,
+    n_tokens: usize,
+    out: OutPtr,
+) {
+    let nb = acts.nb;
+    let mut r = rows.start;
+    if n_tokens == 1 {
+        // Decode: 4 independent rows keep the loads in flight.
+        let (yq, yd, ys) = (acts.qs.as_ptr(), acts.d.as_ptr(), acts.s.as_ptr());
+        let row = |r: usize| w.as_ptr().add(r * row_bytes);
+        while r + 4 <= rows.end {
+            let v = q32_dot_rows::<B, VNNI, 4>(nb, [row(r), row(r + 1), row(r + 2), row(r + 3)], yq, yd, ys);
+            for (k, v) in v.into_iter().enumerate() {
+                out.write(r + k, 0, v);
+            }
+            r += 4;
+        }
+        while r < rows.end {
+            out.write(r, 0, q32_dot_rows::<B, VNNI, 1>(nb, [row(r)], yq, yd, ys)[0]);
+            r += 1;
+        }
+        return;
+    }
+    let mut dm = vec![0.0f32; 2 * R * nb]; // [rows][d | m][nb]
+    while r + R <= rows.end {
+        q32_rows_block::<B, VNNI, R, T>(w, row_bytes, r, acts, n_tokens, &mut dm, out);
+        r += R;
+    }
+    while r < rows.end {
+        q32_rows_block::<B, VNNI, 1, T>(w, row_bytes, r, acts, n_tokens, &mut dm, out);
+        r += 1;
+    }
+}
+
+/// AVX2 (+FMA, F16C) entry for the 32-weight types. 2 rows x 4 tokens fit in 16 registers.
+#[target_feature(enable = "avx2,fma,f16c")]
+pub(crate) unsafe fn q32_rows_avx2(
+    ty: GgmlType,
+    w: &[u8],
+    row_bytes: usize,
+    rows: std::ops::Range<usize>,
+    acts: &Q8Acts,
+    n_tokens: usize,
+    out: OutPtr,
+) {
+    match ty {
+        GgmlType::Q4_0 => q32_rows::<Q4_0, false, 2, 4>(w, row_bytes, rows, acts, n_tokens, out),
+        GgmlType::Q4_1 => q32_rows::<Q4_1, false, 2, 4>(w, row_bytes, rows, acts, n_tokens, out),
+        GgmlType::Q5_0 => q32_rows::<Q5_0, false, 2, 4>(w, row_bytes, rows, acts, n_tokens, out),
+        GgmlType::Q5_1 => q32_rows::<Q5_1, false, 2, 4>(w, row_bytes, rows, acts, n_tokens, out),
+        GgmlType::Q8_0 => q32_rows::<Q8_0, false, 2, 4>(w, row_bytes, rows, acts, n_tokens, out),
+        _ => unreachable!("{ty:?} is not a 32-weight block type"),
+    }
+}
+
+/// AVX-512 VNNI entry (256-bit `vpdpbusd`, 32 vector registers): 4 rows x 4 tokens.
+#[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")]
+pub(crate) unsafe fn q32_rows_vnni(
+    ty: GgmlType,
+    w: &[u8],
+    row_bytes: usize,
+    rows: std::ops::Range<usize>,
+    acts: &Q8Acts,
+    n_tokens: usize,
+    out: OutPtr,
+) {
+    match ty {
+        GgmlType::Q4_0 => q32_rows::<Q4_0, true, 4, 4>(w, row_bytes, rows, acts, n_tokens, out),
+        GgmlType::Q4_1 => q32_rows::<Q4_1, true, 4, 4>(w, row_bytes, rows, acts, n_tokens, out),
+        GgmlType::Q5_0 => q32_rows::<Q5_0, true, 4, 4>(w, row_bytes, rows, acts, n_tokens, out),
+        GgmlType::Q5_1 => q32_rows::<Q5_1, true, 4, 4>(w, row_bytes, rows, acts, n_tokens, out),
+        GgmlType::Q8_0 => q32_rows::<Q8_0, true, 4, 4>(w, row_bytes, rows, acts, n_tokens, out),
+        _ => unreachable!("{ty:?} is not a 32-weight block type"),
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// K-quants x Q8_K (one row, one token; these matrices are small in our models).
+// ---------------------------------------------------------------------------------------------
+
+/// Q4_K row (`row.len() / 144` blocks) . Q8_K activations.
+#[target_feature(enable = "avx2,fma,f16c")]
+pub(crate) unsafe fn dot_q4_k(row: &[u8], act: &[BlockQ8K]) -> f32 {
+    const BYTES: usize = 144;
+    let nb = row.len() / BYTES;
+    assert!(act.len() >= nb);
+    let m4 = _mm256_set1_epi8(0xF);
+    let mut acc = _mm256_setzero_ps();
+    let mut summ = 0.0f32;
+    for (i, y) in act.iter().enumerate().take(nb) {
+        let p = row.as_ptr().add(i * BYTES);
+        let scales = std::slice::from_raw_parts(p.add(4), 12);
+        let mut isum = _mm256_setzero_si256();
+        let mut msum = 0i32;
+        for j in 0..4 {
+            let (sc1, m1) = super::quant::scale_min_k4(2 * j, scales);
+            let (sc2, m2) = super::quant::scale_min_k4(2 * j + 1, scales);
+            msum += m1 as i32 * (y.bsums[4 * j] as i32 + y.bsums[4 * j + 1] as i32);
+            msum += m2 as i32 * (y.bsums[4 * j + 2] as i32 + y.bsums[4 * j + 3] as i32);
+            let q = _mm256_loadu_si256(p.add(16 + 32 * j) as *const __m256i);
+            let lo = _mm256_and_si256(q, m4);
+            let hi = _mm256_and_si256(_mm256_srli_epi16(q, 4), m4);
+            let ylo = _mm256_loadu_si256(y.qs.as_ptr().add(64 * j) as *const __m256i);
+            let yhi = _mm256_loadu_si256(y.qs.as_ptr().add(64 * j + 32) as *const __m256i);
+            let plo = _mm256_madd_epi16(_mm256_maddubs_epi16(lo, ylo), _mm256_set1_epi16(sc1 as i16));
+            let phi = _mm256_madd_epi16(_mm256_maddubs_epi16(hi, yhi), _mm256_set1_epi16(sc2 as i16));
+            isum = _mm256_add_epi32(isum, _mm256_add_epi32(plo, phi));
+        }
+        let d = f16_at(p) * y.d;
+        let dmin = f16_at(p.add(2)) * y.d;
+        acc = _mm256_fmadd_ps(_mm256_set1_ps(d), _mm256_cvtepi32_ps(isum), acc);
+        summ += dmin * msum as f32;
+    }
+    hsum_ps(acc) - summ
+}
+
+/// Q6_K row (`row.len() / 210` blocks) . Q8_K activations.
+#[target_feature(enable = "avx2,fma,f16c")]
+pub(crate) unsafe fn dot_q6_k(row: &[u8], act: &[BlockQ8K]) -> f32 {
+    const BYTES: usize = 210;
+    let nb = row.len() / BYTES;
+    assert!(act.len() >= nb);
+    let m4 = _mm256_set1_epi8(0xF);
+    let m30 = _mm256_set1_epi8(0x30);
+    let mut acc = _mm256_setzero_ps();
+    for (i, y) in act.iter().enumerate().take(nb) {
+        let p = row.as_ptr().add(i * BYTES);
+        let sc = std::slice::from_raw_parts(p.add(192) as *const i8, 16);
+        // The -32 offset: -32 * sum_g sc[g] * bsums[g].
+        let mut off = 0i32;
+        for g in 0..16 {
+            off += sc[g] as i32 * y.bsums[g] as i32;
+        }
+        let mut isum = _mm256_setzero_si256();
+        for half in 0..2 {
+            let ql0 = _mm256_loadu_si256(p.add(64 * half) as *const __m256i);
+            let ql1 = _mm256_loadu_si256(p.add(64 * half + 32) as *const __m256i);
+            let qh = _mm256_loadu_si256(p.add(128 + 32 * half) as *const __m256i);
+            let q = [
+                _mm256_or_si256(_mm256_and_si256(ql0, m4), _mm256_and_si256(_mm256_slli_epi16(qh, 4), m30)),
+                _mm256_or_si256(_mm256_and_si256(ql1, m4), _mm256_and_si256(_mm256_slli_epi16(qh, 2), m30)),
+                _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(ql0, 4), m4), _mm256_and_si256(qh, m30)),
+                _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(ql1, 4), m4), _mm256_and_si256(_mm256_srli_epi16(qh, 2), m30)),
+            ];
+            for (k, qk) in q.iter().enumerate() {
+                let ys = _mm256_loadu_si256(y.qs.as_ptr().add(128 * half + 32 * k) as *const __m256i);
+                let s0 = sc[8 * half + 2 * k] as i16;
+                let s1 = sc[8 * half + 2 * k + 1] as i16;
+                let scale = _mm256_set_m128i(_mm_set1_epi16(s1), _mm_set1_epi16(s0));
+                let prod = _mm256_madd_epi16(_mm256_maddubs_epi16(*qk, ys), scale);
+                isum = _mm256_add_epi32(isum, prod);
+            }
+        }
+        let isum = _mm256_sub_epi32(isum, _mm256_setr_epi32(32 * off, 0, 0, 0, 0, 0, 0, 0));
+        let d = f16_at(p.add(208)) * y.d;
+        acc = _mm256_fmadd_ps(_mm256_set1_ps(d), _mm256_cvtepi32_ps(isum), acc);
+    }
+    hsum_ps(acc)
+}

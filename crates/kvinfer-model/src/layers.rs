@@ -1,0 +1,219 @@
+//! Building blocks shared by the architectures: RMSNorm, RoPE, activations, and causal attention
+//! over the KV cache. Shapes are named in every signature: `[n][dim]` is `n` rows of `dim` f32.
+
+use crate::kernels::{axpy_f32, dot_f32};
+use half::f16;
+use half::slice::HalfFloatSliceExt;
+use rayon::prelude::*;
+
+/// `x[i] = x[i] / rms(x) * w[i]` for each row of `x` (`[n][w.len()]`).
+pub fn rmsnorm(x: &mut [f32], w: &[f32], eps: f32) {
+    for row in x.chunks_exact_mut(w.len()) {
+        let ss: f32 = row.iter().map(|v| v * v).sum::<f32>() / w.len() as f32;
+        let s = 1.0 / (ss + eps).sqrt();
+        for (v, wi) in row.iter_mut().zip(w) {
+            *v = *v * s * wi;
+        }
+    }
+}
+
+/// `out = rmsnorm(x) * w` row by row, leaving `x` intact.
+pub fn rmsnorm_into(x: &[f32], w: &[f32], eps: f32, out: &mut [f32]) {
+    out.copy_from_slice(x);
+    rmsnorm(out, w, eps);
+}
+
+/// How RoPE pairs the dimensions of a head.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RopeStyle {
+    /// Adjacent pairs (2i, 2i+1): ggml's "normal" mode, used by llama GGUFs (Q/K are permuted at
+    /// conversion so this matches HF's rotate_half).
+    Normal,
+    /// Halves (i, i + d/2): ggml's NEOX mode, used by gemma3.
+    Neox,
+}
+
+fn rotate(head: &mut [f32], cs: &[(f32, f32)], style: RopeStyle) {
+    let half = cs.len();
+    match style {
+        RopeStyle::Normal => {
+            for (i, &(c, s)) in cs.iter().enumerate() {
+                let (x0, x1) = (head[2 * i], head[2 * i + 1]);
+                head[2 * i] = x0 * c - x1 * s;
+                head[2 * i + 1] = x0 * s + x1 * c;
+            }
+        }
+        RopeStyle::Neox => {
+            for (i, &(c, s)) in cs.iter().enumerate() {
+                let (x0, x1) = (head[i], head[i + half]);
+                head[i] = x0 * c - x1 * s;
+                head[i + half] = x0 * s + x1 * c;
+            }
+        }
+    }
+}
+
+/// Rotates `x` (`[n][n_heads][head_dim]`), token `t` at position `start + t`.
+pub fn rope_tokens(
+    x: &mut [f32],
+    n_heads: usize,
+    head_dim: usize,
+    start: usize,
+    base: f32,
+    style: RopeStyle,
+) {
+    let half = head_dim / 2;
+    let theta_scale = base.powf(-2.0 / head_dim as f32);
+    let mut cs = vec![(0f32, 0f32); half];
+    for (t, tok) in x.chunks_exact_mut(n_heads * head_dim).enumerate() {
+        let pos = (start + t) as f32;
+        let mut theta = pos;
+        for c in cs.iter_mut() {
+            *c = (theta.cos(), theta.sin());
+            theta *= theta_scale;
+        }
+        for head in tok.chunks_exact_mut(head_dim) {
+            rotate(head, &cs, style);
+        }
+    }
+}
+
+/// SiLU-gated product in place: `gate[i] = silu(gate[i]) * up[i]`.
+pub fn swiglu(gate: &mut [f32], up: &[f32]) {
+    for (g, u) in gate.iter_mut().zip(up) {
+        *g = *g / (1.0 + (-*g).exp()) * u;
+    }
+}
+
+/// GELU (tanh approximation, as ggml_gelu) gated product: `gate[i] = gelu(gate[i]) * up[i]`.
+pub fn geglu(gate: &mut [f32], up: &[f32]) {
+    const SQRT_2_OVER_PI: f32 = 0.797_884_6;
+    const COEF_A: f32 = 0.044_715;
+    for (g, u) in gate.iter_mut().zip(up) {
+        let x = *g;
+        let y = 0.5 * x * (1.0 + (SQRT_2_OVER_PI * x * (1.0 + COEF_A * x * x)).tanh());
+        *g = y * u;
+    }
+}
+
+/// Shapes of one attention call.
+#[derive(Debug, Clone, Copy)]
+pub struct AttnShape {
+    /// Query heads.
+    pub n_heads: usize,
+    /// Key/value heads; query head `h` reads KV head `h / (n_heads / n_kv_heads)`.
+    pub n_kv_heads: usize,
+    /// Dimension of a head.
+    pub head_dim: usize,
+    /// Multiplier of q·k before softmax.
+    pub scale: f32,
+    /// Sliding window: key `j` is visible to query `i` only when `i - j < window`.
+    pub window: Option<usize>,
+}
+
+/// Causal attention of `n` new queries at positions `start..start + n` over cached keys/values
+/// `[0, start + n)` (`[pos][n_kv_heads][head_dim]` f16, the new tokens' rows already written).
+/// `q` and `out` are `[n][n_heads][head_dim]`.
+pub fn attention(
+    q: &[f32],
+    keys: &[f16],
+    values: &[f16],
+    start: usize,
+    shape: AttnShape,
+    out: &mut [f32],
+) {
+    let AttnShape { n_heads, n_kv_heads, head_dim, scale, window } = shape;
+    let kv_dim = n_kv_heads * head_dim;
+    let end = keys.len() / kv_dim;
+    let n = end - start;
+    debug_assert_eq!(q.len(), n * n_heads * head_dim, "q shape");
+    // The oldest key any query can see.
+    let lo = window.map_or(0, |w| (start + 1).saturating_sub(w));
+    // Widen the visible rows to f32 once per call: cheap next to the dot products that follow.
+    let mut kf = vec![0f32; (end - lo) * kv_dim];
+    let mut vf = vec![0f32; (end - lo) * kv_dim];
+    keys[lo * kv_dim..].convert_to_f32_slice(&mut kf);
+    values[lo * kv_dim..].convert_to_f32_slice(&mut vf);
+    let group = n_heads / n_kv_heads;
+    let work_per_item = (end - lo) * head_dim;
+    let min_len = (32 * 1024 / work_per_item.max(1)).max(1);
+    out.par_chunks_mut(head_dim).with_min_len(min_len).enumerate().for_each(|(idx, o)| {
+        let (t, h) = (idx / n_heads, idx % n_heads);
+        let pos = start + t;
+        let first = window.map_or(0, |w| (pos + 1).saturating_sub(w)).max(lo);
+        let kvh = h / group;
+        let qh = &q[idx * head_dim..(idx + 1) * head_dim];
+        let mut scores: Vec<f32> = (first..=pos)
+            .map(|j| {
+                let r = (j - lo) * kv_dim + kvh * head_dim;
+                dot_f32(qh, &kf[r..r + head_dim]) * scale
+            })
+            .collect();
+        let max = scores.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+        let mut sum = 0.0;
+        for s in scores.iter_mut() {
+            *s = (*s - max).exp();
+            sum += *s;
+        }
+        o.fill(0.0);
+        for (j, s) in (first..=pos).zip(&scores) {
+            let r = (j - lo) * kv_dim + kvh * head_dim;
+            axpy_f32(s / sum, &vf[r..r + head_dim], o);
+        }
+    });
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rmsnorm_unit_rms() {
+        let mut x = vec![3.0, 4.0];
+        rmsnorm(&mut x, &[1.0, 2.0], 0.0);
+        let r = (12.5f32).sqrt();
+        assert!((x[0] - 3.0 / r).abs() < 1e-6 && (x[1] - 8.0 / r).abs() < 1e-6);
+    }
+
+    #[test]
+    fn rope_position_zero_is_identity_and_norm_preserved() {
+        let mut x: Vec<f32> = (0..16).map(|i| i as f32 * 0.1).collect();
+        let orig = x.clone();
+        rope_tokens(&mut x[..8], 1, 8, 0, 10_000.0, RopeStyle::Normal);
+        assert_eq!(&x[..8], &orig[..8]);
+        for style in [RopeStyle::Normal, RopeStyle::Neox] {
+            let mut y = orig.clone();
+            rope_tokens(&mut y, 2, 8, 5, 10_000.0, style);
+            let n0: f32 = orig.iter().map(|v| v * v).sum();
+            let n1: f32 = y.iter().map(|v| v * v).sum();
+            assert!((n0 - n1).abs() < 1e-4, "{style:?}");
+            assert_ne!(y, orig);
+        }
+    }
+
+    #[test]
+    fn attention_single_key_returns_its_value() {
+        let shape =
+            AttnShape { n_heads: 2, n_kv_heads: 1, head_dim: 4, scale: 0.5, window: None };
+        let k: Vec<f16> = [1.0, 0.0, 0.0, 0.0].iter().map(|&v| f16::from_f32(v)).collect();
+        let v: Vec<f16> = [1.0, 2.0, 3.0, 4.0].iter().map(|&v| f16::from_f32(v)).collect();
+        let q = vec![0.3; 8];
+        let mut out = vec![0.0; 8];
+        attention(&q, &k, &v, 0, shape, &mut out);
+        assert_eq!(out, vec![1.0, 2.0, 3.0, 4.0, 1.0, 2.0, 3.0, 4.0]);
+    }
+
+    #[test]
+    fn attention_window_hides_old_keys() {
+        // Two keys; with window 1 the query at position 1 sees only key 1.
+        let shape = AttnShape { n_heads: 1, n_kv_heads: 1, head_dim: 2, scale: 1.0, window: Some(1) };
+        let k: Vec<f16> = [1.0, 0.0, 1.0, 0.0].iter().map(|&v| f16::from_f32(v)).collect();
+        let v: Vec<f16> = [5.0, 5.0, 7.0, 9.0].iter().map(|&v| f16::from_f32(v)).collect();
+        let mut out = vec![0.0; 2];
+        attention(&[1.0, 1.0], &k, &v, 1, shape, &mut out);
+        assert_eq!(out, vec![7.0, 9.0]);
+        let shape = AttnShape { window: None, ..shape };
+        attention(&[1.0, 1.0], &k, &v, 1, shape, &mut out);
+        assert_eq!(out, vec![6.0, 7.0]);
+    }
+}

@@ -1,0 +1,24 @@
+//! kvinfer-model: everything about a model except caching policy.
+//!
+//! GGUF loading over mmap ([`gguf`]), the tokenizer ([`tokenizer`]) and chat template ([`chat`]),
+//! CPU kernels with runtime SIMD dispatch ([`kernels`]), and one file per architecture
+//! ([`llama`], [`gemma3`]) behind [`Model::forward`].
+#![deny(missing_docs)]
+
+pub mod chat;
+pub mod config;
+mod error;
+pub mod gemma3;
+pub mod ggml_type;
+pub mod gguf;
+pub mod kernels;
+pub mod layers;
+pub mod llama;
+mod model;
+pub mod testing;
+pub mod tokenizer;
+pub mod weights;
+
+pub use config::{Arch, ModelConfig};
+pub use error::ModelError;
+pub use model::Model;

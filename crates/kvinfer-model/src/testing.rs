@@ -1,0 +1,217 @@
+//! Tiny random-weight models written as real GGUF files, so tests need no download.
+//!
+//! Both shapes exercise the full loading path (metadata, tensor index, tokenizer, chat template)
+//! and mix weight types (F32, F16, Q8_0, Q4_0) so several kernels run. The weights are seeded: the
+//! same seed writes the same file.
+
+use crate::ggml_type::GgmlType;
+use crate::gguf::{GgufWriter, MetaValue};
+use half::f16;
+use std::path::Path;
+
+/// Which tiny model to write.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TinyArch {
+    /// 2 layers, n_embd 64, 4 heads / 2 KV heads, byte-level BPE vocabulary.
+    Llama,
+    /// 6 layers (5 sliding with window 8, then 1 global), head_dim 32, SentencePiece vocabulary.
+    Gemma3,
+}
+
+struct Rng(u64);
+
+impl Rng {
+    fn next_f32(&mut self) -> f32 {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        (self.0 >> 40) as f32 / (1u64 << 24) as f32 * 2.0 - 1.0
+    }
+    fn vec(&mut self, n: usize, scale: f32) -> Vec<f32> {
+        (0..n).map(|_| self.next_f32() * scale).collect()
+    }
+}
+
+/// Quantizes f32 values to `ty` (F32, F16, Q8_0 or Q4_0), as ggml's reference quantizers do.
+pub fn quantize(ty: GgmlType, x: &[f32]) -> Vec<u8> {
+    match ty {
+        GgmlType::F32 => x.iter().flat_map(|v| v.to_le_bytes()).collect(),
+        GgmlType::F16 => x.iter().flat_map(|v| f16::from_f32(*v).to_le_bytes()).collect(),
+        GgmlType::Q8_0 => x
+            .chunks(32)
+            .flat_map(|b| {
+                let amax = b.iter().fold(0f32, |m, v| m.max(v.abs()));
+                let d = amax / 127.0;
+                let id = if d > 0.0 { 1.0 / d } else { 0.0 };
+                let mut out = f16::from_f32(d).to_le_bytes().to_vec();
+                out.extend(b.iter().map(|v| (v * id).round() as i8 as u8));
+                out
+            })
+            .collect(),
+        GgmlType::Q4_0 => x
+            .chunks(32)
+            .flat_map(|b| {
+                let (mut amax, mut max) = (0f32, 0f32);
+                for &v in b {
+                    if v.abs() > amax {
+                        amax = v.abs();
+                        max = v;
+                    }
+                }
+                let d = max / -8.0;
+                let id = if d != 0.0 { 1.0 / d } else { 0.0 };
+                let q = |v: f32| ((v * id + 8.5) as i32).clamp(0, 15) as u8;
+                let mut out = f16::from_f32(d).to_le_bytes().to_vec();
+                out.extend((0..16).map(|j| q(b[j]) | (q(b[j + 16]) << 4)));
+                out
+            })
+            .collect(),
+        other => panic!("testing::quantize does not write {other:?}"),
+    }
+}
+
+fn s(v: &str) -> MetaValue {
+    MetaValue::Str(v.to_string())
+}
+
+fn strs<I: IntoIterator<Item = String>>(it: I) -> MetaValue {
+    MetaValue::Array(it.into_iter().map(MetaValue::Str).collect())
+}
+
+/// GPT-2's byte -> printable char mapping (the byte-level BPE alphabet).
+fn byte_chars() -> Vec<char> {
+    let printable = |b: u32| (33..=126).contains(&b) || (161..=172).contains(&b) || b >= 174;
+    let mut n = 0;
+    (0..256u32)
+        .map(|b| {
+            if printable(b) {
+                char::from_u32(b).unwrap_or('?')
+            } else {
+                n += 1;
+                char::from_u32(255 + n).unwrap_or('?')
+            }
+        })
+        .collect()
+}
+
+fn bpe_vocab(w: &mut GgufWriter) -> usize {
+    let mut tokens: Vec<String> =
+        ["<|endoftext|>", "<|im_start|>", "<|im_end|>"].iter().map(|t| t.to_string()).collect();
+    let mut types = vec![3i32; 3];
+    tokens.extend(byte_chars().into_iter().map(String::from));
+    types.resize(tokens.len(), 1);
+    let merges = ["Ġ t", "h e", "Ġt he", "i n", "Ġ a"];
+    for m in merges {
+        tokens.push(m.replace(' ', ""));
+        types.push(1);
+    }
+    let n = tokens.len();
+    let tmpl = "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}";
+    w.meta("tokenizer.ggml.model", s("gpt2"))
+        .meta("tokenizer.ggml.pre", s("smollm"))
+        .meta("tokenizer.ggml.tokens", strs(tokens))
+        .meta("tokenizer.ggml.token_type", MetaValue::Array(types.into_iter().map(MetaValue::I32).collect()))
+        .meta("tokenizer.ggml.merges", strs(merges.iter().map(|m| m.to_string())))
+        .meta("tokenizer.ggml.bos_token_id", MetaValue::U32(1))
+        .meta("tokenizer.ggml.eos_token_id", MetaValue::U32(2))
+        .meta("tokenizer.ggml.add_bos_token", MetaValue::Bool(false))
+        .meta("tokenizer.chat_template", s(tmpl));
+    n
+}
+
+fn spm_vocab(w: &mut GgufWriter) -> usize {
+    let mut tokens: Vec<String> =
+        ["<pad>", "<eos>", "<bos>", "<unk>"].iter().map(|t| t.to_string()).collect();
+    let mut types = vec![3, 3, 3, 2];
+    let mut scores = vec![0f32; 4];
+    for b in 0..256 {
+        tokens.push(format!("<0x{b:02X}>"));
+        types.push(6);
+        scores.push(0.0);
+    }
+    for (i, p) in ["▁", "t", "h", "e", "he", "▁t", "▁the", "a", "▁a", "n", "in"].iter().enumerate() {
+        tokens.push(p.to_string());
+        types.push(1);
+        scores.push(-(i as f32));
+    }
+    for p in ["<start_of_turn>", "<end_of_turn>"] {
+        tokens.push(p.to_string());
+        types.push(3);
+        scores.push(0.0);
+    }
+    let n = tokens.len();
+    w.meta("tokenizer.ggml.model", s("llama"))
+        .meta("tokenizer.ggml.pre", s("default"))
+        .meta("tokenizer.ggml.tokens", strs(tokens))
+        .meta("tokenizer.ggml.scores", MetaValue::Array(scores.into_iter().map(MetaValue::F32).collect()))
+        .meta("tokenizer.ggml.token_type", MetaValue::Array(types.into_iter().map(MetaValue::I32).collect()))
+        .meta("tokenizer.ggml.bos_token_id", MetaValue::U32(2))
+        .meta("tokenizer.ggml.eos_token_id", MetaValue::U32(1))
+        .meta("tokenizer.ggml.unknown_token_id", MetaValue::U32(3))
+        .meta("tokenizer.ggml.add_bos_token", MetaValue::Bool(true))
+        .meta("tokenizer.ggml.add_space_prefix", MetaValue::Bool(false));
+    n
+}
+
+/// Writes a tiny random model of `arch` to `path`.
+pub fn write_tiny_model(path: &Path, arch: TinyArch, seed: u64) -> std::io::Result<()> {
+    let mut w = GgufWriter::new();
+    let mut rng = Rng(seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1);
+    let (name, n_layers, n_embd, n_ff, n_heads, n_kv, head_dim) = match arch {
+        TinyArch::Llama => ("llama", 2usize, 64usize, 128usize, 4usize, 2usize, 16usize),
+        TinyArch::Gemma3 => ("gemma3", 6, 64, 128, 4, 1, 32),
+    };
+    let key = |k: &str| format!("{name}.{k}");
+    w.meta("general.architecture", s(name)).meta("general.name", s(&format!("tiny-{name}")));
+    w.meta(&key("block_count"), MetaValue::U32(n_layers as u32))
+        .meta(&key("context_length"), MetaValue::U32(256))
+        .meta(&key("embedding_length"), MetaValue::U32(n_embd as u32))
+        .meta(&key("feed_forward_length"), MetaValue::U32(n_ff as u32))
+        .meta(&key("attention.head_count"), MetaValue::U32(n_heads as u32))
+        .meta(&key("attention.head_count_kv"), MetaValue::U32(n_kv as u32))
+        .meta(&key("attention.layer_norm_rms_epsilon"), MetaValue::F32(1e-5));
+    let vocab = match arch {
+        TinyArch::Llama => {
+            w.meta(&key("rope.freq_base"), MetaValue::F32(10_000.0));
+            bpe_vocab(&mut w)
+        }
+        TinyArch::Gemma3 => {
+            w.meta(&key("rope.freq_base"), MetaValue::F32(1_000_000.0))
+                .meta(&key("attention.key_length"), MetaValue::U32(head_dim as u32))
+                .meta(&key("attention.value_length"), MetaValue::U32(head_dim as u32))
+                .meta(&key("attention.sliding_window"), MetaValue::U32(8));
+            spm_vocab(&mut w)
+        }
+    };
+    let mut mat = |w: &mut GgufWriter, name: &str, rows: usize, cols: usize, ty: GgmlType| {
+        let x = rng.vec(rows * cols, 1.5 / (cols as f32).sqrt());
+        w.tensor(name, &[cols as u64, rows as u64], ty, quantize(ty, &x));
+    };
+    let (qd, kvd) = (n_heads * head_dim, n_kv * head_dim);
+    mat(&mut w, "token_embd.weight", vocab, n_embd, GgmlType::Q8_0);
+    let mut norm_rng = Rng(seed ^ 0xABCD);
+    let mut norm = |w: &mut GgufWriter, name: &str, n: usize| {
+        let v: Vec<f32> = norm_rng.vec(n, 0.2).iter().map(|x| 1.0 + x).collect();
+        w.tensor_f32(name, &[n as u64], &v);
+    };
+    norm(&mut w, "output_norm.weight", n_embd);
+    for l in 0..n_layers {
+        let p = |t: &str| format!("blk.{l}.{t}.weight");
+        norm(&mut w, &p("attn_norm"), n_embd);
+        mat(&mut w, &p("attn_q"), qd, n_embd, GgmlType::Q8_0);
+        mat(&mut w, &p("attn_k"), kvd, n_embd, GgmlType::F16);
+        mat(&mut w, &p("attn_v"), kvd, n_embd, GgmlType::F32);
+        mat(&mut w, &p("attn_output"), n_embd, qd, GgmlType::Q4_0);
+        norm(&mut w, &p("ffn_norm"), n_embd);
+        mat(&mut w, &p("ffn_gate"), n_ff, n_embd, GgmlType::Q8_0);
+        mat(&mut w, &p("ffn_up"), n_ff, n_embd, GgmlType::F16);
+        mat(&mut w, &p("ffn_down"), n_embd, n_ff, GgmlType::Q4_0);
+        if arch == TinyArch::Gemma3 {
+            norm(&mut w, &p("attn_q_norm"), head_dim);
+            norm(&mut w, &p("attn_k_norm"), head_dim);
+            norm(&mut w, &p("post_attention_norm"), n_embd);
+            norm(&mut w, &p("post_ffw_norm"), n_embd);
+        }
+    }
+    w.write(path)
+}

@@ -1,0 +1,97 @@
+//! `kvinfer chat`: interactive multi-turn chat. Each turn renders the whole conversation with the
+//! chat template and reuses the KV cache for the part of it the previous turns already computed.
+
+use crate::cli::ChatArgs;
+use crate::load::{init_threads, load_model, sampling};
+use anyhow::{Context, Result};
+use kvinfer_engine::{generate, GenerateRequest};
+use kvinfer_model::chat::ChatMessage;
+use std::io::{BufRead, IsTerminal, Write};
+
+pub fn run(a: ChatArgs) -> Result<()> {
+    init_threads(a.model.threads)?;
+    let model = load_model(&a.model)?;
+    let template = model.chat_template.as_ref().context(
+        "this model file has no chat template; use `kvinfer generate --prompt` for raw text",
+    )?;
+    let tok = &model.tokenizer;
+    let mut kv = model.new_kv_cache(a.model.ctx_size);
+    // Token ids whose K/V are in `kv`, position for position.
+    let mut cached_ids: Vec<u32> = Vec::new();
+    let mut messages: Vec<ChatMessage> = Vec::new();
+    if let Some(s) = &a.system {
+        messages.push(ChatMessage { role: "system".into(), content: s.clone() });
+    }
+    let interactive = std::io::stdin().is_terminal();
+    let dim = |s: &str| if interactive { format!("\x1b[2m{s}\x1b[0m") } else { s.to_string() };
+    if interactive {
+        eprintln!("{}", dim(&format!("chatting with {} — /reset clears, /exit or Ctrl-D quits", model.name)));
+    }
+    let stdin = std::io::stdin();
+    let mut lines = stdin.lock().lines();
+    loop {
+        if interactive {
+            eprint!("> ");
+        }
+        let Some(line) = lines.next() else { break };
+        let line = line.context("reading stdin")?;
+        let line = line.trim();
+        match line {
+            "" => continue,
+            "/exit" | "/quit" => break,
+            "/reset" => {
+                messages.retain(|m| m.role == "system");
+                eprintln!("{}", dim("(conversation cleared)"));
+                continue;
+            }
+            _ => {}
+        }
+        messages.push(ChatMessage { role: "user".into(), content: line.to_string() });
+        let text = template.render(&messages, true)?;
+        let prompt_ids = tok.encode(&text, false, true);
+        if prompt_ids.len() + 1 >= kv.max_tokens() {
+            messages.pop();
+            eprintln!(
+                "error: the conversation is {} tokens, the context holds {}; /reset to start over",
+                prompt_ids.len(),
+                kv.max_tokens()
+            );
+            continue;
+        }
+        let common = cached_ids.iter().zip(&prompt_ids).take_while(|(a, b)| a == b).count();
+        kv.truncate(common);
+        let req = GenerateRequest {
+            prompt_ids: prompt_ids.clone(),
+            max_tokens: a.max_tokens,
+            sampling: sampling(&a.sampling),
+            stop: a.sampling.stop.clone(),
+            ignore_eos: false,
+            use_kv_cache: true,
+        };
+        let stdout = std::io::stdout();
+        let out = generate(&model, &mut kv, &req, |t| {
+            let mut s = stdout.lock();
+            let _ = s.write_all(t.as_bytes());
+            let _ = s.flush();
+            true
+        })?;
+        println!();
+        cached_ids = prompt_ids.iter().chain(&out.ids).copied().take(kv.len()).collect();
+        let reused = prompt_ids.len() - out.timings.prefill_tokens;
+        if a.stats || interactive {
+            eprintln!(
+                "{}",
+                dim(&format!(
+                    "prompt {} tokens, reused {} from cache, TTFT {:.0} ms, {} tokens at {:.1} tok/s",
+                    prompt_ids.len(),
+                    reused,
+                    out.timings.prefill_ms,
+                    out.ids.len(),
+                    out.timings.decode_tok_s()
+                ))
+            );
+        }
+        messages.push(ChatMessage { role: "assistant".into(), content: out.text.trim().to_string() });
+    }
+    Ok(())
+}

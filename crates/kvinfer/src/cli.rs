@@ -1,0 +1,122 @@
+//! Command-line arguments. Flags override `KVINFER_*` environment variables.
+
+use clap::{Args, Parser, Subcommand};
+
+/// kvinfer: a LLaMA-family inference engine built around its KV cache.
+#[derive(Parser)]
+#[command(name = "kvinfer", version, about)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Subcommand)]
+pub enum Command {
+    /// Generate text from a raw prompt (no chat template).
+    Generate(GenerateArgs),
+    /// Interactive multi-turn chat with the model's chat template; streams tokens.
+    Chat(ChatArgs),
+    /// Measure prompt processing and generation speed (like llama-bench).
+    Bench(BenchArgs),
+}
+
+/// Which model, and how to run it.
+#[derive(Args, Clone)]
+pub struct ModelArgs {
+    /// A .gguf path, or an alias: smollm2 (default), gemma3.
+    #[arg(long, short, env = "KVINFER_MODEL", default_value = "smollm2")]
+    pub model: String,
+    /// Worker threads (default: all cores).
+    #[arg(long, short = 't', env = "KVINFER_THREADS")]
+    pub threads: Option<usize>,
+    /// Context size in tokens (default: 4096, capped at the model's).
+    #[arg(long, env = "KVINFER_CTX_SIZE", default_value_t = 4096)]
+    pub ctx_size: usize,
+}
+
+/// Sampling flags shared by generate and chat.
+#[derive(Args, Clone)]
+pub struct SamplingArgs {
+    /// Temperature; 0 is greedy.
+    #[arg(long, default_value_t = 0.8)]
+    pub temperature: f32,
+    /// Top-k (0 disables).
+    #[arg(long, default_value_t = 40)]
+    pub top_k: usize,
+    /// Top-p (1 disables).
+    #[arg(long, default_value_t = 0.95)]
+    pub top_p: f32,
+    /// Min-p (0 disables).
+    #[arg(long, default_value_t = 0.05)]
+    pub min_p: f32,
+    /// Repetition penalty (1 disables).
+    #[arg(long, default_value_t = 1.0)]
+    pub repeat_penalty: f32,
+    /// Random seed.
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+    /// Stop string (repeatable).
+    #[arg(long)]
+    pub stop: Vec<String>,
+}
+
+#[derive(Args)]
+pub struct GenerateArgs {
+    #[command(flatten)]
+    pub model: ModelArgs,
+    #[command(flatten)]
+    pub sampling: SamplingArgs,
+    /// The prompt, fed as raw text (BOS added only where the model file says so).
+    #[arg(long, short)]
+    pub prompt: String,
+    /// Most tokens to generate.
+    #[arg(long, short = 'n', default_value_t = 128)]
+    pub max_tokens: usize,
+    /// Recompute the whole prefix at every step instead of using the KV cache (baseline).
+    #[arg(long)]
+    pub no_kv_cache: bool,
+    /// Keep generating past end-of-generation tokens.
+    #[arg(long)]
+    pub ignore_eos: bool,
+    /// Print one JSON object (ids, text, timings) instead of streaming text.
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Args)]
+pub struct ChatArgs {
+    #[command(flatten)]
+    pub model: ModelArgs,
+    #[command(flatten)]
+    pub sampling: SamplingArgs,
+    /// System prompt.
+    #[arg(long)]
+    pub system: Option<String>,
+    /// Most tokens per reply.
+    #[arg(long, short = 'n', default_value_t = 512)]
+    pub max_tokens: usize,
+    /// Print cache reuse and timing after each reply.
+    #[arg(long)]
+    pub stats: bool,
+}
+
+#[derive(Args)]
+pub struct BenchArgs {
+    #[command(flatten)]
+    pub model: ModelArgs,
+    /// Prompt tokens for the prompt-processing test (pp).
+    #[arg(long, default_value_t = 512)]
+    pub prompt_tokens: usize,
+    /// Tokens for the generation test (tg).
+    #[arg(long, default_value_t = 128)]
+    pub gen_tokens: usize,
+    /// Repetitions of each test (the mean is reported).
+    #[arg(long, short = 'r', default_value_t = 3)]
+    pub repetitions: usize,
+    /// Seconds of CPU warm-up before timing (this machine runs slow after idle).
+    #[arg(long, default_value_t = 0.0)]
+    pub warmup_s: f64,
+    /// Print JSON.
+    #[arg(long)]
+    pub json: bool,
+}

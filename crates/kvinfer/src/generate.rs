@@ -1,0 +1,77 @@
+//! `kvinfer generate`: raw prompt in, text (or one JSON object) out.
+
+use crate::cli::GenerateArgs;
+use crate::load::{init_threads, load_model, sampling};
+use anyhow::Result;
+use kvinfer_engine::{generate, GenerateRequest};
+use std::io::Write;
+
+pub fn run(a: GenerateArgs) -> Result<()> {
+    let threads = init_threads(a.model.threads)?;
+    let model = load_model(&a.model)?;
+    let tok = &model.tokenizer;
+    let prompt_ids = tok.encode(&a.prompt, true, false);
+    if prompt_ids.is_empty() {
+        anyhow::bail!("the prompt is empty after tokenization; give some text with --prompt");
+    }
+    let mut kv = model.new_kv_cache(a.model.ctx_size);
+    let req = GenerateRequest {
+        prompt_ids: prompt_ids.clone(),
+        max_tokens: a.max_tokens,
+        sampling: sampling(&a.sampling),
+        stop: a.sampling.stop.clone(),
+        ignore_eos: a.ignore_eos,
+        use_kv_cache: !a.no_kv_cache,
+    };
+    let stdout = std::io::stdout();
+    let out = if a.json {
+        generate(&model, &mut kv, &req, |_| true)?
+    } else {
+        print!("{}", a.prompt);
+        let o = generate(&model, &mut kv, &req, |t| {
+            let mut s = stdout.lock();
+            let _ = s.write_all(t.as_bytes());
+            let _ = s.flush();
+            true
+        })?;
+        println!();
+        o
+    };
+    let t = &out.timings;
+    if a.json {
+        let j = serde_json::json!({
+            "model": model.name,
+            "model_path": crate::load::resolve_model(&a.model.model)?.display().to_string(),
+            "arch": model.config.arch.name(),
+            "threads": threads,
+            "simd": kvinfer_model::kernels::simd_level(),
+            "kv_cache": !a.no_kv_cache,
+            "prompt_ids": prompt_ids,
+            "ids": out.ids,
+            "text": out.text,
+            "finish_reason": out.finish_reason,
+            "timings": {
+                "prefill_tokens": t.prefill_tokens,
+                "prefill_ms": t.prefill_ms,
+                "prefill_tok_s": t.prefill_tok_s(),
+                "decode_tokens": t.decode_tokens,
+                "decode_ms": t.decode_ms,
+                "decode_tok_s": t.decode_tok_s(),
+            },
+            "kv_cache_bytes": kv.bytes(),
+        });
+        println!("{}", serde_json::to_string_pretty(&j)?);
+    } else {
+        eprintln!(
+            "[{} prompt tokens in {:.0} ms ({:.1} tok/s); {} tokens in {:.0} ms ({:.1} tok/s); {}]",
+            t.prefill_tokens,
+            t.prefill_ms,
+            t.prefill_tok_s(),
+            out.ids.len(),
+            t.decode_ms,
+            t.decode_tok_s(),
+            serde_json::to_string(&out.finish_reason)?.trim_matches('"'),
+        );
+    }
+    Ok(())
+}

@@ -1,0 +1,29 @@
+//! `kvinfer`: the command line of the kvinfer inference engine.
+
+mod bench;
+mod chat;
+mod cli;
+mod generate;
+mod load;
+
+use clap::Parser;
+
+fn main() {
+    let args = cli::Cli::parse();
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("KVINFER_LOG")
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let result = match args.command {
+        cli::Command::Generate(a) => generate::run(a),
+        cli::Command::Chat(a) => chat::run(a),
+        cli::Command::Bench(a) => bench::run(a),
+    };
+    if let Err(e) = result {
+        eprintln!("error: {e:#}");
+        std::process::exit(1);
+    }
+}
