@@ -49,10 +49,10 @@ fn cached_and_uncached_generation_agree() {
 fn batched_prefill_matches_token_by_token() {
     for arch in [TinyArch::Llama, TinyArch::Gemma3] {
         let (model, _) = tiny(arch, 3);
-        let ids: Vec<u32> = (0..20).map(|i| (i * 37 % 250) as u32 + 4).collect();
-        let mut kv = model.new_kv_cache(64);
+        let ids: Vec<u32> = (0..70).map(|i| (i * 37 % 250) as u32 + 4).collect();
+        let mut kv = model.new_kv_cache(128);
         let batched = model.forward(&ids, &mut kv).unwrap();
-        let mut kv2 = model.new_kv_cache(64);
+        let mut kv2 = model.new_kv_cache(128);
         let mut last = Vec::new();
         for &t in &ids {
             last = model.forward(&[t], &mut kv2).unwrap();
@@ -60,6 +60,7 @@ fn batched_prefill_matches_token_by_token() {
         assert_eq!(kv.len(), kv2.len());
         let max_abs = batched.iter().map(|v| v.abs()).fold(0f32, f32::max);
         let diff = batched.iter().zip(&last).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
+        eprintln!("{arch:?}: batched vs one-by-one max diff {diff}");
         assert!(diff <= 1e-3 * max_abs.max(1.0), "{arch:?}: max diff {diff} (scale {max_abs})");
     }
 }

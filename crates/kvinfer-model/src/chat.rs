@@ -91,7 +91,10 @@ pub struct ChatMessage {
 impl ChatMessage {
     /// A message with the given role.
     pub fn new(role: impl Into<String>, content: impl Into<String>) -> Self {
-        Self { role: role.into(), content: content.into() }
+        Self {
+            role: role.into(),
+            content: content.into(),
+        }
     }
 }
 
@@ -119,12 +122,22 @@ impl ChatTemplate {
         env.set_trim_blocks(true);
         env.set_lstrip_blocks(true);
         env.set_unknown_method_callback(minijinja_contrib::pycompat::unknown_method_callback);
-        env.add_function("raise_exception", |message: String| -> Result<String, minijinja::Error> {
-            Err(minijinja::Error::new(ErrorKind::InvalidOperation, message))
+        env.add_function(
+            "raise_exception",
+            |message: String| -> Result<String, minijinja::Error> {
+                Err(minijinja::Error::new(ErrorKind::InvalidOperation, message))
+            },
+        );
+        env.add_function("strftime_now", |format: String| {
+            strftime_utc(&format, unix_now_s())
         });
-        env.add_function("strftime_now", |format: String| strftime_utc(&format, unix_now_s()));
-        env.add_template_owned(TEMPLATE_NAME, source.to_string()).map_err(ChatTemplateError::Syntax)?;
-        Ok(Self { env, bos_token: bos_token.to_string(), eos_token: eos_token.to_string() })
+        env.add_template_owned(TEMPLATE_NAME, source.to_string())
+            .map_err(ChatTemplateError::Syntax)?;
+        Ok(Self {
+            env,
+            bos_token: bos_token.to_string(),
+            eos_token: eos_token.to_string(),
+        })
     }
 
     /// The template for a model: the file's `tokenizer.chat_template` if any, else the
@@ -157,8 +170,15 @@ impl ChatTemplate {
     /// Renders the conversation, ending with the assistant's turn header when
     /// `add_generation_prompt` is set. The text may start with the BOS token's text (Gemma's
     /// template writes it); see [`Self::render_for_encode`].
-    pub fn render(&self, messages: &[ChatMessage], add_generation_prompt: bool) -> Result<String, ChatTemplateError> {
-        let template = self.env.get_template(TEMPLATE_NAME).map_err(ChatTemplateError::Render)?;
+    pub fn render(
+        &self,
+        messages: &[ChatMessage],
+        add_generation_prompt: bool,
+    ) -> Result<String, ChatTemplateError> {
+        let template = self
+            .env
+            .get_template(TEMPLATE_NAME)
+            .map_err(ChatTemplateError::Render)?;
         template
             .render(context! {
                 messages => messages,
@@ -200,8 +220,18 @@ fn unix_now_s() -> i64 {
 /// in UTC; other directives are kept as written.
 fn strftime_utc(format: &str, unix_s: i64) -> String {
     const MONTHS: [&str; 12] = [
-        "January", "February", "March", "April", "May", "June", "July", "August", "September", "October",
-        "November", "December",
+        "January",
+        "February",
+        "March",
+        "April",
+        "May",
+        "June",
+        "July",
+        "August",
+        "September",
+        "October",
+        "November",
+        "December",
     ];
     let (days, secs) = (unix_s.div_euclid(86_400), unix_s.rem_euclid(86_400));
     // Civil date from days since 1970-01-01 (Howard Hinnant's algorithm).
@@ -251,7 +281,10 @@ mod tests {
     const SMOLLM2_TEMPLATE: &str = "{% for message in messages %}{% if loop.first and messages[0]['role'] != 'system' %}{{ '<|im_start|>system\nYou are a helpful AI assistant named SmolLM, trained by Hugging Face<|im_end|>\n' }}{% endif %}{{'<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n'}}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}";
 
     fn msgs(turns: &[(&str, &str)]) -> Vec<ChatMessage> {
-        turns.iter().map(|(r, c)| ChatMessage::new(*r, *c)).collect()
+        turns
+            .iter()
+            .map(|(r, c)| ChatMessage::new(*r, *c))
+            .collect()
     }
 
     #[test]
@@ -272,14 +305,20 @@ mod tests {
     #[test]
     fn gemma3_builtin_renders_turns() {
         let t = ChatTemplate::for_model(None, "gemma3", "<bos>", "<eos>").unwrap();
-        let m = msgs(&[("system", "Be brief."), ("user", "  Hi!\n"), ("assistant", "Hello."), ("user", "Bye")]);
+        let m = msgs(&[
+            ("system", "Be brief."),
+            ("user", "  Hi!\n"),
+            ("assistant", "Hello."),
+            ("user", "Bye"),
+        ]);
         assert_eq!(
             t.render(&m, true).unwrap(),
             "<bos><start_of_turn>user\nBe brief.\n\nHi!<end_of_turn>\n<start_of_turn>model\nHello.<end_of_turn>\n\
              <start_of_turn>user\nBye<end_of_turn>\n<start_of_turn>model\n"
         );
         assert_eq!(
-            t.render_for_encode(&msgs(&[("user", "Hi")]), true, true, false).unwrap(),
+            t.render_for_encode(&msgs(&[("user", "Hi")]), true, true, false)
+                .unwrap(),
             "<start_of_turn>user\nHi<end_of_turn>\n<start_of_turn>model\n"
         );
     }
@@ -287,9 +326,18 @@ mod tests {
     #[test]
     fn template_exceptions_become_errors() {
         let t = ChatTemplate::new(GEMMA3_TEMPLATE, "<bos>", "<eos>").unwrap();
-        let err = t.render(&msgs(&[("assistant", "first")]), true).unwrap_err();
-        assert!(err.to_string().contains("Conversation roles must alternate"), "{err}");
-        assert!(matches!(ChatTemplate::new("{% for %}", "", ""), Err(ChatTemplateError::Syntax(_))));
+        let err = t
+            .render(&msgs(&[("assistant", "first")]), true)
+            .unwrap_err();
+        assert!(
+            err.to_string()
+                .contains("Conversation roles must alternate"),
+            "{err}"
+        );
+        assert!(matches!(
+            ChatTemplate::new("{% for %}", "", ""),
+            Err(ChatTemplateError::Syntax(_))
+        ));
     }
 
     #[test]
@@ -303,10 +351,20 @@ mod tests {
 
     #[test]
     fn python_string_methods_and_strftime_work() {
-        let t = ChatTemplate::new("{{ messages[0]['content'].strip().upper() }}|{{ strftime_now('%Y') | length }}", "", "")
-            .unwrap();
-        assert_eq!(t.render(&msgs(&[("user", "  hi ")]), false).unwrap(), "HI|4");
-        assert_eq!(strftime_utc("%d %b %Y %H:%M:%S %%", 1_700_000_000), "14 Nov 2023 22:13:20 %");
+        let t = ChatTemplate::new(
+            "{{ messages[0]['content'].strip().upper() }}|{{ strftime_now('%Y') | length }}",
+            "",
+            "",
+        )
+        .unwrap();
+        assert_eq!(
+            t.render(&msgs(&[("user", "  hi ")]), false).unwrap(),
+            "HI|4"
+        );
+        assert_eq!(
+            strftime_utc("%d %b %Y %H:%M:%S %%", 1_700_000_000),
+            "14 Nov 2023 22:13:20 %"
+        );
         assert_eq!(strftime_utc("%B %d", 951_782_400), "February 29");
     }
 }

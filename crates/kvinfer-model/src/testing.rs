@@ -189,6 +189,11 @@ pub fn write_tiny_model(path: &Path, arch: TinyArch, seed: u64) -> std::io::Resu
     };
     let (qd, kvd) = (n_heads * head_dim, n_kv * head_dim);
     mat(&mut w, "token_embd.weight", vocab, n_embd, GgmlType::Q8_0);
+    if arch == TinyArch::Llama {
+        // Untied output (gemma3 keeps the tied path covered). Random tied embeddings make greedy
+        // decoding repeat the last token forever, which would hide bugs.
+        mat(&mut w, "output.weight", vocab, n_embd, GgmlType::Q8_0);
+    }
     let mut norm_rng = Rng(seed ^ 0xABCD);
     let mut norm = |w: &mut GgufWriter, name: &str, n: usize| {
         let v: Vec<f32> = norm_rng.vec(n, 0.2).iter().map(|x| 1.0 + x).collect();

@@ -3,7 +3,7 @@
 //! forwards from an empty cache. Random token ids, fixed seed; the mean of `repetitions` runs.
 
 use crate::cli::BenchArgs;
-use crate::load::{init_threads, load_model};
+use crate::load::load_model;
 use anyhow::Result;
 use kvinfer_model::Model;
 use std::time::Instant;
@@ -46,8 +46,7 @@ fn mean_std(v: &[f64]) -> (f64, f64) {
     (m, var.sqrt())
 }
 
-pub fn run(a: BenchArgs) -> Result<()> {
-    let threads = init_threads(a.model.threads)?;
+pub fn run(a: BenchArgs, threads: usize) -> Result<()> {
     let model = load_model(&a.model)?;
     if a.warmup_s > 0.0 {
         let t = Instant::now();

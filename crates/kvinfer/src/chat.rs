@@ -2,14 +2,13 @@
 //! chat template and reuses the KV cache for the part of it the previous turns already computed.
 
 use crate::cli::ChatArgs;
-use crate::load::{init_threads, load_model, sampling};
+use crate::load::{load_model, sampling};
 use anyhow::{Context, Result};
 use kvinfer_engine::{generate, GenerateRequest};
 use kvinfer_model::chat::ChatMessage;
 use std::io::{BufRead, IsTerminal, Write};
 
 pub fn run(a: ChatArgs) -> Result<()> {
-    init_threads(a.model.threads)?;
     let model = load_model(&a.model)?;
     let template = model.chat_template.as_ref().context(
         "this model file has no chat template; use `kvinfer generate --prompt` for raw text",

@@ -1,16 +1,18 @@
 //! `kvinfer generate`: raw prompt in, text (or one JSON object) out.
 
 use crate::cli::GenerateArgs;
-use crate::load::{init_threads, load_model, sampling};
+use crate::load::{load_model, sampling};
 use anyhow::Result;
 use kvinfer_engine::{generate, GenerateRequest};
 use std::io::Write;
 
-pub fn run(a: GenerateArgs) -> Result<()> {
-    let threads = init_threads(a.model.threads)?;
+pub fn run(a: GenerateArgs, threads: usize) -> Result<()> {
     let model = load_model(&a.model)?;
     let tok = &model.tokenizer;
-    let prompt_ids = tok.encode(&a.prompt, true, false);
+    let prompt_ids = match &a.prompt_ids {
+        Some(ids) => ids.clone(),
+        None => tok.encode(&a.prompt, true, false),
+    };
     if prompt_ids.is_empty() {
         anyhow::bail!("the prompt is empty after tokenization; give some text with --prompt");
     }

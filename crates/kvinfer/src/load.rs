@@ -57,16 +57,19 @@ pub fn resolve_model(spec: &str) -> Result<PathBuf> {
     bail!("model {spec} ({file}) not found ({looked}); install it with: scripts/get-models {script_arg}")
 }
 
-/// Sets the worker thread count (once per process).
-pub fn init_threads(threads: Option<usize>) -> Result<usize> {
+/// Runs `f` on a pool of `threads` workers (default: all cores). Everything the command does runs
+/// inside the pool, so the kernels' parallel loops fork from a worker instead of waking the pool
+/// from outside on every matmul.
+pub fn with_threads<R: Send>(threads: Option<usize>, f: impl FnOnce(usize) -> R + Send) -> Result<R> {
     let n = threads
         .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()))
         .max(1);
-    rayon::ThreadPoolBuilder::new()
+    let pool = rayon::ThreadPoolBuilder::new()
         .num_threads(n)
-        .build_global()
+        .thread_name(|i| format!("kvinfer-worker-{i}"))
+        .build()
         .context("starting worker threads")?;
-    Ok(n)
+    Ok(pool.install(|| f(n)))
 }
 
 /// Loads the model named by `args`, showing a spinner if it takes over a second.

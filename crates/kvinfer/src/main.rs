@@ -17,11 +17,17 @@ fn main() {
         )
         .with_writer(std::io::stderr)
         .init();
-    let result = match args.command {
-        cli::Command::Generate(a) => generate::run(a),
-        cli::Command::Chat(a) => chat::run(a),
-        cli::Command::Bench(a) => bench::run(a),
+    let threads = match &args.command {
+        cli::Command::Generate(a) => a.model.threads,
+        cli::Command::Chat(a) => a.model.threads,
+        cli::Command::Bench(a) => a.model.threads,
     };
+    let result = load::with_threads(threads, |n| match args.command {
+        cli::Command::Generate(a) => generate::run(a, n),
+        cli::Command::Chat(a) => chat::run(a),
+        cli::Command::Bench(a) => bench::run(a, n),
+    })
+    .and_then(|r| r);
     if let Err(e) = result {
         eprintln!("error: {e:#}");
         std::process::exit(1);

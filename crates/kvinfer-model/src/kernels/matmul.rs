@@ -61,7 +61,11 @@ fn rows_per_task(rows: usize, cols: usize, n_tokens: usize) -> usize {
     let min_tasks = 8 * rayon::current_num_threads().max(1);
     let by_work = (1usize << 15).div_ceil(cols * n_tokens);
     let by_count = rows.div_ceil(min_tasks).min(256);
-    by_work.max(by_count).max(4).next_multiple_of(4).min(rows.max(1))
+    by_work
+        .max(by_count)
+        .max(4)
+        .next_multiple_of(4)
+        .min(rows.max(1))
 }
 
 /// Run `f(row_range)` over chunks of rows in parallel.
@@ -80,17 +84,34 @@ fn par_rows(rows: usize, cols: usize, n_tokens: usize, f: impl Fn(std::ops::Rang
 /// `matmul` at a given SIMD level (the tests run every level the CPU has).
 pub(crate) fn matmul_with(level: SimdLevel, w: QMatRef, x: &[f32], n_tokens: usize, y: &mut [f32]) {
     let (rows, cols) = (w.rows, w.cols);
-    let row_bytes = w
-        .ty
-        .row_bytes(cols)
-        .unwrap_or_else(|| panic!("matmul: {:?} rows of {cols} weights are not whole blocks", w.ty));
-    assert!(w.data.len() >= rows * row_bytes, "matmul: weight data too short for {rows}x{cols} {:?}", w.ty);
-    assert_eq!(x.len(), n_tokens * cols, "matmul: x must be n_tokens * cols");
-    assert_eq!(y.len(), n_tokens * rows, "matmul: y must be n_tokens * rows");
+    let row_bytes = w.ty.row_bytes(cols).unwrap_or_else(|| {
+        panic!(
+            "matmul: {:?} rows of {cols} weights are not whole blocks",
+            w.ty
+        )
+    });
+    assert!(
+        w.data.len() >= rows * row_bytes,
+        "matmul: weight data too short for {rows}x{cols} {:?}",
+        w.ty
+    );
+    assert_eq!(
+        x.len(),
+        n_tokens * cols,
+        "matmul: x must be n_tokens * cols"
+    );
+    assert_eq!(
+        y.len(),
+        n_tokens * rows,
+        "matmul: y must be n_tokens * rows"
+    );
     if n_tokens == 0 || rows == 0 {
         return;
     }
-    let out = OutPtr { ptr: y.as_mut_ptr(), rows };
+    let out = OutPtr {
+        ptr: y.as_mut_ptr(),
+        rows,
+    };
     match w.ty {
         GgmlType::Q4_0 | GgmlType::Q4_1 | GgmlType::Q5_0 | GgmlType::Q5_1 | GgmlType::Q8_0 => {
             with_scratch(&Q8_SCRATCH, |acts| {
@@ -127,7 +148,12 @@ pub(crate) fn matmul_with(level: SimdLevel, w: QMatRef, x: &[f32], n_tokens: usi
             par_rows(rows, cols, n_tokens, |rr| {
                 let mut wf = vec![0.0f32; cols]; // one dequantized weight row
                 for r in rr {
-                    super::dequantize_row_with(level, w.ty, &w.data[r * row_bytes..(r + 1) * row_bytes], &mut wf);
+                    super::dequantize_row_with(
+                        level,
+                        w.ty,
+                        &w.data[r * row_bytes..(r + 1) * row_bytes],
+                        &mut wf,
+                    );
                     for (t, xt) in x.chunks_exact(cols).enumerate() {
                         let v = super::dot_f32_with(level, &wf, xt);
                         // SAFETY: row r belongs to this task.
@@ -140,12 +166,18 @@ pub(crate) fn matmul_with(level: SimdLevel, w: QMatRef, x: &[f32], n_tokens: usi
 }
 
 /// Quantize `n_tokens` rows of `x` into `acts` (in parallel when there are many).
-fn quantize_q8_tokens(level: SimdLevel, x: &[f32], n_tokens: usize, cols: usize, acts: &mut Q8Acts) {
+fn quantize_q8_tokens(
+    level: SimdLevel,
+    x: &[f32],
+    n_tokens: usize,
+    cols: usize,
+    acts: &mut Q8Acts,
+) {
     acts.resize(n_tokens, cols);
     let nb = acts.nb;
     let one = |xt: &[f32], qs: &mut [i8], d: &mut [f32], s: &mut [f32]| match level {
         #[cfg(target_arch = "x86_64")]
-        SimdLevel::Avx2 | SimdLevel::Avx512Vnni => {
+        SimdLevel::Avx2 | SimdLevel::Avx2Vnni | SimdLevel::Avx512 => {
             // SAFETY: level was detected (or checked by the tests).
             unsafe { super::x86::quantize_q8(xt, qs, d, s) }
         }
@@ -166,6 +198,7 @@ fn quantize_q8_tokens(level: SimdLevel, x: &[f32], n_tokens: usize, cols: usize,
             one(xt, qs, d, s);
         }
     }
+    acts.transpose_sums(n_tokens);
 }
 
 /// Rows `rr` of a 32-weight-type matrix, all tokens.
@@ -183,9 +216,17 @@ unsafe fn q32_rows(
 ) {
     match level {
         #[cfg(target_arch = "x86_64")]
-        SimdLevel::Avx512Vnni => super::x86::q32_rows_vnni(w.ty, w.data, row_bytes, rr, acts, n_tokens, out),
+        SimdLevel::Avx512 => {
+            super::x86_avx512::q32_rows_avx512(w.ty, w.data, row_bytes, rr, acts, n_tokens, out)
+        }
         #[cfg(target_arch = "x86_64")]
-        SimdLevel::Avx2 => super::x86::q32_rows_avx2(w.ty, w.data, row_bytes, rr, acts, n_tokens, out),
+        SimdLevel::Avx2Vnni => {
+            super::x86::q32_rows_vnni(w.ty, w.data, row_bytes, rr, acts, n_tokens, out)
+        }
+        #[cfg(target_arch = "x86_64")]
+        SimdLevel::Avx2 => {
+            super::x86::q32_rows_avx2(w.ty, w.data, row_bytes, rr, acts, n_tokens, out)
+        }
         _ => {
             let nb = acts.nb;
             for r in rr {
@@ -204,12 +245,12 @@ unsafe fn q32_rows(
 fn dot_k(level: SimdLevel, ty: GgmlType, row: &[u8], act: &[BlockQ8K]) -> f32 {
     match (level, ty) {
         #[cfg(target_arch = "x86_64")]
-        (SimdLevel::Avx2 | SimdLevel::Avx512Vnni, GgmlType::Q4_K) => {
+        (SimdLevel::Avx2 | SimdLevel::Avx2Vnni | SimdLevel::Avx512, GgmlType::Q4_K) => {
             // SAFETY: level was detected (or checked by the tests).
             unsafe { super::x86::dot_q4_k(row, act) }
         }
         #[cfg(target_arch = "x86_64")]
-        (SimdLevel::Avx2 | SimdLevel::Avx512Vnni, GgmlType::Q6_K) => {
+        (SimdLevel::Avx2 | SimdLevel::Avx2Vnni | SimdLevel::Avx512, GgmlType::Q6_K) => {
             // SAFETY: as above.
             unsafe { super::x86::dot_q6_k(row, act) }
         }

@@ -19,6 +19,8 @@ pub mod quant;
 mod tests;
 #[cfg(target_arch = "x86_64")]
 mod x86;
+#[cfg(target_arch = "x86_64")]
+mod x86_avx512;
 
 /// A quantized (or f32/f16/bf16) weight matrix: `rows` rows of `cols` weights, row-major, as
 /// stored in GGUF (GGUF dims are `[cols, rows]`: ne0 = cols is the contiguous dim).
@@ -44,9 +46,11 @@ pub enum SimdLevel {
     Scalar,
     /// AVX2 + FMA + F16C.
     Avx2,
-    /// AVX2 kernels using AVX-512 VNNI `vpdpbusd` on 256-bit vectors and 32 registers
+    /// The AVX2 kernels with AVX-512 VNNI `vpdpbusd` on 256-bit vectors and 32 registers
     /// (needs AVX-512 F/BW/VL/VNNI).
-    Avx512Vnni,
+    Avx2Vnni,
+    /// 512-bit kernels, two quant blocks per vector (AVX-512 F/BW/VL/VNNI).
+    Avx512,
 }
 
 impl SimdLevel {
@@ -55,7 +59,8 @@ impl SimdLevel {
         match self {
             Self::Scalar => "scalar",
             Self::Avx2 => "avx2",
-            Self::Avx512Vnni => "avx512",
+            Self::Avx2Vnni => "avx2vnni",
+            Self::Avx512 => "avx512",
         }
     }
 
@@ -74,7 +79,8 @@ impl SimdLevel {
                     && is_x86_feature_detected!("avx512vl")
                     && is_x86_feature_detected!("avx512vnni")
                 {
-                    v.push(Self::Avx512Vnni);
+                    v.push(Self::Avx2Vnni);
+                    v.push(Self::Avx512);
                 }
             }
         }
@@ -83,7 +89,7 @@ impl SimdLevel {
 }
 
 /// The SIMD level used by the kernels: the best available, capped by the environment variable
-/// `KVINFER_SIMD` (`scalar`, `avx2`, `avx512`) for comparisons. Detected once.
+/// `KVINFER_SIMD` (`scalar`, `avx2`, `avx2vnni`, `avx512`) for comparisons. Detected once.
 pub fn simd() -> SimdLevel {
     static LEVEL: OnceLock<SimdLevel> = OnceLock::new();
     *LEVEL.get_or_init(|| {
@@ -108,7 +114,11 @@ pub fn dequantize_row(ty: GgmlType, src: &[u8], dst: &mut [f32]) {
 fn dequantize_row_with(level: SimdLevel, ty: GgmlType, src: &[u8], dst: &mut [f32]) {
     #[cfg(target_arch = "x86_64")]
     if ty == GgmlType::F16 && level >= SimdLevel::Avx2 {
-        assert_eq!(src.len(), 2 * dst.len(), "dequantize_row: F16 row length mismatch");
+        assert_eq!(
+            src.len(),
+            2 * dst.len(),
+            "dequantize_row: F16 row length mismatch"
+        );
         // SAFETY: level >= Avx2 implies F16C was detected.
         unsafe { x86::f16_to_f32_row(src, dst) };
         return;
@@ -140,7 +150,12 @@ fn dot_f32_with(level: SimdLevel, a: &[f32], b: &[f32]) -> f32 {
     // 8 partial sums so the compiler can vectorize.
     let mut acc = [0.0f32; 8];
     let (ca, cb) = (a.chunks_exact(8), b.chunks_exact(8));
-    let tail: f32 = ca.remainder().iter().zip(cb.remainder()).map(|(x, y)| x * y).sum();
+    let tail: f32 = ca
+        .remainder()
+        .iter()
+        .zip(cb.remainder())
+        .map(|(x, y)| x * y)
+        .sum();
     for (x, y) in ca.zip(cb) {
         for k in 0..8 {
             acc[k] += x[k] * y[k];

@@ -74,7 +74,10 @@ pub fn dequantize_row_scalar(ty: GgmlType, src: &[u8], dst: &mut [f32]) {
             }
         }
         GgmlType::Q8_K => {
-            for (b, y) in src.chunks_exact(ty.type_size()).zip(dst.chunks_exact_mut(QK_K)) {
+            for (b, y) in src
+                .chunks_exact(ty.type_size())
+                .zip(dst.chunks_exact_mut(QK_K))
+            {
                 let d = f32::from_le_bytes([b[0], b[1], b[2], b[3]]);
                 for (yi, &q) in y.iter_mut().zip(&b[4..4 + QK_K]) {
                     *yi = d * q as i8 as f32;
@@ -82,17 +85,26 @@ pub fn dequantize_row_scalar(ty: GgmlType, src: &[u8], dst: &mut [f32]) {
             }
         }
         GgmlType::Q4_K => {
-            for (b, y) in src.chunks_exact(ty.type_size()).zip(dst.chunks_exact_mut(QK_K)) {
+            for (b, y) in src
+                .chunks_exact(ty.type_size())
+                .zip(dst.chunks_exact_mut(QK_K))
+            {
                 dequant_block_q4_k(b, y);
             }
         }
         GgmlType::Q6_K => {
-            for (b, y) in src.chunks_exact(ty.type_size()).zip(dst.chunks_exact_mut(QK_K)) {
+            for (b, y) in src
+                .chunks_exact(ty.type_size())
+                .zip(dst.chunks_exact_mut(QK_K))
+            {
                 dequant_block_q6_k(b, y);
             }
         }
         _ => {
-            for (b, y) in src.chunks_exact(ty.type_size()).zip(dst.chunks_exact_mut(QK)) {
+            for (b, y) in src
+                .chunks_exact(ty.type_size())
+                .zip(dst.chunks_exact_mut(QK))
+            {
                 dequant_block_32(ty, b, y);
             }
         }
@@ -157,7 +169,11 @@ fn dequant_block_32(ty: GgmlType, b: &[u8], y: &mut [f32]) {
     };
     let has_min = matches!(ty, GgmlType::Q4_1 | GgmlType::Q5_1);
     for (yi, &vi) in y.iter_mut().zip(&v) {
-        *yi = if has_min { vi as f32 * d + m } else { (vi - offset) as f32 * d };
+        *yi = if has_min {
+            vi as f32 * d + m
+        } else {
+            (vi - offset) as f32 * d
+        };
     }
 }
 
@@ -227,16 +243,34 @@ pub struct Q8Acts {
     pub d: Vec<f32>,
     /// Block sums times scale, `[n_tokens][nb]` (for the offsets / mins of Q4_0 ... Q5_1).
     pub s: Vec<f32>,
+    /// `s` transposed, `[nb][n_tokens]`: the SIMD tile kernels compute the min corrections of a
+    /// row for all tokens at once from it (filled by `kernels::matmul`, not by `resize`).
+    pub st: Vec<f32>,
 }
 
 impl Q8Acts {
     /// Reshape (reusing capacity) for `n_tokens` tokens of `cols` values.
     pub fn resize(&mut self, n_tokens: usize, cols: usize) {
-        debug_assert!(cols % QK == 0, "Q8 activations need cols % 32 == 0, got {cols}");
+        debug_assert!(
+            cols.is_multiple_of(QK),
+            "Q8 activations need cols % 32 == 0, got {cols}"
+        );
         self.nb = cols / QK;
         self.qs.resize(n_tokens * cols, 0);
         self.d.resize(n_tokens * self.nb, 0.0);
         self.s.resize(n_tokens * self.nb, 0.0);
+        self.st.resize(n_tokens * self.nb, 0.0);
+    }
+
+    /// Fill `st` from `s` (`n_tokens` tokens).
+    pub fn transpose_sums(&mut self, n_tokens: usize) {
+        let nb = self.nb;
+        self.st.resize(n_tokens * nb, 0.0);
+        for (t, st) in self.s.chunks_exact(nb).take(n_tokens).enumerate() {
+            for (b, &v) in st.iter().enumerate() {
+                self.st[b * n_tokens + t] = v;
+            }
+        }
     }
 
     /// Quantize token `t` from `x` (cols values) with the scalar code.
@@ -286,7 +320,11 @@ pub struct BlockQ8K {
 
 impl BlockQ8K {
     /// All zero.
-    pub const ZERO: Self = Self { d: 0.0, qs: [0; QK_K], bsums: [0; QK_K / 16] };
+    pub const ZERO: Self = Self {
+        d: 0.0,
+        qs: [0; QK_K],
+        bsums: [0; QK_K / 16],
+    };
 }
 
 /// Quantize `x` (a multiple of 256 values) into `out` (one block per 256).

@@ -1,6 +1,7 @@
 //! Kernel tests: hand-checked block decodes, every SIMD level against the scalar reference, and
 //! matmul against a naive dequantize-then-f32 product.
 
+#![allow(clippy::needless_range_loop)]
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
@@ -41,7 +42,9 @@ fn random_row(rng: &mut StdRng, ty: GgmlType, cols: usize) -> Vec<u8> {
                 let bits = (rng.random_range(-1.0f32..1.0).to_bits() >> 16) as u16;
                 b.copy_from_slice(&bits.to_le_bytes());
             }
-            GgmlType::Q4_0 | GgmlType::Q5_0 | GgmlType::Q8_0 => b[0..2].copy_from_slice(&f16_bytes(d)),
+            GgmlType::Q4_0 | GgmlType::Q5_0 | GgmlType::Q8_0 => {
+                b[0..2].copy_from_slice(&f16_bytes(d))
+            }
             GgmlType::Q4_1 | GgmlType::Q5_1 => {
                 b[0..2].copy_from_slice(&f16_bytes(d));
                 b[2..4].copy_from_slice(&f16_bytes(m));
@@ -82,7 +85,10 @@ fn dequant_hand_checked_q4_0_q4_1_q5_0_q8_0() {
     b[17] = 0xF0; // w15 = -4, w31 = (15 - 8) * 0.5
     let mut y = [0.0f32; 32];
     dequantize_row(GgmlType::Q4_0, &b, &mut y);
-    assert_eq!((y[0], y[16], y[15], y[31], y[1]), (-3.5, -3.0, -4.0, 3.5, -4.0));
+    assert_eq!(
+        (y[0], y[16], y[15], y[31], y[1]),
+        (-3.5, -3.0, -4.0, 3.5, -4.0)
+    );
 
     // Q4_1: d = 0.25, m = 1.0, qs[3] = 0x5A -> w3 = 10 * 0.25 + 1, w19 = 5 * 0.25 + 1.
     let mut b = vec![0u8; 20];
@@ -146,7 +152,7 @@ fn dequant_hand_checked_q4_k_q6_k() {
     let mut y = [0.0f32; QK_K];
     dequantize_row(GgmlType::Q6_K, &b, &mut y);
     assert_eq!(y[0], 0.5 * 2.0 * ((5 | (2 << 4)) - 32) as f32);
-    assert_eq!(y[96], 0.5 * -1.0 * ((0xA | (3 << 4)) - 32) as f32);
+    assert_eq!(y[96], -0.5 * ((0xA | (3 << 4)) - 32) as f32); // d * sc[6] = 0.5 * -1
     assert_eq!(y[150], 0.5 * 4.0 * ((0xF | (1 << 4)) - 32) as f32);
 }
 
@@ -162,7 +168,10 @@ fn dequant_bf16_f16_f32() {
     for (a, b) in y.iter().zip(&vals) {
         assert!((a - b).abs() <= 1e-3 * b.abs());
     }
-    let bf: Vec<u8> = vals.iter().flat_map(|v| ((v.to_bits() >> 16) as u16).to_le_bytes()).collect();
+    let bf: Vec<u8> = vals
+        .iter()
+        .flat_map(|v| ((v.to_bits() >> 16) as u16).to_le_bytes())
+        .collect();
     dequantize_row(GgmlType::BF16, &bf, &mut y);
     assert_eq!(&y[..3], &vals[..3]);
 }
@@ -183,7 +192,13 @@ fn simd_dequant_f16_matches_scalar() {
 #[test]
 fn block_values_match_dequant() {
     let mut rng = StdRng::seed_from_u64(2);
-    for ty in [GgmlType::Q4_0, GgmlType::Q4_1, GgmlType::Q5_0, GgmlType::Q5_1, GgmlType::Q8_0] {
+    for ty in [
+        GgmlType::Q4_0,
+        GgmlType::Q4_1,
+        GgmlType::Q5_0,
+        GgmlType::Q5_1,
+        GgmlType::Q8_0,
+    ] {
         let row = random_row(&mut rng, ty, 64);
         let mut y = vec![0.0f32; 64];
         dequantize_row(ty, &row, &mut y);
@@ -192,7 +207,10 @@ fn block_values_match_dequant() {
             let (d, m) = quant::block_32_values(ty, blk, &mut v);
             for j in 0..QK {
                 let w = d * v[j] as f32 + m;
-                assert!((w - y[b * QK + j]).abs() <= 1e-6, "{ty:?} block {b} weight {j}");
+                assert!(
+                    (w - y[b * QK + j]).abs() <= 1e-6,
+                    "{ty:?} block {b} weight {j}"
+                );
             }
         }
     }
@@ -225,7 +243,11 @@ fn naive_matmul(w: QMatRef, x: &[f32], n_tokens: usize) -> Vec<f32> {
         quant::dequantize_row_scalar(w.ty, &w.data[r * rb..(r + 1) * rb], &mut wf);
         for t in 0..n_tokens {
             let xt = &x[t * w.cols..(t + 1) * w.cols];
-            y[t * w.rows + r] = wf.iter().zip(xt).map(|(a, b)| *a as f64 * *b as f64).sum::<f64>() as f32;
+            y[t * w.rows + r] = wf
+                .iter()
+                .zip(xt)
+                .map(|(a, b)| *a as f64 * *b as f64)
+                .sum::<f64>() as f32;
         }
     }
     y
@@ -237,24 +259,47 @@ fn naive_matmul(w: QMatRef, x: &[f32], n_tokens: usize) -> Vec<f32> {
 fn matmul_all_types_all_levels() {
     let mut rng = StdRng::seed_from_u64(4);
     for ty in ALL_MATMUL_TYPES {
+        // 32-weight types: an odd and an even number of blocks (the AVX-512 kernels take pairs).
         let cols = if ty.block_size() == QK_K { 512 } else { 96 };
-        for &(rows, n_tokens) in &[(37usize, 1usize), (37, 7), (64, 9), (5, 4)] {
+        for &(rows, n_tokens, cols) in &[
+            (37usize, 1usize, cols),
+            (37, 7, cols),
+            (64, 9, cols),
+            (5, 4, cols),
+            (13, 1, 2 * cols),
+            (13, 6, 2 * cols),
+        ] {
             // Offset by one byte: GGUF tensors are not aligned for these structs.
             let mut data = vec![0u8];
             data.extend(random_matrix(&mut rng, ty, rows, cols));
-            let w = QMatRef { ty, rows, cols, data: &data[1..] };
+            let w = QMatRef {
+                ty,
+                rows,
+                cols,
+                data: &data[1..],
+            };
             let x = random_f32(&mut rng, n_tokens * cols);
             let want = naive_matmul(w, &x, n_tokens);
             let mut scalar = vec![f32::NAN; n_tokens * rows];
             matmul_with(SimdLevel::Scalar, w, &x, n_tokens, &mut scalar);
             let e = rel_err(&scalar, &want);
-            let tol = if matches!(ty, GgmlType::F32 | GgmlType::F16 | GgmlType::BF16) { 1e-5 } else { 1e-2 };
-            assert!(e < tol, "{ty:?} scalar {rows}x{cols} n={n_tokens}: rel err {e}");
+            let tol = if matches!(ty, GgmlType::F32 | GgmlType::F16 | GgmlType::BF16) {
+                1e-5
+            } else {
+                1e-2
+            };
+            assert!(
+                e < tol,
+                "{ty:?} scalar {rows}x{cols} n={n_tokens}: rel err {e}"
+            );
             for level in SimdLevel::available() {
                 let mut y = vec![f32::NAN; n_tokens * rows];
                 matmul_with(level, w, &x, n_tokens, &mut y);
                 let e = rel_err(&y, &want);
-                assert!(e < tol, "{ty:?} {level:?} {rows}x{cols} n={n_tokens}: rel err {e} vs f32");
+                assert!(
+                    e < tol,
+                    "{ty:?} {level:?} {rows}x{cols} n={n_tokens}: rel err {e} vs f32"
+                );
                 // Offsets / mins are applied as a separate f32 term, so allow cancellation error
                 // relative to the typical output size.
                 let rms = (scalar.iter().map(|v| v * v).sum::<f32>() / scalar.len() as f32).sqrt();
@@ -274,9 +319,18 @@ fn matmul_all_types_all_levels() {
 #[test]
 fn matmul_model_shapes() {
     let mut rng = StdRng::seed_from_u64(5);
-    for &(ty, rows, cols) in &[(GgmlType::Q4_1, 192, 576), (GgmlType::Q5_0, 256, 640), (GgmlType::Q6_K, 64, 2048)] {
+    for &(ty, rows, cols) in &[
+        (GgmlType::Q4_1, 192, 576),
+        (GgmlType::Q5_0, 256, 640),
+        (GgmlType::Q6_K, 64, 2048),
+    ] {
         let data = random_matrix(&mut rng, ty, rows, cols);
-        let w = QMatRef { ty, rows, cols, data: &data };
+        let w = QMatRef {
+            ty,
+            rows,
+            cols,
+            data: &data,
+        };
         for n_tokens in [1, 7] {
             let x = random_f32(&mut rng, n_tokens * cols);
             let mut y = vec![0.0f32; n_tokens * rows];
@@ -296,20 +350,34 @@ fn k_quant_dots_simd_vs_scalar() {
     quant::quantize_q8_k(&x, &mut act);
     for ty in [GgmlType::Q4_K, GgmlType::Q6_K] {
         let row = random_row(&mut rng, ty, cols);
-        let scalar = if ty == GgmlType::Q4_K { quant::dot_q4_k_scalar(&row, &act) } else { quant::dot_q6_k_scalar(&row, &act) };
+        let scalar = if ty == GgmlType::Q4_K {
+            quant::dot_q4_k_scalar(&row, &act)
+        } else {
+            quant::dot_q6_k_scalar(&row, &act)
+        };
         #[cfg(target_arch = "x86_64")]
         if SimdLevel::available().len() >= 2 {
             // SAFETY: AVX2 available.
             let simd = unsafe {
-                if ty == GgmlType::Q4_K { super::x86::dot_q4_k(&row, &act) } else { super::x86::dot_q6_k(&row, &act) }
+                if ty == GgmlType::Q4_K {
+                    super::x86::dot_q4_k(&row, &act)
+                } else {
+                    super::x86::dot_q6_k(&row, &act)
+                }
             };
-            assert!((simd - scalar).abs() <= 1e-4 * scalar.abs().max(1.0), "{ty:?}: {simd} vs {scalar}");
+            assert!(
+                (simd - scalar).abs() <= 1e-4 * scalar.abs().max(1.0),
+                "{ty:?}: {simd} vs {scalar}"
+            );
         }
         let mut wf = vec![0.0f32; cols];
         dequantize_row(ty, &row, &mut wf);
         let exact: f32 = wf.iter().zip(&x).map(|(a, b)| a * b).sum();
         let norm: f32 = wf.iter().map(|a| a.abs()).sum::<f32>() / cols as f32;
-        assert!((scalar - exact).abs() < 2e-2 * norm * (cols as f32).sqrt(), "{ty:?}: {scalar} vs {exact}");
+        assert!(
+            (scalar - exact).abs() < 2e-2 * norm * (cols as f32).sqrt(),
+            "{ty:?}: {scalar} vs {exact}"
+        );
     }
 }
 
@@ -322,11 +390,17 @@ fn f32_helpers_all_levels() {
         let want: f32 = a.iter().zip(&b).map(|(x, y)| x * y).sum();
         for level in SimdLevel::available() {
             let got = dot_f32_with(level, &a, &b);
-            assert!((got - want).abs() <= 1e-5 * (n as f32 + 1.0), "{level:?} n={n}: {got} vs {want}");
+            assert!(
+                (got - want).abs() <= 1e-5 * (n as f32 + 1.0),
+                "{level:?} n={n}: {got} vs {want}"
+            );
             let mut y = b.clone();
             axpy_f32_with(level, 0.5, &a, &mut y);
             for i in 0..n {
-                assert!((y[i] - (b[i] + 0.5 * a[i])).abs() <= 1e-6, "{level:?} axpy n={n}");
+                assert!(
+                    (y[i] - (b[i] + 0.5 * a[i])).abs() <= 1e-6,
+                    "{level:?} axpy n={n}"
+                );
             }
         }
     }
@@ -334,5 +408,131 @@ fn f32_helpers_all_levels() {
 
 #[test]
 fn simd_level_is_named() {
-    assert!(["scalar", "avx2", "avx512"].contains(&simd_level()));
+    assert!(["scalar", "avx2", "avx2vnni", "avx512"].contains(&simd_level()));
+}
+
+/// Activations like a transformer's: mostly small, with a few large outlier channels (these make
+/// the Q8 block scales, and so any accumulation-order difference, matter).
+fn random_acts(rng: &mut StdRng, n: usize) -> Vec<f32> {
+    (0..n)
+        .map(|i| {
+            let v = rng.random_range(-1.0f32..1.0);
+            match i % 61 {
+                7 => v * 100.0,
+                23 => v * 1000.0,
+                _ => v,
+            }
+        })
+        .collect()
+}
+
+/// Batch invariance: at every SIMD level, token `t` of a batched matmul is bitwise equal to the
+/// same token computed alone, for any number of tokens, and row `r` does not depend on how many
+/// rows the matrix has (tile remainders, 4-row decode blocks).
+#[test]
+fn matmul_batch_invariant_all_levels() {
+    let mut rng = StdRng::seed_from_u64(8);
+    const MAX_ROWS: usize = 64;
+    const MAX_TOKENS: usize = 16;
+    for ty in ALL_MATMUL_TYPES {
+        let col_options: &[usize] = match ty.block_size() {
+            QK_K => &[256, 512],
+            1 => &[64, 100],
+            _ => &[32, 64, 96, 576],
+        };
+        for &cols in col_options {
+            let mut data = vec![0u8];
+            data.extend(random_matrix(&mut rng, ty, MAX_ROWS, cols));
+            let data = &data[1..];
+            let x = random_acts(&mut rng, MAX_TOKENS * cols);
+            let rb = ty.row_bytes(cols).unwrap();
+            for level in SimdLevel::available() {
+                // Reference: each token alone through the full 64-row matrix.
+                let mut want = vec![0.0f32; MAX_TOKENS * MAX_ROWS];
+                for t in 0..MAX_TOKENS {
+                    let w = QMatRef {
+                        ty,
+                        rows: MAX_ROWS,
+                        cols,
+                        data,
+                    };
+                    let xt = &x[t * cols..(t + 1) * cols];
+                    matmul_with(level, w, xt, 1, &mut want[t * MAX_ROWS..(t + 1) * MAX_ROWS]);
+                }
+                for rows in [1usize, 3, 5, 17, 64] {
+                    let w = QMatRef {
+                        ty,
+                        rows,
+                        cols,
+                        data: &data[..rows * rb],
+                    };
+                    for n_tokens in (1..=9).chain([16]) {
+                        let mut y = vec![f32::NAN; n_tokens * rows];
+                        matmul_with(level, w, &x[..n_tokens * cols], n_tokens, &mut y);
+                        for t in 0..n_tokens {
+                            for r in 0..rows {
+                                let (a, b) = (y[t * rows + r], want[t * MAX_ROWS + r]);
+                                assert_eq!(
+                                    a.to_bits(),
+                                    b.to_bits(),
+                                    "{ty:?} {level:?} rows={rows} cols={cols} n={n_tokens}: \
+                                     y[t={t}, r={r}] = {a} batched vs {b} alone"
+                                );
+                            }
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// Thread count and row chunking do not change any output bit (and the large shapes take the
+/// parallel activation quantization path).
+#[test]
+fn matmul_thread_invariant_all_levels() {
+    let mut rng = StdRng::seed_from_u64(9);
+    let (rows, n_tokens) = (203usize, 11usize);
+    for ty in ALL_MATMUL_TYPES {
+        let cols = 2048;
+        let data = random_matrix(&mut rng, ty, rows, cols);
+        let w = QMatRef {
+            ty,
+            rows,
+            cols,
+            data: &data,
+        };
+        let x = random_acts(&mut rng, n_tokens * cols);
+        for level in SimdLevel::available() {
+            let mut results = Vec::new();
+            for threads in [1usize, 2, 3] {
+                let pool = rayon::ThreadPoolBuilder::new()
+                    .num_threads(threads)
+                    .build()
+                    .unwrap();
+                let mut y = vec![f32::NAN; n_tokens * rows];
+                pool.install(|| matmul_with(level, w, &x, n_tokens, &mut y));
+                results.push(y);
+            }
+            // And token by token.
+            let mut y1 = vec![f32::NAN; n_tokens * rows];
+            for t in 0..n_tokens {
+                matmul_with(
+                    level,
+                    w,
+                    &x[t * cols..(t + 1) * cols],
+                    1,
+                    &mut y1[t * rows..(t + 1) * rows],
+                );
+            }
+            results.push(y1);
+            let bits = |v: &[f32]| v.iter().map(|f| f.to_bits()).collect::<Vec<_>>();
+            for (k, y) in results.iter().enumerate().skip(1) {
+                assert!(
+                    bits(y) == bits(&results[0]),
+                    "{ty:?} {level:?}: run {k} differs from the 1-thread batched run"
+                );
+            }
+        }
+    }
 }

@@ -13,6 +13,8 @@
 //! Q8_0 without VNNI keeps its signed quants and uses the `sign` trick (`maddubs` would
 //! saturate on u8 values up to 255).
 
+// Tiles index several per-row / per-token arrays with the same loop variable.
+#![allow(clippy::needless_range_loop)]
 use std::arch::x86_64::*;
 
 use super::matmul::OutPtr;
@@ -24,7 +26,7 @@ use crate::ggml_type::GgmlType;
 // ---------------------------------------------------------------------------------------------
 
 #[inline(always)]
-unsafe fn hsum_ps(x: __m256) -> f32 {
+pub(super) unsafe fn hsum_ps(x: __m256) -> f32 {
     let r = _mm_add_ps(_mm256_extractf128_ps(x, 1), _mm256_castps256_ps128(x));
     let r = _mm_add_ps(r, _mm_movehl_ps(r, r));
     let r = _mm_add_ss(r, _mm_movehdup_ps(r));
@@ -41,7 +43,7 @@ unsafe fn hsum_epi32(x: __m256i) -> i32 {
 
 /// `f16` bits at `p` (unaligned) as f32, with F16C.
 #[inline(always)]
-unsafe fn f16_at(p: *const u8) -> f32 {
+pub(super) unsafe fn f16_at(p: *const u8) -> f32 {
     let bits = (p as *const u16).read_unaligned();
     _mm_cvtss_f32(_mm_cvtph_ps(_mm_cvtsi32_si128(bits as i32)))
 }
@@ -49,7 +51,7 @@ unsafe fn f16_at(p: *const u8) -> f32 {
 /// 16 bytes at `p` as 32 nibbles: byte j of the result = low nibble of p[j] (j < 16) or high
 /// nibble of p[j - 16].
 #[inline(always)]
-unsafe fn nibbles_32(p: *const u8) -> __m256i {
+pub(super) unsafe fn nibbles_32(p: *const u8) -> __m256i {
     let v = _mm_loadu_si128(p as *const __m128i);
     let both = _mm256_set_m128i(_mm_srli_epi16(v, 4), v);
     _mm256_and_si256(both, _mm256_set1_epi8(0xF))
@@ -73,7 +75,7 @@ unsafe fn bits_32_as_0x10(p: *const u8) -> __m256i {
 
 /// f32 dot of `n` values at two pointers.
 #[inline(always)]
-unsafe fn dot_f32_ptr(a: *const f32, b: *const f32, n: usize) -> f32 {
+pub(super) unsafe fn dot_f32_ptr(a: *const f32, b: *const f32, n: usize) -> f32 {
     let mut acc = [_mm256_setzero_ps(); 4];
     let mut i = 0;
     while i + 32 <= n {
@@ -293,7 +295,15 @@ unsafe fn scale_min_vec<B: Block32, const VNNI: bool>(p: *const u8) -> __m128 {
     if B::HAS_MIN {
         _mm_cvtph_ps(_mm_cvtsi32_si128((p as *const i32).read_unaligned()))
     } else {
-        let off = if B::SIGNED { if VNNI { 128.0 } else { 0.0 } } else { B::OFFSET };
+        let off = if B::SIGNED {
+            if VNNI {
+                128.0
+            } else {
+                0.0
+            }
+        } else {
+            B::OFFSET
+        };
         let d = _mm_cvtph_ps(_mm_set1_epi16((p as *const i16).read_unaligned()));
         _mm_mul_ps(d, _mm_setr_ps(1.0, -off, 0.0, 0.0))
     }
@@ -304,7 +314,7 @@ unsafe fn scale_min_vec<B: Block32, const VNNI: bool>(p: *const u8) -> __m128 {
 /// both the block's scale and its min correction. By far the most time of decoding is spent
 /// here (memory-bound on large matrices).
 #[inline(always)]
-unsafe fn q32_dot_rows<B: Block32, const VNNI: bool, const R: usize>(
+pub(super) unsafe fn q32_dot_rows<B: Block32, const VNNI: bool, const R: usize>(
     nb: usize,
     w: [*const u8; R],
     yq: *const i8,
@@ -321,7 +331,11 @@ unsafe fn q32_dot_rows<B: Block32, const VNNI: bool, const R: usize>(
             let p = w[r].add(b * B::BYTES);
             let u = B::quants(p);
             let isum = if VNNI {
-                let u = if B::SIGNED { _mm256_xor_si256(u, _mm256_set1_epi8(-128)) } else { u };
+                let u = if B::SIGNED {
+                    _mm256_xor_si256(u, _mm256_set1_epi8(-128))
+                } else {
+                    u
+                };
                 _mm256_dpbusd_epi32(_mm256_setzero_si256(), u, y)
             } else if B::SIGNED {
                 let dot = _mm256_maddubs_epi16(_mm256_sign_epi8(u, u), _mm256_sign_epi8(y, u));
@@ -331,14 +345,58 @@ unsafe fn q32_dot_rows<B: Block32, const VNNI: bool, const R: usize>(
             };
             let prod = _mm_mul_ps(scale_min_vec::<B, VNNI>(p), dys);
             corr[r] = _mm_add_ps(corr[r], prod);
-            acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(isum), _mm256_broadcastss_ps(prod), acc[r]);
+            acc[r] = _mm256_fmadd_ps(
+                _mm256_cvtepi32_ps(isum),
+                _mm256_broadcastss_ps(prod),
+                acc[r],
+            );
         }
     }
+    // Q8_0 without VNNI has no min: no correction term (as in the tiles).
+    let has_min = !B::SIGNED || VNNI;
     let mut out = [0.0f32; R];
     for r in 0..R {
-        out[r] = hsum_ps(acc[r]) + _mm_cvtss_f32(_mm_movehdup_ps(corr[r]));
+        out[r] = hsum_ps(acc[r]);
+        if has_min {
+            out[r] += _mm_cvtss_f32(_mm_movehdup_ps(corr[r]));
+        }
     }
     out
+}
+
+/// Min corrections of one row for all tokens: `out[t] = sum_b m[b] * s[t][b]` (`st` is
+/// `[nb][n_tokens]`, `m` has nb values, `odd` is scratch of n_tokens), summed in exactly the
+/// order of the decode kernels so that a token's result does not depend on the batch:
+/// `PAIRS = false` (AVX2 `q32_dot_rows`): one running sum in block order; `PAIRS = true`
+/// (AVX-512 pair kernels): even and odd blocks in two running sums, added at the end.
+/// Each token is an independent lane (vectorized across tokens, no reassociation).
+#[inline(always)]
+pub(super) fn min_corrections<const PAIRS: bool>(
+    m: &[f32],
+    st: &[f32],
+    out: &mut [f32],
+    odd: &mut [f32],
+) {
+    let n = out.len();
+    out.fill(0.0);
+    if PAIRS {
+        odd[..n].fill(0.0);
+    }
+    for (b, (&mb, sb)) in m.iter().zip(st.chunks_exact(n)).enumerate() {
+        let acc = if PAIRS && b % 2 == 1 {
+            &mut odd[..n]
+        } else {
+            &mut *out
+        };
+        for (a, &sv) in acc.iter_mut().zip(sb) {
+            *a += mb * sv;
+        }
+    }
+    if PAIRS {
+        for (a, &o) in out.iter_mut().zip(&odd[..n]) {
+            *a += o;
+        }
+    }
 }
 
 /// Rows `R` x tokens `T` of f32 accumulators over all `nb` blocks.
@@ -347,7 +405,7 @@ unsafe fn q32_dot_rows<B: Block32, const VNNI: bool, const R: usize>(
 /// quants and block scales. Returns per-(r, t) vectors whose lane sum is
 /// `sum_b d_w d_y dot(u, q_y)`. By far the most time of prompt processing is spent here.
 #[inline(always)]
-unsafe fn q32_tile<B: Block32, const VNNI: bool, const R: usize, const T: usize>(
+pub(super) unsafe fn q32_tile<B: Block32, const VNNI: bool, const R: usize, const T: usize>(
     nb: usize,
     w: [*const u8; R],
     dw: [*const f32; R],
@@ -392,7 +450,13 @@ unsafe fn q32_tile<B: Block32, const VNNI: bool, const R: usize, const T: usize>
 }
 
 /// `R` rows starting at `r0`, all tokens: unpack the rows' scales and mins into `dm`
-/// (`[R][2][nb]`), run tiles of `T` tokens (then single tokens) and write the results.
+/// (`[R][2][nb]`), their min corrections for every token into `corr` (`[R][n_tokens]`, with
+/// `odd` scratch), run tiles of `T` tokens (then single tokens) and write the results.
+///
+/// Every (row, token) result is computed by the same instruction sequence as in
+/// `q32_dot_rows` (same per-block scale products and FMAs into the same lanes, same horizontal
+/// sum, same correction order), so results do not depend on n_tokens or the row grouping.
+#[allow(clippy::too_many_arguments)]
 #[inline(always)]
 unsafe fn q32_rows_block<B: Block32, const VNNI: bool, const R: usize, const T: usize>(
     w: &[u8],
@@ -401,6 +465,8 @@ unsafe fn q32_rows_block<B: Block32, const VNNI: bool, const R: usize, const T: 
     acts: &Q8Acts,
     n_tokens: usize,
     dm: &mut [f32],
+    corr: &mut [f32],
+    odd: &mut [f32],
     out: OutPtr,
 ) {
     let nb = acts.nb;
@@ -416,14 +482,21 @@ unsafe fn q32_rows_block<B: Block32, const VNNI: bool, const R: usize, const T: 
             mr[b] = if B::SIGNED && VNNI { -128.0 * d } else { m };
         }
         dwp[r] = dr.as_ptr();
+        if has_min {
+            min_corrections::<false>(
+                mr,
+                &acts.st[..nb * n_tokens],
+                &mut corr[r * n_tokens..(r + 1) * n_tokens],
+                odd,
+            );
+        }
     }
     let finish = |acc: &[[__m256; T]; R], t0: usize| {
         for r in 0..R {
-            let mr = dm.as_ptr().add((2 * r + 1) * nb);
             for t in 0..T {
                 let mut v = hsum_ps(acc[r][t]);
                 if has_min {
-                    v += dot_f32_ptr(mr, acts.s.as_ptr().add((t0 + t) * nb), nb);
+                    v += corr[r * n_tokens + t0 + t];
                 }
                 out.write(r0 + r, t0 + t, v);
             }
@@ -452,8 +525,7 @@ unsafe fn q32_rows_block<B: Block32, const VNNI: bool, const R: usize, const T: 
         for r in 0..R {
             let mut v = hsum_ps(acc[r][0]);
             if has_min {
-                let mr = dm.as_ptr().add((2 * r + 1) * nb);
-                v += dot_f32_ptr(mr, acts.s.as_ptr().add(t0 * nb), nb);
+                v += corr[r * n_tokens + t0];
             }
             out.write(r0 + r, t0, v);
         }
@@ -478,25 +550,37 @@ unsafe fn q32_rows<B: Block32, const VNNI: bool, const R: usize, const T: usize>
         let (yq, yd, ys) = (acts.qs.as_ptr(), acts.d.as_ptr(), acts.s.as_ptr());
         let row = |r: usize| w.as_ptr().add(r * row_bytes);
         while r + 4 <= rows.end {
-            let v = q32_dot_rows::<B, VNNI, 4>(nb, [row(r), row(r + 1), row(r + 2), row(r + 3)], yq, yd, ys);
+            let v = q32_dot_rows::<B, VNNI, 4>(
+                nb,
+                [row(r), row(r + 1), row(r + 2), row(r + 3)],
+                yq,
+                yd,
+                ys,
+            );
             for (k, v) in v.into_iter().enumerate() {
                 out.write(r + k, 0, v);
             }
             r += 4;
         }
         while r < rows.end {
-            out.write(r, 0, q32_dot_rows::<B, VNNI, 1>(nb, [row(r)], yq, yd, ys)[0]);
+            out.write(
+                r,
+                0,
+                q32_dot_rows::<B, VNNI, 1>(nb, [row(r)], yq, yd, ys)[0],
+            );
             r += 1;
         }
         return;
     }
     let mut dm = vec![0.0f32; 2 * R * nb]; // [rows][d | m][nb]
+    let mut corr = vec![0.0f32; (R + 1) * n_tokens]; // [rows][tokens], then odd-block scratch
+    let (corr, odd) = corr.split_at_mut(R * n_tokens);
     while r + R <= rows.end {
-        q32_rows_block::<B, VNNI, R, T>(w, row_bytes, r, acts, n_tokens, &mut dm, out);
+        q32_rows_block::<B, VNNI, R, T>(w, row_bytes, r, acts, n_tokens, &mut dm, corr, odd, out);
         r += R;
     }
     while r < rows.end {
-        q32_rows_block::<B, VNNI, 1, T>(w, row_bytes, r, acts, n_tokens, &mut dm, out);
+        q32_rows_block::<B, VNNI, 1, T>(w, row_bytes, r, acts, n_tokens, &mut dm, corr, odd, out);
         r += 1;
     }
 }
@@ -571,8 +655,10 @@ pub(crate) unsafe fn dot_q4_k(row: &[u8], act: &[BlockQ8K]) -> f32 {
             let hi = _mm256_and_si256(_mm256_srli_epi16(q, 4), m4);
             let ylo = _mm256_loadu_si256(y.qs.as_ptr().add(64 * j) as *const __m256i);
             let yhi = _mm256_loadu_si256(y.qs.as_ptr().add(64 * j + 32) as *const __m256i);
-            let plo = _mm256_madd_epi16(_mm256_maddubs_epi16(lo, ylo), _mm256_set1_epi16(sc1 as i16));
-            let phi = _mm256_madd_epi16(_mm256_maddubs_epi16(hi, yhi), _mm256_set1_epi16(sc2 as i16));
+            let plo =
+                _mm256_madd_epi16(_mm256_maddubs_epi16(lo, ylo), _mm256_set1_epi16(sc1 as i16));
+            let phi =
+                _mm256_madd_epi16(_mm256_maddubs_epi16(hi, yhi), _mm256_set1_epi16(sc2 as i16));
             isum = _mm256_add_epi32(isum, _mm256_add_epi32(plo, phi));
         }
         let d = f16_at(p) * y.d;
@@ -606,13 +692,26 @@ pub(crate) unsafe fn dot_q6_k(row: &[u8], act: &[BlockQ8K]) -> f32 {
             let ql1 = _mm256_loadu_si256(p.add(64 * half + 32) as *const __m256i);
             let qh = _mm256_loadu_si256(p.add(128 + 32 * half) as *const __m256i);
             let q = [
-                _mm256_or_si256(_mm256_and_si256(ql0, m4), _mm256_and_si256(_mm256_slli_epi16(qh, 4), m30)),
-                _mm256_or_si256(_mm256_and_si256(ql1, m4), _mm256_and_si256(_mm256_slli_epi16(qh, 2), m30)),
-                _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(ql0, 4), m4), _mm256_and_si256(qh, m30)),
-                _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(ql1, 4), m4), _mm256_and_si256(_mm256_srli_epi16(qh, 2), m30)),
+                _mm256_or_si256(
+                    _mm256_and_si256(ql0, m4),
+                    _mm256_and_si256(_mm256_slli_epi16(qh, 4), m30),
+                ),
+                _mm256_or_si256(
+                    _mm256_and_si256(ql1, m4),
+                    _mm256_and_si256(_mm256_slli_epi16(qh, 2), m30),
+                ),
+                _mm256_or_si256(
+                    _mm256_and_si256(_mm256_srli_epi16(ql0, 4), m4),
+                    _mm256_and_si256(qh, m30),
+                ),
+                _mm256_or_si256(
+                    _mm256_and_si256(_mm256_srli_epi16(ql1, 4), m4),
+                    _mm256_and_si256(_mm256_srli_epi16(qh, 2), m30),
+                ),
             ];
             for (k, qk) in q.iter().enumerate() {
-                let ys = _mm256_loadu_si256(y.qs.as_ptr().add(128 * half + 32 * k) as *const __m256i);
+                let ys =
+                    _mm256_loadu_si256(y.qs.as_ptr().add(128 * half + 32 * k) as *const __m256i);
                 let s0 = sc[8 * half + 2 * k] as i16;
                 let s1 = sc[8 * half + 2 * k + 1] as i16;
                 let scale = _mm256_set_m128i(_mm_set1_epi16(s1), _mm_set1_epi16(s0));

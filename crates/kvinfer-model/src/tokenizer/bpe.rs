@@ -14,11 +14,15 @@
 
 use std::cmp::Reverse;
 use std::collections::{BinaryHeap, HashMap};
+use std::hash::BuildHasherDefault;
 use std::ops::Range;
 
 use tokenizers::utils::SysRegex;
 
+use super::vocab::{FxHasher, TokenMap};
 use super::TokenizerError;
+
+type MergeMap = HashMap<(u32, u32), (u32, u32), BuildHasherDefault<FxHasher>>;
 
 /// GPT-2's pre-tokenizer regex. llama.cpp runs it through a hand-written matcher
 /// (`unicode_regex_split_custom_gpt2`) that implements exactly this expression.
@@ -38,7 +42,12 @@ struct PreTokenizer {
 }
 
 fn pre_tokenizer_for(pre: Option<&str>) -> Result<PreTokenizer, TokenizerError> {
-    let p = |regexes, ignore_merges| Ok(PreTokenizer { regexes, ignore_merges });
+    let p = |regexes, ignore_merges| {
+        Ok(PreTokenizer {
+            regexes,
+            ignore_merges,
+        })
+    };
     match pre.unwrap_or("default") {
         // LLAMA_VOCAB_PRE_TYPE_SMOLLM and the types sharing its regexes: digits one by one, then GPT-2.
         "smollm" | "starcoder" | "refact" | "command-r" | "codeshell" | "exaone" | "minerva-7b" => {
@@ -128,7 +137,7 @@ pub(crate) struct BpeModel {
     /// Symbol id of each byte's byte-level character.
     byte_symbols: [u32; 256],
     /// (left id, right id) -> (rank, merged id). The first of duplicate merges wins, as in llama.cpp.
-    merges: HashMap<(u32, u32), (u32, u32)>,
+    merges: MergeMap,
     /// Ids of the one-byte ASCII tokens, for the fallback of words ending on virtual symbols.
     ascii_ids: [Option<u32>; 128],
 }
@@ -137,27 +146,30 @@ impl BpeModel {
     pub(crate) fn new(
         pre: Option<&str>,
         merges: &[String],
-        token_to_id: &HashMap<String, u32>,
+        token_to_id: &TokenMap,
         n_vocab: u32,
     ) -> Result<Self, TokenizerError> {
         let pre = pre_tokenizer_for(pre)?;
         let regexes = pre
             .regexes
             .iter()
-            .map(|r| {
-                SysRegex::new(r).map_err(|e| TokenizerError::Regex(format!("{r}: {e}")))
-            })
+            .map(|r| SysRegex::new(r).map_err(|e| TokenizerError::Regex(format!("{r}: {e}"))))
             .collect::<Result<Vec<_>, _>>()?;
 
-        let mut interner = Interner { token_to_id, n_vocab, virtual_ids: HashMap::new(), virtual_texts: Vec::new() };
+        let mut interner = Interner {
+            token_to_id,
+            n_vocab,
+            virtual_ids: HashMap::new(),
+            virtual_texts: Vec::new(),
+        };
         let mut byte_symbols = [0u32; 256];
         for (b, slot) in byte_symbols.iter_mut().enumerate() {
             *slot = interner.id(&byte_to_char(b as u8).to_string());
         }
-        let mut merge_map = HashMap::with_capacity(merges.len());
+        let mut merge_map = MergeMap::with_capacity_and_hasher(merges.len(), Default::default());
         for (rank, merge) in merges.iter().enumerate() {
             // llama.cpp splits at the first space after the first byte.
-            let Some(pos) = merge.get(1..).and_then(|s| s.find(' ')).map(|p| p + 1) else {
+            let Some(pos) = merge.bytes().skip(1).position(|b| b == b' ').map(|p| p + 1) else {
                 continue;
             };
             let (left, right) = (&merge[..pos], &merge[pos + 1..]);
@@ -181,12 +193,7 @@ impl BpeModel {
     }
 
     /// Tokenizes one raw-text fragment, appending to `out`.
-    pub(crate) fn tokenize(
-        &self,
-        text: &str,
-        token_to_id: &HashMap<String, u32>,
-        out: &mut Vec<u32>,
-    ) {
+    pub(crate) fn tokenize(&self, text: &str, token_to_id: &TokenMap, out: &mut Vec<u32>) {
         for word in self.split_words(text) {
             self.tokenize_word(&text.as_bytes()[word], token_to_id, out);
         }
@@ -224,7 +231,7 @@ impl BpeModel {
         pieces
     }
 
-    fn tokenize_word(&self, word: &[u8], token_to_id: &HashMap<String, u32>, out: &mut Vec<u32>) {
+    fn tokenize_word(&self, word: &[u8], token_to_id: &TokenMap, out: &mut Vec<u32>) {
         if word.is_empty() {
             return;
         }
@@ -243,7 +250,11 @@ impl BpeModel {
             .map(|(i, &b)| Symbol {
                 id: self.byte_symbols[b as usize],
                 prev: i as i32 - 1,
-                next: if i + 1 == word.len() { -1 } else { i as i32 + 1 },
+                next: if i + 1 == word.len() {
+                    -1
+                } else {
+                    i as i32 + 1
+                },
                 alive: true,
             })
             .collect();
@@ -280,19 +291,35 @@ impl BpeModel {
                 out.push(sym.id);
             } else {
                 let text = &self.virtual_texts[(sym.id - self.n_vocab) as usize];
-                out.extend(text.bytes().filter_map(|b| self.ascii_ids.get(b as usize).copied().flatten()));
+                out.extend(
+                    text.bytes()
+                        .filter_map(|b| self.ascii_ids.get(b as usize).copied().flatten()),
+                );
             }
             i = sym.next;
         }
     }
 
-    fn push_bigram(&self, symbols: &[Symbol], left: i32, right: i32, queue: &mut BinaryHeap<Reverse<Bigram>>) {
+    fn push_bigram(
+        &self,
+        symbols: &[Symbol],
+        left: i32,
+        right: i32,
+        queue: &mut BinaryHeap<Reverse<Bigram>>,
+    ) {
         if left < 0 || right < 0 {
             return;
         }
         let (left_id, right_id) = (symbols[left as usize].id, symbols[right as usize].id);
         if let Some(&(rank, merged_id)) = self.merges.get(&(left_id, right_id)) {
-            queue.push(Reverse(Bigram { rank, left, right, left_id, right_id, merged_id }));
+            queue.push(Reverse(Bigram {
+                rank,
+                left,
+                right,
+                left_id,
+                right_id,
+                merged_id,
+            }));
         }
     }
 }
@@ -317,7 +344,7 @@ struct Bigram {
 
 /// Gives every string a symbol id: its vocabulary id, or a virtual id past the vocabulary.
 struct Interner<'a> {
-    token_to_id: &'a HashMap<String, u32>,
+    token_to_id: &'a TokenMap,
     n_vocab: u32,
     virtual_ids: HashMap<String, u32>,
     virtual_texts: Vec<String>,
@@ -357,22 +384,34 @@ mod tests {
     }
 
     fn words(pre: &str, text: &str) -> Vec<String> {
-        let model = BpeModel::new(Some(pre), &[], &HashMap::new(), 0).unwrap();
-        model.split_words(text).into_iter().map(|r| text[r].to_string()).collect()
+        let model = BpeModel::new(Some(pre), &[], &TokenMap::default(), 0).unwrap();
+        model
+            .split_words(text)
+            .into_iter()
+            .map(|r| text[r].to_string())
+            .collect()
     }
 
     #[test]
     fn smollm_pre_tokenizer_isolates_digits_then_splits_like_gpt2() {
         assert_eq!(words("smollm", "Hello world"), ["Hello", " world"]);
-        assert_eq!(words("smollm", "year 2024!"), ["year", " ", "2", "0", "2", "4", "!"]);
-        assert_eq!(words("smollm", "I'm   here\n\n"), ["I", "'m", "  ", " here", "\n\n"]);
+        assert_eq!(
+            words("smollm", "year 2024!"),
+            ["year", " ", "2", "0", "2", "4", "!"]
+        );
+        assert_eq!(
+            words("smollm", "I'm   here\n\n"),
+            ["I", "'m", "  ", " here", "\n\n"]
+        );
         assert_eq!(words("smollm", "a²b"), ["a", "²", "b"]);
         assert!(words("smollm", "").is_empty());
     }
 
     #[test]
     fn unknown_pre_tokenizer_is_an_error() {
-        let err = BpeModel::new(Some("no-such-pre"), &[], &HashMap::new(), 0).err().unwrap();
+        let err = BpeModel::new(Some("no-such-pre"), &[], &TokenMap::default(), 0)
+            .err()
+            .unwrap();
         assert!(err.to_string().contains("no-such-pre"), "{err}");
     }
 }

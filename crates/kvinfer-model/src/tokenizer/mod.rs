@@ -68,9 +68,6 @@ pub enum TokenizerError {
         /// The id key, e.g. `bos_token_id`.
         id_key: &'static str,
     },
-    /// A BPE vocabulary came without merges.
-    #[error("BPE tokenizer has no merges (tokenizer.ggml.merges is missing or empty)")]
-    MissingMerges,
     /// A pre-tokenizer regex failed to compile.
     #[error("pre-tokenizer regex failed to compile: {0}")]
     Regex(String),
@@ -124,6 +121,13 @@ impl TokenizerSpec {
             .get_str_array("tokenizer.ggml.tokens")
             .ok_or(TokenizerError::MissingKey("tokenizer.ggml.tokens"))?;
         let is_spm = model == "llama";
+        let merges = match file.get_str_array("tokenizer.ggml.merges") {
+            Some(merges) => merges,
+            None if model == "gpt2" => {
+                return Err(TokenizerError::MissingKey("tokenizer.ggml.merges"))
+            }
+            None => Vec::new(),
+        };
         let pre = file.get_str("tokenizer.ggml.pre").map(str::to_string);
         // llama.cpp's defaults when the keys are absent (llama_vocab::impl::load).
         let (bos, eos, unk) = match model.as_str() {
@@ -131,25 +135,47 @@ impl TokenizerSpec {
             "gpt2" => (Some(11), Some(11), None),
             _ => (None, None, None),
         };
-        let default_add_bos =
-            is_spm || matches!(pre.as_deref(), Some("llama3" | "llama-v3" | "llama-bpe" | "falcon3" | "falcon-h1" | "pixtral" | "midm-2.0" | "lfm2"));
+        let default_add_bos = is_spm
+            || matches!(
+                pre.as_deref(),
+                Some(
+                    "llama3"
+                        | "llama-v3"
+                        | "llama-bpe"
+                        | "falcon3"
+                        | "falcon-h1"
+                        | "pixtral"
+                        | "midm-2.0"
+                        | "lfm2"
+                )
+            );
         let id = |key: &str, default: Option<u32>| match file.get_u32(key) {
             Some(id) if (id as usize) < tokens.len() => Some(id),
             _ => default.filter(|&d| (d as usize) < tokens.len()),
         };
         Ok(Self {
             pre,
-            scores: file.get_f32_array("tokenizer.ggml.scores").unwrap_or_default(),
-            token_types: file.get_i32_array("tokenizer.ggml.token_type").unwrap_or_default(),
-            merges: file.get_str_array("tokenizer.ggml.merges").unwrap_or_default(),
+            scores: file
+                .get_f32_array("tokenizer.ggml.scores")
+                .unwrap_or_default(),
+            token_types: file
+                .get_i32_array("tokenizer.ggml.token_type")
+                .unwrap_or_default(),
+            merges,
             bos_id: id("tokenizer.ggml.bos_token_id", bos),
             eos_id: id("tokenizer.ggml.eos_token_id", eos),
             unk_id: id("tokenizer.ggml.unknown_token_id", unk),
             pad_id: id("tokenizer.ggml.padding_token_id", None),
             eot_id: id("tokenizer.ggml.eot_token_id", None),
-            add_bos: file.get_bool("tokenizer.ggml.add_bos_token").unwrap_or(default_add_bos),
-            add_eos: file.get_bool("tokenizer.ggml.add_eos_token").unwrap_or(false),
-            add_space_prefix: file.get_bool("tokenizer.ggml.add_space_prefix").unwrap_or(is_spm),
+            add_bos: file
+                .get_bool("tokenizer.ggml.add_bos_token")
+                .unwrap_or(default_add_bos),
+            add_eos: file
+                .get_bool("tokenizer.ggml.add_eos_token")
+                .unwrap_or(false),
+            add_space_prefix: file
+                .get_bool("tokenizer.ggml.add_space_prefix")
+                .unwrap_or(is_spm),
             tokens,
             model,
         })
@@ -174,10 +200,13 @@ pub struct Tokenizer {
 impl std::fmt::Debug for Tokenizer {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Tokenizer")
-            .field("model", &match self.model {
-                Model::Bpe(_) => "bpe",
-                Model::Spm(_) => "spm",
-            })
+            .field(
+                "model",
+                &match self.model {
+                    Model::Bpe(_) => "bpe",
+                    Model::Spm(_) => "spm",
+                },
+            )
             .field("vocab_size", &self.vocab.tokens.len())
             .field("bos_id", &self.vocab.bos_id)
             .field("eos_id", &self.vocab.eos_id)
@@ -197,19 +226,29 @@ impl Tokenizer {
         let vocab = Vocab::new(&mut spec, style)?;
         let model = match style {
             PieceStyle::ByteLevel => {
-                if spec.merges.is_empty() {
-                    return Err(TokenizerError::MissingMerges);
-                }
                 let n_vocab = vocab.tokens.len() as u32;
-                Model::Bpe(bpe::BpeModel::new(spec.pre.as_deref(), &spec.merges, &vocab.token_to_id, n_vocab)?)
+                Model::Bpe(bpe::BpeModel::new(
+                    spec.pre.as_deref(),
+                    &spec.merges,
+                    &vocab.token_to_id,
+                    n_vocab,
+                )?)
             }
-            PieceStyle::SentencePiece => Model::Spm(spm::SpmModel::new(&vocab.token_to_id, vocab.unk_id)),
+            PieceStyle::SentencePiece => {
+                Model::Spm(spm::SpmModel::new(&vocab.token_to_id, vocab.unk_id))
+            }
         };
         if spec.add_bos && vocab.bos_id.is_none() {
-            return Err(TokenizerError::MissingSpecialToken { flag: "add_bos_token", id_key: "bos_token_id" });
+            return Err(TokenizerError::MissingSpecialToken {
+                flag: "add_bos_token",
+                id_key: "bos_token_id",
+            });
         }
         if spec.add_eos && vocab.eos_id.is_none() {
-            return Err(TokenizerError::MissingSpecialToken { flag: "add_eos_token", id_key: "eos_token_id" });
+            return Err(TokenizerError::MissingSpecialToken {
+                flag: "add_eos_token",
+                id_key: "eos_token_id",
+            });
         }
         let special = SpecialTokens::new(&vocab);
         Ok(Self {
@@ -238,7 +277,9 @@ impl Tokenizer {
             Model::Bpe(bpe) => {
                 for fragment in fragments {
                     match fragment {
-                        Fragment::Text(range) => bpe.tokenize(&text[range], &self.vocab.token_to_id, &mut out),
+                        Fragment::Text(range) => {
+                            bpe.tokenize(&text[range], &self.vocab.token_to_id, &mut out)
+                        }
                         Fragment::Token(id) => out.push(id),
                     }
                 }
@@ -249,9 +290,19 @@ impl Tokenizer {
                 for fragment in fragments {
                     match fragment {
                         Fragment::Text(range) => {
-                            let prefix = if self.add_space_prefix && after_special { " " } else { "" };
-                            let escaped = format!("{prefix}{}", &text[range]).replace(' ', "\u{2581}");
-                            spm.tokenize(&escaped, &self.vocab.token_to_id, &self.vocab.scores, &mut out);
+                            let prefix = if self.add_space_prefix && after_special {
+                                " "
+                            } else {
+                                ""
+                            };
+                            let escaped =
+                                format!("{prefix}{}", &text[range]).replace(' ', "\u{2581}");
+                            spm.tokenize(
+                                &escaped,
+                                &self.vocab.token_to_id,
+                                &self.vocab.scores,
+                                &mut out,
+                            );
                             after_special = false;
                         }
                         Fragment::Token(id) => {
@@ -336,7 +387,10 @@ impl Tokenizer {
     /// The vocabulary text of `id` as stored in the file (byte-level or `▁`-escaped); "" for
     /// an id outside the vocabulary.
     pub fn token_text(&self, id: u32) -> &str {
-        self.vocab.tokens.get(id as usize).map_or("", String::as_str)
+        self.vocab
+            .tokens
+            .get(id as usize)
+            .map_or("", String::as_str)
     }
 
     /// The id whose vocabulary text is exactly `text`.
@@ -346,7 +400,10 @@ impl Tokenizer {
 
     /// Whether `id` is a control token (after llama.cpp's by-text fix-ups).
     pub fn is_control(&self, id: u32) -> bool {
-        self.vocab.attrs.get(id as usize).is_some_and(|&a| a & attr::CONTROL != 0)
+        self.vocab
+            .attrs
+            .get(id as usize)
+            .is_some_and(|&a| a & attr::CONTROL != 0)
     }
 }
 

@@ -46,11 +46,16 @@ pub(crate) struct SpecialTokens {
 impl SpecialTokens {
     pub(crate) fn new(vocab: &Vocab) -> Self {
         let mut by_rank: Vec<u32> = (0..vocab.tokens.len() as u32)
-            .filter(|&id| vocab.attrs[id as usize] & (attr::CONTROL | attr::USER_DEFINED | attr::UNKNOWN) != 0)
+            .filter(|&id| {
+                vocab.attrs[id as usize] & (attr::CONTROL | attr::USER_DEFINED | attr::UNKNOWN) != 0
+            })
             .collect();
         by_rank.sort_by_key(|&id| (std::cmp::Reverse(vocab.tokens[id as usize].len()), id));
 
-        let mut trie = vec![TrieNode { children: Vec::new(), rank: NO_TOKEN }];
+        let mut trie = vec![TrieNode {
+            children: Vec::new(),
+            rank: NO_TOKEN,
+        }];
         for (rank, &id) in by_rank.iter().enumerate() {
             let mut node = 0usize;
             for &b in vocab.tokens[id as usize].as_bytes() {
@@ -58,7 +63,10 @@ impl SpecialTokens {
                     Ok(i) => trie[node].children[i].1 as usize,
                     Err(i) => {
                         let child = trie.len();
-                        trie.push(TrieNode { children: Vec::new(), rank: NO_TOKEN });
+                        trie.push(TrieNode {
+                            children: Vec::new(),
+                            rank: NO_TOKEN,
+                        });
                         trie[node].children.insert(i, (b, child as u32));
                         child
                     }
@@ -71,7 +79,12 @@ impl SpecialTokens {
     }
 
     /// Splits `text` into raw-text fragments and special tokens.
-    pub(crate) fn partition(&self, text: &str, parse_special: bool, vocab: &Vocab) -> Vec<Fragment> {
+    pub(crate) fn partition(
+        &self,
+        text: &str,
+        parse_special: bool,
+        vocab: &Vocab,
+    ) -> Vec<Fragment> {
         if text.is_empty() {
             return Vec::new();
         }

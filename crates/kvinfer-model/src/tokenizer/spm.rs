@@ -10,7 +10,9 @@
 //! tokens; every key of that map is a vocabulary token, so the lookup can never succeed there and
 //! the byte fallback is the only path taken. It is omitted here.
 
-use std::collections::{BinaryHeap, HashMap};
+use std::collections::BinaryHeap;
+
+use super::vocab::TokenMap;
 
 /// What the SPM merge loop needs from the vocabulary.
 pub(crate) struct SpmModel {
@@ -19,7 +21,7 @@ pub(crate) struct SpmModel {
 }
 
 impl SpmModel {
-    pub(crate) fn new(token_to_id: &HashMap<String, u32>, unk_id: Option<u32>) -> Self {
+    pub(crate) fn new(token_to_id: &TokenMap, unk_id: Option<u32>) -> Self {
         let mut byte_tokens = [None; 256];
         for (b, slot) in byte_tokens.iter_mut().enumerate() {
             let hex = format!("<0x{b:02X}>");
@@ -37,7 +39,7 @@ impl SpmModel {
     pub(crate) fn tokenize(
         &self,
         text: &str,
-        token_to_id: &HashMap<String, u32>,
+        token_to_id: &TokenMap,
         scores: &[f32],
         out: &mut Vec<u32>,
     ) {
@@ -59,23 +61,32 @@ impl SpmModel {
 
         let mut queue = BinaryHeap::new();
         let score_of = |id: u32| scores.get(id as usize).copied().unwrap_or(0.0);
-        let try_add = |symbols: &[Symbol], left: i32, right: i32, queue: &mut BinaryHeap<Bigram>| {
-            if left < 0 || right < 0 {
-                return;
-            }
-            let (l, r) = (&symbols[left as usize], &symbols[right as usize]);
-            let size = l.len + r.len;
-            if let Some(&id) = token_to_id.get(&text[l.start..l.start + size]) {
-                queue.push(Bigram { score: score_of(id), left, right, size });
-            }
-        };
+        let try_add =
+            |symbols: &[Symbol], left: i32, right: i32, queue: &mut BinaryHeap<Bigram>| {
+                if left < 0 || right < 0 {
+                    return;
+                }
+                let (l, r) = (&symbols[left as usize], &symbols[right as usize]);
+                let size = l.len + r.len;
+                if let Some(&id) = token_to_id.get(&text[l.start..l.start + size]) {
+                    queue.push(Bigram {
+                        score: score_of(id),
+                        left,
+                        right,
+                        size,
+                    });
+                }
+            };
         for i in 1..symbols.len() as i32 {
             try_add(&symbols, i - 1, i, &mut queue);
         }
         while let Some(bigram) = queue.pop() {
             let (l, r) = (bigram.left as usize, bigram.right as usize);
             // Skip pairs made stale by an earlier merge: a symbol's length only ever grows.
-            if symbols[l].len == 0 || symbols[r].len == 0 || symbols[l].len + symbols[r].len != bigram.size {
+            if symbols[l].len == 0
+                || symbols[r].len == 0
+                || symbols[l].len + symbols[r].len != bigram.size
+            {
                 continue;
             }
             symbols[l].len += symbols[r].len;
@@ -121,7 +132,9 @@ struct Bigram {
 
 impl Ord for Bigram {
     fn cmp(&self, other: &Self) -> std::cmp::Ordering {
-        self.score.total_cmp(&other.score).then_with(|| other.left.cmp(&self.left))
+        self.score
+            .total_cmp(&other.score)
+            .then_with(|| other.left.cmp(&self.left))
     }
 }
 

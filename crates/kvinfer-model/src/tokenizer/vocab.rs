@@ -3,8 +3,65 @@
 //! set, and the token-to-piece cache.
 
 use std::collections::HashMap;
+use std::hash::{BuildHasherDefault, Hasher};
 
 use super::{bpe, TokenizerError, TokenizerSpec};
+
+/// Text-to-id map. Building it for a 262k-token vocabulary and the lookups of the merge loops
+/// dominate the tokenizer's cost, so it uses a multiply-rotate hash (as rustc's FxHash) instead
+/// of SipHash; its keys come from the model file, not from users.
+pub(crate) type TokenMap = HashMap<String, u32, BuildHasherDefault<FxHasher>>;
+
+/// FxHash: one rotate, xor and multiply per 8 bytes.
+#[derive(Default, Clone, Copy)]
+pub(crate) struct FxHasher {
+    hash: u64,
+}
+
+impl FxHasher {
+    const SEED: u64 = 0x51_7c_c1_b7_27_22_0a_95;
+
+    fn add(&mut self, word: u64) {
+        self.hash = (self.hash.rotate_left(5) ^ word).wrapping_mul(Self::SEED);
+    }
+}
+
+impl Hasher for FxHasher {
+    fn write(&mut self, bytes: &[u8]) {
+        let mut chunks = bytes.chunks_exact(8);
+        for chunk in &mut chunks {
+            let mut word = [0u8; 8];
+            word.copy_from_slice(chunk);
+            self.add(u64::from_le_bytes(word));
+        }
+        let rest = chunks.remainder();
+        if !rest.is_empty() {
+            let mut word = [0u8; 8];
+            word[..rest.len()].copy_from_slice(rest);
+            self.add(u64::from_le_bytes(word) ^ ((rest.len() as u64) << 59));
+        }
+    }
+
+    fn write_u8(&mut self, i: u8) {
+        self.add(u64::from(i));
+    }
+
+    fn write_u32(&mut self, i: u32) {
+        self.add(u64::from(i));
+    }
+
+    fn write_u64(&mut self, i: u64) {
+        self.add(i);
+    }
+
+    fn write_usize(&mut self, i: usize) {
+        self.add(i as u64);
+    }
+
+    fn finish(&self) -> u64 {
+        self.hash
+    }
+}
 
 /// Token attribute bits, as llama.cpp's `llama_token_attr`.
 pub(crate) mod attr {
@@ -27,31 +84,82 @@ pub(crate) enum PieceStyle {
 
 /// Texts llama.cpp takes for the end-of-turn token when the file names none.
 const EOT_TEXTS: &[&str] = &[
-    "<|eot_id|>", "<|im_end|>", "<|end|>", "<end_of_turn>", "<|endoftext|>", "<|end_of_text|>",
-    "<EOT>", "_<EOT>", "[EOT]", "<｜end▁of▁sentence｜>", "<end_of_utterance>",
+    "<|eot_id|>",
+    "<|im_end|>",
+    "<|end|>",
+    "<end_of_turn>",
+    "<|endoftext|>",
+    "<|end_of_text|>",
+    "<EOT>",
+    "_<EOT>",
+    "[EOT]",
+    "<｜end▁of▁sentence｜>",
+    "<end_of_utterance>",
 ];
 const EOM_TEXTS: &[&str] = &["<|eom_id|>"];
 const FIM_PRE_TEXTS: &[&str] = &[
-    "<|fim_prefix|>", "<fim-prefix>", "<fim_prefix>", "<｜fim▁begin｜>", "<PRE>", "▁<PRE>",
-    "<|code_prefix|>", "<|prefix|>",
+    "<|fim_prefix|>",
+    "<fim-prefix>",
+    "<fim_prefix>",
+    "<｜fim▁begin｜>",
+    "<PRE>",
+    "▁<PRE>",
+    "<|code_prefix|>",
+    "<|prefix|>",
 ];
 const FIM_SUF_TEXTS: &[&str] = &[
-    "<|fim_suffix|>", "<fim-suffix>", "<fim_suffix>", "<｜fim▁hole｜>", "<SUF>", "▁<SUF>",
-    "<|code_suffix|>", "<|suffix|>",
+    "<|fim_suffix|>",
+    "<fim-suffix>",
+    "<fim_suffix>",
+    "<｜fim▁hole｜>",
+    "<SUF>",
+    "▁<SUF>",
+    "<|code_suffix|>",
+    "<|suffix|>",
 ];
 const FIM_MID_TEXTS: &[&str] = &[
-    "<|fim_middle|>", "<fim-middle>", "<fim_middle>", "<｜fim▁end｜>", "<MID>", "▁<MID>",
-    "<|code_middle|>", "<|middle|>",
+    "<|fim_middle|>",
+    "<fim-middle>",
+    "<fim_middle>",
+    "<｜fim▁end｜>",
+    "<MID>",
+    "▁<MID>",
+    "<|code_middle|>",
+    "<|middle|>",
 ];
 const FIM_PAD_TEXTS: &[&str] = &["<|fim_pad|>", "<fim-pad>", "<fim_pad>", "<PAD>", "[PAD]"];
-const FIM_REP_TEXTS: &[&str] = &["<|fim_repo|>", "<|repo_name|>", "<fim-repo>", "<REPO>", "<reponame>"];
+const FIM_REP_TEXTS: &[&str] = &[
+    "<|fim_repo|>",
+    "<|repo_name|>",
+    "<fim-repo>",
+    "<REPO>",
+    "<reponame>",
+];
 const FIM_SEP_TEXTS: &[&str] = &["<|file_sep|>"];
 /// Texts llama.cpp always treats as end of generation.
 const EOG_TEXTS: &[&str] = &[
-    "<|eot_id|>", "<|im_end|>", "<|end|>", "<|return|>", "<|call|>", "<|flush|>", "<|calls|>",
-    "<end_of_turn>", "<|endoftext|>", "</s>", "<|eom_id|>", "<EOT>", "_<EOT>", "[EOT]", "[EOS]",
-    "<|end_of_text|>", "<end_of_utterance>", "<eos>", "<turn|>", "<|tool_response>",
-    "<｜end▁of▁sentence｜>", "[e~[",
+    "<|eot_id|>",
+    "<|im_end|>",
+    "<|end|>",
+    "<|return|>",
+    "<|call|>",
+    "<|flush|>",
+    "<|calls|>",
+    "<end_of_turn>",
+    "<|endoftext|>",
+    "</s>",
+    "<|eom_id|>",
+    "<EOT>",
+    "_<EOT>",
+    "[EOT]",
+    "[EOS]",
+    "<|end_of_text|>",
+    "<end_of_utterance>",
+    "<eos>",
+    "<turn|>",
+    "<|tool_response>",
+    "<｜end▁of▁sentence｜>",
+    "[e~[",
 ];
 
 /// The loaded vocabulary.
@@ -61,7 +169,7 @@ const EOG_TEXTS: &[&str] = &[
 /// `piece_offsets` has one more entry than there are tokens.
 pub(crate) struct Vocab {
     pub tokens: Vec<String>,
-    pub token_to_id: HashMap<String, u32>,
+    pub token_to_id: TokenMap,
     pub scores: Vec<f32>,
     pub attrs: Vec<u32>,
     pub bos_id: Option<u32>,
@@ -89,20 +197,31 @@ impl Vocab {
         check_len("token_types", &spec.token_types, n_tokens)?;
 
         let mut tokens = std::mem::take(&mut spec.tokens);
-        let mut token_to_id = HashMap::with_capacity(n_tokens);
+        let mut token_to_id = TokenMap::with_capacity_and_hasher(n_tokens, Default::default());
         for (id, text) in tokens.iter_mut().enumerate() {
             if text.is_empty() {
                 *text = format!("[EMPTY_{id}]");
             }
             if let Some(first) = token_to_id.insert(text.clone(), id as u32) {
-                return Err(TokenizerError::DuplicateToken { text: text.clone(), first, second: id as u32 });
+                return Err(TokenizerError::DuplicateToken {
+                    text: text.clone(),
+                    first,
+                    second: id as u32,
+                });
             }
         }
-        let scores = if spec.scores.is_empty() { vec![0.0; n_tokens] } else { spec.scores[..n_tokens].to_vec() };
+        let scores = if spec.scores.is_empty() {
+            vec![0.0; n_tokens]
+        } else {
+            spec.scores[..n_tokens].to_vec()
+        };
         let mut attrs: Vec<u32> = if spec.token_types.is_empty() {
             vec![attr::NORMAL; n_tokens]
         } else {
-            spec.token_types[..n_tokens].iter().map(|&t| type_to_attr(t)).collect()
+            spec.token_types[..n_tokens]
+                .iter()
+                .map(|&t| type_to_attr(t))
+                .collect()
         };
 
         // llama.cpp ignores special ids past the vocabulary (with a warning).
@@ -163,23 +282,29 @@ impl Vocab {
         }
 
         let mut eog: Vec<u32> = [fim_pad, fim_rep, fim_sep].into_iter().flatten().collect();
-        for (id, text) in self.tokens.iter().enumerate() {
-            if EOG_TEXTS.contains(&text.as_str()) {
-                eog.push(id as u32);
-                attrs[id] |= attr::CONTROL;
+        for &text in EOG_TEXTS {
+            if let Some(&id) = self.token_to_id.get(text) {
+                eog.push(id);
+                attrs[id as usize] |= attr::CONTROL;
             }
         }
         // gpt-oss: these are always rendered.
-        for (id, text) in self.tokens.iter().enumerate() {
-            if matches!(text.as_str(), "<|channel|>" | "<|message|>" | "<|start|>" | "<|constrain|>") {
-                attrs[id] = attr::USER_DEFINED;
+        for text in ["<|channel|>", "<|message|>", "<|start|>", "<|constrain|>"] {
+            if let Some(&id) = self.token_to_id.get(text) {
+                attrs[id as usize] = attr::USER_DEFINED;
             }
         }
         eog.extend([self.eos_id, self.eot_id, eom_id].into_iter().flatten());
         eog.sort_unstable();
         eog.dedup();
 
-        let id_of = |text: &str| eog.iter().copied().find(|&id| self.tokens[id as usize] == text);
+        let snapshot = eog.clone();
+        let id_of = |text: &str| {
+            snapshot
+                .iter()
+                .copied()
+                .find(|&id| self.tokens[id as usize] == text)
+        };
         // o200k_harmony and solar-open: "<|end|>" ends a message, not the generation.
         let has = |text: &str| id_of(text).is_some();
         if let Some(end) = id_of("<|end|>") {
@@ -189,8 +314,11 @@ impl Vocab {
                 attrs[end as usize] = attr::USER_DEFINED;
             }
         }
-        // gemma4 and paddleocr: "</s>" is not an end of generation.
-        if let (Some(s), true) = (id_of("</s>"), has("<|tool_response>")) {
+        // gemma4 and plamo have a normal "</s>", unlike paddleocr.
+        if let (Some(s), true) = (
+            id_of("</s>"),
+            has("<|tool_response>") || has("<|plamo:eos|>"),
+        ) {
             eog.retain(|&id| id != s);
             attrs[s as usize] = attr::NORMAL;
         }
@@ -221,7 +349,11 @@ impl Vocab {
 
 fn check_len<T>(what: &'static str, values: &[T], n_tokens: usize) -> Result<(), TokenizerError> {
     if !values.is_empty() && values.len() < n_tokens {
-        return Err(TokenizerError::ShortArray { what, len: values.len(), n_tokens });
+        return Err(TokenizerError::ShortArray {
+            what,
+            len: values.len(),
+            n_tokens,
+        });
     }
     Ok(())
 }
@@ -274,7 +406,10 @@ fn append_piece(text: &str, a: u32, style: PieceStyle, out: &mut Vec<u8>) {
         }
     } else if a & attr::BYTE != 0 {
         // "<0xXX>"
-        if let Some(b) = text.get(3..5).and_then(|hex| u8::from_str_radix(hex, 16).ok()) {
+        if let Some(b) = text
+            .get(3..5)
+            .and_then(|hex| u8::from_str_radix(hex, 16).ok())
+        {
             out.push(b);
         }
     }

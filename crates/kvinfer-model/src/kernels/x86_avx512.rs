@@ -1,0 +1,414 @@
+//! AVX-512 (F, BW, VL, VNNI) kernels for the 32-weight types: two blocks per 512-bit vector.
+//!
+//! Same arithmetic as `x86::q32_tile` (unsigned quants `u`, `w = d * u + m`, the `m * s` part
+//! separate), but a `vpdpbusd zmm` covers blocks `b` and `b + 1` at once, which halves the
+//! instruction count of the AVX2 kernels; this is what bounds them on small models.
+//!
+//! Nibble types unpack a block pair into 128-bit lanes `[b lo, b+1 lo, b hi, b+1 hi]`
+//! ("interleaved"; activations are shuffled to match once per pair and token), Q8_0 keeps the
+//! natural order `[b, b+1]`. Either way each 128-bit lane belongs to a single block, so the
+//! per-block scales are applied by a lane pattern built with one `vpermps`.
+
+// Tiles index several per-row / per-token arrays with the same loop variable.
+#![allow(clippy::needless_range_loop)]
+use std::arch::x86_64::*;
+
+use super::matmul::OutPtr;
+use super::quant::{Q8Acts, QK};
+use super::x86::{min_corrections, Block32, Q4_0, Q4_1, Q5_0, Q5_1, Q8_0};
+use crate::ggml_type::GgmlType;
+
+/// Unpacking of two consecutive blocks into one 512-bit vector of unsigned quants.
+pub(crate) trait Block32x2: Block32 {
+    /// Lane order `[b, b+1]` (true) or `[b lo, b+1 lo, b hi, b+1 hi]` (false).
+    const NATURAL: bool;
+    /// Unsigned quants of the blocks at `p0` and `p1` (Q8_0: `q ^ 0x80`, offset 128).
+    unsafe fn quants2(p0: *const u8, p1: *const u8) -> __m512i;
+}
+
+/// Low nibbles and high nibbles of two 16-byte `qs` arrays, interleaved order.
+#[inline(always)]
+unsafe fn nibbles_64(q0: *const u8, q1: *const u8) -> __m512i {
+    let lo = _mm_loadu_si128(q0 as *const __m128i);
+    let v = _mm256_inserti128_si256(
+        _mm256_castsi128_si256(lo),
+        _mm_loadu_si128(q1 as *const __m128i),
+        1,
+    );
+    let both = _mm512_inserti64x4(_mm512_castsi256_si512(v), _mm256_srli_epi16(v, 4), 1);
+    _mm512_and_si512(both, _mm512_set1_epi8(0xF))
+}
+
+/// Fifth bits (`qh`, u32 at `h0`, `h1`) as 0x10 bytes, interleaved order.
+#[inline(always)]
+unsafe fn high_bits_64(h0: *const u8, h1: *const u8) -> __m512i {
+    let a = (h0 as *const u32).read_unaligned() as u64;
+    let b = (h1 as *const u32).read_unaligned() as u64;
+    let mask = (a & 0xFFFF) | ((b & 0xFFFF) << 16) | ((a >> 16) << 32) | ((b >> 16) << 48);
+    _mm512_maskz_mov_epi8(mask, _mm512_set1_epi8(0x10))
+}
+
+impl Block32x2 for Q4_0 {
+    const NATURAL: bool = false;
+    #[inline(always)]
+    unsafe fn quants2(p0: *const u8, p1: *const u8) -> __m512i {
+        nibbles_64(p0.add(2), p1.add(2))
+    }
+}
+
+impl Block32x2 for Q4_1 {
+    const NATURAL: bool = false;
+    #[inline(always)]
+    unsafe fn quants2(p0: *const u8, p1: *const u8) -> __m512i {
+        nibbles_64(p0.add(4), p1.add(4))
+    }
+}
+
+impl Block32x2 for Q5_0 {
+    const NATURAL: bool = false;
+    #[inline(always)]
+    unsafe fn quants2(p0: *const u8, p1: *const u8) -> __m512i {
+        _mm512_or_si512(
+            nibbles_64(p0.add(6), p1.add(6)),
+            high_bits_64(p0.add(2), p1.add(2)),
+        )
+    }
+}
+
+impl Block32x2 for Q5_1 {
+    const NATURAL: bool = false;
+    #[inline(always)]
+    unsafe fn quants2(p0: *const u8, p1: *const u8) -> __m512i {
+        _mm512_or_si512(
+            nibbles_64(p0.add(8), p1.add(8)),
+            high_bits_64(p0.add(4), p1.add(4)),
+        )
+    }
+}
+
+impl Block32x2 for Q8_0 {
+    const NATURAL: bool = true;
+    #[inline(always)]
+    unsafe fn quants2(p0: *const u8, p1: *const u8) -> __m512i {
+        let a = _mm256_loadu_si256(p0.add(2) as *const __m256i);
+        let v = _mm512_inserti64x4(
+            _mm512_castsi256_si512(a),
+            _mm256_loadu_si256(p1.add(2) as *const __m256i),
+            1,
+        );
+        _mm512_xor_si512(v, _mm512_set1_epi8(-128))
+    }
+}
+
+/// Index vector spreading lanes 0 and `second` of a vector over the 16 i32 lanes of a pair.
+#[inline(always)]
+unsafe fn pair_pattern<B: Block32x2>(second: i32) -> __m512i {
+    if B::NATURAL {
+        _mm512_setr_epi32(
+            0, 0, 0, 0, 0, 0, 0, 0, second, second, second, second, second, second, second, second,
+        )
+    } else {
+        _mm512_setr_epi32(
+            0, 0, 0, 0, second, second, second, second, 0, 0, 0, 0, second, second, second, second,
+        )
+    }
+}
+
+/// Activation quants of blocks `b`, `b + 1`, in the lane order of `B`; for the `TAIL` of an
+/// odd block count only block `b` is read and block `b + 1`'s lanes are zero.
+#[inline(always)]
+unsafe fn load_y2<B: Block32x2, const TAIL: bool>(yq: *const i8) -> __m512i {
+    let y = if TAIL {
+        _mm512_maskz_loadu_epi8(0xFFFF_FFFF, yq)
+    } else {
+        _mm512_loadu_si512(yq as *const __m512i)
+    };
+    if B::NATURAL {
+        y
+    } else {
+        _mm512_shuffle_i64x2::<0b11_01_10_00>(y, y)
+    }
+}
+
+/// Lanes (v[b], v[b + 1], 0, 0) of an f32 array, or (v[b], 0, 0, 0) for the `TAIL`.
+#[inline(always)]
+unsafe fn load_f32x2<const TAIL: bool>(p: *const f32) -> __m128 {
+    if TAIL {
+        _mm_load_ss(p)
+    } else {
+        _mm_castpd_ps(_mm_load_sd(p as *const f64))
+    }
+}
+
+/// Lanes (d0, m0, d1, m1) of two blocks.
+#[inline(always)]
+unsafe fn scale_min2<B: Block32x2>(p0: *const u8, p1: *const u8) -> __m128 {
+    if B::HAS_MIN {
+        let a = (p0 as *const i32).read_unaligned();
+        let b = (p1 as *const i32).read_unaligned();
+        _mm_cvtph_ps(_mm_setr_epi32(a, b, 0, 0))
+    } else {
+        let a = (p0 as *const u16).read_unaligned() as i32;
+        let b = (p1 as *const u16).read_unaligned() as i32;
+        let dd = _mm_cvtph_ps(_mm_setr_epi32(a | (a << 16), b | (b << 16), 0, 0));
+        let off = if B::SIGNED { 128.0 } else { B::OFFSET };
+        _mm_mul_ps(dd, _mm_setr_ps(1.0, -off, 1.0, -off))
+    }
+}
+
+// Batch invariance: a (row, token) result is defined by one sequence of operations, which the
+// decode kernel (`dot_rows2`) and the tile kernel (`tile2` + `min_corrections::<true>`) both
+// follow exactly:
+//   acc (16 lanes) = 0; for each block pair (b, b + 1) (an odd last block pairs with zeros):
+//     acc = fma(cvt(dpbusd(0, u, y)), lanes of (d_w[b] * d_y[b], d_w[b+1] * d_y[b+1]), acc)
+//   ce = sum of m_w[b] * s_y[b] over even b, co over odd b (running sums in block order)
+//   result = reduce_add(acc) + (ce + co)
+
+/// One pair step of the decode kernel for `R` rows (blocks `b`, `b + 1`, or the `TAIL` block).
+#[inline(always)]
+unsafe fn dot_step2<B: Block32x2, const R: usize, const TAIL: bool>(
+    b: usize,
+    w: &[*const u8; R],
+    yq: *const i8,
+    yd: *const f32,
+    ys: *const f32,
+    acc: &mut [__m512; R],
+    corr: &mut [__m128; R],
+) {
+    let pat = pair_pattern::<B>(2);
+    let y = load_y2::<B, TAIL>(yq.add(b * QK));
+    let dy = load_f32x2::<TAIL>(yd.add(b));
+    let sy = load_f32x2::<TAIL>(ys.add(b));
+    let dys = _mm_unpacklo_ps(dy, sy); // (d_y b, s_y b, d_y b+1, s_y b+1)
+    for r in 0..R {
+        let p0 = w[r].add(b * B::BYTES);
+        let p1 = if TAIL { p0 } else { p0.add(B::BYTES) };
+        let isum = _mm512_dpbusd_epi32(_mm512_setzero_si512(), B::quants2(p0, p1), y);
+        // (d_w d_y, m_w s_y) of both blocks (zeros for the tail's missing block).
+        let prod = _mm_mul_ps(scale_min2::<B>(p0, p1), dys);
+        corr[r] = _mm_add_ps(corr[r], prod);
+        let scale = _mm512_permutexvar_ps(pat, _mm512_castps128_ps512(prod));
+        acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(isum), scale, acc[r]);
+    }
+}
+
+/// Decode: `R` rows . one token, two blocks per step. Scales and mins are read inline:
+/// `(d_w, m_w) * (d_y, s_y)` of two blocks in one 128-bit multiply.
+#[inline(always)]
+unsafe fn dot_rows2<B: Block32x2, const R: usize>(
+    nb: usize,
+    w: [*const u8; R],
+    yq: *const i8,
+    yd: *const f32,
+    ys: *const f32,
+) -> [f32; R] {
+    let mut acc = [_mm512_setzero_ps(); R];
+    let mut corr = [_mm_setzero_ps(); R];
+    let mut b = 0;
+    while b + 2 <= nb {
+        dot_step2::<B, R, false>(b, &w, yq, yd, ys, &mut acc, &mut corr);
+        b += 2;
+    }
+    if b < nb {
+        dot_step2::<B, R, true>(b, &w, yq, yd, ys, &mut acc, &mut corr);
+    }
+    let mut out = [0.0f32; R];
+    for r in 0..R {
+        // Lane 1: ce + co.
+        let c = _mm_add_ps(corr[r], _mm_movehl_ps(corr[r], corr[r]));
+        out[r] = _mm512_reduce_add_ps(acc[r]) + _mm_cvtss_f32(_mm_movehdup_ps(c));
+    }
+    out
+}
+
+/// One pair step of the tile kernel (blocks `b`, `b + 1`, or the `TAIL` block).
+#[inline(always)]
+unsafe fn tile_step2<B: Block32x2, const R: usize, const T: usize, const TAIL: bool>(
+    b: usize,
+    w: &[*const u8; R],
+    dw: &[*const f32; R],
+    yq: &[*const i8; T],
+    yd: &[*const f32; T],
+    acc: &mut [[__m512; T]; R],
+) {
+    let pat = pair_pattern::<B>(1);
+    let mut u = [_mm512_setzero_si512(); R];
+    let mut dwp = [_mm512_setzero_ps(); R];
+    for r in 0..R {
+        let p0 = w[r].add(b * B::BYTES);
+        u[r] = B::quants2(p0, if TAIL { p0 } else { p0.add(B::BYTES) });
+        let d2 = load_f32x2::<TAIL>(dw[r].add(b));
+        dwp[r] = _mm512_permutexvar_ps(pat, _mm512_castps128_ps512(d2));
+    }
+    for t in 0..T {
+        let y = load_y2::<B, TAIL>(yq[t].add(b * QK));
+        let d2 = load_f32x2::<TAIL>(yd[t].add(b));
+        let dyp = _mm512_permutexvar_ps(pat, _mm512_castps128_ps512(d2));
+        for r in 0..R {
+            let isum = _mm512_dpbusd_epi32(_mm512_setzero_si512(), u[r], y);
+            let dd = _mm512_mul_ps(dwp[r], dyp);
+            acc[r][t] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(isum), dd, acc[r][t]);
+        }
+    }
+}
+
+/// Prefill: `R` rows x `T` tokens, two blocks per step; `dw[r]` are row r's block scales
+/// (f32, unpacked by the caller). Returns `reduce_add(acc)` per (r, t), without the mins.
+/// By far the most time of prompt processing is spent here.
+#[inline(always)]
+unsafe fn tile2<B: Block32x2, const R: usize, const T: usize>(
+    nb: usize,
+    w: [*const u8; R],
+    dw: [*const f32; R],
+    yq: [*const i8; T],
+    yd: [*const f32; T],
+) -> [[f32; T]; R] {
+    let mut acc = [[_mm512_setzero_ps(); T]; R];
+    let mut b = 0;
+    while b + 2 <= nb {
+        tile_step2::<B, R, T, false>(b, &w, &dw, &yq, &yd, &mut acc);
+        b += 2;
+    }
+    if b < nb {
+        tile_step2::<B, R, T, true>(b, &w, &dw, &yq, &yd, &mut acc);
+    }
+    let mut out = [[0.0f32; T]; R];
+    for r in 0..R {
+        for t in 0..T {
+            out[r][t] = _mm512_reduce_add_ps(acc[r][t]);
+        }
+    }
+    out
+}
+
+/// `R` rows from `r0`, all tokens (tiles of `T`, then single tokens); `dm` is scratch for
+/// the rows' scales and mins (`[R][2][nb]`), `corr` for their min corrections
+/// (`[R][n_tokens]`), `odd` for `min_corrections`.
+#[allow(clippy::too_many_arguments)]
+#[inline(always)]
+unsafe fn rows_block<B: Block32x2, const R: usize, const T: usize>(
+    w: &[u8],
+    row_bytes: usize,
+    r0: usize,
+    acts: &Q8Acts,
+    n_tokens: usize,
+    dm: &mut [f32],
+    corr: &mut [f32],
+    odd: &mut [f32],
+    out: OutPtr,
+) {
+    let nb = acts.nb;
+    let mut wp = [std::ptr::null(); R];
+    let mut dwp = [std::ptr::null(); R];
+    for r in 0..R {
+        wp[r] = w.as_ptr().add((r0 + r) * row_bytes);
+        let (dr, mr) = dm[2 * r * nb..2 * (r + 1) * nb].split_at_mut(nb);
+        for b in 0..nb {
+            let (d, m) = B::scale_min(wp[r].add(b * B::BYTES));
+            dr[b] = d;
+            mr[b] = if B::SIGNED { -128.0 * d } else { m };
+        }
+        dwp[r] = dr.as_ptr();
+        min_corrections::<true>(
+            mr,
+            &acts.st[..nb * n_tokens],
+            &mut corr[r * n_tokens..(r + 1) * n_tokens],
+            odd,
+        );
+    }
+    let tok = |t: usize| {
+        (
+            acts.qs.as_ptr().add(t * nb * QK),
+            acts.d.as_ptr().add(t * nb),
+        )
+    };
+    let finish = |r: usize, t: usize, v: f32| {
+        out.write(r0 + r, t, v + corr[r * n_tokens + t]);
+    };
+    let mut t0 = 0;
+    while t0 + T <= n_tokens {
+        let mut yq = [std::ptr::null(); T];
+        let mut yd = [std::ptr::null(); T];
+        for t in 0..T {
+            (yq[t], yd[t]) = tok(t0 + t);
+        }
+        let v = tile2::<B, R, T>(nb, wp, dwp, yq, yd);
+        for r in 0..R {
+            for t in 0..T {
+                finish(r, t0 + t, v[r][t]);
+            }
+        }
+        t0 += T;
+    }
+    while t0 < n_tokens {
+        let (yq, yd) = tok(t0);
+        let v = tile2::<B, R, 1>(nb, wp, dwp, [yq], [yd]);
+        for r in 0..R {
+            finish(r, t0, v[r][0]);
+        }
+        t0 += 1;
+    }
+}
+
+#[inline(always)]
+unsafe fn rows<B: Block32x2>(
+    w: &[u8],
+    row_bytes: usize,
+    rows: std::ops::Range<usize>,
+    acts: &Q8Acts,
+    n_tokens: usize,
+    out: OutPtr,
+) {
+    const R: usize = 4;
+    const T: usize = 4;
+    let nb = acts.nb;
+    let mut r = rows.start;
+    if n_tokens == 1 {
+        let (yq, yd, ys) = (acts.qs.as_ptr(), acts.d.as_ptr(), acts.s.as_ptr());
+        let row = |r: usize| w.as_ptr().add(r * row_bytes);
+        while r + R <= rows.end {
+            let v = dot_rows2::<B, R>(nb, [row(r), row(r + 1), row(r + 2), row(r + 3)], yq, yd, ys);
+            for (k, v) in v.into_iter().enumerate() {
+                out.write(r + k, 0, v);
+            }
+            r += R;
+        }
+        while r < rows.end {
+            out.write(r, 0, dot_rows2::<B, 1>(nb, [row(r)], yq, yd, ys)[0]);
+            r += 1;
+        }
+        return;
+    }
+    let mut dm = vec![0.0f32; 2 * R * nb]; // [rows][d | m][nb]
+    let mut corr = vec![0.0f32; (R + 1) * n_tokens]; // [rows][tokens], then odd-block scratch
+    let (corr, odd) = corr.split_at_mut(R * n_tokens);
+    while r + R <= rows.end {
+        rows_block::<B, R, T>(w, row_bytes, r, acts, n_tokens, &mut dm, corr, odd, out);
+        r += R;
+    }
+    while r < rows.end {
+        rows_block::<B, 1, T>(w, row_bytes, r, acts, n_tokens, &mut dm, corr, odd, out);
+        r += 1;
+    }
+}
+
+/// Entry for the 32-weight types: rows `rows` x all `n_tokens` quantized tokens.
+#[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")]
+pub(crate) unsafe fn q32_rows_avx512(
+    ty: GgmlType,
+    w: &[u8],
+    row_bytes: usize,
+    rr: std::ops::Range<usize>,
+    acts: &Q8Acts,
+    n_tokens: usize,
+    out: OutPtr,
+) {
+    match ty {
+        GgmlType::Q4_0 => rows::<Q4_0>(w, row_bytes, rr, acts, n_tokens, out),
+        GgmlType::Q4_1 => rows::<Q4_1>(w, row_bytes, rr, acts, n_tokens, out),
+        GgmlType::Q5_0 => rows::<Q5_0>(w, row_bytes, rr, acts, n_tokens, out),
+        GgmlType::Q5_1 => rows::<Q5_1>(w, row_bytes, rr, acts, n_tokens, out),
+        GgmlType::Q8_0 => rows::<Q8_0>(w, row_bytes, rr, acts, n_tokens, out),
+        _ => unreachable!("{ty:?} is not a 32-weight block type"),
+    }
+}

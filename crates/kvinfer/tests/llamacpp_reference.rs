@@ -1,0 +1,132 @@
+//! The real models against llama.cpp: greedy generation token for token, first-step logits
+//! (cosine > 0.999, same top-5), prompt tokenization, and cached == uncached generation.
+//! The reference is bench/fixtures/generate-<model>.json, written by bench/make-fixtures.py.
+
+mod common;
+
+use half::f16;
+use kvinfer_engine::{generate, GenerateRequest, SamplingParams};
+use kvinfer_model::Model;
+use serde_json::Value;
+
+/// Where llama.cpp's own top-2 margin is below this, a different choice is a near-tie, not a bug.
+const NEAR_TIE: f64 = 0.1;
+
+fn fixture(alias: &str) -> Value {
+    let p = common::root().join(format!("bench/fixtures/generate-{alias}.json"));
+    let text = std::fs::read_to_string(&p).unwrap_or_else(|e| panic!("{}: {e}", p.display()));
+    serde_json::from_str(&text).unwrap()
+}
+
+fn cases(fx: &Value) -> &Vec<Value> {
+    fx["prompts"].as_array().expect("fixture has a prompts array")
+}
+
+fn ids(v: &Value) -> Vec<u32> {
+    v.as_array().unwrap().iter().map(|x| x.as_u64().unwrap() as u32).collect()
+}
+
+fn greedy(model: &Model, prompt: &[u32], n: usize, use_kv_cache: bool) -> Vec<u32> {
+    let mut kv = model.new_kv_cache(512);
+    let req = GenerateRequest {
+        prompt_ids: prompt.to_vec(),
+        max_tokens: n,
+        sampling: SamplingParams::greedy(),
+        stop: vec![],
+        ignore_eos: true,
+        use_kv_cache,
+    };
+    generate(model, &mut kv, &req, |_| true).unwrap().ids
+}
+
+fn top_k(logits: &[f32], k: usize) -> Vec<u32> {
+    let mut idx: Vec<u32> = (0..logits.len() as u32).collect();
+    idx.sort_by(|&a, &b| logits[b as usize].total_cmp(&logits[a as usize]));
+    idx.truncate(k);
+    idx
+}
+
+fn cosine(a: &[f32], b: &[f32]) -> f64 {
+    let dot: f64 = a.iter().zip(b).map(|(x, y)| *x as f64 * *y as f64).sum();
+    let na: f64 = a.iter().map(|x| (*x as f64).powi(2)).sum::<f64>().sqrt();
+    let nb: f64 = b.iter().map(|x| (*x as f64).powi(2)).sum::<f64>().sqrt();
+    dot / (na * nb)
+}
+
+fn check_model(alias: &str, file: &str) {
+    let model = Model::load(&common::model_path(file)).unwrap();
+    let fx = fixture(alias);
+    let cases = cases(&fx);
+    assert!(cases.len() >= 10, "{alias}: fixture has {} prompts, want >= 10", cases.len());
+    let mut report = Vec::new();
+    let mut failures = Vec::new();
+    for (i, c) in cases.iter().enumerate() {
+        let prompt = c["prompt"].as_str().unwrap();
+        let special = c["special"].as_bool().unwrap_or(false);
+        let want_prompt = ids(&c["prompt_ids"]);
+        let got_prompt = model.tokenizer.encode(prompt, true, special);
+        if got_prompt != want_prompt {
+            failures.push(format!("#{i} prompt ids differ: {got_prompt:?} vs llama.cpp {want_prompt:?}"));
+            continue;
+        }
+        // First step: logits against llama.cpp's.
+        let mut kv = model.new_kv_cache(512);
+        let logits = model.forward(&want_prompt, &mut kv).unwrap();
+        let want_top5 = ids(&c["top5_first"]);
+        if top_k(&logits, 5) != want_top5 {
+            failures.push(format!("#{i} top-5 {:?} vs llama.cpp {want_top5:?}", top_k(&logits, 5)));
+        }
+        if let Some(f) = c["first_logits_file"].as_str() {
+            let bytes = std::fs::read(common::root().join("bench/fixtures").join(f)).unwrap();
+            let reference: Vec<f32> = bytes
+                .chunks_exact(2)
+                .map(|b| f16::from_le_bytes([b[0], b[1]]).to_f32())
+                .collect();
+            let cos = cosine(&logits, &reference);
+            report.push(format!("#{i} first-step cosine {cos:.6}"));
+            if cos <= 0.999 {
+                failures.push(format!("#{i} first-step logits cosine {cos} <= 0.999"));
+            }
+        }
+        // Greedy generation, token for token.
+        let want = ids(&c["ids"]);
+        let margins: Vec<f64> = c["margins"].as_array().unwrap().iter().map(|m| m.as_f64().unwrap()).collect();
+        let got = greedy(&model, &want_prompt, want.len(), true);
+        match got.iter().zip(&want).position(|(a, b)| a != b) {
+            None => report.push(format!("#{i} {} tokens equal", want.len())),
+            Some(step) if margins[step] < NEAR_TIE => report.push(format!(
+                "#{i} near-tie at step {step}: llama.cpp margin {:.4} (ours {} vs {})",
+                margins[step], got[step], want[step]
+            )),
+            Some(step) => failures.push(format!(
+                "#{i} differs at step {step} (llama.cpp margin {:.3}): ours {:?} vs {:?}",
+                margins[step],
+                &got[step..],
+                &want[step..]
+            )),
+        }
+    }
+    eprintln!("{alias} vs llama.cpp {}:\n  {}", fx["llama_cpp_version"], report.join("\n  "));
+    assert!(failures.is_empty(), "{alias}:\n{}", failures.join("\n"));
+}
+
+#[test]
+fn smollm2_matches_llamacpp() {
+    check_model(common::MODELS[0].0, common::MODELS[0].1);
+}
+
+#[test]
+fn gemma3_matches_llamacpp() {
+    check_model(common::MODELS[1].0, common::MODELS[1].1);
+}
+
+#[test]
+fn cached_equals_uncached_on_real_models() {
+    for (alias, file) in common::MODELS {
+        let model = Model::load(&common::model_path(file)).unwrap();
+        let prompt = model.tokenizer.encode("Here is a short story about a robot who", true, false);
+        let with = greedy(&model, &prompt, 24, true);
+        let without = greedy(&model, &prompt, 24, false);
+        assert_eq!(with, without, "{alias}");
+    }
+}
