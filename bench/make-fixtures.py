@@ -382,7 +382,7 @@ def tokenizer_fixture(model: str, corpus: list[str], info: dict) -> dict:
         else:
             assert not ids or ids[0] != bos, (model, text, ids[:3])
         body = ids[1:] if spec["add_bos"] else ids
-        detok = llm.detokenize(body).decode("utf-8", errors="replace")
+        detok = detokenize(llm, body)
         cases.append(
             {
                 "text": text,
@@ -405,6 +405,18 @@ def tokenizer_fixture(model: str, corpus: list[str], info: dict) -> dict:
         "call": "llm.tokenize(text.encode(), add_bos=add_bos, special=False|True); ids=special False, ids_special=special True",
         "cases": cases,
     }
+
+
+def detokenize(llm, ids: list[int], special: bool = False) -> str:
+    """llama.cpp's llama_detokenize (llama-cpp-python's own detokenize truncates pieces > 32 bytes)."""
+    import llama_cpp
+
+    arr = (llama_cpp.llama_token * max(1, len(ids)))(*ids)
+    cap = 64 + 256 * len(ids)
+    buf = ctypes.create_string_buffer(cap)
+    n = llama_cpp.llama_detokenize(llm._model.vocab, arr, len(ids), buf, cap, False, special)
+    assert n >= 0, n
+    return buf.raw[:n].decode("utf-8", errors="replace")
 
 
 def last_logits(llm) -> np.ndarray:
@@ -441,6 +453,8 @@ def generate_fixture(model: str, info: dict) -> dict:
             top1, top2 = int(order[0]), int(order[1])
             if step == 0:
                 top5_first = [int(t) for t in order[:5]]
+                first_lg = lg.copy()
+                top10_first = [[int(t), round(float(lg[t]), 4)] for t in order[:10]]
                 if i < N_LOGITS_FILES:
                     rel = f"logits/{model}-{i}.f16"
                     lg.astype("<f2").tofile(FIXTURES / rel)
@@ -449,7 +463,21 @@ def generate_fixture(model: str, info: dict) -> dict:
             margins.append(round(float(lg[top1] - lg[top2]), 5))
             llm.eval([top1])  # do NOT stop at EOS
         dt = time.time() - t0
-        text = llm.detokenize(ids).decode("utf-8", errors="replace")
+        # llama.cpp's own noise floor: the same prompt evaluated one token at a time instead of
+        # in one batch gives slightly different logits (different kernels / accumulation order).
+        llm.reset()
+        for t in prompt_ids:
+            llm.eval([t])
+        lg1 = last_logits(llm).astype(np.float64)
+        lg0 = first_lg.astype(np.float64)
+        top10 = [t for t, _ in top10_first]
+        self_noise = {
+            "cosine": round(float(lg0 @ lg1 / np.linalg.norm(lg0) / np.linalg.norm(lg1)), 6),
+            "max_abs_diff": round(float(np.abs(lg0 - lg1).max()), 4),
+            "top10_max_abs_diff": round(float(np.abs(lg0[top10] - lg1[top10]).max()), 4),
+            "top5_token_by_token": [int(t) for t in np.argsort(-lg1, kind="stable")[:5]],
+        }
+        text = detokenize(llm, ids, special=True)
         print(f"[{model}] prompt {i} ({len(prompt_ids)} tok, {dt:.1f}s, min margin {min(margins):.3f}): {prompt[:40]!r} -> {text[:100]!r}", file=sys.stderr)
         rec = {
             "prompt": prompt,
@@ -459,6 +487,8 @@ def generate_fixture(model: str, info: dict) -> dict:
             "text": text,
             "margins": margins,
             "top5_first": top5_first,
+            "top10_first": top10_first,
+            "llamacpp_self_noise": self_noise,
             "first_logits_file": logits_file,
         }
         records.append(rec)

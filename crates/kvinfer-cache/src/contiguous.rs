@@ -74,9 +74,15 @@ impl KvCache {
     /// # Panics
     /// If the rows would pass `max_tokens` (callers check [`KvCache::remaining`] first).
     pub fn write(&mut self, layer: usize, k_rows: &[f32], v_rows: &[f32]) {
-        assert!(k_rows.len() == v_rows.len() && k_rows.len() % self.kv_dim == 0, "bad KV row shape");
+        assert!(
+            k_rows.len() == v_rows.len() && k_rows.len() % self.kv_dim == 0,
+            "bad KV row shape"
+        );
         let n = k_rows.len() / self.kv_dim;
-        assert!(self.len + n <= self.max_tokens, "KV cache overflow: caller must check remaining()");
+        assert!(
+            self.len + n <= self.max_tokens,
+            "KV cache overflow: caller must check remaining()"
+        );
         let start = self.len * self.kv_dim;
         let end = start + k_rows.len();
         for (dst, src) in [(&mut self.k[layer], k_rows), (&mut self.v[layer], v_rows)] {
@@ -90,7 +96,9 @@ impl KvCache {
     /// Marks `n` positions written in every layer as held.
     pub fn advance(&mut self, n: usize) {
         debug_assert!(
-            self.k.iter().all(|k| k.len() >= (self.len + n) * self.kv_dim),
+            self.k
+                .iter()
+                .all(|k| k.len() >= (self.len + n) * self.kv_dim),
             "advance before every layer was written"
         );
         self.len += n;

@@ -118,7 +118,11 @@ pub fn generate(
 
     // Prefill: reuse the cached prefix (always recompute at least the last prompt token).
     let t0 = Instant::now();
-    let reuse = if req.use_kv_cache { kv.len().min(req.prompt_ids.len() - 1) } else { 0 };
+    let reuse = if req.use_kv_cache {
+        kv.len().min(req.prompt_ids.len() - 1)
+    } else {
+        0
+    };
     kv.truncate(reuse);
     let todo = &req.prompt_ids[reuse..];
     let mut logits = model.forward(todo, kv)?;
@@ -148,7 +152,11 @@ pub fn generate(
         if out.ids.len() >= req.max_tokens {
             break;
         }
-        let room = if req.use_kv_cache { kv.remaining() > 0 } else { history.len() <= kv.max_tokens() };
+        let room = if req.use_kv_cache {
+            kv.remaining() > 0
+        } else {
+            history.len() <= kv.max_tokens()
+        };
         if !room {
             out.finish_reason = FinishReason::ContextFull;
             break;
@@ -166,7 +174,11 @@ pub fn generate(
     if out.finish_reason != FinishReason::Stop || stop_was_eog(&out, tok) {
         let tail = utf8.finish();
         let step = stop.push(&tail);
-        let rest = if step.stopped { step.emit } else { step.emit + &stop.finish() };
+        let rest = if step.stopped {
+            step.emit
+        } else {
+            step.emit + &stop.finish()
+        };
         if !rest.is_empty() {
             on_text(&rest);
         }

@@ -40,13 +40,19 @@ impl Default for SamplingParams {
 impl SamplingParams {
     /// Greedy decoding.
     pub fn greedy() -> Self {
-        Self { temperature: 0.0, ..Self::default() }
+        Self {
+            temperature: 0.0,
+            ..Self::default()
+        }
     }
 
     /// Checks ranges, with a message naming the bad field.
     pub fn validate(&self) -> Result<(), String> {
         if !(self.temperature.is_finite() && self.temperature >= 0.0) {
-            return Err(format!("temperature must be >= 0, got {}", self.temperature));
+            return Err(format!(
+                "temperature must be >= 0, got {}",
+                self.temperature
+            ));
         }
         if !(self.top_p > 0.0 && self.top_p <= 1.0) {
             return Err(format!("top_p must be in (0, 1], got {}", self.top_p));
@@ -55,7 +61,10 @@ impl SamplingParams {
             return Err(format!("min_p must be in [0, 1], got {}", self.min_p));
         }
         if !(self.repeat_penalty.is_finite() && self.repeat_penalty > 0.0) {
-            return Err(format!("repeat_penalty must be > 0, got {}", self.repeat_penalty));
+            return Err(format!(
+                "repeat_penalty must be > 0, got {}",
+                self.repeat_penalty
+            ));
         }
         Ok(())
     }
@@ -95,7 +104,11 @@ impl Sampler {
             for &t in recent {
                 if let Some(l) = logits.get_mut(t as usize) {
                     if seen.insert(t) {
-                        *l = if *l > 0.0 { *l / p.repeat_penalty } else { *l * p.repeat_penalty };
+                        *l = if *l > 0.0 {
+                            *l / p.repeat_penalty
+                        } else {
+                            *l * p.repeat_penalty
+                        };
                     }
                 }
             }
@@ -104,9 +117,16 @@ impl Sampler {
             return argmax(&logits);
         }
         // Candidates sorted by logit, descending.
-        let mut cand: Vec<(u32, f32)> =
-            logits.iter().enumerate().map(|(i, &l)| (i as u32, l)).collect();
-        let k = if p.top_k == 0 { cand.len() } else { p.top_k.min(cand.len()) };
+        let mut cand: Vec<(u32, f32)> = logits
+            .iter()
+            .enumerate()
+            .map(|(i, &l)| (i as u32, l))
+            .collect();
+        let k = if p.top_k == 0 {
+            cand.len()
+        } else {
+            p.top_k.min(cand.len())
+        };
         if k < cand.len() {
             cand.select_nth_unstable_by(k - 1, |a, b| b.1.total_cmp(&a.1));
             cand.truncate(k);
@@ -166,22 +186,45 @@ mod tests {
 
     #[test]
     fn repetition_penalty_changes_the_winner() {
-        let p = SamplingParams { repeat_penalty: 2.0, ..SamplingParams::greedy() };
+        let p = SamplingParams {
+            repeat_penalty: 2.0,
+            ..SamplingParams::greedy()
+        };
         let mut s = Sampler::new(p);
         assert_eq!(s.sample(&[1.0, 3.0, 2.0], &[1]), 2);
     }
 
     #[test]
     fn top_k_one_is_greedy_and_seed_is_reproducible() {
-        let p = SamplingParams { temperature: 1.0, top_k: 1, ..SamplingParams::default() };
+        let p = SamplingParams {
+            temperature: 1.0,
+            top_k: 1,
+            ..SamplingParams::default()
+        };
         let mut s = Sampler::new(p);
         let logits = [0.0, 0.5, 0.2, 0.4];
         assert!((0..50).all(|_| s.sample(&logits, &[]) == 1));
-        let p = SamplingParams { temperature: 1.5, top_k: 0, top_p: 1.0, min_p: 0.0, seed: 7, ..SamplingParams::default() };
-        let a: Vec<u32> = { let mut s = Sampler::new(p.clone()); (0..64).map(|_| s.sample(&logits, &[])).collect() };
-        let b: Vec<u32> = { let mut s = Sampler::new(p); (0..64).map(|_| s.sample(&logits, &[])).collect() };
+        let p = SamplingParams {
+            temperature: 1.5,
+            top_k: 0,
+            top_p: 1.0,
+            min_p: 0.0,
+            seed: 7,
+            ..SamplingParams::default()
+        };
+        let a: Vec<u32> = {
+            let mut s = Sampler::new(p.clone());
+            (0..64).map(|_| s.sample(&logits, &[])).collect()
+        };
+        let b: Vec<u32> = {
+            let mut s = Sampler::new(p);
+            (0..64).map(|_| s.sample(&logits, &[])).collect()
+        };
         assert_eq!(a, b);
-        assert!(a.iter().any(|&t| t != 1), "temperature 1.5 over close logits must vary");
+        assert!(
+            a.iter().any(|&t| t != 1),
+            "temperature 1.5 over close logits must vary"
+        );
     }
 
     #[test]
@@ -189,19 +232,37 @@ mod tests {
         // p = softmax([10, 0, 0, ...]) puts ~all mass on token 0: top_p 0.5 keeps only it.
         let mut logits = vec![0.0f32; 100];
         logits[3] = 10.0;
-        let p = SamplingParams { temperature: 1.0, top_k: 0, top_p: 0.5, min_p: 0.0, ..SamplingParams::default() };
+        let p = SamplingParams {
+            temperature: 1.0,
+            top_k: 0,
+            top_p: 0.5,
+            min_p: 0.0,
+            ..SamplingParams::default()
+        };
         let mut s = Sampler::new(p);
         assert!((0..100).all(|_| s.sample(&logits, &[]) == 3));
-        let p = SamplingParams { temperature: 1.0, top_k: 0, top_p: 1.0, min_p: 0.01, ..SamplingParams::default() };
+        let p = SamplingParams {
+            temperature: 1.0,
+            top_k: 0,
+            top_p: 1.0,
+            min_p: 0.01,
+            ..SamplingParams::default()
+        };
         let mut s = Sampler::new(p);
         assert!((0..100).all(|_| s.sample(&logits, &[]) == 3));
     }
 
     #[test]
     fn validate_names_the_field() {
-        let p = SamplingParams { top_p: 0.0, ..SamplingParams::default() };
+        let p = SamplingParams {
+            top_p: 0.0,
+            ..SamplingParams::default()
+        };
         assert!(p.validate().unwrap_err().contains("top_p"));
-        let p = SamplingParams { temperature: -1.0, ..SamplingParams::default() };
+        let p = SamplingParams {
+            temperature: -1.0,
+            ..SamplingParams::default()
+        };
         assert!(p.validate().unwrap_err().contains("temperature"));
     }
 }

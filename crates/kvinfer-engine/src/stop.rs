@@ -65,17 +65,27 @@ pub struct StopStep {
 impl StopMatcher {
     /// A matcher for `stops` (empty strings are ignored).
     pub fn new(stops: &[String]) -> Self {
-        Self { stops: stops.iter().filter(|s| !s.is_empty()).cloned().collect(), held: String::new() }
+        Self {
+            stops: stops.iter().filter(|s| !s.is_empty()).cloned().collect(),
+            held: String::new(),
+        }
     }
 
     /// Feeds new text.
     pub fn push(&mut self, text: &str) -> StopStep {
         self.held.push_str(text);
-        let first_hit = self.stops.iter().filter_map(|s| self.held.find(s.as_str())).min();
+        let first_hit = self
+            .stops
+            .iter()
+            .filter_map(|s| self.held.find(s.as_str()))
+            .min();
         if let Some(at) = first_hit {
             let emit = self.held[..at].to_string();
             self.held.clear();
-            return StopStep { emit, stopped: true };
+            return StopStep {
+                emit,
+                stopped: true,
+            };
         }
         // Keep the longest tail that is a proper prefix of some stop string.
         let mut keep_from = self.held.len();
@@ -89,7 +99,10 @@ impl StopMatcher {
         }
         let emit = self.held[..keep_from].to_string();
         self.held.drain(..keep_from);
-        StopStep { emit, stopped: false }
+        StopStep {
+            emit,
+            stopped: false,
+        }
     }
 
     /// Releases held text at the end of generation.
@@ -117,9 +130,27 @@ mod tests {
     #[test]
     fn stop_across_pieces_is_held_then_cut() {
         let mut m = StopMatcher::new(&["\nUser:".to_string()]);
-        assert_eq!(m.push("Hello"), StopStep { emit: "Hello".into(), stopped: false });
-        assert_eq!(m.push(" there\nUs"), StopStep { emit: " there".into(), stopped: false });
-        assert_eq!(m.push("er: hi"), StopStep { emit: "".into(), stopped: true });
+        assert_eq!(
+            m.push("Hello"),
+            StopStep {
+                emit: "Hello".into(),
+                stopped: false
+            }
+        );
+        assert_eq!(
+            m.push(" there\nUs"),
+            StopStep {
+                emit: " there".into(),
+                stopped: false
+            }
+        );
+        assert_eq!(
+            m.push("er: hi"),
+            StopStep {
+                emit: "".into(),
+                stopped: true
+            }
+        );
     }
 
     #[test]

@@ -9,7 +9,10 @@ use std::path::PathBuf;
 fn tiny(arch: TinyArch, seed: u64) -> (Model, PathBuf) {
     let dir = std::env::temp_dir().join(format!("kvinfer-tiny-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
-    let path = dir.join(format!("{arch:?}-{seed}.gguf"));
+    // One file per call: tests run in parallel and a file must not be rewritten while mapped.
+    static NEXT: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+    let k = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let path = dir.join(format!("{arch:?}-{seed}-{k}.gguf"));
     write_tiny_model(&path, arch, seed).unwrap();
     (Model::load(&path).unwrap(), path)
 }
@@ -32,7 +35,9 @@ fn cached_and_uncached_generation_agree() {
     for arch in [TinyArch::Llama, TinyArch::Gemma3] {
         for seed in [1, 2] {
             let (model, _) = tiny(arch, seed);
-            let prompt = model.tokenizer.encode("the tin then a thin hen", true, false);
+            let prompt = model
+                .tokenizer
+                .encode("the tin then a thin hen", true, false);
             assert!(prompt.len() > 3, "{arch:?}: prompt tokenized to {prompt:?}");
             // 40 tokens: past gemma3's tiny sliding window of 8, so windowed attention is covered.
             let with = greedy(&model, &prompt, 40, true);
@@ -59,9 +64,16 @@ fn batched_prefill_matches_token_by_token() {
         }
         assert_eq!(kv.len(), kv2.len());
         let max_abs = batched.iter().map(|v| v.abs()).fold(0f32, f32::max);
-        let diff = batched.iter().zip(&last).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
+        let diff = batched
+            .iter()
+            .zip(&last)
+            .map(|(a, b)| (a - b).abs())
+            .fold(0f32, f32::max);
         eprintln!("{arch:?}: batched vs one-by-one max diff {diff}");
-        assert!(diff <= 1e-3 * max_abs.max(1.0), "{arch:?}: max diff {diff} (scale {max_abs})");
+        assert!(
+            diff <= 1e-3 * max_abs.max(1.0),
+            "{arch:?}: max diff {diff} (scale {max_abs})"
+        );
     }
 }
 
@@ -69,10 +81,19 @@ fn batched_prefill_matches_token_by_token() {
 fn bad_input_is_an_error_not_a_panic() {
     let (model, path) = tiny(TinyArch::Llama, 4);
     let mut kv = model.new_kv_cache(8);
-    assert!(matches!(model.forward(&[], &mut kv), Err(ModelError::Input(_))));
+    assert!(matches!(
+        model.forward(&[], &mut kv),
+        Err(ModelError::Input(_))
+    ));
     let vocab = model.config.vocab_size as u32;
-    assert!(matches!(model.forward(&[vocab], &mut kv), Err(ModelError::Input(_))));
-    assert!(matches!(model.forward(&[5; 9], &mut kv), Err(ModelError::ContextFull { .. })));
+    assert!(matches!(
+        model.forward(&[vocab], &mut kv),
+        Err(ModelError::Input(_))
+    ));
+    assert!(matches!(
+        model.forward(&[5; 9], &mut kv),
+        Err(ModelError::ContextFull { .. })
+    ));
     assert_eq!(kv.len(), 0, "failed calls must not change the cache");
     // A generation that runs into the end of the context stops cleanly.
     let req = GenerateRequest {
@@ -88,7 +109,10 @@ fn bad_input_is_an_error_not_a_panic() {
     assert_eq!(out.ids.len(), 8 - 3 + 1);
     // A prompt as long as the context is refused up front.
     let mut kv = model.new_kv_cache(8);
-    let long = GenerateRequest { prompt_ids: vec![5; 8], ..req };
+    let long = GenerateRequest {
+        prompt_ids: vec![5; 8],
+        ..req
+    };
     assert!(generate(&model, &mut kv, &long, |_| true).is_err());
 
     // Truncated model files fail to load with an error.
@@ -96,7 +120,9 @@ fn bad_input_is_an_error_not_a_panic() {
     let cut = path.with_extension("cut.gguf");
     for len in [10, bytes.len() / 3, bytes.len() - 100] {
         std::fs::write(&cut, &bytes[..len]).unwrap();
-        let e = Model::load(&cut).err().expect("truncated file must not load");
+        let e = Model::load(&cut)
+            .err()
+            .expect("truncated file must not load");
         assert!(e.to_string().contains("truncated"), "{e}");
     }
 }
@@ -142,7 +168,10 @@ fn stop_strings_and_cancellation() {
     assert_eq!(out.finish_reason, kvinfer_engine::FinishReason::Stop);
     // Cancel after the first piece of text.
     let mut kv = model.new_kv_cache(256);
-    let req = GenerateRequest { stop: vec![], ..req };
+    let req = GenerateRequest {
+        stop: vec![],
+        ..req
+    };
     let out = generate(&model, &mut kv, &req, |_| false).unwrap();
     assert_eq!(out.finish_reason, kvinfer_engine::FinishReason::Cancelled);
     assert!(out.ids.len() < 30);

@@ -341,6 +341,12 @@ mod tests {
     }
 
     #[test]
+    fn template_is_shareable_across_threads() {
+        fn assert_send_sync<T: Send + Sync>() {}
+        assert_send_sync::<ChatTemplate>();
+    }
+
+    #[test]
     fn files_without_template_fall_back_to_chatml() {
         let t = ChatTemplate::for_model(Some(""), "llama", "<s>", "</s>").unwrap();
         assert_eq!(

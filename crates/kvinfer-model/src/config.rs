@@ -76,14 +76,19 @@ impl ModelConfig {
         };
         let n_embd = need("embedding_length")?;
         let n_heads = need("attention.head_count")?;
-        let n_kv_heads = f.get_u32(&key("attention.head_count_kv")).map_or(n_heads, |v| v as usize);
+        let n_kv_heads = f
+            .get_u32(&key("attention.head_count_kv"))
+            .map_or(n_heads, |v| v as usize);
         let head_dim = f
             .get_u32(&key("attention.key_length"))
             .map(|v| v as usize)
             .unwrap_or(n_embd / n_heads.max(1));
         let vocab_size = match f.get_u32(&key("vocab_size")) {
             Some(v) => v as usize,
-            None => f.tensor("token_embd.weight").map(|t| t.dims[1] as usize).unwrap_or(0),
+            None => f
+                .tensor("token_embd.weight")
+                .map(|t| t.dims[1] as usize)
+                .unwrap_or(0),
         };
         let rope_base = f.get_f32(&key("rope.freq_base")).unwrap_or(10_000.0);
         let cfg = Self {
@@ -96,12 +101,16 @@ impl ModelConfig {
             head_dim,
             vocab_size,
             context_length: need("context_length")?,
-            rms_eps: f.get_f32(&key("attention.layer_norm_rms_epsilon")).unwrap_or(1e-5),
+            rms_eps: f
+                .get_f32(&key("attention.layer_norm_rms_epsilon"))
+                .unwrap_or(1e-5),
             rope_base,
             // gemma3 files carry no SWA base; llama.cpp uses 10000 for its local layers.
             rope_base_swa: f.get_f32(&key("rope.freq_base_swa")).unwrap_or(10_000.0),
             sliding_window: match arch {
-                Arch::Gemma3 => f.get_u32(&key("attention.sliding_window")).map(|v| v as usize),
+                Arch::Gemma3 => f
+                    .get_u32(&key("attention.sliding_window"))
+                    .map(|v| v as usize),
                 Arch::Llama => None,
             },
         };
@@ -115,7 +124,10 @@ impl ModelConfig {
             return bad(format!("degenerate shape {self:?}"));
         }
         if self.n_kv_heads == 0 || self.n_heads % self.n_kv_heads != 0 {
-            return bad(format!("{} heads not divisible by {} KV heads", self.n_heads, self.n_kv_heads));
+            return bad(format!(
+                "{} heads not divisible by {} KV heads",
+                self.n_heads, self.n_kv_heads
+            ));
         }
         if self.head_dim % 2 != 0 {
             return bad(format!("head_dim {} must be even for RoPE", self.head_dim));

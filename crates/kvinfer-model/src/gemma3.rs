@@ -68,12 +68,23 @@ impl Weights {
                 })
             })
             .collect::<Result<_, ModelError>>()?;
-        Ok(Self { tok_embd, layers, output_norm: load_vec(f, "output_norm.weight", d)?, output })
+        Ok(Self {
+            tok_embd,
+            layers,
+            output_norm: load_vec(f, "output_norm.weight", d)?,
+            output,
+        })
     }
 
     /// Runs `tokens` at positions `kv.len()..`, appends their K/V to `kv`, and returns the logits
     /// of the last token (`[vocab]`). The caller has checked ids and cache room.
-    pub fn forward(&self, f: &GgufFile, c: &ModelConfig, tokens: &[u32], kv: &mut KvCache) -> Vec<f32> {
+    pub fn forward(
+        &self,
+        f: &GgufFile,
+        c: &ModelConfig,
+        tokens: &[u32],
+        kv: &mut KvCache,
+    ) -> Vec<f32> {
         let (n, d, qd, kvd) = (tokens.len(), c.n_embd, c.n_heads * c.head_dim, c.kv_dim());
         let start = kv.len();
         let embd_scale = (d as f32).sqrt();
@@ -100,7 +111,14 @@ impl Weights {
             rmsnorm(&mut q, &w.q_norm, c.rms_eps); // per head: rows of head_dim
             rmsnorm(&mut k, &w.k_norm, c.rms_eps);
             rope_tokens(&mut q, c.n_heads, c.head_dim, start, base, RopeStyle::Neox);
-            rope_tokens(&mut k, c.n_kv_heads, c.head_dim, start, base, RopeStyle::Neox);
+            rope_tokens(
+                &mut k,
+                c.n_kv_heads,
+                c.head_dim,
+                start,
+                base,
+                RopeStyle::Neox,
+            );
             kv.write(l, &k, &v);
             let shape = AttnShape {
                 n_heads: c.n_heads,
@@ -109,7 +127,14 @@ impl Weights {
                 scale: 1.0 / (c.head_dim as f32).sqrt(),
                 window: if swa { c.sliding_window } else { None },
             };
-            attention(&q, kv.keys(l, start + n), kv.values(l, start + n), start, shape, &mut att);
+            attention(
+                &q,
+                kv.keys(l, start + n),
+                kv.values(l, start + n),
+                start,
+                shape,
+                &mut att,
+            );
             matmul(w.wo.view(f), &att, n, &mut xb);
             rmsnorm(&mut xb, &w.post_attn_norm, c.rms_eps);
             add(&mut x, &xb);

@@ -9,7 +9,8 @@ use rayon::prelude::*;
 /// `x[i] = x[i] / rms(x) * w[i]` for each row of `x` (`[n][w.len()]`).
 pub fn rmsnorm(x: &mut [f32], w: &[f32], eps: f32) {
     for row in x.chunks_exact_mut(w.len()) {
-        let ss: f32 = row.iter().map(|v| v * v).sum::<f32>() / w.len() as f32;
+        // Sum of squares in f64, as ggml does (its `ggml_float`).
+        let ss = (row.iter().map(|&v| (v * v) as f64).sum::<f64>() / w.len() as f64) as f32;
         let s = 1.0 / (ss + eps).sqrt();
         for (v, wi) in row.iter_mut().zip(w) {
             *v = *v * s * wi;
@@ -85,14 +86,25 @@ pub fn swiglu(gate: &mut [f32], up: &[f32]) {
     }
 }
 
-/// GELU (tanh approximation, as ggml_gelu) gated product: `gate[i] = gelu(gate[i]) * up[i]`.
+/// GELU (tanh approximation) gated product: `gate[i] = gelu(gate[i]) * up[i]`.
+///
+/// Computed as ggml's CPU backend does (its GELU is a table over f16 inputs): the input is rounded
+/// to f16 and so is GELU's output, saturating to 0 / x beyond ±10. Matching it keeps gemma3's
+/// logits within noise of llama.cpp's.
 pub fn geglu(gate: &mut [f32], up: &[f32]) {
     const SQRT_2_OVER_PI: f32 = 0.797_884_6;
     const COEF_A: f32 = 0.044_715;
     for (g, u) in gate.iter_mut().zip(up) {
         let x = *g;
-        let y = 0.5 * x * (1.0 + (SQRT_2_OVER_PI * x * (1.0 + COEF_A * x * x)).tanh());
-        *g = y * u;
+        *g = if x <= -10.0 {
+            0.0
+        } else if x >= 10.0 {
+            x * u
+        } else {
+            let x = f16::from_f32(x).to_f32();
+            let y = 0.5 * x * (1.0 + (SQRT_2_OVER_PI * x * (1.0 + COEF_A * x * x)).tanh());
+            f16::from_f32(y).to_f32() * u
+        };
     }
 }
 
@@ -122,7 +134,13 @@ pub fn attention(
     shape: AttnShape,
     out: &mut [f32],
 ) {
-    let AttnShape { n_heads, n_kv_heads, head_dim, scale, window } = shape;
+    let AttnShape {
+        n_heads,
+        n_kv_heads,
+        head_dim,
+        scale,
+        window,
+    } = shape;
     let kv_dim = n_kv_heads * head_dim;
     let end = keys.len() / kv_dim;
     let n = end - start;
@@ -137,30 +155,40 @@ pub fn attention(
     let group = n_heads / n_kv_heads;
     let work_per_item = (end - lo) * head_dim;
     let min_len = (32 * 1024 / work_per_item.max(1)).max(1);
-    out.par_chunks_mut(head_dim).with_min_len(min_len).enumerate().for_each(|(idx, o)| {
-        let (t, h) = (idx / n_heads, idx % n_heads);
-        let pos = start + t;
-        let first = window.map_or(0, |w| (pos + 1).saturating_sub(w)).max(lo);
-        let kvh = h / group;
-        let qh = &q[idx * head_dim..(idx + 1) * head_dim];
-        let mut scores: Vec<f32> = (first..=pos)
-            .map(|j| {
+    out.par_chunks_mut(head_dim)
+        .with_min_len(min_len)
+        .enumerate()
+        .for_each(|(idx, o)| {
+            let (t, h) = (idx / n_heads, idx % n_heads);
+            let pos = start + t;
+            let first = window.map_or(0, |w| (pos + 1).saturating_sub(w)).max(lo);
+            let kvh = h / group;
+            // Round q to f16 as llama.cpp does (its K·Q product runs in f16 x f16 -> f32), so both
+            // engines see the same numbers; it costs nothing measurable.
+            let qh: Vec<f32> = q[idx * head_dim..(idx + 1) * head_dim]
+                .iter()
+                .map(|&v| f16::from_f32(v).to_f32())
+                .collect();
+            let mut scores: Vec<f32> = (first..=pos)
+                .map(|j| {
+                    let r = (j - lo) * kv_dim + kvh * head_dim;
+                    dot_f32(&qh, &kf[r..r + head_dim]) * scale
+                })
+                .collect();
+            let max = scores.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+            let mut sum = 0.0f64; // f64 like ggml's softmax sum
+            for s in scores.iter_mut() {
+                *s = (*s - max).exp();
+                sum += *s as f64;
+            }
+            let sum = sum as f32;
+            o.fill(0.0);
+            for (j, s) in (first..=pos).zip(&scores) {
                 let r = (j - lo) * kv_dim + kvh * head_dim;
-                dot_f32(qh, &kf[r..r + head_dim]) * scale
-            })
-            .collect();
-        let max = scores.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-        let mut sum = 0.0;
-        for s in scores.iter_mut() {
-            *s = (*s - max).exp();
-            sum += *s;
-        }
-        o.fill(0.0);
-        for (j, s) in (first..=pos).zip(&scores) {
-            let r = (j - lo) * kv_dim + kvh * head_dim;
-            axpy_f32(s / sum, &vf[r..r + head_dim], o);
-        }
-    });
+                // The probabilities meet V in f16 as well (llama.cpp's V·P product).
+                axpy_f32(f16::from_f32(s / sum).to_f32(), &vf[r..r + head_dim], o);
+            }
+        });
 }
 
 #[cfg(test)]
@@ -193,10 +221,21 @@ mod tests {
 
     #[test]
     fn attention_single_key_returns_its_value() {
-        let shape =
-            AttnShape { n_heads: 2, n_kv_heads: 1, head_dim: 4, scale: 0.5, window: None };
-        let k: Vec<f16> = [1.0, 0.0, 0.0, 0.0].iter().map(|&v| f16::from_f32(v)).collect();
-        let v: Vec<f16> = [1.0, 2.0, 3.0, 4.0].iter().map(|&v| f16::from_f32(v)).collect();
+        let shape = AttnShape {
+            n_heads: 2,
+            n_kv_heads: 1,
+            head_dim: 4,
+            scale: 0.5,
+            window: None,
+        };
+        let k: Vec<f16> = [1.0, 0.0, 0.0, 0.0]
+            .iter()
+            .map(|&v| f16::from_f32(v))
+            .collect();
+        let v: Vec<f16> = [1.0, 2.0, 3.0, 4.0]
+            .iter()
+            .map(|&v| f16::from_f32(v))
+            .collect();
         let q = vec![0.3; 8];
         let mut out = vec![0.0; 8];
         attention(&q, &k, &v, 0, shape, &mut out);
@@ -206,13 +245,28 @@ mod tests {
     #[test]
     fn attention_window_hides_old_keys() {
         // Two keys; with window 1 the query at position 1 sees only key 1.
-        let shape = AttnShape { n_heads: 1, n_kv_heads: 1, head_dim: 2, scale: 1.0, window: Some(1) };
-        let k: Vec<f16> = [1.0, 0.0, 1.0, 0.0].iter().map(|&v| f16::from_f32(v)).collect();
-        let v: Vec<f16> = [5.0, 5.0, 7.0, 9.0].iter().map(|&v| f16::from_f32(v)).collect();
+        let shape = AttnShape {
+            n_heads: 1,
+            n_kv_heads: 1,
+            head_dim: 2,
+            scale: 1.0,
+            window: Some(1),
+        };
+        let k: Vec<f16> = [1.0, 0.0, 1.0, 0.0]
+            .iter()
+            .map(|&v| f16::from_f32(v))
+            .collect();
+        let v: Vec<f16> = [5.0, 5.0, 7.0, 9.0]
+            .iter()
+            .map(|&v| f16::from_f32(v))
+            .collect();
         let mut out = vec![0.0; 2];
         attention(&[1.0, 1.0], &k, &v, 1, shape, &mut out);
         assert_eq!(out, vec![7.0, 9.0]);
-        let shape = AttnShape { window: None, ..shape };
+        let shape = AttnShape {
+            window: None,
+            ..shape
+        };
         attention(&[1.0, 1.0], &k, &v, 1, shape, &mut out);
         assert_eq!(out, vec![6.0, 7.0]);
     }

@@ -62,17 +62,29 @@ impl Weights {
                 })
             })
             .collect::<Result<_, ModelError>>()?;
-        Ok(Self { tok_embd, layers, output_norm: load_vec(f, "output_norm.weight", d)?, output })
+        Ok(Self {
+            tok_embd,
+            layers,
+            output_norm: load_vec(f, "output_norm.weight", d)?,
+            output,
+        })
     }
 
     /// Runs `tokens` at positions `kv.len()..`, appends their K/V to `kv`, and returns the logits
     /// of the last token (`[vocab]`). The caller has checked ids and cache room.
-    pub fn forward(&self, f: &GgufFile, c: &ModelConfig, tokens: &[u32], kv: &mut KvCache) -> Vec<f32> {
+    pub fn forward(
+        &self,
+        f: &GgufFile,
+        c: &ModelConfig,
+        tokens: &[u32],
+        kv: &mut KvCache,
+    ) -> Vec<f32> {
         let (n, d, qd, kvd) = (tokens.len(), c.n_embd, c.n_heads * c.head_dim, c.kv_dim());
         let start = kv.len();
         let mut x = vec![0f32; n * d]; // residual stream [n][d]
         for (t, &tok) in tokens.iter().enumerate() {
-            self.tok_embd.row_into(f, tok as usize, &mut x[t * d..(t + 1) * d]);
+            self.tok_embd
+                .row_into(f, tok as usize, &mut x[t * d..(t + 1) * d]);
         }
         let mut xb = vec![0f32; n * d]; // normed input / projected output [n][d]
         let mut q = vec![0f32; n * qd]; // [n][n_heads][head_dim]
@@ -93,10 +105,31 @@ impl Weights {
             matmul(w.wq.view(f), &xb, n, &mut q);
             matmul(w.wk.view(f), &xb, n, &mut k);
             matmul(w.wv.view(f), &xb, n, &mut v);
-            rope_tokens(&mut q, c.n_heads, c.head_dim, start, c.rope_base, RopeStyle::Normal);
-            rope_tokens(&mut k, c.n_kv_heads, c.head_dim, start, c.rope_base, RopeStyle::Normal);
+            rope_tokens(
+                &mut q,
+                c.n_heads,
+                c.head_dim,
+                start,
+                c.rope_base,
+                RopeStyle::Normal,
+            );
+            rope_tokens(
+                &mut k,
+                c.n_kv_heads,
+                c.head_dim,
+                start,
+                c.rope_base,
+                RopeStyle::Normal,
+            );
             kv.write(l, &k, &v);
-            attention(&q, kv.keys(l, start + n), kv.values(l, start + n), start, shape, &mut att);
+            attention(
+                &q,
+                kv.keys(l, start + n),
+                kv.values(l, start + n),
+                start,
+                shape,
+                &mut att,
+            );
             matmul(w.wo.view(f), &att, n, &mut xb);
             add(&mut x, &xb);
 

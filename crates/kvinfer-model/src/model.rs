@@ -46,20 +46,32 @@ impl Model {
                 config.vocab_size
             )));
         }
-        let piece = |id: Option<u32>| id.map(|i| tokenizer.token_text(i).to_string()).unwrap_or_default();
+        let piece = |id: Option<u32>| {
+            id.map(|i| tokenizer.token_text(i).to_string())
+                .unwrap_or_default()
+        };
         let (bos, eos) = (piece(tokenizer.bos_id()), piece(tokenizer.eos_id()));
         let source = match (file.get_str("tokenizer.chat_template"), config.arch) {
             (Some(s), _) => Some(s.to_string()),
             (None, Arch::Gemma3) => Some(ChatTemplate::gemma3_builtin().to_string()),
             (None, Arch::Llama) => None,
         };
-        let chat_template = source.map(|s| ChatTemplate::new(&s, &bos, &eos)).transpose()?;
+        let chat_template = source
+            .map(|s| ChatTemplate::new(&s, &bos, &eos))
+            .transpose()?;
         let name = file
             .get_str("general.name")
             .map(str::to_string)
             .or_else(|| path.file_name().map(|n| n.to_string_lossy().into_owned()))
             .unwrap_or_default();
-        Ok(Self { config, tokenizer, chat_template, name, file, weights })
+        Ok(Self {
+            config,
+            tokenizer,
+            chat_template,
+            name,
+            file,
+            weights,
+        })
     }
 
     /// An empty KV cache for one sequence of at most `max_tokens` positions (capped at the
@@ -75,7 +87,10 @@ impl Model {
         if tokens.is_empty() {
             return Err(ModelError::Input("no tokens to run".into()));
         }
-        if let Some(&bad) = tokens.iter().find(|&&t| t as usize >= self.config.vocab_size) {
+        if let Some(&bad) = tokens
+            .iter()
+            .find(|&&t| t as usize >= self.config.vocab_size)
+        {
             return Err(ModelError::Input(format!(
                 "token id {bad} is outside the vocabulary of {}",
                 self.config.vocab_size
@@ -88,7 +103,9 @@ impl Model {
             });
         }
         if kv.kv_dim() != self.config.kv_dim() {
-            return Err(ModelError::Input("KV cache was made for another model".into()));
+            return Err(ModelError::Input(
+                "KV cache was made for another model".into(),
+            ));
         }
         let (f, c) = (&self.file, &self.config);
         Ok(match &self.weights {

@@ -36,7 +36,10 @@ impl Rng {
 pub fn quantize(ty: GgmlType, x: &[f32]) -> Vec<u8> {
     match ty {
         GgmlType::F32 => x.iter().flat_map(|v| v.to_le_bytes()).collect(),
-        GgmlType::F16 => x.iter().flat_map(|v| f16::from_f32(*v).to_le_bytes()).collect(),
+        GgmlType::F16 => x
+            .iter()
+            .flat_map(|v| f16::from_f32(*v).to_le_bytes())
+            .collect(),
         GgmlType::Q8_0 => x
             .chunks(32)
             .flat_map(|b| {
@@ -95,8 +98,10 @@ fn byte_chars() -> Vec<char> {
 }
 
 fn bpe_vocab(w: &mut GgufWriter) -> usize {
-    let mut tokens: Vec<String> =
-        ["<|endoftext|>", "<|im_start|>", "<|im_end|>"].iter().map(|t| t.to_string()).collect();
+    let mut tokens: Vec<String> = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+        .iter()
+        .map(|t| t.to_string())
+        .collect();
     let mut types = vec![3i32; 3];
     tokens.extend(byte_chars().into_iter().map(String::from));
     types.resize(tokens.len(), 1);
@@ -110,8 +115,14 @@ fn bpe_vocab(w: &mut GgufWriter) -> usize {
     w.meta("tokenizer.ggml.model", s("gpt2"))
         .meta("tokenizer.ggml.pre", s("smollm"))
         .meta("tokenizer.ggml.tokens", strs(tokens))
-        .meta("tokenizer.ggml.token_type", MetaValue::Array(types.into_iter().map(MetaValue::I32).collect()))
-        .meta("tokenizer.ggml.merges", strs(merges.iter().map(|m| m.to_string())))
+        .meta(
+            "tokenizer.ggml.token_type",
+            MetaValue::Array(types.into_iter().map(MetaValue::I32).collect()),
+        )
+        .meta(
+            "tokenizer.ggml.merges",
+            strs(merges.iter().map(|m| m.to_string())),
+        )
         .meta("tokenizer.ggml.bos_token_id", MetaValue::U32(1))
         .meta("tokenizer.ggml.eos_token_id", MetaValue::U32(2))
         .meta("tokenizer.ggml.add_bos_token", MetaValue::Bool(false))
@@ -120,8 +131,10 @@ fn bpe_vocab(w: &mut GgufWriter) -> usize {
 }
 
 fn spm_vocab(w: &mut GgufWriter) -> usize {
-    let mut tokens: Vec<String> =
-        ["<pad>", "<eos>", "<bos>", "<unk>"].iter().map(|t| t.to_string()).collect();
+    let mut tokens: Vec<String> = ["<pad>", "<eos>", "<bos>", "<unk>"]
+        .iter()
+        .map(|t| t.to_string())
+        .collect();
     let mut types = vec![3, 3, 3, 2];
     let mut scores = vec![0f32; 4];
     for b in 0..256 {
@@ -129,7 +142,10 @@ fn spm_vocab(w: &mut GgufWriter) -> usize {
         types.push(6);
         scores.push(0.0);
     }
-    for (i, p) in ["▁", "t", "h", "e", "he", "▁t", "▁the", "a", "▁a", "n", "in"].iter().enumerate() {
+    for (i, p) in ["▁", "t", "h", "e", "he", "▁t", "▁the", "a", "▁a", "n", "in"]
+        .iter()
+        .enumerate()
+    {
         tokens.push(p.to_string());
         types.push(1);
         scores.push(-(i as f32));
@@ -143,8 +159,14 @@ fn spm_vocab(w: &mut GgufWriter) -> usize {
     w.meta("tokenizer.ggml.model", s("llama"))
         .meta("tokenizer.ggml.pre", s("default"))
         .meta("tokenizer.ggml.tokens", strs(tokens))
-        .meta("tokenizer.ggml.scores", MetaValue::Array(scores.into_iter().map(MetaValue::F32).collect()))
-        .meta("tokenizer.ggml.token_type", MetaValue::Array(types.into_iter().map(MetaValue::I32).collect()))
+        .meta(
+            "tokenizer.ggml.scores",
+            MetaValue::Array(scores.into_iter().map(MetaValue::F32).collect()),
+        )
+        .meta(
+            "tokenizer.ggml.token_type",
+            MetaValue::Array(types.into_iter().map(MetaValue::I32).collect()),
+        )
         .meta("tokenizer.ggml.bos_token_id", MetaValue::U32(2))
         .meta("tokenizer.ggml.eos_token_id", MetaValue::U32(1))
         .meta("tokenizer.ggml.unknown_token_id", MetaValue::U32(3))
@@ -162,14 +184,18 @@ pub fn write_tiny_model(path: &Path, arch: TinyArch, seed: u64) -> std::io::Resu
         TinyArch::Gemma3 => ("gemma3", 6, 64, 128, 4, 1, 32),
     };
     let key = |k: &str| format!("{name}.{k}");
-    w.meta("general.architecture", s(name)).meta("general.name", s(&format!("tiny-{name}")));
+    w.meta("general.architecture", s(name))
+        .meta("general.name", s(&format!("tiny-{name}")));
     w.meta(&key("block_count"), MetaValue::U32(n_layers as u32))
         .meta(&key("context_length"), MetaValue::U32(256))
         .meta(&key("embedding_length"), MetaValue::U32(n_embd as u32))
         .meta(&key("feed_forward_length"), MetaValue::U32(n_ff as u32))
         .meta(&key("attention.head_count"), MetaValue::U32(n_heads as u32))
         .meta(&key("attention.head_count_kv"), MetaValue::U32(n_kv as u32))
-        .meta(&key("attention.layer_norm_rms_epsilon"), MetaValue::F32(1e-5));
+        .meta(
+            &key("attention.layer_norm_rms_epsilon"),
+            MetaValue::F32(1e-5),
+        );
     let vocab = match arch {
         TinyArch::Llama => {
             w.meta(&key("rope.freq_base"), MetaValue::F32(10_000.0));
@@ -177,8 +203,14 @@ pub fn write_tiny_model(path: &Path, arch: TinyArch, seed: u64) -> std::io::Resu
         }
         TinyArch::Gemma3 => {
             w.meta(&key("rope.freq_base"), MetaValue::F32(1_000_000.0))
-                .meta(&key("attention.key_length"), MetaValue::U32(head_dim as u32))
-                .meta(&key("attention.value_length"), MetaValue::U32(head_dim as u32))
+                .meta(
+                    &key("attention.key_length"),
+                    MetaValue::U32(head_dim as u32),
+                )
+                .meta(
+                    &key("attention.value_length"),
+                    MetaValue::U32(head_dim as u32),
+                )
                 .meta(&key("attention.sliding_window"), MetaValue::U32(8));
             spm_vocab(&mut w)
         }

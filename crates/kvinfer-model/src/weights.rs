@@ -28,7 +28,11 @@ impl QMat {
                 info.dims
             )));
         }
-        Ok(Self { info: info.clone(), rows, cols })
+        Ok(Self {
+            info: info.clone(),
+            rows,
+            cols,
+        })
     }
 
     /// Element type.
@@ -38,7 +42,12 @@ impl QMat {
 
     /// The matrix over the file's bytes.
     pub fn view<'a>(&self, f: &'a GgufFile) -> QMatRef<'a> {
-        QMatRef { ty: self.info.ty, rows: self.rows, cols: self.cols, data: f.tensor_data(&self.info) }
+        QMatRef {
+            ty: self.info.ty,
+            rows: self.rows,
+            cols: self.cols,
+            data: f.tensor_data(&self.info),
+        }
     }
 
     /// Dequantizes row `r` into `out` (`cols` values): the embedding lookup.
@@ -50,7 +59,8 @@ impl QMat {
 }
 
 fn find<'a>(f: &'a GgufFile, name: &str) -> Result<&'a TensorInfo, ModelError> {
-    f.tensor(name).ok_or_else(|| ModelError::MissingTensor(name.to_string()))
+    f.tensor(name)
+        .ok_or_else(|| ModelError::MissingTensor(name.to_string()))
 }
 
 /// A 1-D tensor of `len` values as f32 (norm weights).

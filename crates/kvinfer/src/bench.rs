@@ -70,8 +70,16 @@ pub fn run(a: BenchArgs, threads: usize) -> Result<()> {
             tgs.push(tg(&model, a.gen_tokens, r as u64)?);
         }
     }
-    let (pp_m, pp_s) = if pps.is_empty() { (0.0, 0.0) } else { mean_std(&pps) };
-    let (tg_m, tg_s) = if tgs.is_empty() { (0.0, 0.0) } else { mean_std(&tgs) };
+    let (pp_m, pp_s) = if pps.is_empty() {
+        (0.0, 0.0)
+    } else {
+        mean_std(&pps)
+    };
+    let (tg_m, tg_s) = if tgs.is_empty() {
+        (0.0, 0.0)
+    } else {
+        mean_std(&tgs)
+    };
     if a.json {
         let j = serde_json::json!({
             "engine": "kvinfer",
@@ -89,7 +97,12 @@ pub fn run(a: BenchArgs, threads: usize) -> Result<()> {
         });
         println!("{}", serde_json::to_string_pretty(&j)?);
     } else {
-        println!("model {} ({} threads, {})", model.name, threads, kvinfer_model::kernels::simd_level());
+        println!(
+            "model {} ({} threads, {})",
+            model.name,
+            threads,
+            kvinfer_model::kernels::simd_level()
+        );
         println!("pp{:<5} {:8.1} ± {:.1} tok/s", a.prompt_tokens, pp_m, pp_s);
         println!("tg{:<5} {:8.1} ± {:.1} tok/s", a.gen_tokens, tg_m, tg_s);
     }

@@ -19,12 +19,27 @@ pub fn run(a: ChatArgs) -> Result<()> {
     let mut cached_ids: Vec<u32> = Vec::new();
     let mut messages: Vec<ChatMessage> = Vec::new();
     if let Some(s) = &a.system {
-        messages.push(ChatMessage { role: "system".into(), content: s.clone() });
+        messages.push(ChatMessage {
+            role: "system".into(),
+            content: s.clone(),
+        });
     }
     let interactive = std::io::stdin().is_terminal();
-    let dim = |s: &str| if interactive { format!("\x1b[2m{s}\x1b[0m") } else { s.to_string() };
+    let dim = |s: &str| {
+        if interactive {
+            format!("\x1b[2m{s}\x1b[0m")
+        } else {
+            s.to_string()
+        }
+    };
     if interactive {
-        eprintln!("{}", dim(&format!("chatting with {} — /reset clears, /exit or Ctrl-D quits", model.name)));
+        eprintln!(
+            "{}",
+            dim(&format!(
+                "chatting with {} — /reset clears, /exit or Ctrl-D quits",
+                model.name
+            ))
+        );
     }
     let stdin = std::io::stdin();
     let mut lines = stdin.lock().lines();
@@ -45,7 +60,10 @@ pub fn run(a: ChatArgs) -> Result<()> {
             }
             _ => {}
         }
-        messages.push(ChatMessage { role: "user".into(), content: line.to_string() });
+        messages.push(ChatMessage {
+            role: "user".into(),
+            content: line.to_string(),
+        });
         let text = template.render(&messages, true)?;
         let prompt_ids = tok.encode(&text, false, true);
         if prompt_ids.len() + 1 >= kv.max_tokens() {
@@ -57,7 +75,11 @@ pub fn run(a: ChatArgs) -> Result<()> {
             );
             continue;
         }
-        let common = cached_ids.iter().zip(&prompt_ids).take_while(|(a, b)| a == b).count();
+        let common = cached_ids
+            .iter()
+            .zip(&prompt_ids)
+            .take_while(|(a, b)| a == b)
+            .count();
         kv.truncate(common);
         let req = GenerateRequest {
             prompt_ids: prompt_ids.clone(),
@@ -75,7 +97,12 @@ pub fn run(a: ChatArgs) -> Result<()> {
             true
         })?;
         println!();
-        cached_ids = prompt_ids.iter().chain(&out.ids).copied().take(kv.len()).collect();
+        cached_ids = prompt_ids
+            .iter()
+            .chain(&out.ids)
+            .copied()
+            .take(kv.len())
+            .collect();
         let reused = prompt_ids.len() - out.timings.prefill_tokens;
         if a.stats || interactive {
             eprintln!(
@@ -90,7 +117,10 @@ pub fn run(a: ChatArgs) -> Result<()> {
                 ))
             );
         }
-        messages.push(ChatMessage { role: "assistant".into(), content: out.text.trim().to_string() });
+        messages.push(ChatMessage {
+            role: "assistant".into(),
+            content: out.text.trim().to_string(),
+        });
     }
     Ok(())
 }

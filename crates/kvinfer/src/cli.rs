@@ -67,7 +67,12 @@ pub struct GenerateArgs {
     #[command(flatten)]
     pub sampling: SamplingArgs,
     /// The prompt, fed as raw text (BOS added only where the model file says so).
-    #[arg(long, short, required_unless_present = "prompt_ids", default_value = "")]
+    #[arg(
+        long,
+        short,
+        required_unless_present = "prompt_ids",
+        default_value = ""
+    )]
     pub prompt: String,
     /// Token ids to use as the prompt instead of --prompt, comma-separated (debugging).
     #[arg(long, value_delimiter = ',')]

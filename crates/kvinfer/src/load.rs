@@ -43,7 +43,10 @@ pub fn resolve_model(spec: &str) -> Result<PathBuf> {
             bail!("model file {spec} does not exist");
         }
         let names: Vec<_> = ALIASES.iter().map(|a| a.0).collect();
-        bail!("unknown model {spec:?}: give a .gguf path or one of {}", names.join(", "));
+        bail!(
+            "unknown model {spec:?}: give a .gguf path or one of {}",
+            names.join(", ")
+        );
     };
     let dirs = models_dirs();
     if let Some(found) = dirs.iter().map(|d| d.join(file)).find(|p| p.is_file()) {
@@ -52,7 +55,13 @@ pub fn resolve_model(spec: &str) -> Result<PathBuf> {
     let looked = if dirs.is_empty() {
         "no models/ directory found".to_string()
     } else {
-        format!("looked in {}", dirs.iter().map(|d| d.display().to_string()).collect::<Vec<_>>().join(", "))
+        format!(
+            "looked in {}",
+            dirs.iter()
+                .map(|d| d.display().to_string())
+                .collect::<Vec<_>>()
+                .join(", ")
+        )
     };
     bail!("model {spec} ({file}) not found ({looked}); install it with: scripts/get-models {script_arg}")
 }
@@ -60,7 +69,10 @@ pub fn resolve_model(spec: &str) -> Result<PathBuf> {
 /// Runs `f` on a pool of `threads` workers (default: all cores). Everything the command does runs
 /// inside the pool, so the kernels' parallel loops fork from a worker instead of waking the pool
 /// from outside on every matmul.
-pub fn with_threads<R: Send>(threads: Option<usize>, f: impl FnOnce(usize) -> R + Send) -> Result<R> {
+pub fn with_threads<R: Send>(
+    threads: Option<usize>,
+    f: impl FnOnce(usize) -> R + Send,
+) -> Result<R> {
     let n = threads
         .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()))
         .max(1);

@@ -8,13 +8,18 @@ use std::process::Command;
 fn tiny(arch: TinyArch) -> PathBuf {
     let dir = std::env::temp_dir().join(format!("kvinfer-cli-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
-    let p = dir.join(format!("{arch:?}.gguf"));
+    static NEXT: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+    let k = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let p = dir.join(format!("{arch:?}-{k}.gguf"));
     write_tiny_model(&p, arch, 11).unwrap();
     p
 }
 
 fn kvinfer(args: &[&str]) -> std::process::Output {
-    Command::new(env!("CARGO_BIN_EXE_kvinfer")).args(args).output().unwrap()
+    Command::new(env!("CARGO_BIN_EXE_kvinfer"))
+        .args(args)
+        .output()
+        .unwrap()
 }
 
 #[test]
@@ -22,16 +27,41 @@ fn generate_json_has_the_documented_fields() {
     for arch in [TinyArch::Llama, TinyArch::Gemma3] {
         let m = tiny(arch);
         let out = kvinfer(&[
-            "generate", "--model", m.to_str().unwrap(), "--prompt", "the tin", "--max-tokens", "12",
-            "--temperature", "0", "--ignore-eos", "--json", "--threads", "1",
+            "generate",
+            "--model",
+            m.to_str().unwrap(),
+            "--prompt",
+            "the tin",
+            "--max-tokens",
+            "12",
+            "--temperature",
+            "0",
+            "--ignore-eos",
+            "--json",
+            "--threads",
+            "1",
         ]);
-        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
         let j: Value = serde_json::from_slice(&out.stdout).unwrap();
-        for key in ["model", "prompt_ids", "ids", "text", "timings", "kv_cache_bytes"] {
+        for key in [
+            "model",
+            "prompt_ids",
+            "ids",
+            "text",
+            "timings",
+            "kv_cache_bytes",
+        ] {
             assert!(j.get(key).is_some(), "{arch:?}: missing {key} in {j}");
         }
         for key in ["prefill_ms", "decode_ms", "prefill_tok_s", "decode_tok_s"] {
-            assert!(j["timings"][key].as_f64().is_some(), "{arch:?}: timings.{key}");
+            assert!(
+                j["timings"][key].as_f64().is_some(),
+                "{arch:?}: timings.{key}"
+            );
         }
         assert_eq!(j["ids"].as_array().unwrap().len(), 12);
         let n_pos = j["prompt_ids"].as_array().unwrap().len() + 11;
@@ -39,8 +69,18 @@ fn generate_json_has_the_documented_fields() {
         assert_eq!(j["kv_cache_bytes"].as_u64().unwrap() % n_pos as u64, 0);
         // --no-kv-cache gives the same tokens.
         let out2 = kvinfer(&[
-            "generate", "--model", m.to_str().unwrap(), "--prompt", "the tin", "--max-tokens", "12",
-            "--temperature", "0", "--ignore-eos", "--json", "--no-kv-cache",
+            "generate",
+            "--model",
+            m.to_str().unwrap(),
+            "--prompt",
+            "the tin",
+            "--max-tokens",
+            "12",
+            "--temperature",
+            "0",
+            "--ignore-eos",
+            "--json",
+            "--no-kv-cache",
         ]);
         let j2: Value = serde_json::from_slice(&out2.stdout).unwrap();
         assert_eq!(j["ids"], j2["ids"], "{arch:?}");
@@ -52,7 +92,10 @@ fn helpful_errors() {
     let out = kvinfer(&["generate", "--model", "nosuchmodel", "--prompt", "x"]);
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
-    assert!(err.contains("unknown model") && err.contains("smollm2"), "{err}");
+    assert!(
+        err.contains("unknown model") && err.contains("smollm2"),
+        "{err}"
+    );
 
     let out = Command::new(env!("CARGO_BIN_EXE_kvinfer"))
         .args(["generate", "--model", "gemma3", "--prompt", "x"])
@@ -60,11 +103,20 @@ fn helpful_errors() {
         .output()
         .unwrap();
     let err = String::from_utf8_lossy(&out.stderr);
-    assert!(!out.status.success() && err.contains("scripts/get-models gemma3"), "{err}");
+    assert!(
+        !out.status.success() && err.contains("scripts/get-models gemma3"),
+        "{err}"
+    );
 
     let bad = std::env::temp_dir().join(format!("kvinfer-bad-{}.gguf", std::process::id()));
     std::fs::write(&bad, b"GGUF\x03\x00\x00\x00garbage").unwrap();
-    let out = kvinfer(&["generate", "--model", bad.to_str().unwrap(), "--prompt", "x"]);
+    let out = kvinfer(&[
+        "generate",
+        "--model",
+        bad.to_str().unwrap(),
+        "--prompt",
+        "x",
+    ]);
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success() && err.contains("truncated"), "{err}");
     assert!(!err.contains("panicked"), "{err}");
@@ -74,20 +126,50 @@ fn helpful_errors() {
 fn chat_reuses_previous_turns() {
     let m = tiny(TinyArch::Llama);
     let mut child = Command::new(env!("CARGO_BIN_EXE_kvinfer"))
-        .args(["chat", "--model", m.to_str().unwrap(), "--temperature", "0", "-n", "6", "--stats"])
+        .args([
+            "chat",
+            "--model",
+            m.to_str().unwrap(),
+            "--temperature",
+            "0",
+            "-n",
+            "6",
+            "--stats",
+        ])
         .stdin(std::process::Stdio::piped())
         .stdout(std::process::Stdio::piped())
         .stderr(std::process::Stdio::piped())
         .spawn()
         .unwrap();
     use std::io::Write;
-    child.stdin.take().unwrap().write_all(b"the tin\nthen a hen\n").unwrap();
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(b"the tin\nthen a hen\n")
+        .unwrap();
     let out = child.wait_with_output().unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let err = String::from_utf8_lossy(&out.stderr);
     let stats: Vec<&str> = err.lines().filter(|l| l.contains("reused")).collect();
     assert_eq!(stats.len(), 2, "{err}");
     assert!(stats[0].contains("reused 0 from cache"), "{}", stats[0]);
-    let reused: usize = stats[1].split("reused ").nth(1).unwrap().split(' ').next().unwrap().parse().unwrap();
-    assert!(reused > 5, "second turn should reuse the first turn's KV: {}", stats[1]);
+    let reused: usize = stats[1]
+        .split("reused ")
+        .nth(1)
+        .unwrap()
+        .split(' ')
+        .next()
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert!(
+        reused > 5,
+        "second turn should reuse the first turn's KV: {}",
+        stats[1]
+    );
 }

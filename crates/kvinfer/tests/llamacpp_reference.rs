@@ -19,11 +19,17 @@ fn fixture(alias: &str) -> Value {
 }
 
 fn cases(fx: &Value) -> &Vec<Value> {
-    fx["prompts"].as_array().expect("fixture has a prompts array")
+    fx["prompts"]
+        .as_array()
+        .expect("fixture has a prompts array")
 }
 
 fn ids(v: &Value) -> Vec<u32> {
-    v.as_array().unwrap().iter().map(|x| x.as_u64().unwrap() as u32).collect()
+    v.as_array()
+        .unwrap()
+        .iter()
+        .map(|x| x.as_u64().unwrap() as u32)
+        .collect()
 }
 
 fn greedy(model: &Model, prompt: &[u32], n: usize, use_kv_cache: bool) -> Vec<u32> {
@@ -57,24 +63,59 @@ fn check_model(alias: &str, file: &str) {
     let model = Model::load(&common::model_path(file)).unwrap();
     let fx = fixture(alias);
     let cases = cases(&fx);
-    assert!(cases.len() >= 10, "{alias}: fixture has {} prompts, want >= 10", cases.len());
+    assert!(
+        cases.len() >= 10,
+        "{alias}: fixture has {} prompts, want >= 10",
+        cases.len()
+    );
     let mut report = Vec::new();
     let mut failures = Vec::new();
+    let (mut exact, mut noisy) = (0usize, 0usize);
+    // llama.cpp's own noise on this model: the most any of its top-10 first-step logits moves when
+    // a fixture prompt is evaluated token by token instead of in one batch (same build, same
+    // weights). A top-1/top-2 margin can move by twice that, so a gap under this band is not
+    // something either engine decides reliably; beyond it, a difference is a bug.
+    let band = 2.0
+        * cases
+            .iter()
+            .filter_map(|c| c["llamacpp_self_noise"]["top10_max_abs_diff"].as_f64())
+            .fold(NEAR_TIE / 2.0, f64::max);
     for (i, c) in cases.iter().enumerate() {
         let prompt = c["prompt"].as_str().unwrap();
         let special = c["special"].as_bool().unwrap_or(false);
         let want_prompt = ids(&c["prompt_ids"]);
         let got_prompt = model.tokenizer.encode(prompt, true, special);
         if got_prompt != want_prompt {
-            failures.push(format!("#{i} prompt ids differ: {got_prompt:?} vs llama.cpp {want_prompt:?}"));
+            failures.push(format!(
+                "#{i} prompt ids differ: {got_prompt:?} vs llama.cpp {want_prompt:?}"
+            ));
             continue;
         }
         // First step: logits against llama.cpp's.
         let mut kv = model.new_kv_cache(512);
         let logits = model.forward(&want_prompt, &mut kv).unwrap();
+        // Top-5: the same ids in the same order, except where llama.cpp itself scores the two ids
+        // at a rank within NEAR_TIE of each other (its top-10 logits are in the fixture).
         let want_top5 = ids(&c["top5_first"]);
-        if top_k(&logits, 5) != want_top5 {
-            failures.push(format!("#{i} top-5 {:?} vs llama.cpp {want_top5:?}", top_k(&logits, 5)));
+        let got_top5 = top_k(&logits, 5);
+        let top10: Vec<(u32, f64)> = c["top10_first"]
+            .as_array()
+            .expect("fixture has top10_first (regenerate with bench/make-fixtures.py)")
+            .iter()
+            .map(|p| (p[0].as_u64().unwrap() as u32, p[1].as_f64().unwrap()))
+            .collect();
+        let ref_logit = |id: u32| top10.iter().find(|p| p.0 == id).map(|p| p.1);
+        for (rank, (&g, &w)) in got_top5.iter().zip(&want_top5).enumerate() {
+            let tie = match (ref_logit(g), ref_logit(w)) {
+                (Some(lg), Some(lw)) => (lw - lg).abs() < band,
+                _ => false,
+            };
+            if g != w && !tie {
+                failures.push(format!(
+                    "#{i} top-5 {got_top5:?} vs llama.cpp {want_top5:?} (rank {rank})"
+                ));
+                break;
+            }
         }
         if let Some(f) = c["first_logits_file"].as_str() {
             let bytes = std::fs::read(common::root().join("bench/fixtures").join(f)).unwrap();
@@ -90,23 +131,55 @@ fn check_model(alias: &str, file: &str) {
         }
         // Greedy generation, token for token.
         let want = ids(&c["ids"]);
-        let margins: Vec<f64> = c["margins"].as_array().unwrap().iter().map(|m| m.as_f64().unwrap()).collect();
+        let margins: Vec<f64> = c["margins"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|m| m.as_f64().unwrap())
+            .collect();
         let got = greedy(&model, &want_prompt, want.len(), true);
         match got.iter().zip(&want).position(|(a, b)| a != b) {
-            None => report.push(format!("#{i} {} tokens equal", want.len())),
-            Some(step) if margins[step] < NEAR_TIE => report.push(format!(
-                "#{i} near-tie at step {step}: llama.cpp margin {:.4} (ours {} vs {})",
-                margins[step], got[step], want[step]
-            )),
+            None => {
+                exact += 1;
+                report.push(format!("#{i} {} tokens equal", want.len()))
+            }
+            Some(step) if margins[step] < NEAR_TIE => {
+                exact += 1;
+                report.push(format!(
+                    "#{i} near-tie at step {step}: llama.cpp margin {:.4} (ours {} vs {})",
+                    margins[step], got[step], want[step]
+                ))
+            }
+            Some(step) if margins[step] < band => {
+                noisy += 1;
+                report.push(format!(
+                    "#{i} differs at step {step}: llama.cpp margin {:.3} is inside its own noise band {band:.3}",
+                    margins[step]
+                ))
+            }
             Some(step) => failures.push(format!(
-                "#{i} differs at step {step} (llama.cpp margin {:.3}): ours {:?} vs {:?}",
+                "#{i} differs at step {step} (llama.cpp margin {:.3}, noise band {band:.3}): ours {:?} vs {:?}",
                 margins[step],
                 &got[step..],
                 &want[step..]
             )),
         }
     }
-    eprintln!("{alias} vs llama.cpp {}:\n  {}", fx["llama_cpp_version"], report.join("\n  "));
+    // Most prompts must agree outright (or part only at a near-tie).
+    if exact * 3 < cases.len() * 2 {
+        failures.push(format!(
+            "only {exact} of {} prompts agree up to near-ties",
+            cases.len()
+        ));
+    }
+    report.push(format!(
+        "{exact} prompts equal up to near-ties (< {NEAR_TIE}), {noisy} part inside llama.cpp's own noise band {band:.3}"
+    ));
+    eprintln!(
+        "{alias} vs llama.cpp {}:\n  {}",
+        fx["llama_cpp_version"],
+        report.join("\n  ")
+    );
     assert!(failures.is_empty(), "{alias}:\n{}", failures.join("\n"));
 }
 
@@ -124,7 +197,9 @@ fn gemma3_matches_llamacpp() {
 fn cached_equals_uncached_on_real_models() {
     for (alias, file) in common::MODELS {
         let model = Model::load(&common::model_path(file)).unwrap();
-        let prompt = model.tokenizer.encode("Here is a short story about a robot who", true, false);
+        let prompt = model
+            .tokenizer
+            .encode("Here is a short story about a robot who", true, false);
         let with = greedy(&model, &prompt, 24, true);
         let without = greedy(&model, &prompt, 24, false);
         assert_eq!(with, without, "{alias}");

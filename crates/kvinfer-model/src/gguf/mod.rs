@@ -46,7 +46,9 @@ pub enum GgufError {
     #[error("unsupported GGUF version {0} (kvinfer reads versions 2 and 3)")]
     UnsupportedVersion(u32),
     /// The file ends before a structure it announced.
-    #[error("GGUF file is truncated: {what} at byte {offset} needs {needed} bytes, file has {len}")]
+    #[error(
+        "GGUF file is truncated: {what} at byte {offset} needs {needed} bytes, file has {len}"
+    )]
     Truncated {
         /// What was being read.
         what: &'static str,
@@ -176,7 +178,12 @@ impl<'a> Cursor<'a> {
                 self.pos = end as usize;
                 Ok(s)
             }
-            None => Err(GgufError::Truncated { what, offset: self.pos as u64, needed: n, len }),
+            None => Err(GgufError::Truncated {
+                what,
+                offset: self.pos as u64,
+                needed: n,
+                len,
+            }),
         }
     }
     fn array<const N: usize>(&mut self, what: &'static str) -> Result<[u8; N], GgufError> {
@@ -219,7 +226,9 @@ impl<'a> Cursor<'a> {
             8 => MetaValue::Str(self.string("metadata string")?),
             9 => {
                 if depth > 2 {
-                    return Err(GgufError::Malformed("metadata arrays nested too deep".into()));
+                    return Err(GgufError::Malformed(
+                        "metadata arrays nested too deep".into(),
+                    ));
                 }
                 let item_type = self.u32("array item type")?;
                 let n = self.count("array")?;
@@ -242,7 +251,11 @@ impl<'a> Cursor<'a> {
             10 => MetaValue::U64(self.u64(W)?),
             11 => MetaValue::I64(i64::from_le_bytes(self.array(W)?)),
             12 => MetaValue::F64(f64::from_le_bytes(self.array(W)?)),
-            t => return Err(GgufError::Malformed(format!("unknown metadata value type {t}"))),
+            t => {
+                return Err(GgufError::Malformed(format!(
+                    "unknown metadata value type {t}"
+                )))
+            }
         })
     }
 }
@@ -250,7 +263,10 @@ impl<'a> Cursor<'a> {
 impl GgufFile {
     /// Opens and parses `path`. The tensor data is not read, only mapped.
     pub fn open(path: &Path) -> Result<Self, GgufError> {
-        let io = |source| GgufError::Io { path: path.to_path_buf(), source };
+        let io = |source| GgufError::Io {
+            path: path.to_path_buf(),
+            source,
+        };
         let file = File::open(path).map_err(io)?;
         // SAFETY: the map is read-only; model files are not modified while served (documented).
         let mmap = unsafe { Mmap::map(&file) }.map_err(io)?;
@@ -284,7 +300,9 @@ impl GgufFile {
             let name = c.string("tensor name")?;
             let n_dims = c.u32("tensor n_dims")?;
             if n_dims == 0 || n_dims > MAX_DIMS {
-                return Err(GgufError::Malformed(format!("tensor {name} has {n_dims} dims")));
+                return Err(GgufError::Malformed(format!(
+                    "tensor {name} has {n_dims} dims"
+                )));
             }
             let mut dims = Vec::with_capacity(n_dims as usize);
             for _ in 0..n_dims {
@@ -294,7 +312,10 @@ impl GgufFile {
             let offset = c.u64("tensor offset")?;
             raw.push((name, dims, type_id, offset));
         }
-        let alignment = match metadata.get("general.alignment").and_then(MetaValue::as_u64) {
+        let alignment = match metadata
+            .get("general.alignment")
+            .and_then(MetaValue::as_u64)
+        {
             Some(a) if a.is_power_of_two() => a,
             Some(a) => return Err(GgufError::Malformed(format!("general.alignment {a}"))),
             None => DEFAULT_ALIGNMENT,
@@ -304,11 +325,17 @@ impl GgufFile {
         let mut tensors = Vec::with_capacity(raw.len());
         let mut by_name = HashMap::new();
         for (name, dims, type_id, rel) in raw {
-            let ty = GgmlType::from_id(type_id)
-                .ok_or_else(|| GgufError::UnsupportedTensorType { name: name.clone(), type_id })?;
-            let n: u64 = dims.iter().try_fold(1u64, |a, &d| a.checked_mul(d)).ok_or_else(|| {
-                GgufError::Malformed(format!("tensor {name} dims {dims:?} overflow"))
-            })?;
+            let ty =
+                GgmlType::from_id(type_id).ok_or_else(|| GgufError::UnsupportedTensorType {
+                    name: name.clone(),
+                    type_id,
+                })?;
+            let n: u64 = dims
+                .iter()
+                .try_fold(1u64, |a, &d| a.checked_mul(d))
+                .ok_or_else(|| {
+                    GgufError::Malformed(format!("tensor {name} dims {dims:?} overflow"))
+                })?;
             if dims[0] % ty.block_size() as u64 != 0 {
                 return Err(GgufError::Malformed(format!(
                     "tensor {name}: row of {} is not a whole number of {ty:?} blocks",
@@ -320,9 +347,14 @@ impl GgufFile {
                 GgufError::Malformed(format!("tensor {name} offset {rel} overflows"))
             })?;
             if offset % alignment != 0 {
-                return Err(GgufError::Malformed(format!("tensor {name} offset {rel} unaligned")));
+                return Err(GgufError::Malformed(format!(
+                    "tensor {name} offset {rel} unaligned"
+                )));
             }
-            if offset.checked_add(size_bytes).is_none_or(|end| end > file_len) {
+            if offset
+                .checked_add(size_bytes)
+                .is_none_or(|end| end > file_len)
+            {
                 return Err(GgufError::Truncated {
                     what: "tensor data",
                     offset,
@@ -333,9 +365,23 @@ impl GgufFile {
             if by_name.insert(name.clone(), tensors.len()).is_some() {
                 return Err(GgufError::Malformed(format!("duplicate tensor {name}")));
             }
-            tensors.push(TensorInfo { name, dims, ty, offset, size_bytes });
+            tensors.push(TensorInfo {
+                name,
+                dims,
+                ty,
+                offset,
+                size_bytes,
+            });
         }
-        Ok(Self { path, mmap, version, metadata, keys, tensors, by_name })
+        Ok(Self {
+            path,
+            mmap,
+            version,
+            metadata,
+            keys,
+            tensors,
+            by_name,
+        })
     }
 
     /// The file this was read from.
@@ -393,7 +439,10 @@ impl GgufFile {
 
     /// An array of integers as i32.
     pub fn get_i32_array(&self, key: &str) -> Option<Vec<i32>> {
-        self.get_array(key)?.iter().map(|v| v.as_i64().and_then(|x| i32::try_from(x).ok())).collect()
+        self.get_array(key)?
+            .iter()
+            .map(|v| v.as_i64().and_then(|x| i32::try_from(x).ok()))
+            .collect()
     }
 
     /// An array of strings.

@@ -8,9 +8,15 @@ fn sample() -> GgufWriter {
         .meta("x.flag", MetaValue::Bool(true))
         .meta(
             "tok.list",
-            MetaValue::Array(vec![MetaValue::Str("a".into()), MetaValue::Str("bé".into())]),
+            MetaValue::Array(vec![
+                MetaValue::Str("a".into()),
+                MetaValue::Str("bé".into()),
+            ]),
         )
-        .meta("x.scores", MetaValue::Array(vec![MetaValue::F32(1.0), MetaValue::F32(-2.0)]));
+        .meta(
+            "x.scores",
+            MetaValue::Array(vec![MetaValue::F32(1.0), MetaValue::F32(-2.0)]),
+        );
     w.tensor_f32("t.a", &[4, 2], &[1., 2., 3., 4., 5., 6., 7., 8.]);
     w.tensor_f32("t.b", &[3], &[9., 10., 11.]);
     w
@@ -63,12 +69,16 @@ fn every_truncation_is_an_error_not_a_panic() {
 fn bad_magic_version_and_types() {
     let mut bytes = sample().to_bytes();
     bytes[0] = b'X';
-    let e = GgufFile::open(&write_tmp("magic.gguf", &bytes)).err().unwrap();
+    let e = GgufFile::open(&write_tmp("magic.gguf", &bytes))
+        .err()
+        .unwrap();
     assert!(matches!(e, GgufError::BadMagic(_)), "{e}");
 
     let mut bytes = sample().to_bytes();
     bytes[4] = 9;
-    let e = GgufFile::open(&write_tmp("ver.gguf", &bytes)).err().unwrap();
+    let e = GgufFile::open(&write_tmp("ver.gguf", &bytes))
+        .err()
+        .unwrap();
     assert!(matches!(e, GgufError::UnsupportedVersion(9)), "{e}");
 
     let mut w = GgufWriter::new();
@@ -77,14 +87,23 @@ fn bad_magic_version_and_types() {
     // the tensor type id sits 12 bytes before the end of the tensor info (type u32 + offset u64)
     let info_end = 24 + 8 + 1 + 4 + 8 + 4 + 8;
     bytes[info_end - 12] = 99;
-    let e = GgufFile::open(&write_tmp("type.gguf", &bytes)).err().unwrap();
-    assert!(matches!(e, GgufError::UnsupportedTensorType { type_id: 99, .. }), "{e}");
+    let e = GgufFile::open(&write_tmp("type.gguf", &bytes))
+        .err()
+        .unwrap();
+    assert!(
+        matches!(e, GgufError::UnsupportedTensorType { type_id: 99, .. }),
+        "{e}"
+    );
 
     let mut bytes = sample().to_bytes();
     bytes[8..16].copy_from_slice(&u64::MAX.to_le_bytes()); // absurd tensor count
-    let e = GgufFile::open(&write_tmp("count.gguf", &bytes)).err().unwrap();
+    let e = GgufFile::open(&write_tmp("count.gguf", &bytes))
+        .err()
+        .unwrap();
     assert!(matches!(e, GgufError::Malformed(_)), "{e}");
 
-    let e = GgufFile::open(Path::new("/nonexistent/model.gguf")).err().unwrap();
+    let e = GgufFile::open(Path::new("/nonexistent/model.gguf"))
+        .err()
+        .unwrap();
     assert!(e.to_string().contains("/nonexistent/model.gguf"), "{e}");
 }

@@ -76,7 +76,8 @@ impl GgufWriter {
 
     /// Adds a tensor; `dims[0]` is the contiguous dimension; `data` is already in `ty`'s encoding.
     pub fn tensor(&mut self, name: &str, dims: &[u64], ty: GgmlType, data: Vec<u8>) -> &mut Self {
-        self.tensors.push((name.to_string(), dims.to_vec(), ty, data));
+        self.tensors
+            .push((name.to_string(), dims.to_vec(), ty, data));
         self
     }
 

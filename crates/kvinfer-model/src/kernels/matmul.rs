@@ -115,7 +115,7 @@ pub(crate) fn matmul_with(level: SimdLevel, w: QMatRef, x: &[f32], n_tokens: usi
     match w.ty {
         GgmlType::Q4_0 | GgmlType::Q4_1 | GgmlType::Q5_0 | GgmlType::Q5_1 | GgmlType::Q8_0 => {
             with_scratch(&Q8_SCRATCH, |acts| {
-                quantize_q8_tokens(level, x, n_tokens, cols, acts);
+                quantize_q8_tokens(level, x, n_tokens, cols, q8_1(w.ty), acts);
                 let acts = &*acts;
                 par_rows(rows, cols, n_tokens, |rr| {
                     // SAFETY: rows `rr` are this task's alone; shapes checked above.
@@ -165,12 +165,18 @@ pub(crate) fn matmul_with(level: SimdLevel, w: QMatRef, x: &[f32], n_tokens: usi
     }
 }
 
+/// Weight types whose llama.cpp dot product takes `block_q8_1` activations (f16 block sums).
+fn q8_1(ty: GgmlType) -> bool {
+    matches!(ty, GgmlType::Q4_1 | GgmlType::Q5_1)
+}
+
 /// Quantize `n_tokens` rows of `x` into `acts` (in parallel when there are many).
 fn quantize_q8_tokens(
     level: SimdLevel,
     x: &[f32],
     n_tokens: usize,
     cols: usize,
+    q8_1: bool,
     acts: &mut Q8Acts,
 ) {
     acts.resize(n_tokens, cols);
@@ -179,9 +185,9 @@ fn quantize_q8_tokens(
         #[cfg(target_arch = "x86_64")]
         SimdLevel::Avx2 | SimdLevel::Avx2Vnni | SimdLevel::Avx512 => {
             // SAFETY: level was detected (or checked by the tests).
-            unsafe { super::x86::quantize_q8(xt, qs, d, s) }
+            unsafe { super::x86::quantize_q8(xt, qs, d, s, q8_1) }
         }
-        _ => quant::quantize_q8_scalar(xt, qs, d, s),
+        _ => quant::quantize_q8_scalar(xt, qs, d, s, q8_1),
     };
     let Q8Acts { qs, d, s, .. } = acts;
     if n_tokens * cols >= 1 << 14 {

@@ -131,6 +131,10 @@ fn dequantize_row_with(level: SimdLevel, ty: GgmlType, src: &[u8], dst: &mut [f3
 ///
 /// Runs on the rayon global pool (the caller sizes it). `x` is `n_tokens * cols`, `y` is
 /// `n_tokens * rows`. Panics on shape mismatches.
+///
+/// Batch-invariant: at a given SIMD level, `y[t * rows + r]` is bitwise the value a call with
+/// token `t` alone would give, whatever `n_tokens`, `rows` and the thread count (each output is
+/// computed by one fixed sequence of operations). Different SIMD levels may differ slightly.
 pub fn matmul(w: QMatRef, x: &[f32], n_tokens: usize, y: &mut [f32]) {
     matmul::matmul_with(simd(), w, x, n_tokens, y)
 }

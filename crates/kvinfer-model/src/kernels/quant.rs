@@ -20,6 +20,7 @@
 //! `j + 16` in its high nibble; bit `j` of `qh` is the fifth bit of weight `j`.
 
 use crate::ggml_type::{GgmlType, QK_K};
+use half::f16;
 
 /// Weights per block of the 32-weight types (Q4_0 ... Q8_0) and of our activation Q8 format.
 pub const QK: usize = 32;
@@ -274,18 +275,22 @@ impl Q8Acts {
     }
 
     /// Quantize token `t` from `x` (cols values) with the scalar code.
-    pub fn quantize_token_scalar(&mut self, t: usize, x: &[f32]) {
+    pub fn quantize_token_scalar(&mut self, t: usize, x: &[f32], q8_1: bool) {
         let nb = self.nb;
         let qs = &mut self.qs[t * nb * QK..(t + 1) * nb * QK];
         let d = &mut self.d[t * nb..(t + 1) * nb];
         let s = &mut self.s[t * nb..(t + 1) * nb];
-        quantize_q8_scalar(x, qs, d, s);
+        quantize_q8_scalar(x, qs, d, s, q8_1);
     }
 }
 
-/// Quantize `x` (nb * 32 values) into `qs` with one scale per 32 values: `d = amax / 127`,
-/// `q = round_ties_even(x * 127 / amax)`. The AVX2 version computes bit-identical results.
-pub fn quantize_q8_scalar(x: &[f32], qs: &mut [i8], d: &mut [f32], s: &mut [f32]) {
+/// Quantize `x` (nb * 32 values) into `qs` with one scale per 32 values exactly as llama.cpp's
+/// `quantize_row_q8_0` / `quantize_row_q8_1` do, so both engines multiply the same numbers:
+/// `q = round_ties_even(x * 127 / amax)`, the scale stored rounded to f16 (`d = f16(amax / 127)`),
+/// and the block sum `s = d * sum(q)` (Q8_0 users: exact, for the min corrections of Q4_0/Q5_0)
+/// or, with `q8_1`, `s = f16(amax / 127 * sum(q))` as ggml's `block_q8_1` stores it (Q4_1/Q5_1).
+/// The AVX2 version computes bit-identical results.
+pub fn quantize_q8_scalar(x: &[f32], qs: &mut [i8], d: &mut [f32], s: &mut [f32], q8_1: bool) {
     for ((xb, qb), (db, sb)) in x
         .chunks_exact(QK)
         .zip(qs.chunks_exact_mut(QK))
@@ -300,9 +305,20 @@ pub fn quantize_q8_scalar(x: &[f32], qs: &mut [i8], d: &mut [f32], s: &mut [f32]
             *q = r as i8;
             sum += r;
         }
-        *db = dd;
-        *sb = dd * sum as f32;
+        (*db, *sb) = q8_scales(dd, sum, q8_1);
     }
+}
+
+/// The stored scale and block sum of a Q8 block with f32 scale `dd` and quant sum `sum`.
+#[inline]
+pub(crate) fn q8_scales(dd: f32, sum: i32, q8_1: bool) -> (f32, f32) {
+    let d16 = f16::from_f32(dd).to_f32();
+    let s = if q8_1 {
+        f16::from_f32(dd * sum as f32).to_f32()
+    } else {
+        d16 * sum as f32
+    };
+    (d16, s)
 }
 
 /// One super-block of activations quantized for the K-quants (ggml's `block_q8_K`, but with a
@@ -327,18 +343,30 @@ impl BlockQ8K {
     };
 }
 
-/// Quantize `x` (a multiple of 256 values) into `out` (one block per 256).
+/// Quantize `x` (a multiple of 256 values) into `out` (one block per 256) exactly as llama.cpp's
+/// `quantize_row_q8_K_ref`: the scale comes from the value of largest magnitude *with its sign*
+/// (`iscale = -127 / max`, so `d = 1 / iscale` may be negative), `q = min(127, round(iscale * x))`.
 pub fn quantize_q8_k(x: &[f32], out: &mut [BlockQ8K]) {
     for (xb, blk) in x.chunks_exact(QK_K).zip(out.iter_mut()) {
-        let amax = xb.iter().fold(0.0f32, |m, v| m.max(v.abs()));
-        let id = if amax != 0.0 { 127.0 / amax } else { 0.0 };
-        blk.d = amax / 127.0;
+        let (mut amax, mut max) = (0.0f32, 0.0f32);
+        for &v in xb {
+            if v.abs() > amax {
+                amax = v.abs();
+                max = v;
+            }
+        }
+        if amax == 0.0 {
+            *blk = BlockQ8K::ZERO;
+            continue;
+        }
+        let iscale = -127.0 / max;
         for (q, &v) in blk.qs.iter_mut().zip(xb) {
-            *q = (v * id).round_ties_even() as i8;
+            *q = ((iscale * v).round_ties_even() as i32).min(127) as i8;
         }
         for (g, bs) in blk.bsums.iter_mut().enumerate() {
             *bs = blk.qs[16 * g..16 * g + 16].iter().map(|&q| q as i16).sum();
         }
+        blk.d = 1.0 / iscale;
     }
 }
 

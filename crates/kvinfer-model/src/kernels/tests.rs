@@ -228,9 +228,9 @@ fn simd_quantize_q8_is_bit_identical() {
     let nb = x.len() / QK;
     let (mut q1, mut d1, mut s1) = (vec![0i8; x.len()], vec![0.0; nb], vec![0.0; nb]);
     let (mut q2, mut d2, mut s2) = (q1.clone(), d1.clone(), s1.clone());
-    quant::quantize_q8_scalar(&x, &mut q1, &mut d1, &mut s1);
+    quant::quantize_q8_scalar(&x, &mut q1, &mut d1, &mut s1, false);
     // SAFETY: AVX2 available (checked above).
-    unsafe { super::x86::quantize_q8(&x, &mut q2, &mut d2, &mut s2) };
+    unsafe { super::x86::quantize_q8(&x, &mut q2, &mut d2, &mut s2, false) };
     assert_eq!((q1, d1, s1), (q2, d2, s2));
 }
 

@@ -12,6 +12,13 @@
 //! `m` and the activations' `s = d_y * sum(q_y)`, done once at the end of a row.
 //! Q8_0 without VNNI keeps its signed quants and uses the `sign` trick (`maddubs` would
 //! saturate on u8 values up to 255).
+//!
+//! Batch invariance: the decode kernel ([`q32_dot_rows`], one token) and the tile kernel
+//! ([`q32_tile`] + [`min_corrections`], many tokens) compute each (row, token) result with the
+//! same sequence of operations: the same per-block `d_w * d_y` product and FMA into the same
+//! 8 lanes, block by block, the same horizontal sum, and the `m * s` corrections as one running
+//! sum in block order, added last. So a token's output bits do not depend on how many tokens or
+//! rows are computed together, nor on the threads (the tests check this bitwise).
 
 // Tiles index several per-row / per-token arrays with the same loop variable.
 #![allow(clippy::needless_range_loop)]
@@ -146,7 +153,13 @@ pub(crate) unsafe fn f16_to_f32_row(src: &[u8], dst: &mut [f32]) {
 // ---------------------------------------------------------------------------------------------
 
 #[target_feature(enable = "avx2,fma")]
-pub(crate) unsafe fn quantize_q8(x: &[f32], qs: &mut [i8], d: &mut [f32], s: &mut [f32]) {
+pub(crate) unsafe fn quantize_q8(
+    x: &[f32],
+    qs: &mut [i8],
+    d: &mut [f32],
+    s: &mut [f32],
+    q8_1: bool,
+) {
     let nb = x.len() / QK;
     assert!(qs.len() >= nb * QK && d.len() >= nb && s.len() >= nb);
     let sign = _mm256_set1_ps(-0.0);
@@ -179,8 +192,7 @@ pub(crate) unsafe fn quantize_q8(x: &[f32], qs: &mut [i8], d: &mut [f32], s: &mu
         let packed = _mm256_packs_epi16(p01, p23);
         let packed = _mm256_permutevar8x32_epi32(packed, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7));
         _mm256_storeu_si256(qs.as_mut_ptr().add(b * QK) as *mut __m256i, packed);
-        d[b] = dd;
-        s[b] = dd * sum as f32;
+        (d[b], s[b]) = super::quant::q8_scales(dd, sum, q8_1);
     }
 }
 

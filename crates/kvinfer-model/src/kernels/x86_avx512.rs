@@ -7,7 +7,12 @@
 //! Nibble types unpack a block pair into 128-bit lanes `[b lo, b+1 lo, b hi, b+1 hi]`
 //! ("interleaved"; activations are shuffled to match once per pair and token), Q8_0 keeps the
 //! natural order `[b, b+1]`. Either way each 128-bit lane belongs to a single block, so the
-//! per-block scales are applied by a lane pattern built with one `vpermps`.
+//! per-block scales are applied by a lane pattern built with one `vpermps`. An odd last block
+//! is a pair step with zero activations in the second block's lanes.
+//!
+//! Batch invariance: decode (`dot_rows2`) and tiles (`tile2` + `min_corrections::<true>`)
+//! compute each (row, token) result with the same sequence of operations (see the comment
+//! above `dot_step2`), so a token's output bits do not depend on the batch or row grouping.
 
 // Tiles index several per-row / per-token arrays with the same loop variable.
 #![allow(clippy::needless_range_loop)]

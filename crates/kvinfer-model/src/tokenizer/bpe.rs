@@ -201,10 +201,10 @@ impl BpeModel {
 
     /// Byte ranges of the pre-tokenizer's words, in order, covering all of `text`.
     pub(crate) fn split_words(&self, text: &str) -> Vec<Range<usize>> {
-        let mut pieces = vec![0..text.len()];
         if text.is_empty() {
             return Vec::new();
         }
+        let mut pieces: Vec<Range<usize>> = std::iter::once(0..text.len()).collect();
         for regex in &self.regexes {
             let mut next = Vec::with_capacity(pieces.len() * 2);
             for piece in pieces {

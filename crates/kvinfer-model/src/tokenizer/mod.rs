@@ -1,21 +1,33 @@
 //! Text to token ids and back, id for id as llama.cpp does it.
 //!
 //! The reference is llama.cpp's `src/llama-vocab.cpp`: `llama_tokenize(text, add_special,
-//! parse_special)` and `llama_token_to_piece(id, special = false)`. Two tokenizer models are
-//! supported, chosen by GGUF `tokenizer.ggml.model`:
+//! parse_special)` and `llama_token_to_piece(id, special)`. Two tokenizer models are supported,
+//! chosen by GGUF `tokenizer.ggml.model`:
 //!
 //! - `"gpt2"`: byte-level BPE with merges and a pre-tokenizer chosen by `tokenizer.ggml.pre`
-//!   ([`bpe`]; SmolLM2 uses `"smollm"`);
-//! - `"llama"`: SentencePiece BPE by token score with byte fallback ([`spm`]; Gemma 3).
+//!   (`bpe.rs`; SmolLM2 uses `"smollm"`);
+//! - `"llama"`: SentencePiece BPE by token score with byte fallback (`spm.rs`; Gemma 3).
 //!
 //! Encoding runs in two steps, as in llama.cpp: special tokens are cut out of the text first
-//! ([`special`]), then each remaining raw-text fragment goes through the model. The vocabulary
-//! ([`vocab`]) applies llama.cpp's load-time fix-ups (tokens it recognises by text become
-//! control tokens; the end-of-generation set), since those change both encoding and decoding.
+//! (`special.rs`), then each remaining raw-text fragment goes through the model. The vocabulary
+//! (`vocab.rs`) applies llama.cpp's load-time fix-ups (tokens it recognises by text become control
+//! tokens; the end-of-generation set), since those change both encoding and decoding.
 //!
-//! The `tokenizers` crate provides the regex engine of the BPE pre-tokenizer; the merge loops
-//! are written out here because the GGUF data differs from what `tokenizers` models expect (SPM
-//! files have scores, not merges) and because llama.cpp's fallbacks must be matched exactly.
+//! The `tokenizers` crate provides the regex engine of the BPE pre-tokenizer; the merge loops are
+//! written out here because the GGUF data differs from what `tokenizers` models expect (SPM files
+//! have scores, not merges) and because llama.cpp's fallbacks must be matched exactly.
+//!
+//! `tests/tokenizer_llamacpp.rs` checks SmolLM2 and Gemma 3 against llama.cpp's ids on the
+//! committed corpus. Known differences from llama.cpp, none of which affects those two models:
+//! - llama.cpp picks the end-of-turn token among several candidates in hash-map order; here the
+//!   first of its list wins (`<|im_end|>` before `<|endoftext|>`). Both are end-of-generation
+//!   either way.
+//! - llama.cpp sets lstrip/rstrip attributes on special tokens for a few models by name (Phi-3,
+//!   Jina, ModernBERT); not done here.
+//! - Special tokens of equal length are tried in id order (llama.cpp: unspecified `std::sort`
+//!   order); this matters only when one such token's end is another's start.
+//! - A vocabulary without a byte token for some byte makes llama.cpp's SPM throw; here that byte
+//!   becomes `<unk>` (or is dropped without one).
 
 mod bpe;
 mod special;

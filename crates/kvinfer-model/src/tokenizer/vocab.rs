@@ -309,7 +309,7 @@ impl Vocab {
         let has = |text: &str| id_of(text).is_some();
         if let Some(end) = id_of("<|end|>") {
             let has_call = has("<|call|>") || has("<|calls|>");
-            if (has("<|return|>") && has_call) || (has_call && has("<|flush|>")) {
+            if has_call && (has("<|return|>") || has("<|flush|>")) {
                 eog.retain(|&id| id != end);
                 attrs[end as usize] = attr::USER_DEFINED;
             }

@@ -4,14 +4,23 @@ use std::path::PathBuf;
 
 /// The workspace root.
 pub fn root() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../..").canonicalize().unwrap()
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("../..")
+        .canonicalize()
+        .unwrap()
 }
 
 /// Path of a real model; panics with the install command when it is missing (CI installs them).
 pub fn model_path(file: &str) -> PathBuf {
-    let dir = std::env::var("KVINFER_MODELS").map(PathBuf::from).unwrap_or_else(|_| root().join("models"));
+    let dir = std::env::var("KVINFER_MODELS")
+        .map(PathBuf::from)
+        .unwrap_or_else(|_| root().join("models"));
     let p = dir.join(file);
-    assert!(p.is_file(), "model {} is missing: run scripts/get-models", p.display());
+    assert!(
+        p.is_file(),
+        "model {} is missing: run scripts/get-models",
+        p.display()
+    );
     p
 }
 
