@@ -57,7 +57,7 @@ pub fn run(a: BenchArgs, threads: usize) -> Result<()> {
         }
     }
     // One untimed run of each to page the weights in.
-    pp(&model, a.prompt_tokens.min(64), 7)?;
+    pp(&model, a.prompt_tokens.clamp(1, 64), 7)?;
     tg(&model, 4, 7)?;
     let reps = a.repetitions.max(1);
     let mut pps = Vec::new();

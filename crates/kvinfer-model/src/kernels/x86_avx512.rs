@@ -174,6 +174,7 @@ unsafe fn scale_min2<B: Block32x2>(p0: *const u8, p1: *const u8) -> __m128 {
 unsafe fn dot_step2<B: Block32x2, const R: usize, const TAIL: bool>(
     b: usize,
     w: &[*const u8; R],
+    pf: usize,
     yq: *const i8,
     yd: *const f32,
     ys: *const f32,
@@ -187,6 +188,13 @@ unsafe fn dot_step2<B: Block32x2, const R: usize, const TAIL: bool>(
     let dys = _mm_unpacklo_ps(dy, sy); // (d_y b, s_y b, d_y b+1, s_y b+1)
     for r in 0..R {
         let p0 = w[r].add(b * B::BYTES);
+        // Software prefetch of the same offset `pf` bytes ahead (the next rows' blocks): the
+        // decode kernel is bound by memory bandwidth, and the hardware prefetchers keep too
+        // few lines in flight for `R` interleaved row streams. A prefetch never faults, so
+        // running past the end of the matrix is harmless (hence `wrapping_add`).
+        if !TAIL && pf != 0 {
+            _mm_prefetch::<_MM_HINT_T0>(p0.wrapping_add(pf) as *const i8);
+        }
         let p1 = if TAIL { p0 } else { p0.add(B::BYTES) };
         let isum = _mm512_dpbusd_epi32(_mm512_setzero_si512(), B::quants2(p0, p1), y);
         // (d_w d_y, m_w s_y) of both blocks (zeros for the tail's missing block).
@@ -203,6 +211,7 @@ unsafe fn dot_step2<B: Block32x2, const R: usize, const TAIL: bool>(
 unsafe fn dot_rows2<B: Block32x2, const R: usize>(
     nb: usize,
     w: [*const u8; R],
+    pf: usize,
     yq: *const i8,
     yd: *const f32,
     ys: *const f32,
@@ -211,11 +220,11 @@ unsafe fn dot_rows2<B: Block32x2, const R: usize>(
     let mut corr = [_mm_setzero_ps(); R];
     let mut b = 0;
     while b + 2 <= nb {
-        dot_step2::<B, R, false>(b, &w, yq, yd, ys, &mut acc, &mut corr);
+        dot_step2::<B, R, false>(b, &w, pf, yq, yd, ys, &mut acc, &mut corr);
         b += 2;
     }
     if b < nb {
-        dot_step2::<B, R, true>(b, &w, yq, yd, ys, &mut acc, &mut corr);
+        dot_step2::<B, R, true>(b, &w, pf, yq, yd, ys, &mut acc, &mut corr);
     }
     let mut out = [0.0f32; R];
     for r in 0..R {
@@ -355,6 +364,11 @@ unsafe fn rows_block<B: Block32x2, const R: usize, const T: usize>(
     }
 }
 
+fn env_pf() -> Option<usize> {
+    static PF: std::sync::OnceLock<Option<usize>> = std::sync::OnceLock::new();
+    *PF.get_or_init(|| std::env::var("KVINFER_PF").ok()?.parse().ok())
+}
+
 #[inline(always)]
 unsafe fn rows<B: Block32x2>(
     w: &[u8],
@@ -369,17 +383,21 @@ unsafe fn rows<B: Block32x2>(
     let nb = acts.nb;
     let mut r = rows.start;
     if n_tokens == 1 {
+        // Decode: `DR` rows per pass (more independent loads in flight), prefetching the
+        // blocks `PF_ROWS` rows ahead. Row grouping does not change any row's operations.
+        const DR: usize = 4;
+        let pf = env_pf().unwrap_or(2 * DR) * row_bytes;
         let (yq, yd, ys) = (acts.qs.as_ptr(), acts.d.as_ptr(), acts.s.as_ptr());
         let row = |r: usize| w.as_ptr().add(r * row_bytes);
-        while r + R <= rows.end {
-            let v = dot_rows2::<B, R>(nb, [row(r), row(r + 1), row(r + 2), row(r + 3)], yq, yd, ys);
+        while r + DR <= rows.end {
+            let v = dot_rows2::<B, DR>(nb, std::array::from_fn(|k| row(r + k)), pf, yq, yd, ys);
             for (k, v) in v.into_iter().enumerate() {
                 out.write(r + k, 0, v);
             }
-            r += R;
+            r += DR;
         }
         while r < rows.end {
-            out.write(r, 0, dot_rows2::<B, 1>(nb, [row(r)], yq, yd, ys)[0]);
+            out.write(r, 0, dot_rows2::<B, 1>(nb, [row(r)], pf, yq, yd, ys)[0]);
             r += 1;
         }
         return;

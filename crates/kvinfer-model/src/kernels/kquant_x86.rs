@@ -1,0 +1,257 @@
+//! K-quant (Q4_K, Q6_K) x Q8_K kernels, AVX2: one weight row against `T` tokens at once.
+//!
+//! A tile unpacks each weight super-block (nibbles / 6-bit quants, 6-bit scales and mins) once
+//! and multiplies it with the Q8_K blocks of `T` tokens.
+//!
+//! Batch invariance: every (row, token) result follows the same sequence of float operations
+//! whatever `T` is (the decode path is the `T = 1` instance of the same code): per super-block,
+//! the same integer 8-lane sums (exact), one `d_w * d_y` product and one FMA into the token's own
+//! 8 lanes, the min correction as one running scalar sum; a horizontal sum at the end.
+
+// Tiles index several per-token arrays with the same loop variable.
+#![allow(clippy::needless_range_loop)]
+use std::arch::x86_64::*;
+
+use super::matmul::OutPtr;
+use super::quant::BlockQ8K;
+use super::x86::{f16_at, hsum_ps};
+use super::QMatRef;
+use crate::ggml_type::GgmlType;
+
+const Q4K_BYTES: usize = 144;
+const Q6K_BYTES: usize = 210;
+
+#[inline(always)]
+unsafe fn hsum_epi32(x: __m256i) -> i32 {
+    let r = _mm_add_epi32(_mm256_extracti128_si256(x, 1), _mm256_castsi256_si128(x));
+    let r = _mm_add_epi32(r, _mm_unpackhi_epi64(r, r));
+    let r = _mm_add_epi32(r, _mm_shuffle_epi32(r, 0b10_11_00_01));
+    _mm_cvtsi128_si32(r)
+}
+
+/// The 8 scales and 8 mins of a Q4_K block (12 packed bytes at `p`), as two u64 of bytes.
+#[inline(always)]
+unsafe fn q4k_scales_mins(p: *const u8) -> (u64, u64) {
+    const KMASK1: u32 = 0x3f3f_3f3f;
+    const KMASK2: u32 = 0x0f0f_0f0f;
+    const KMASK3: u32 = 0x0303_0303;
+    let u0 = (p as *const u32).read_unaligned();
+    let u1 = (p.add(4) as *const u32).read_unaligned();
+    let u2 = (p.add(8) as *const u32).read_unaligned();
+    let s0 = u0 & KMASK1;
+    let s1 = (u2 & KMASK2) | (((u0 >> 6) & KMASK3) << 4);
+    let m0 = u1 & KMASK1;
+    let m1 = ((u2 >> 4) & KMASK2) | (((u1 >> 6) & KMASK3) << 4);
+    (
+        s0 as u64 | ((s1 as u64) << 32),
+        m0 as u64 | ((m1 as u64) << 32),
+    )
+}
+
+/// One Q4_K row (`nb` blocks at `w`) . `T` tokens' Q8_K blocks (`acts[t]`, `nb` each).
+#[inline(always)]
+unsafe fn q4k_tile<const T: usize>(
+    w: *const u8,
+    nb: usize,
+    acts: [*const BlockQ8K; T],
+) -> [f32; T] {
+    let m4 = _mm256_set1_epi8(0xF);
+    let mut acc = [_mm256_setzero_ps(); T];
+    let mut summ = [0.0f32; T];
+    for i in 0..nb {
+        let p = w.add(i * Q4K_BYTES);
+        let (sc, mn) = q4k_scales_mins(p.add(4));
+        // Each min twice (m0 m0 m1 m1 ...), as 16 i16, against the 16 bsums.
+        let mn = _mm_cvtsi64_si128(mn as i64);
+        let mins = _mm256_cvtepu8_epi16(_mm_unpacklo_epi8(mn, mn));
+        let mut isum = [_mm256_setzero_si256(); T];
+        for j in 0..4 {
+            let q = _mm256_loadu_si256(p.add(16 + 32 * j) as *const __m256i);
+            let lo = _mm256_and_si256(q, m4);
+            let hi = _mm256_and_si256(_mm256_srli_epi16(q, 4), m4);
+            let s1 = _mm256_set1_epi16(((sc >> (16 * j)) & 0xFF) as i16);
+            let s2 = _mm256_set1_epi16(((sc >> (16 * j + 8)) & 0xFF) as i16);
+            for t in 0..T {
+                let ys = (*acts[t].add(i)).qs.as_ptr();
+                let ylo = _mm256_loadu_si256(ys.add(64 * j) as *const __m256i);
+                let yhi = _mm256_loadu_si256(ys.add(64 * j + 32) as *const __m256i);
+                let plo = _mm256_madd_epi16(_mm256_maddubs_epi16(lo, ylo), s1);
+                let phi = _mm256_madd_epi16(_mm256_maddubs_epi16(hi, yhi), s2);
+                isum[t] = _mm256_add_epi32(isum[t], _mm256_add_epi32(plo, phi));
+            }
+        }
+        let dw = f16_at(p);
+        let mw = f16_at(p.add(2));
+        for t in 0..T {
+            let y = &*acts[t].add(i);
+            let bs = _mm256_loadu_si256(y.bsums.as_ptr() as *const __m256i);
+            let msum = hsum_epi32(_mm256_madd_epi16(bs, mins));
+            let d = dw * y.d;
+            let dmin = mw * y.d;
+            acc[t] = _mm256_fmadd_ps(_mm256_set1_ps(d), _mm256_cvtepi32_ps(isum[t]), acc[t]);
+            summ[t] += dmin * msum as f32;
+        }
+    }
+    let mut out = [0.0f32; T];
+    for t in 0..T {
+        out[t] = hsum_ps(acc[t]) - summ[t];
+    }
+    out
+}
+
+/// One Q6_K row (`nb` blocks at `w`) . `T` tokens' Q8_K blocks (`acts[t]`, `nb` each).
+#[inline(always)]
+unsafe fn q6k_tile<const T: usize>(
+    w: *const u8,
+    nb: usize,
+    acts: [*const BlockQ8K; T],
+) -> [f32; T] {
+    let m4 = _mm256_set1_epi8(0xF);
+    let m30 = _mm256_set1_epi8(0x30);
+    let mut acc = [_mm256_setzero_ps(); T];
+    for i in 0..nb {
+        let p = w.add(i * Q6K_BYTES);
+        let sc = p.add(192) as *const i8;
+        let sc16 = _mm256_cvtepi8_epi16(_mm_loadu_si128(sc as *const __m128i));
+        let mut isum = [_mm256_setzero_si256(); T];
+        for half in 0..2 {
+            let ql0 = _mm256_loadu_si256(p.add(64 * half) as *const __m256i);
+            let ql1 = _mm256_loadu_si256(p.add(64 * half + 32) as *const __m256i);
+            let qh = _mm256_loadu_si256(p.add(128 + 32 * half) as *const __m256i);
+            for k in 0..4 {
+                let qk = match k {
+                    0 => _mm256_or_si256(
+                        _mm256_and_si256(ql0, m4),
+                        _mm256_and_si256(_mm256_slli_epi16(qh, 4), m30),
+                    ),
+                    1 => _mm256_or_si256(
+                        _mm256_and_si256(ql1, m4),
+                        _mm256_and_si256(_mm256_slli_epi16(qh, 2), m30),
+                    ),
+                    2 => _mm256_or_si256(
+                        _mm256_and_si256(_mm256_srli_epi16(ql0, 4), m4),
+                        _mm256_and_si256(qh, m30),
+                    ),
+                    _ => _mm256_or_si256(
+                        _mm256_and_si256(_mm256_srli_epi16(ql1, 4), m4),
+                        _mm256_and_si256(_mm256_srli_epi16(qh, 2), m30),
+                    ),
+                };
+                let s0 = *sc.add(8 * half + 2 * k) as i16;
+                let s1 = *sc.add(8 * half + 2 * k + 1) as i16;
+                let scale = _mm256_set_m128i(_mm_set1_epi16(s1), _mm_set1_epi16(s0));
+                for t in 0..T {
+                    let ys = (*acts[t].add(i)).qs.as_ptr();
+                    let y = _mm256_loadu_si256(ys.add(128 * half + 32 * k) as *const __m256i);
+                    let prod = _mm256_madd_epi16(_mm256_maddubs_epi16(qk, y), scale);
+                    isum[t] = _mm256_add_epi32(isum[t], prod);
+                }
+            }
+        }
+        let dw = f16_at(p.add(208));
+        for t in 0..T {
+            let y = &*acts[t].add(i);
+            // The -32 offset: -32 * sum_g sc[g] * bsums[g].
+            let bs = _mm256_loadu_si256(y.bsums.as_ptr() as *const __m256i);
+            let off = hsum_epi32(_mm256_madd_epi16(bs, sc16));
+            let isum =
+                _mm256_sub_epi32(isum[t], _mm256_setr_epi32(32 * off, 0, 0, 0, 0, 0, 0, 0));
+            let d = dw * y.d;
+            acc[t] = _mm256_fmadd_ps(_mm256_set1_ps(d), _mm256_cvtepi32_ps(isum), acc[t]);
+        }
+    }
+    let mut out = [0.0f32; T];
+    for t in 0..T {
+        out[t] = hsum_ps(acc[t]);
+    }
+    out
+}
+
+/// Q4_K row (`row.len() / 144` blocks) . Q8_K activations (one token).
+#[target_feature(enable = "avx2,fma,f16c")]
+pub(crate) unsafe fn dot_q4_k(row: &[u8], act: &[BlockQ8K]) -> f32 {
+    let nb = row.len() / Q4K_BYTES;
+    assert!(act.len() >= nb);
+    q4k_tile::<1>(row.as_ptr(), nb, [act.as_ptr()])[0]
+}
+
+/// Q6_K row (`row.len() / 210` blocks) . Q8_K activations (one token).
+#[target_feature(enable = "avx2,fma,f16c")]
+pub(crate) unsafe fn dot_q6_k(row: &[u8], act: &[BlockQ8K]) -> f32 {
+    let nb = row.len() / Q6K_BYTES;
+    assert!(act.len() >= nb);
+    q6k_tile::<1>(row.as_ptr(), nb, [act.as_ptr()])[0]
+}
+
+/// Token groups of 4 (then single tokens) outer, rows `rr` inner: the rows' weights stay in
+/// L1/L2 while a group's activations are reused across them.
+#[inline(always)]
+unsafe fn k_rows_impl<const Q4: bool>(
+    w: QMatRef,
+    row_bytes: usize,
+    rr: std::ops::Range<usize>,
+    acts: &[BlockQ8K],
+    n_tokens: usize,
+    out: OutPtr,
+) {
+    const TT: usize = 4;
+    let nb = w.cols / crate::ggml_type::QK_K;
+    let a = acts.as_ptr();
+    let wp = w.data.as_ptr();
+    let mut t0 = 0;
+    while t0 + TT <= n_tokens {
+        let ap: [*const BlockQ8K; TT] = [
+            a.add(t0 * nb),
+            a.add((t0 + 1) * nb),
+            a.add((t0 + 2) * nb),
+            a.add((t0 + 3) * nb),
+        ];
+        for r in rr.clone() {
+            let p = wp.add(r * row_bytes);
+            let v = if Q4 {
+                q4k_tile::<TT>(p, nb, ap)
+            } else {
+                q6k_tile::<TT>(p, nb, ap)
+            };
+            for k in 0..TT {
+                out.write(r, t0 + k, v[k]);
+            }
+        }
+        t0 += TT;
+    }
+    for t in t0..n_tokens {
+        for r in rr.clone() {
+            let p = wp.add(r * row_bytes);
+            let ap = [a.add(t * nb)];
+            let v = if Q4 {
+                q4k_tile::<1>(p, nb, ap)
+            } else {
+                q6k_tile::<1>(p, nb, ap)
+            };
+            out.write(r, t, v[0]);
+        }
+    }
+}
+
+/// Rows `rr` of a Q4_K / Q6_K matrix, all tokens.
+///
+/// # Safety
+/// AVX2 + FMA + F16C; rows `rr` are written by this call only (`out` holds `n_tokens` rows of
+/// `w.rows`).
+#[target_feature(enable = "avx2,fma,f16c")]
+pub(crate) unsafe fn k_rows(
+    w: QMatRef,
+    row_bytes: usize,
+    rr: std::ops::Range<usize>,
+    acts: &[BlockQ8K],
+    n_tokens: usize,
+    out: OutPtr,
+) {
+    assert!(acts.len() >= n_tokens * (w.cols / crate::ggml_type::QK_K));
+    assert!(w.data.len() >= rr.end * row_bytes);
+    if w.ty == GgmlType::Q4_K {
+        k_rows_impl::<true>(w, row_bytes, rr, acts, n_tokens, out);
+    } else {
+        k_rows_impl::<false>(w, row_bytes, rr, acts, n_tokens, out);
+    }
+}
