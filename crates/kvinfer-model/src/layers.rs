@@ -132,7 +132,9 @@ fn par_pairs(a: &mut [f32], b: &[f32], f: impl Fn(&mut [f32], &[f32]) + Sync) {
     if a.len() <= CHUNK {
         f(a, b);
     } else {
-        a.par_chunks_mut(CHUNK).zip(b.par_chunks(CHUNK)).for_each(|(a, b)| f(a, b));
+        a.par_chunks_mut(CHUNK)
+            .zip(b.par_chunks(CHUNK))
+            .for_each(|(a, b)| f(a, b));
     }
 }
 

@@ -124,9 +124,16 @@ fn check_model(alias: &str, file: &str) {
                 .map(|b| f16::from_le_bytes([b[0], b[1]]).to_f32())
                 .collect();
             let cos = cosine(&logits, &reference);
-            report.push(format!("#{i} first-step cosine {cos:.6}"));
-            if cos <= 0.999 {
-                failures.push(format!("#{i} first-step logits cosine {cos} <= 0.999"));
+            // The bar is 0.999, or llama.cpp's own agreement with itself (its batched vs
+            // token-by-token logits on this prompt) where that is lower: no engine can be asked
+            // to match llama.cpp more closely than llama.cpp matches itself.
+            let own = c["llamacpp_self_noise"]["cosine"].as_f64().unwrap_or(1.0);
+            let bar = own.min(0.999);
+            report.push(format!(
+                "#{i} first-step cosine {cos:.6} (bar {bar:.6}; llama.cpp vs itself {own:.6})"
+            ));
+            if cos <= bar {
+                failures.push(format!("#{i} first-step logits cosine {cos} <= {bar}"));
             }
         }
         // Greedy generation, token for token.

@@ -6,7 +6,7 @@
 //! Batch invariance: every (row, token) result follows the same sequence of float operations
 //! whatever `T` is (the decode path is the `T = 1` instance of the same code): per super-block,
 //! the same integer 8-lane sums (exact), one `d_w * d_y` product and one FMA into the token's own
-//! 8 lanes, the min correction as one running scalar sum; a horizontal sum at the end.
+//! 8 lanes (Q4_K: then one FNMA of the 8 lanes of min corrections), a horizontal sum at the end.
 
 // Tiles index several per-token arrays with the same loop variable.
 #![allow(clippy::needless_range_loop)]
@@ -15,19 +15,11 @@ use std::arch::x86_64::*;
 use super::matmul::OutPtr;
 use super::quant::BlockQ8K;
 use super::x86::{f16_at, hsum_ps};
-use super::QMatRef;
+use super::{QMatRef, SimdLevel};
 use crate::ggml_type::GgmlType;
 
 const Q4K_BYTES: usize = 144;
 const Q6K_BYTES: usize = 210;
-
-#[inline(always)]
-unsafe fn hsum_epi32(x: __m256i) -> i32 {
-    let r = _mm_add_epi32(_mm256_extracti128_si256(x, 1), _mm256_castsi256_si128(x));
-    let r = _mm_add_epi32(r, _mm_unpackhi_epi64(r, r));
-    let r = _mm_add_epi32(r, _mm_shuffle_epi32(r, 0b10_11_00_01));
-    _mm_cvtsi128_si32(r)
-}
 
 /// The 8 scales and 8 mins of a Q4_K block (12 packed bytes at `p`), as two u64 of bytes.
 #[inline(always)]
@@ -48,6 +40,21 @@ unsafe fn q4k_scales_mins(p: *const u8) -> (u64, u64) {
     )
 }
 
+/// `pshufb` mask: every byte = `i`.
+#[inline(always)]
+unsafe fn bcast_byte(i: usize) -> __m128i {
+    _mm_set1_epi8(i as i8)
+}
+
+/// `pshufb` mask: bytes 0..8 = `i`, bytes 8..16 = `i + 1`.
+#[inline(always)]
+unsafe fn bcast_pair(i: usize) -> __m128i {
+    _mm_set_epi64x(
+        0x0101_0101_0101_0101 * (i as i64 + 1),
+        0x0101_0101_0101_0101 * i as i64,
+    )
+}
+
 /// One Q4_K row (`nb` blocks at `w`) . `T` tokens' Q8_K blocks (`acts[t]`, `nb` each).
 #[inline(always)]
 unsafe fn q4k_tile<const T: usize>(
@@ -57,10 +64,10 @@ unsafe fn q4k_tile<const T: usize>(
 ) -> [f32; T] {
     let m4 = _mm256_set1_epi8(0xF);
     let mut acc = [_mm256_setzero_ps(); T];
-    let mut summ = [0.0f32; T];
     for i in 0..nb {
         let p = w.add(i * Q4K_BYTES);
         let (sc, mn) = q4k_scales_mins(p.add(4));
+        let scv = _mm_cvtsi64_si128(sc as i64);
         // Each min twice (m0 m0 m1 m1 ...), as 16 i16, against the 16 bsums.
         let mn = _mm_cvtsi64_si128(mn as i64);
         let mins = _mm256_cvtepu8_epi16(_mm_unpacklo_epi8(mn, mn));
@@ -69,8 +76,8 @@ unsafe fn q4k_tile<const T: usize>(
             let q = _mm256_loadu_si256(p.add(16 + 32 * j) as *const __m256i);
             let lo = _mm256_and_si256(q, m4);
             let hi = _mm256_and_si256(_mm256_srli_epi16(q, 4), m4);
-            let s1 = _mm256_set1_epi16(((sc >> (16 * j)) & 0xFF) as i16);
-            let s2 = _mm256_set1_epi16(((sc >> (16 * j + 8)) & 0xFF) as i16);
+            let s1 = _mm256_cvtepu8_epi16(_mm_shuffle_epi8(scv, bcast_byte(2 * j)));
+            let s2 = _mm256_cvtepu8_epi16(_mm_shuffle_epi8(scv, bcast_byte(2 * j + 1)));
             for t in 0..T {
                 let ys = (*acts[t].add(i)).qs.as_ptr();
                 let ylo = _mm256_loadu_si256(ys.add(64 * j) as *const __m256i);
@@ -84,17 +91,18 @@ unsafe fn q4k_tile<const T: usize>(
         let mw = f16_at(p.add(2));
         for t in 0..T {
             let y = &*acts[t].add(i);
+            // The mins part, 8 lanes of m_k * (bsums[2k] + bsums[2k + 1]).
             let bs = _mm256_loadu_si256(y.bsums.as_ptr() as *const __m256i);
-            let msum = hsum_epi32(_mm256_madd_epi16(bs, mins));
+            let msum = _mm256_cvtepi32_ps(_mm256_madd_epi16(bs, mins));
             let d = dw * y.d;
             let dmin = mw * y.d;
             acc[t] = _mm256_fmadd_ps(_mm256_set1_ps(d), _mm256_cvtepi32_ps(isum[t]), acc[t]);
-            summ[t] += dmin * msum as f32;
+            acc[t] = _mm256_fnmadd_ps(_mm256_set1_ps(dmin), msum, acc[t]);
         }
     }
     let mut out = [0.0f32; T];
     for t in 0..T {
-        out[t] = hsum_ps(acc[t]) - summ[t];
+        out[t] = hsum_ps(acc[t]);
     }
     out
 }
@@ -112,7 +120,8 @@ unsafe fn q6k_tile<const T: usize>(
     for i in 0..nb {
         let p = w.add(i * Q6K_BYTES);
         let sc = p.add(192) as *const i8;
-        let sc16 = _mm256_cvtepi8_epi16(_mm_loadu_si128(sc as *const __m128i));
+        let scv = _mm_loadu_si128(sc as *const __m128i);
+        let sc16 = _mm256_cvtepi8_epi16(scv);
         let mut isum = [_mm256_setzero_si256(); T];
         for half in 0..2 {
             let ql0 = _mm256_loadu_si256(p.add(64 * half) as *const __m256i);
@@ -137,9 +146,9 @@ unsafe fn q6k_tile<const T: usize>(
                         _mm256_and_si256(_mm256_srli_epi16(qh, 2), m30),
                     ),
                 };
-                let s0 = *sc.add(8 * half + 2 * k) as i16;
-                let s1 = *sc.add(8 * half + 2 * k + 1) as i16;
-                let scale = _mm256_set_m128i(_mm_set1_epi16(s1), _mm_set1_epi16(s0));
+                // sc[i] in the low 128 bits' 8 lanes, sc[i + 1] in the high ones.
+                let scale =
+                    _mm256_cvtepi8_epi16(_mm_shuffle_epi8(scv, bcast_pair(8 * half + 2 * k)));
                 for t in 0..T {
                     let ys = (*acts[t].add(i)).qs.as_ptr();
                     let y = _mm256_loadu_si256(ys.add(128 * half + 32 * k) as *const __m256i);
@@ -153,9 +162,8 @@ unsafe fn q6k_tile<const T: usize>(
             let y = &*acts[t].add(i);
             // The -32 offset: -32 * sum_g sc[g] * bsums[g].
             let bs = _mm256_loadu_si256(y.bsums.as_ptr() as *const __m256i);
-            let off = hsum_epi32(_mm256_madd_epi16(bs, sc16));
-            let isum =
-                _mm256_sub_epi32(isum[t], _mm256_setr_epi32(32 * off, 0, 0, 0, 0, 0, 0, 0));
+            let off = _mm256_slli_epi32(_mm256_madd_epi16(bs, sc16), 5);
+            let isum = _mm256_sub_epi32(isum[t], off);
             let d = dw * y.d;
             acc[t] = _mm256_fmadd_ps(_mm256_set1_ps(d), _mm256_cvtepi32_ps(isum), acc[t]);
         }
@@ -186,7 +194,7 @@ pub(crate) unsafe fn dot_q6_k(row: &[u8], act: &[BlockQ8K]) -> f32 {
 /// Token groups of 4 (then single tokens) outer, rows `rr` inner: the rows' weights stay in
 /// L1/L2 while a group's activations are reused across them.
 #[inline(always)]
-unsafe fn k_rows_impl<const Q4: bool>(
+unsafe fn k_rows_impl<const Q4: bool, const TT: usize>(
     w: QMatRef,
     row_bytes: usize,
     rr: std::ops::Range<usize>,
@@ -194,18 +202,12 @@ unsafe fn k_rows_impl<const Q4: bool>(
     n_tokens: usize,
     out: OutPtr,
 ) {
-    const TT: usize = 4;
     let nb = w.cols / crate::ggml_type::QK_K;
     let a = acts.as_ptr();
     let wp = w.data.as_ptr();
     let mut t0 = 0;
     while t0 + TT <= n_tokens {
-        let ap: [*const BlockQ8K; TT] = [
-            a.add(t0 * nb),
-            a.add((t0 + 1) * nb),
-            a.add((t0 + 2) * nb),
-            a.add((t0 + 3) * nb),
-        ];
+        let ap: [*const BlockQ8K; TT] = std::array::from_fn(|k| a.add((t0 + k) * nb));
         for r in rr.clone() {
             let p = wp.add(r * row_bytes);
             let v = if Q4 {
@@ -233,13 +235,13 @@ unsafe fn k_rows_impl<const Q4: bool>(
     }
 }
 
-/// Rows `rr` of a Q4_K / Q6_K matrix, all tokens.
+/// Rows `rr` of a Q4_K / Q6_K matrix, all tokens, at SIMD `level` (AVX2 or better).
 ///
 /// # Safety
-/// AVX2 + FMA + F16C; rows `rr` are written by this call only (`out` holds `n_tokens` rows of
-/// `w.rows`).
-#[target_feature(enable = "avx2,fma,f16c")]
+/// The CPU has `level`; rows `rr` are written by this call only (`out` holds `n_tokens` rows
+/// of `w.rows`).
 pub(crate) unsafe fn k_rows(
+    level: SimdLevel,
     w: QMatRef,
     row_bytes: usize,
     rr: std::ops::Range<usize>,
@@ -249,9 +251,90 @@ pub(crate) unsafe fn k_rows(
 ) {
     assert!(acts.len() >= n_tokens * (w.cols / crate::ggml_type::QK_K));
     assert!(w.data.len() >= rr.end * row_bytes);
-    if w.ty == GgmlType::Q4_K {
-        k_rows_impl::<true>(w, row_bytes, rr, acts, n_tokens, out);
+    if level >= SimdLevel::Avx2Vnni {
+        k_rows_avx512(w, row_bytes, rr, acts, n_tokens, out);
     } else {
-        k_rows_impl::<false>(w, row_bytes, rr, acts, n_tokens, out);
+        k_rows_avx2(w, row_bytes, rr, acts, n_tokens, out);
+    }
+}
+
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn k_rows_avx2(
+    w: QMatRef,
+    row_bytes: usize,
+    rr: std::ops::Range<usize>,
+    acts: &[BlockQ8K],
+    n_tokens: usize,
+    out: OutPtr,
+) {
+    if w.ty == GgmlType::Q4_K {
+        k_rows_impl::<true, 4>(w, row_bytes, rr, acts, n_tokens, out);
+    } else {
+        k_rows_impl::<false, 4>(w, row_bytes, rr, acts, n_tokens, out);
+    }
+}
+
+/// The same code with AVX-512VL's 32 vector registers (no spills of the 4 tokens' sums).
+#[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl")]
+unsafe fn k_rows_avx512(
+    w: QMatRef,
+    row_bytes: usize,
+    rr: std::ops::Range<usize>,
+    acts: &[BlockQ8K],
+    n_tokens: usize,
+    out: OutPtr,
+) {
+    if w.ty == GgmlType::Q4_K {
+        k_rows_impl::<true, 8>(w, row_bytes, rr, acts, n_tokens, out);
+    } else {
+        k_rows_impl::<false, 4>(w, row_bytes, rr, acts, n_tokens, out);
+    }
+}
+
+/// `min(top, round_half_even(s * x))` for 8 values at `p`.
+#[inline(always)]
+unsafe fn q8k_8(s: __m256, p: *const f32, top: __m256i) -> __m256i {
+    let v = _mm256_mul_ps(s, _mm256_loadu_ps(p));
+    _mm256_min_epi32(_mm256_cvtps_epi32(v), top)
+}
+
+/// [`super::quant::quantize_q8_k`] with AVX2, bit-identical to it (same max search semantics:
+/// the first value of largest magnitude; `cvtps` rounds half to even like `nearest_int`).
+#[target_feature(enable = "avx2,fma,f16c")]
+pub(crate) unsafe fn quantize_q8_k(x: &[f32], out: &mut [BlockQ8K]) {
+    const QK_K: usize = crate::ggml_type::QK_K;
+    assert!(out.len() >= x.len() / QK_K);
+    let sign = _mm256_set1_ps(-0.0);
+    for (xb, blk) in x.chunks_exact(QK_K).zip(out.iter_mut()) {
+        let p = xb.as_ptr();
+        let mut m = _mm256_setzero_ps();
+        for i in 0..QK_K / 8 {
+            // `max_ps(a, m)` returns `m` when `a` is NaN, as the scalar `>` test skips NaN.
+            m = _mm256_max_ps(_mm256_andnot_ps(sign, _mm256_loadu_ps(p.add(8 * i))), m);
+        }
+        let r = _mm_max_ps(_mm256_extractf128_ps(m, 1), _mm256_castps256_ps128(m));
+        let r = _mm_max_ps(r, _mm_movehl_ps(r, r));
+        let r = _mm_max_ss(r, _mm_movehdup_ps(r));
+        let amax = _mm_cvtss_f32(r);
+        if amax == 0.0 {
+            *blk = BlockQ8K::ZERO;
+            continue;
+        }
+        let max = *xb.iter().find(|v| v.abs() == amax).unwrap_or(&amax);
+        let iscale = -127.0 / max;
+        let vs = _mm256_set1_ps(iscale);
+        let top = _mm256_set1_epi32(127);
+        let perm = _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7);
+        for i in 0..QK_K / 32 {
+            let pi = p.add(32 * i);
+            let ab = _mm256_packs_epi32(q8k_8(vs, pi, top), q8k_8(vs, pi.add(8), top));
+            let cd = _mm256_packs_epi32(q8k_8(vs, pi.add(16), top), q8k_8(vs, pi.add(24), top));
+            let b = _mm256_permutevar8x32_epi32(_mm256_packs_epi16(ab, cd), perm);
+            _mm256_storeu_si256(blk.qs.as_mut_ptr().add(32 * i) as *mut __m256i, b);
+        }
+        for (g, bs) in blk.bsums.iter_mut().enumerate() {
+            *bs = blk.qs[16 * g..16 * g + 16].iter().map(|&q| q as i16).sum();
+        }
+        blk.d = 1.0 / iscale;
     }
 }

@@ -128,11 +128,26 @@ pub(crate) fn matmul_with(level: SimdLevel, w: QMatRef, x: &[f32], n_tokens: usi
                 let nb = cols / QK_K;
                 acts.clear();
                 acts.resize(n_tokens * nb, BlockQ8K::ZERO);
-                for (xt, at) in x.chunks_exact(cols).zip(acts.chunks_exact_mut(nb)) {
-                    quant::quantize_q8_k(xt, at);
+                if n_tokens * cols >= 1 << 14 {
+                    x.par_chunks_exact(cols)
+                        .zip(acts.par_chunks_exact_mut(nb))
+                        .for_each(|(xt, at)| quantize_q8_k(level, xt, at));
+                } else {
+                    for (xt, at) in x.chunks_exact(cols).zip(acts.chunks_exact_mut(nb)) {
+                        quantize_q8_k(level, xt, at);
+                    }
                 }
                 let acts = &*acts;
                 par_rows(rows, cols, n_tokens, |rr| {
+                    #[cfg(target_arch = "x86_64")]
+                    if level >= SimdLevel::Avx2 {
+                        // SAFETY: level was detected (or checked by the tests); rows `rr` are
+                        // this task's alone; shapes checked above.
+                        unsafe {
+                            super::kquant_x86::k_rows(level, w, row_bytes, rr, acts, n_tokens, out)
+                        };
+                        return;
+                    }
                     for r in rr {
                         let row = &w.data[r * row_bytes..(r + 1) * row_bytes];
                         for (t, at) in acts.chunks_exact(nb).enumerate() {
@@ -245,6 +260,17 @@ unsafe fn q32_rows(
             }
         }
     }
+}
+
+/// One token's Q8_K activations (bit-identical at every level).
+fn quantize_q8_k(level: SimdLevel, x: &[f32], out: &mut [BlockQ8K]) {
+    #[cfg(target_arch = "x86_64")]
+    if level >= SimdLevel::Avx2 {
+        // SAFETY: level was detected (or checked by the tests).
+        return unsafe { super::kquant_x86::quantize_q8_k(x, out) };
+    }
+    let _ = level;
+    quant::quantize_q8_k(x, out)
 }
 
 /// One K-quant row . one token's Q8_K blocks.

@@ -13,6 +13,8 @@ use std::sync::OnceLock;
 
 use crate::ggml_type::GgmlType;
 
+#[cfg(target_arch = "x86_64")]
+mod kquant_x86;
 mod matmul;
 pub mod quant;
 #[cfg(test)]

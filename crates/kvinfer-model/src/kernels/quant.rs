@@ -343,6 +343,13 @@ impl BlockQ8K {
     };
 }
 
+/// `x.round_ties_even() as i32` for |x| < 2^22 (llama.cpp's `nearest_int`; no libm call).
+#[inline(always)]
+fn nearest_int(x: f32) -> i32 {
+    let v = x + 12582912.0;
+    (v.to_bits() & 0x007f_ffff) as i32 - 0x0040_0000
+}
+
 /// Quantize `x` (a multiple of 256 values) into `out` (one block per 256) exactly as llama.cpp's
 /// `quantize_row_q8_K_ref`: the scale comes from the value of largest magnitude *with its sign*
 /// (`iscale = -127 / max`, so `d = 1 / iscale` may be negative), `q = min(127, round(iscale * x))`.
@@ -361,7 +368,7 @@ pub fn quantize_q8_k(x: &[f32], out: &mut [BlockQ8K]) {
         }
         let iscale = -127.0 / max;
         for (q, &v) in blk.qs.iter_mut().zip(xb) {
-            *q = ((iscale * v).round_ties_even() as i32).min(127) as i8;
+            *q = nearest_int(iscale * v).min(127) as i8;
         }
         for (g, bs) in blk.bsums.iter_mut().enumerate() {
             *bs = blk.qs[16 * g..16 * g + 16].iter().map(|&q| q as i16).sum();

@@ -536,3 +536,36 @@ fn matmul_thread_invariant_all_levels() {
         }
     }
 }
+
+/// The AVX2 Q8_K activation quantization is bit-identical to the scalar reference.
+#[cfg(target_arch = "x86_64")]
+#[test]
+fn simd_quantize_q8_k_is_bit_identical() {
+    if SimdLevel::available().len() < 2 {
+        return;
+    }
+    let mut rng = StdRng::seed_from_u64(9);
+    for case in 0..40 {
+        let mut x = random_f32(&mut rng, 4 * QK_K);
+        match case % 4 {
+            // Zero blocks, rounding ties (case 1: a tie in magnitude, opposite signs).
+            2 => x[..QK_K].iter_mut().for_each(|v| *v = 0.0),
+            3 => x.iter_mut().for_each(|v| *v = (*v * 8.0).round() * 0.5),
+            _ => {}
+        }
+        if case % 4 == 1 {
+            x[QK_K + 3] = 9.0f32.max(x[QK_K + 3].abs());
+            x[QK_K + 7] = -x[QK_K + 3];
+        }
+        let mut want = vec![BlockQ8K::ZERO; 4];
+        let mut got = vec![BlockQ8K::ZERO; 4];
+        quant::quantize_q8_k(&x, &mut want);
+        // SAFETY: AVX2 available.
+        unsafe { super::kquant_x86::quantize_q8_k(&x, &mut got) };
+        for (a, b) in got.iter().zip(&want) {
+            assert_eq!(a.d.to_bits(), b.d.to_bits(), "case {case}");
+            assert_eq!(a.qs, b.qs, "case {case}");
+            assert_eq!(a.bsums, b.bsums, "case {case}");
+        }
+    }
+}

@@ -20,7 +20,9 @@ use std::arch::x86_64::*;
 
 use super::matmul::OutPtr;
 use super::quant::{Q8Acts, QK};
-use super::x86::{min_corrections, Block32, Q4_0, Q4_1, Q5_0, Q5_1, Q8_0};
+use super::x86::{
+    decode_prefetch_distance, min_corrections, Block32, Q4_0, Q4_1, Q5_0, Q5_1, Q8_0,
+};
 use crate::ggml_type::GgmlType;
 
 /// Unpacking of two consecutive blocks into one 512-bit vector of unsigned quants.
@@ -364,9 +366,32 @@ unsafe fn rows_block<B: Block32x2, const R: usize, const T: usize>(
     }
 }
 
-fn env_pf() -> Option<usize> {
-    static PF: std::sync::OnceLock<Option<usize>> = std::sync::OnceLock::new();
-    *PF.get_or_init(|| std::env::var("KVINFER_PF").ok()?.parse().ok())
+/// Decode (one token): `DR` rows per pass (more independent loads in flight), prefetching
+/// the blocks a few rows ahead. Row grouping does not change any row's operations.
+#[inline(always)]
+unsafe fn decode_rows<B: Block32x2, const DR: usize>(
+    w: &[u8],
+    row_bytes: usize,
+    rows: std::ops::Range<usize>,
+    acts: &Q8Acts,
+    out: OutPtr,
+) {
+    let nb = acts.nb;
+    let pf = decode_prefetch_distance(row_bytes, DR);
+    let (yq, yd, ys) = (acts.qs.as_ptr(), acts.d.as_ptr(), acts.s.as_ptr());
+    let row = |r: usize| w.as_ptr().add(r * row_bytes);
+    let mut r = rows.start;
+    while r + DR <= rows.end {
+        let v = dot_rows2::<B, DR>(nb, std::array::from_fn(|k| row(r + k)), pf, yq, yd, ys);
+        for (k, v) in v.into_iter().enumerate() {
+            out.write(r + k, 0, v);
+        }
+        r += DR;
+    }
+    while r < rows.end {
+        out.write(r, 0, dot_rows2::<B, 1>(nb, [row(r)], pf, yq, yd, ys)[0]);
+        r += 1;
+    }
 }
 
 #[inline(always)]
@@ -383,23 +408,7 @@ unsafe fn rows<B: Block32x2>(
     let nb = acts.nb;
     let mut r = rows.start;
     if n_tokens == 1 {
-        // Decode: `DR` rows per pass (more independent loads in flight), prefetching the
-        // blocks `PF_ROWS` rows ahead. Row grouping does not change any row's operations.
-        const DR: usize = 4;
-        let pf = env_pf().unwrap_or(2 * DR) * row_bytes;
-        let (yq, yd, ys) = (acts.qs.as_ptr(), acts.d.as_ptr(), acts.s.as_ptr());
-        let row = |r: usize| w.as_ptr().add(r * row_bytes);
-        while r + DR <= rows.end {
-            let v = dot_rows2::<B, DR>(nb, std::array::from_fn(|k| row(r + k)), pf, yq, yd, ys);
-            for (k, v) in v.into_iter().enumerate() {
-                out.write(r + k, 0, v);
-            }
-            r += DR;
-        }
-        while r < rows.end {
-            out.write(r, 0, dot_rows2::<B, 1>(nb, [row(r)], pf, yq, yd, ys)[0]);
-            r += 1;
-        }
+        decode_rows::<B, 4>(w, row_bytes, rows, acts, out);
         return;
     }
     let mut dm = vec![0.0f32; 2 * R * nb]; // [rows][d | m][nb]
