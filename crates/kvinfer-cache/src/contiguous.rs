@@ -75,7 +75,7 @@ impl KvCache {
     /// If the rows would pass `max_tokens` (callers check [`KvCache::remaining`] first).
     pub fn write(&mut self, layer: usize, k_rows: &[f32], v_rows: &[f32]) {
         assert!(
-            k_rows.len() == v_rows.len() && k_rows.len() % self.kv_dim == 0,
+            k_rows.len() == v_rows.len() && k_rows.len().is_multiple_of(self.kv_dim),
             "bad KV row shape"
         );
         let n = k_rows.len() / self.kv_dim;

@@ -138,7 +138,7 @@ pub fn generate(
             out.finish_reason = FinishReason::Stop;
             break;
         }
-        let piece = utf8.push(&tok.token_bytes(next));
+        let piece = utf8.push(tok.token_bytes(next));
         let step = stop.push(&piece);
         out.text.push_str(&step.emit);
         if !step.emit.is_empty() && !on_text(&step.emit) {

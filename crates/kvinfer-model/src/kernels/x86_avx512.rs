@@ -173,6 +173,7 @@ unsafe fn scale_min2<B: Block32x2>(p0: *const u8, p1: *const u8) -> __m128 {
 
 /// One pair step of the decode kernel for `R` rows (blocks `b`, `b + 1`, or the `TAIL` block).
 #[inline(always)]
+#[allow(clippy::too_many_arguments)] // a hot inner step: its state is passed in registers, not a struct
 unsafe fn dot_step2<B: Block32x2, const R: usize, const TAIL: bool>(
     b: usize,
     w: &[*const u8; R],
