@@ -9,7 +9,9 @@
 use crate::config::ModelConfig;
 use crate::gguf::GgufFile;
 use crate::kernels::matmul;
-use crate::layers::{attention, geglu, rmsnorm, rmsnorm_into, rope_tokens, AttnShape, RopeStyle};
+use crate::layers::{
+    attention, geglu, lm_head, rmsnorm, rmsnorm_into, rope_tokens, AttnShape, RopeStyle,
+};
 use crate::llama::add;
 use crate::weights::{load_vec, QMat};
 use crate::ModelError;
@@ -148,10 +150,11 @@ impl Weights {
             add(&mut x, &xb);
         }
         kv.advance(n);
-        let mut last = vec![0f32; d];
-        rmsnorm_into(&x[(n - 1) * d..], &self.output_norm, c.rms_eps, &mut last);
-        let mut logits = vec![0f32; c.vocab_size];
-        matmul(self.output.view(f), &last, 1, &mut logits);
-        logits
+        lm_head(
+            &x[(n - 1) * d..],
+            &self.output_norm,
+            c.rms_eps,
+            self.output.view(f),
+        )
     }
 }

@@ -1,7 +1,7 @@
 //! Building blocks shared by the architectures: RMSNorm, RoPE, activations, and causal attention
 //! over the KV cache. Shapes are named in every signature: `[n][dim]` is `n` rows of `dim` f32.
 
-use crate::kernels::{axpy_f32, dot_f32};
+use crate::kernels::{axpy_f32, dot_f32, matmul, QMatRef};
 use half::f16;
 use half::slice::HalfFloatSliceExt;
 use rayon::prelude::*;
@@ -22,6 +22,16 @@ pub fn rmsnorm(x: &mut [f32], w: &[f32], eps: f32) {
 pub fn rmsnorm_into(x: &[f32], w: &[f32], eps: f32, out: &mut [f32]) {
     out.copy_from_slice(x);
     rmsnorm(out, w, eps);
+}
+
+/// The output head: final RMSNorm of the last token's residual `x` (`[n_embd]`), then the
+/// output matrix: logits `[vocab]`.
+pub fn lm_head(x: &[f32], norm: &[f32], eps: f32, output: QMatRef) -> Vec<f32> {
+    let mut normed = vec![0f32; x.len()];
+    rmsnorm_into(x, norm, eps, &mut normed);
+    let mut logits = vec![0f32; output.rows];
+    matmul(output, &normed, 1, &mut logits);
+    logits
 }
 
 /// How RoPE pairs the dimensions of a head.

@@ -11,7 +11,7 @@
 use crate::config::ModelConfig;
 use crate::gguf::GgufFile;
 use crate::kernels::matmul;
-use crate::layers::{attention, rmsnorm_into, rope_tokens, swiglu, AttnShape, RopeStyle};
+use crate::layers::{attention, lm_head, rmsnorm_into, rope_tokens, swiglu, AttnShape, RopeStyle};
 use crate::weights::{load_vec, QMat};
 use crate::ModelError;
 use kvinfer_cache::KvCache;
@@ -141,11 +141,12 @@ impl Weights {
             add(&mut x, &xb);
         }
         kv.advance(n);
-        let mut last = vec![0f32; d];
-        rmsnorm_into(&x[(n - 1) * d..], &self.output_norm, c.rms_eps, &mut last);
-        let mut logits = vec![0f32; c.vocab_size];
-        matmul(self.output.view(f), &last, 1, &mut logits);
-        logits
+        lm_head(
+            &x[(n - 1) * d..],
+            &self.output_norm,
+            c.rms_eps,
+            self.output.view(f),
+        )
     }
 }
 
