@@ -96,6 +96,9 @@ pub fn generate(
     if req.prompt_ids.is_empty() {
         return Err(EngineError::Invalid("the prompt is empty".into()));
     }
+    if req.max_tokens == 0 {
+        return Err(EngineError::Invalid("max_tokens must be at least 1".into()));
+    }
     req.sampling.validate().map_err(EngineError::Invalid)?;
     if req.prompt_ids.len() >= kv.max_tokens() {
         return Err(EngineError::Invalid(format!(

@@ -6,6 +6,7 @@ use crate::cli::BenchArgs;
 use crate::load::load_model;
 use anyhow::Result;
 use kvinfer_model::Model;
+use std::io::Write;
 use std::time::Instant;
 
 fn tokens(model: &Model, n: usize, seed: u64) -> Vec<u32> {
@@ -95,16 +96,29 @@ pub fn run(a: BenchArgs, threads: usize) -> Result<()> {
             "tg_tok_s": tg_m,
             "tg_tok_s_std": tg_s,
         });
-        println!("{}", serde_json::to_string_pretty(&j)?);
+        writeln!(std::io::stdout(), "{}", serde_json::to_string_pretty(&j)?)?;
     } else {
-        println!(
+        writeln!(
+            std::io::stdout(),
             "model {} ({} threads, {})",
             model.name,
             threads,
             kvinfer_model::kernels::simd_level()
-        );
-        println!("pp{:<5} {:8.1} ± {:.1} tok/s", a.prompt_tokens, pp_m, pp_s);
-        println!("tg{:<5} {:8.1} ± {:.1} tok/s", a.gen_tokens, tg_m, tg_s);
+        )?;
+        writeln!(
+            std::io::stdout(),
+            "pp{:<5} {:8.1} ± {:.1} tok/s",
+            a.prompt_tokens,
+            pp_m,
+            pp_s
+        )?;
+        writeln!(
+            std::io::stdout(),
+            "tg{:<5} {:8.1} ± {:.1} tok/s",
+            a.gen_tokens,
+            tg_m,
+            tg_s
+        )?;
     }
     Ok(())
 }

@@ -96,7 +96,7 @@ pub fn run(a: ChatArgs) -> Result<()> {
             let _ = s.flush();
             true
         })?;
-        println!();
+        writeln!(std::io::stdout())?;
         cached_ids = prompt_ids
             .iter()
             .chain(&out.ids)

@@ -13,10 +13,13 @@ pub struct Cli {
 #[derive(Subcommand)]
 pub enum Command {
     /// Generate text from a raw prompt (no chat template).
+    #[command(allow_negative_numbers = true)]
     Generate(GenerateArgs),
     /// Interactive multi-turn chat with the model's chat template; streams tokens.
+    #[command(allow_negative_numbers = true)]
     Chat(ChatArgs),
     /// Measure prompt processing and generation speed (like llama-bench).
+    #[command(allow_negative_numbers = true)]
     Bench(BenchArgs),
 }
 

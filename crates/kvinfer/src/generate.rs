@@ -25,6 +25,11 @@ pub fn run(a: GenerateArgs, threads: usize) -> Result<()> {
         ignore_eos: a.ignore_eos,
         use_kv_cache: !a.no_kv_cache,
     };
+    // Refuse bad flags before anything is printed.
+    req.sampling
+        .validate()
+        .map_err(|e| anyhow::anyhow!("invalid sampling flags: {e}"))?;
+    anyhow::ensure!(req.max_tokens > 0, "--max-tokens must be at least 1");
     let stdout = std::io::stdout();
     let out = if a.json {
         generate(&model, &mut kv, &req, |_| true)?
@@ -36,7 +41,7 @@ pub fn run(a: GenerateArgs, threads: usize) -> Result<()> {
             let _ = s.flush();
             true
         })?;
-        println!();
+        writeln!(std::io::stdout())?;
         o
     };
     let t = &out.timings;
@@ -62,7 +67,7 @@ pub fn run(a: GenerateArgs, threads: usize) -> Result<()> {
             },
             "kv_cache_bytes": kv.bytes(),
         });
-        println!("{}", serde_json::to_string_pretty(&j)?);
+        writeln!(std::io::stdout(), "{}", serde_json::to_string_pretty(&j)?)?;
     } else {
         eprintln!(
             "[{} prompt tokens in {:.0} ms ({:.1} tok/s); {} tokens in {:.0} ms ({:.1} tok/s); {}]",

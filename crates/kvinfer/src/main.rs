@@ -29,6 +29,14 @@ fn main() {
     })
     .and_then(|r| r);
     if let Err(e) = result {
+        // Output piped into a reader that stopped (`| head`): not an error of ours.
+        let broken_pipe = e.chain().any(|c| {
+            c.downcast_ref::<std::io::Error>()
+                .is_some_and(|io| io.kind() == std::io::ErrorKind::BrokenPipe)
+        });
+        if broken_pipe {
+            return;
+        }
         eprintln!("error: {e:#}");
         std::process::exit(1);
     }

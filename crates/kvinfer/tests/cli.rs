@@ -108,6 +108,29 @@ fn helpful_errors() {
         "{err}"
     );
 
+    let m = tiny(TinyArch::Llama);
+    for (flags, want) in [
+        (&["--max-tokens", "0"][..], "at least 1"),
+        (&["--temperature", "-1"][..], "temperature must be >= 0"),
+        (&["--top-p", "1.5"][..], "top_p"),
+    ] {
+        let mut args = vec![
+            "generate",
+            "--model",
+            m.to_str().unwrap(),
+            "--prompt",
+            "the tin",
+        ];
+        args.extend_from_slice(flags);
+        let out = kvinfer(&args);
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            !out.status.success() && err.contains(want),
+            "{flags:?}: {err}"
+        );
+        assert!(out.stdout.is_empty(), "{flags:?}: printed before refusing");
+    }
+
     let bad = std::env::temp_dir().join(format!("kvinfer-bad-{}.gguf", std::process::id()));
     std::fs::write(&bad, b"GGUF\x03\x00\x00\x00garbage").unwrap();
     let out = kvinfer(&[
