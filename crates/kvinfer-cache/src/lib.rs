@@ -1,9 +1,14 @@
-//! The KV cache core of kvinfer.
+//! The KV cache core of kvinfer: pure and synchronous (no threads, no I/O, no tensor library).
 //!
-//! For now one contiguous cache per sequence ([`KvCache`]); the paged block pool, prefix index and
-//! eviction policies replace it (see docs/ARCHITECTURE.md). Pure and synchronous: no threads, no I/O.
+//! - [`ids`]: `BlockId`, `SeqId`, `BlockHash` (chained blake3 from a `ModelFingerprint`).
+//! - [`policy`]: eviction policies behind one trait, chosen by `PolicyKind`.
+//! - [`simulate`]: the offline policy simulator over request traces, with Belady's optimum.
 #![deny(missing_docs)]
 
 mod contiguous;
+pub mod ids;
+pub mod policy;
 
 pub use contiguous::KvCache;
+pub use ids::{BlockHash, BlockId, ModelFingerprint, SeqId, TokenId};
+pub use policy::{new_policy, EvictionPolicy, PolicyKind};
