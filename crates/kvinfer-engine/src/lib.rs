@@ -4,10 +4,12 @@
 //! runs at a time through [`generate`].
 #![deny(missing_docs)]
 
+mod cache;
 mod generate;
 mod sampler;
 mod stop;
 
+pub use cache::{default_kv_cache_mb, new_paged_kv, CacheOptions, DEFAULT_BLOCK_SIZE};
 pub use generate::{generate, FinishReason, GenerateOutput, GenerateRequest, Timings};
 pub use sampler::{Sampler, SamplingParams};
 pub use stop::{StopMatcher, Utf8Stream};
@@ -21,4 +23,7 @@ pub enum EngineError {
     /// The request is invalid.
     #[error("invalid request: {0}")]
     Invalid(String),
+    /// The KV cache cannot hold the request.
+    #[error("{0}")]
+    CacheFull(String),
 }

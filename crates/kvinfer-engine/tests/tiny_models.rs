@@ -1,9 +1,11 @@
 //! End-to-end on tiny random models written by the test itself (no download): the KV cache
-//! invariant, batched vs token-by-token prefill, and clear errors on bad input.
+//! invariants (cached == recomputed, prefix reuse == fresh under every eviction policy, batched
+//! == one at a time), no leaked blocks, and clear errors on bad input.
 
-use kvinfer_engine::{generate, GenerateRequest, SamplingParams};
+use kvinfer_cache::{PagedKv, PolicyKind};
+use kvinfer_engine::{generate, FinishReason, GenerateRequest, SamplingParams};
 use kvinfer_model::testing::{write_tiny_model, TinyArch};
-use kvinfer_model::{Model, ModelError};
+use kvinfer_model::{Model, ModelError, SeqBatch};
 use std::path::PathBuf;
 
 fn tiny(arch: TinyArch, seed: u64) -> (Model, PathBuf) {
@@ -17,15 +19,34 @@ fn tiny(arch: TinyArch, seed: u64) -> (Model, PathBuf) {
     (Model::load(&path).unwrap(), path)
 }
 
-fn greedy(model: &Model, prompt: &[u32], n: usize, use_kv_cache: bool) -> Vec<u32> {
-    let mut kv = model.new_kv_cache(256);
-    let req = GenerateRequest {
+/// A cache of `num_blocks` blocks of `block_size` tokens.
+fn paged(model: &Model, block_size: usize, num_blocks: usize, policy: PolicyKind) -> PagedKv {
+    PagedKv::new(
+        model.kv_layout(block_size, num_blocks),
+        policy,
+        11,
+        model.fingerprint(block_size),
+    )
+}
+
+fn request(prompt: &[u32], n: usize) -> GenerateRequest {
+    GenerateRequest {
         prompt_ids: prompt.to_vec(),
         max_tokens: n,
         sampling: SamplingParams::greedy(),
         stop: vec![],
         ignore_eos: true,
+        use_kv_cache: true,
+        prefix_cache: true,
+        ctx_size: 0,
+    }
+}
+
+fn greedy(model: &Model, prompt: &[u32], n: usize, use_kv_cache: bool) -> Vec<u32> {
+    let mut kv = paged(model, 16, 32, PolicyKind::Lru);
+    let req = GenerateRequest {
         use_kv_cache,
+        ..request(prompt, n)
     };
     generate(model, &mut kv, &req, |_| true).unwrap().ids
 }
@@ -50,70 +71,211 @@ fn cached_and_uncached_generation_agree() {
     }
 }
 
+/// Runs `ids` through a fresh sequence of `kv` in chunks of `chunk` tokens; last logits.
+fn run_chunked(model: &Model, kv: &mut PagedKv, ids: &[u32], chunk: usize) -> Vec<f32> {
+    let (seq, _) = kv.manager.add_sequence(ids, false);
+    let mut last = Vec::new();
+    for c in ids.chunks(chunk) {
+        kv.reserve(seq, c.len()).unwrap();
+        let batch = [SeqBatch {
+            tokens: c,
+            start: kv.manager.num_tokens(seq),
+            blocks: kv.manager.block_table(seq),
+        }];
+        last = model.forward(&mut kv.storage, &batch).unwrap().remove(0);
+        kv.manager.commit(seq, c);
+    }
+    kv.manager.release(seq);
+    last
+}
+
 #[test]
-fn batched_prefill_matches_token_by_token() {
+fn batched_chunked_and_token_by_token_prefill_are_bit_identical() {
     for arch in [TinyArch::Llama, TinyArch::Gemma3] {
         let (model, _) = tiny(arch, 3);
         let ids: Vec<u32> = (0..70).map(|i| (i * 37 % 250) as u32 + 4).collect();
-        let mut kv = model.new_kv_cache(128);
-        let batched = model.forward(&ids, &mut kv).unwrap();
-        let mut kv2 = model.new_kv_cache(128);
-        let mut last = Vec::new();
-        for &t in &ids {
-            last = model.forward(&[t], &mut kv2).unwrap();
-        }
-        assert_eq!(kv.len(), kv2.len());
-        let max_abs = batched.iter().map(|v| v.abs()).fold(0f32, f32::max);
-        let diff = batched
-            .iter()
-            .zip(&last)
-            .map(|(a, b)| (a - b).abs())
-            .fold(0f32, f32::max);
-        eprintln!("{arch:?}: batched vs one-by-one max diff {diff}");
-        assert!(
-            diff <= 1e-3 * max_abs.max(1.0),
-            "{arch:?}: max diff {diff} (scale {max_abs})"
+        let mut kv = paged(&model, 16, 16, PolicyKind::Lru);
+        let whole = run_chunked(&model, &mut kv, &ids, ids.len());
+        assert_eq!(
+            whole,
+            run_chunked(&model, &mut kv, &ids, 1),
+            "{arch:?} token by token"
         );
+        assert_eq!(
+            whole,
+            run_chunked(&model, &mut kv, &ids, 13),
+            "{arch:?} chunks of 13"
+        );
+    }
+}
+
+#[test]
+fn a_batch_of_sequences_equals_each_alone() {
+    for arch in [TinyArch::Llama, TinyArch::Gemma3] {
+        let (model, _) = tiny(arch, 5);
+        let prompts: Vec<Vec<u32>> = [3usize, 17, 40]
+            .iter()
+            .map(|&n| {
+                (0..n)
+                    .map(|i| (i * 13 % 200) as u32 + 4 + n as u32)
+                    .collect()
+            })
+            .collect();
+        let mut kv = paged(&model, 4, 32, PolicyKind::Lru);
+        let alone: Vec<Vec<f32>> = prompts
+            .iter()
+            .map(|p| run_chunked(&model, &mut kv, p, p.len()))
+            .collect();
+        let seqs: Vec<_> = prompts
+            .iter()
+            .map(|p| {
+                let (s, _) = kv.manager.add_sequence(p, false);
+                kv.reserve(s, p.len()).unwrap();
+                s
+            })
+            .collect();
+        let batch: Vec<SeqBatch> = prompts
+            .iter()
+            .zip(&seqs)
+            .map(|(p, &s)| SeqBatch {
+                tokens: p,
+                start: 0,
+                blocks: kv.manager.block_table(s),
+            })
+            .collect();
+        let together = model.forward(&mut kv.storage, &batch).unwrap();
+        assert_eq!(together, alone, "{arch:?}");
+    }
+}
+
+/// The central invariant: reusing cached prefixes changes nothing, under every eviction policy,
+/// with a pool so small that evictions happen mid-workload. No block leaks between requests.
+#[test]
+fn prefix_reuse_equals_recompute_under_every_policy_with_evictions() {
+    for arch in [TinyArch::Llama, TinyArch::Gemma3] {
+        let (model, _) = tiny(arch, 6);
+        // Three "system prompts" and per-request suffixes: a few dozen prompts sharing prefixes.
+        let stems: Vec<Vec<u32>> = (0..3)
+            .map(|s| {
+                (0..21)
+                    .map(|i| ((i * 7 + s * 50) % 240) as u32 + 4)
+                    .collect()
+            })
+            .collect();
+        let prompts: Vec<Vec<u32>> = (0..30)
+            .map(|r| {
+                let mut p = stems[r % 3].clone();
+                p.extend((0..(r % 5 + 1)).map(|i| ((r * 31 + i * 3) % 240) as u32 + 4));
+                if r % 4 == 0 {
+                    p.truncate(9); // a shorter prompt inside a stem
+                }
+                p
+            })
+            .collect();
+        let reference: Vec<Vec<u32>> = prompts
+            .iter()
+            .map(|p| {
+                let mut kv = paged(&model, 4, 16, PolicyKind::Lru);
+                let req = GenerateRequest {
+                    prefix_cache: false,
+                    ..request(p, 6)
+                };
+                generate(&model, &mut kv, &req, |_| true).unwrap().ids
+            })
+            .collect();
+        for policy in PolicyKind::ALL {
+            // 16 blocks of 4 tokens: room for two requests' worth of cached blocks at most.
+            let mut kv = paged(&model, 4, 16, policy);
+            for (p, want) in prompts.iter().zip(&reference) {
+                let out = generate(&model, &mut kv, &request(p, 6), |_| true).unwrap();
+                assert_eq!(&out.ids, want, "{arch:?} {policy}: prompt {p:?}");
+                assert_eq!(
+                    kv.manager.usage().in_use,
+                    0,
+                    "{arch:?} {policy}: blocks leaked"
+                );
+                kv.manager.check_invariants().unwrap();
+            }
+            let (stats, usage) = (kv.manager.stats(), kv.manager.usage());
+            assert!(
+                stats.hit_tokens > 0,
+                "{arch:?} {policy}: no prefix was reused"
+            );
+            assert!(
+                usage.evictions > 0,
+                "{arch:?} {policy}: the pool never evicted"
+            );
+        }
     }
 }
 
 #[test]
 fn bad_input_is_an_error_not_a_panic() {
     let (model, path) = tiny(TinyArch::Llama, 4);
-    let mut kv = model.new_kv_cache(8);
+    let mut kv = paged(&model, 4, 4, PolicyKind::Lru);
+    let (seq, _) = kv.manager.add_sequence(&[5; 8], false);
+    kv.reserve(seq, 8).unwrap();
+    let blocks = kv.manager.block_table(seq).to_vec();
+    let run =
+        |kv: &mut PagedKv, tokens: &[u32], start: usize, blocks: &[kvinfer_cache::BlockId]| {
+            model.forward(
+                &mut kv.storage,
+                &[SeqBatch {
+                    tokens,
+                    start,
+                    blocks,
+                }],
+            )
+        };
     assert!(matches!(
-        model.forward(&[], &mut kv),
+        run(&mut kv, &[], 0, &blocks),
         Err(ModelError::Input(_))
     ));
     let vocab = model.config.vocab_size as u32;
     assert!(matches!(
-        model.forward(&[vocab], &mut kv),
+        run(&mut kv, &[vocab], 0, &blocks),
         Err(ModelError::Input(_))
     ));
+    // More positions than the block table covers.
     assert!(matches!(
-        model.forward(&[5; 9], &mut kv),
+        run(&mut kv, &[5; 9], 0, &blocks),
+        Err(ModelError::Input(_))
+    ));
+    // Past the model's context (256 positions).
+    assert!(matches!(
+        run(&mut kv, &[5; 2], 255, &blocks),
         Err(ModelError::ContextFull { .. })
     ));
-    assert_eq!(kv.len(), 0, "failed calls must not change the cache");
-    // A generation that runs into the end of the context stops cleanly.
+    kv.manager.release(seq);
+
+    // A generation that runs into the end of the context stops cleanly, and so does one that
+    // runs out of blocks.
     let req = GenerateRequest {
-        prompt_ids: vec![5, 6, 7],
-        max_tokens: 100,
-        sampling: SamplingParams::greedy(),
-        stop: vec![],
-        ignore_eos: true,
-        use_kv_cache: true,
+        ctx_size: 8,
+        ..request(&[5, 6, 7], 100)
     };
+    let mut kv = paged(&model, 4, 16, PolicyKind::Lru);
     let out = generate(&model, &mut kv, &req, |_| true).unwrap();
-    assert_eq!(out.finish_reason, kvinfer_engine::FinishReason::ContextFull);
+    assert_eq!(out.finish_reason, FinishReason::ContextFull);
     assert_eq!(out.ids.len(), 8 - 3 + 1);
-    // A prompt as long as the context is refused up front.
-    let mut kv = model.new_kv_cache(8);
+    let mut small = paged(&model, 4, 2, PolicyKind::Lru);
+    let out = generate(&model, &mut small, &request(&[5, 6, 7], 100), |_| true).unwrap();
+    assert_eq!(out.finish_reason, FinishReason::ContextFull);
+    assert_eq!(out.ids.len(), 8 - 3 + 1);
+    assert_eq!(small.manager.usage().in_use, 0);
+    // A prompt as long as the context is refused up front; one the pool cannot hold too.
     let long = GenerateRequest {
         prompt_ids: vec![5; 8],
-        ..req
+        ..req.clone()
     };
     assert!(generate(&model, &mut kv, &long, |_| true).is_err());
+    let e = generate(&model, &mut small, &request(&[5; 12], 2), |_| true).unwrap_err();
+    assert!(e.to_string().contains("--kv-cache-mb"), "{e}");
+    assert_eq!(
+        small.manager.usage().in_use,
+        0,
+        "a refused request leaks nothing"
+    );
 
     // Truncated model files fail to load with an error.
     let bytes = std::fs::read(&path).unwrap();
@@ -131,30 +293,15 @@ fn bad_input_is_an_error_not_a_panic() {
 fn stop_strings_and_cancellation() {
     let (model, _) = tiny(TinyArch::Llama, 1);
     let prompt = model.tokenizer.encode("the tin", true, false);
-    let full = {
-        let mut kv = model.new_kv_cache(256);
-        let req = GenerateRequest {
-            prompt_ids: prompt.clone(),
-            max_tokens: 30,
-            sampling: SamplingParams::greedy(),
-            stop: vec![],
-            ignore_eos: true,
-            use_kv_cache: true,
-        };
-        generate(&model, &mut kv, &req, |_| true).unwrap()
-    };
+    let mut kv = paged(&model, 16, 32, PolicyKind::Lru);
+    let full = generate(&model, &mut kv, &request(&prompt, 30), |_| true).unwrap();
     // Stop on a substring from the middle of the full text: the text is cut right before it.
     let chars: Vec<char> = full.text.chars().collect();
     assert!(chars.len() > 10, "{:?}", full.text);
     let stop: String = chars[6..9].iter().collect();
-    let mut kv = model.new_kv_cache(256);
     let req = GenerateRequest {
-        prompt_ids: prompt.clone(),
-        max_tokens: 30,
-        sampling: SamplingParams::greedy(),
         stop: vec![stop.clone()],
-        ignore_eos: true,
-        use_kv_cache: true,
+        ..request(&prompt, 30)
     };
     let mut streamed = String::new();
     let out = generate(&model, &mut kv, &req, |t| {
@@ -165,14 +312,10 @@ fn stop_strings_and_cancellation() {
     let at = full.text.find(&stop).unwrap();
     assert_eq!(out.text, full.text[..at]);
     assert_eq!(streamed, out.text);
-    assert_eq!(out.finish_reason, kvinfer_engine::FinishReason::Stop);
+    assert_eq!(out.finish_reason, FinishReason::Stop);
     // Cancel after the first piece of text.
-    let mut kv = model.new_kv_cache(256);
-    let req = GenerateRequest {
-        stop: vec![],
-        ..req
-    };
-    let out = generate(&model, &mut kv, &req, |_| false).unwrap();
-    assert_eq!(out.finish_reason, kvinfer_engine::FinishReason::Cancelled);
+    let out = generate(&model, &mut kv, &request(&prompt, 30), |_| false).unwrap();
+    assert_eq!(out.finish_reason, FinishReason::Cancelled);
     assert!(out.ids.len() < 30);
+    assert_eq!(kv.manager.usage().in_use, 0);
 }

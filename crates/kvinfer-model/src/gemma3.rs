@@ -10,12 +10,13 @@ use crate::config::ModelConfig;
 use crate::gguf::GgufFile;
 use crate::kernels::matmul;
 use crate::layers::{
-    attention, geglu, lm_head, rmsnorm, rmsnorm_into, rope_tokens, AttnShape, RopeStyle,
+    attention, geglu, lm_head, rmsnorm, rmsnorm_into, rope_spans, store_kv, AttnShape, RopeStyle,
+    SeqSpan,
 };
 use crate::llama::add;
 use crate::weights::{load_vec, QMat};
 use crate::ModelError;
-use kvinfer_cache::KvCache;
+use kvinfer_cache::KvStorage;
 
 struct Layer {
     attn_norm: Vec<f32>,
@@ -78,17 +79,18 @@ impl Weights {
         })
     }
 
-    /// Runs `tokens` at positions `kv.len()..`, appends their K/V to `kv`, and returns the logits
-    /// of the last token (`[vocab]`). The caller has checked ids and cache room.
+    /// Runs a batch: `tokens` (`[N]`, every sequence's new tokens in `spans` order), stores their
+    /// K/V through each span's block table, and returns the logits of each span's last token
+    /// (`[spans][vocab]`). The caller has checked ids, positions and blocks.
     pub fn forward(
         &self,
         f: &GgufFile,
         c: &ModelConfig,
         tokens: &[u32],
-        kv: &mut KvCache,
-    ) -> Vec<f32> {
+        spans: &[SeqSpan],
+        kv: &mut KvStorage,
+    ) -> Vec<Vec<f32>> {
         let (n, d, qd, kvd) = (tokens.len(), c.n_embd, c.n_heads * c.head_dim, c.kv_dim());
-        let start = kv.len();
         let embd_scale = (d as f32).sqrt();
         let mut x = vec![0f32; n * d]; // residual stream [n][d]
         for (t, &tok) in tokens.iter().enumerate() {
@@ -112,16 +114,16 @@ impl Weights {
             matmul(w.wv.view(f), &xb, n, &mut v);
             rmsnorm(&mut q, &w.q_norm, c.rms_eps); // per head: rows of head_dim
             rmsnorm(&mut k, &w.k_norm, c.rms_eps);
-            rope_tokens(&mut q, c.n_heads, c.head_dim, start, base, RopeStyle::Neox);
-            rope_tokens(
+            rope_spans(&mut q, spans, c.n_heads, c.head_dim, base, RopeStyle::Neox);
+            rope_spans(
                 &mut k,
+                spans,
                 c.n_kv_heads,
                 c.head_dim,
-                start,
                 base,
                 RopeStyle::Neox,
             );
-            kv.write(l, &k, &v);
+            store_kv(kv, l, spans, &k, &v);
             let shape = AttnShape {
                 n_heads: c.n_heads,
                 n_kv_heads: c.n_kv_heads,
@@ -129,14 +131,7 @@ impl Weights {
                 scale: 1.0 / (c.head_dim as f32).sqrt(),
                 window: if swa { c.sliding_window } else { None },
             };
-            attention(
-                &q,
-                kv.keys(l, start + n),
-                kv.values(l, start + n),
-                start,
-                shape,
-                &mut att,
-            );
+            attention(&q, kv, l, spans, shape, &mut att);
             matmul(w.wo.view(f), &att, n, &mut xb);
             rmsnorm(&mut xb, &w.post_attn_norm, c.rms_eps);
             add(&mut x, &xb);
@@ -149,12 +144,17 @@ impl Weights {
             rmsnorm(&mut xb, &w.post_ffw_norm, c.rms_eps);
             add(&mut x, &xb);
         }
-        kv.advance(n);
-        lm_head(
-            &x[(n - 1) * d..],
-            &self.output_norm,
-            c.rms_eps,
-            self.output.view(f),
-        )
+        spans
+            .iter()
+            .map(|s| {
+                let last = s.rows.end - 1;
+                lm_head(
+                    &x[last * d..(last + 1) * d],
+                    &self.output_norm,
+                    c.rms_eps,
+                    self.output.view(f),
+                )
+            })
+            .collect()
     }
 }

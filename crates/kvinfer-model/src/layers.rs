@@ -1,10 +1,11 @@
 //! Building blocks shared by the architectures: RMSNorm, RoPE, activations, and causal attention
 //! over the KV cache. Shapes are named in every signature: `[n][dim]` is `n` rows of `dim` f32.
 
-use crate::kernels::{axpy_f32, dot_f32, matmul, QMatRef};
+use crate::kernels::{axpy_f16, dot_f16, matmul, QMatRef};
 use half::f16;
-use half::slice::HalfFloatSliceExt;
+use kvinfer_cache::{BlockId, KvStorage};
 use rayon::prelude::*;
+use std::ops::Range;
 
 /// `x[i] = x[i] / rms(x) * w[i]` for each row of `x` (`[n][w.len()]`).
 pub fn rmsnorm(x: &mut [f32], w: &[f32], eps: f32) {
@@ -163,14 +164,64 @@ pub struct AttnShape {
     pub window: Option<usize>,
 }
 
-/// Causal attention of `n` new queries at positions `start..start + n` over cached keys/values
-/// `[0, start + n)` (`[pos][n_kv_heads][head_dim]` f16, the new tokens' rows already written).
-/// `q` and `out` are `[n][n_heads][head_dim]`.
+/// One sequence's rows in a batched forward pass.
+#[derive(Debug, Clone)]
+pub struct SeqSpan<'a> {
+    /// The sequence's block table (covers `start + rows.len()` positions).
+    pub blocks: &'a [BlockId],
+    /// Positions already cached before this pass.
+    pub start: usize,
+    /// Its token rows in the batch: row `r` is position `start + (r - rows.start)`.
+    pub rows: Range<usize>,
+}
+
+/// Rotates each sequence's rows of `x` (`[N][n_heads][head_dim]`) at its own positions.
+pub fn rope_spans(
+    x: &mut [f32],
+    spans: &[SeqSpan],
+    n_heads: usize,
+    head_dim: usize,
+    base: f32,
+    style: RopeStyle,
+) {
+    let w = n_heads * head_dim;
+    for s in spans {
+        let rows = &mut x[s.rows.start * w..s.rows.end * w];
+        rope_tokens(rows, n_heads, head_dim, s.start, base, style);
+    }
+}
+
+/// Writes each new token's K and V rows (`[N][n_kv_heads][head_dim]`) of `layer` into its
+/// sequence's block and slot.
+pub fn store_kv(kv: &mut KvStorage, layer: usize, spans: &[SeqSpan], k: &[f32], v: &[f32]) {
+    let kv_dim = kv.layout().kv_dim();
+    let bs = kv.layout().block_size;
+    for s in spans {
+        for (i, r) in s.rows.clone().enumerate() {
+            let pos = s.start + i;
+            let row = r * kv_dim..(r + 1) * kv_dim;
+            kv.write(
+                s.blocks[pos / bs],
+                pos % bs,
+                layer,
+                &k[row.clone()],
+                &v[row],
+            );
+        }
+    }
+}
+
+/// Causal attention of every new query over its own sequence's cached keys and values, read in
+/// place through the block table (`[slot][head_dim]` f16 per block and KV head; the new tokens'
+/// rows already stored). `q` and `out` are `[N][n_heads][head_dim]` for the whole batch.
+///
+/// By far the most time at long context is spent here in decode: each query head reads
+/// `pos + 1` keys and values of `head_dim` f16.
 pub fn attention(
     q: &[f32],
-    keys: &[f16],
-    values: &[f16],
-    start: usize,
+    kv: &KvStorage,
+    layer: usize,
+    spans: &[SeqSpan],
     shape: AttnShape,
     out: &mut [f32],
 ) {
@@ -181,27 +232,27 @@ pub fn attention(
         scale,
         window,
     } = shape;
-    let kv_dim = n_kv_heads * head_dim;
-    let end = keys.len() / kv_dim;
-    let n = end - start;
-    debug_assert_eq!(q.len(), n * n_heads * head_dim, "q shape");
-    // The oldest key any query can see.
-    let lo = window.map_or(0, |w| (start + 1).saturating_sub(w));
-    // Widen the visible rows to f32 once per call: cheap next to the dot products that follow.
-    let mut kf = vec![0f32; (end - lo) * kv_dim];
-    let mut vf = vec![0f32; (end - lo) * kv_dim];
-    keys[lo * kv_dim..].convert_to_f32_slice(&mut kf);
-    values[lo * kv_dim..].convert_to_f32_slice(&mut vf);
+    let bs = kv.layout().block_size;
+    // Row -> (span, position) for the flat parallel loop.
+    let mut row_pos = Vec::with_capacity(q.len() / (n_heads * head_dim));
+    let mut widest = 1;
+    for (si, s) in spans.iter().enumerate() {
+        for (i, _) in s.rows.clone().enumerate() {
+            row_pos.push((si, s.start + i));
+        }
+        widest = widest.max(s.start + s.rows.len());
+    }
+    debug_assert_eq!(row_pos.len() * n_heads * head_dim, q.len(), "q shape");
     let group = n_heads / n_kv_heads;
-    let work_per_item = (end - lo) * head_dim;
-    let min_len = (32 * 1024 / work_per_item.max(1)).max(1);
+    let min_len = (32 * 1024 / (widest * head_dim)).max(1);
     out.par_chunks_mut(head_dim)
         .with_min_len(min_len)
         .enumerate()
         .for_each(|(idx, o)| {
-            let (t, h) = (idx / n_heads, idx % n_heads);
-            let pos = start + t;
-            let first = window.map_or(0, |w| (pos + 1).saturating_sub(w)).max(lo);
+            let (r, h) = (idx / n_heads, idx % n_heads);
+            let (si, pos) = row_pos[r];
+            let blocks = spans[si].blocks;
+            let first = window.map_or(0, |w| (pos + 1).saturating_sub(w));
             let kvh = h / group;
             // Round q to f16 as llama.cpp does (its K·Q product runs in f16 x f16 -> f32), so both
             // engines see the same numbers; it costs nothing measurable.
@@ -209,12 +260,11 @@ pub fn attention(
                 .iter()
                 .map(|&v| f16::from_f32(v).to_f32())
                 .collect();
-            let mut scores: Vec<f32> = (first..=pos)
-                .map(|j| {
-                    let r = (j - lo) * kv_dim + kvh * head_dim;
-                    dot_f32(&qh, &kf[r..r + head_dim]) * scale
-                })
-                .collect();
+            let mut scores = Vec::with_capacity(pos + 1 - first);
+            for_each_row(first, pos, bs, |j, slot| {
+                let keys = kv.keys(blocks[j / bs], layer, kvh);
+                scores.push(dot_f16(&qh, &keys[slot * head_dim..(slot + 1) * head_dim]) * scale);
+            });
             let max = scores.iter().copied().fold(f32::NEG_INFINITY, f32::max);
             let mut sum = 0.0f64; // f64 like ggml's softmax sum
             for s in scores.iter_mut() {
@@ -223,12 +273,23 @@ pub fn attention(
             }
             let sum = sum as f32;
             o.fill(0.0);
-            for (j, s) in (first..=pos).zip(&scores) {
-                let r = (j - lo) * kv_dim + kvh * head_dim;
+            let mut p = scores.iter();
+            for_each_row(first, pos, bs, |j, slot| {
+                let values = kv.values(blocks[j / bs], layer, kvh);
+                let s = p.next().copied().unwrap_or(0.0);
                 // The probabilities meet V in f16 as well (llama.cpp's V·P product).
-                axpy_f32(f16::from_f32(s / sum).to_f32(), &vf[r..r + head_dim], o);
-            }
+                let prob = f16::from_f32(s / sum).to_f32();
+                axpy_f16(prob, &values[slot * head_dim..(slot + 1) * head_dim], o);
+            });
         });
+}
+
+/// Calls `f(position, slot)` for positions `first..=last` (slot = position % block_size).
+#[inline]
+fn for_each_row(first: usize, last: usize, bs: usize, mut f: impl FnMut(usize, usize)) {
+    for j in first..=last {
+        f(j, j % bs);
+    }
 }
 
 #[cfg(test)]
@@ -259,6 +320,32 @@ mod tests {
         }
     }
 
+    /// A cache holding `k`/`v` rows (`[pos][n_kv_heads * head_dim]`) for one sequence, its
+    /// positions scattered over blocks of 1 slot in reverse block order.
+    fn cache(
+        k: &[f32],
+        v: &[f32],
+        n_kv_heads: usize,
+        head_dim: usize,
+    ) -> (KvStorage, Vec<BlockId>) {
+        let n = k.len() / (n_kv_heads * head_dim);
+        let mut kv = KvStorage::new(kvinfer_cache::KvLayout {
+            n_layers: 1,
+            n_kv_heads,
+            head_dim,
+            block_size: 1,
+            num_blocks: n + 1,
+        });
+        let blocks: Vec<BlockId> = (0..n).map(|i| BlockId((n - i) as u32)).collect();
+        let spans = [SeqSpan {
+            blocks: &blocks,
+            start: 0,
+            rows: 0..n,
+        }];
+        store_kv(&mut kv, 0, &spans, k, v);
+        (kv, blocks)
+    }
+
     #[test]
     fn attention_single_key_returns_its_value() {
         let shape = AttnShape {
@@ -268,22 +355,20 @@ mod tests {
             scale: 0.5,
             window: None,
         };
-        let k: Vec<f16> = [1.0, 0.0, 0.0, 0.0]
-            .iter()
-            .map(|&v| f16::from_f32(v))
-            .collect();
-        let v: Vec<f16> = [1.0, 2.0, 3.0, 4.0]
-            .iter()
-            .map(|&v| f16::from_f32(v))
-            .collect();
+        let (kv, blocks) = cache(&[1.0, 0.0, 0.0, 0.0], &[1.0, 2.0, 3.0, 4.0], 1, 4);
+        let spans = [SeqSpan {
+            blocks: &blocks,
+            start: 0,
+            rows: 0..1,
+        }];
         let q = vec![0.3; 8];
         let mut out = vec![0.0; 8];
-        attention(&q, &k, &v, 0, shape, &mut out);
+        attention(&q, &kv, 0, &spans, shape, &mut out);
         assert_eq!(out, vec![1.0, 2.0, 3.0, 4.0, 1.0, 2.0, 3.0, 4.0]);
     }
 
     #[test]
-    fn attention_window_hides_old_keys() {
+    fn attention_window_hides_old_keys_across_blocks() {
         // Two keys; with window 1 the query at position 1 sees only key 1.
         let shape = AttnShape {
             n_heads: 1,
@@ -292,22 +377,20 @@ mod tests {
             scale: 1.0,
             window: Some(1),
         };
-        let k: Vec<f16> = [1.0, 0.0, 1.0, 0.0]
-            .iter()
-            .map(|&v| f16::from_f32(v))
-            .collect();
-        let v: Vec<f16> = [5.0, 5.0, 7.0, 9.0]
-            .iter()
-            .map(|&v| f16::from_f32(v))
-            .collect();
+        let (kv, blocks) = cache(&[1.0, 0.0, 1.0, 0.0], &[5.0, 5.0, 7.0, 9.0], 1, 2);
+        let spans = [SeqSpan {
+            blocks: &blocks,
+            start: 1,
+            rows: 0..1,
+        }];
         let mut out = vec![0.0; 2];
-        attention(&[1.0, 1.0], &k, &v, 1, shape, &mut out);
+        attention(&[1.0, 1.0], &kv, 0, &spans, shape, &mut out);
         assert_eq!(out, vec![7.0, 9.0]);
         let shape = AttnShape {
             window: None,
             ..shape
         };
-        attention(&[1.0, 1.0], &k, &v, 1, shape, &mut out);
+        attention(&[1.0, 1.0], &kv, 0, &spans, shape, &mut out);
         assert_eq!(out, vec![6.0, 7.0]);
     }
 }

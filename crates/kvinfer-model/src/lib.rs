@@ -21,4 +21,4 @@ pub mod weights;
 
 pub use config::{Arch, ModelConfig};
 pub use error::ModelError;
-pub use model::Model;
+pub use model::{Model, SeqBatch};

@@ -11,10 +11,12 @@
 use crate::config::ModelConfig;
 use crate::gguf::GgufFile;
 use crate::kernels::matmul;
-use crate::layers::{attention, lm_head, rmsnorm_into, rope_tokens, swiglu, AttnShape, RopeStyle};
+use crate::layers::{
+    attention, lm_head, rmsnorm_into, rope_spans, store_kv, swiglu, AttnShape, RopeStyle, SeqSpan,
+};
 use crate::weights::{load_vec, QMat};
 use crate::ModelError;
-use kvinfer_cache::KvCache;
+use kvinfer_cache::KvStorage;
 
 struct Layer {
     attn_norm: Vec<f32>,
@@ -70,17 +72,18 @@ impl Weights {
         })
     }
 
-    /// Runs `tokens` at positions `kv.len()..`, appends their K/V to `kv`, and returns the logits
-    /// of the last token (`[vocab]`). The caller has checked ids and cache room.
+    /// Runs a batch: `tokens` (`[N]`, every sequence's new tokens in `spans` order), stores their
+    /// K/V through each span's block table, and returns the logits of each span's last token
+    /// (`[spans][vocab]`). The caller has checked ids, positions and blocks.
     pub fn forward(
         &self,
         f: &GgufFile,
         c: &ModelConfig,
         tokens: &[u32],
-        kv: &mut KvCache,
-    ) -> Vec<f32> {
+        spans: &[SeqSpan],
+        kv: &mut KvStorage,
+    ) -> Vec<Vec<f32>> {
         let (n, d, qd, kvd) = (tokens.len(), c.n_embd, c.n_heads * c.head_dim, c.kv_dim());
-        let start = kv.len();
         let mut x = vec![0f32; n * d]; // residual stream [n][d]
         for (t, &tok) in tokens.iter().enumerate() {
             self.tok_embd
@@ -105,31 +108,24 @@ impl Weights {
             matmul(w.wq.view(f), &xb, n, &mut q);
             matmul(w.wk.view(f), &xb, n, &mut k);
             matmul(w.wv.view(f), &xb, n, &mut v);
-            rope_tokens(
+            rope_spans(
                 &mut q,
+                spans,
                 c.n_heads,
                 c.head_dim,
-                start,
                 c.rope_base,
                 RopeStyle::Normal,
             );
-            rope_tokens(
+            rope_spans(
                 &mut k,
+                spans,
                 c.n_kv_heads,
                 c.head_dim,
-                start,
                 c.rope_base,
                 RopeStyle::Normal,
             );
-            kv.write(l, &k, &v);
-            attention(
-                &q,
-                kv.keys(l, start + n),
-                kv.values(l, start + n),
-                start,
-                shape,
-                &mut att,
-            );
+            store_kv(kv, l, spans, &k, &v);
+            attention(&q, kv, l, spans, shape, &mut att);
             matmul(w.wo.view(f), &att, n, &mut xb);
             add(&mut x, &xb);
 
@@ -140,13 +136,18 @@ impl Weights {
             matmul(w.w_down.view(f), &gate, n, &mut xb);
             add(&mut x, &xb);
         }
-        kv.advance(n);
-        lm_head(
-            &x[(n - 1) * d..],
-            &self.output_norm,
-            c.rms_eps,
-            self.output.view(f),
-        )
+        spans
+            .iter()
+            .map(|s| {
+                let last = s.rows.end - 1;
+                lm_head(
+                    &x[last * d..(last + 1) * d],
+                    &self.output_norm,
+                    c.rms_eps,
+                    self.output.view(f),
+                )
+            })
+            .collect()
     }
 }
 

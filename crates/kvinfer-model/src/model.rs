@@ -3,9 +3,10 @@
 use crate::chat::ChatTemplate;
 use crate::config::{Arch, ModelConfig};
 use crate::gguf::GgufFile;
+use crate::layers::SeqSpan;
 use crate::tokenizer::{Tokenizer, TokenizerSpec};
 use crate::{gemma3, llama, ModelError};
-use kvinfer_cache::KvCache;
+use kvinfer_cache::{BlockId, KvLayout, KvStorage, ModelFingerprint};
 use std::path::Path;
 
 enum ArchWeights {
@@ -13,8 +14,22 @@ enum ArchWeights {
     Gemma3(gemma3::Weights),
 }
 
-/// A model ready to run. Immutable: one `Model` serves any number of sequences, each with its own
-/// [`KvCache`].
+/// One sequence's part of a [`Model::forward`] batch.
+#[derive(Debug, Clone, Copy)]
+pub struct SeqBatch<'a> {
+    /// New tokens, at positions `start..start + tokens.len()`.
+    pub tokens: &'a [u32],
+    /// Positions already cached (K/V written) before these tokens.
+    pub start: usize,
+    /// The sequence's block table, covering at least `start + tokens.len()` positions.
+    pub blocks: &'a [BlockId],
+}
+
+/// Version of the KV byte format; part of the fingerprint, so a change invalidates old blocks.
+const KV_FORMAT_VERSION: u32 = 1;
+
+/// A model ready to run. Immutable: one `Model` serves any number of sequences, whose K/V live in
+/// a shared paged [`KvStorage`].
 pub struct Model {
     /// Shapes and hyper-parameters.
     pub config: ModelConfig,
@@ -74,20 +89,87 @@ impl Model {
         })
     }
 
-    /// An empty KV cache for one sequence of at most `max_tokens` positions (capped at the
-    /// model's context length).
-    pub fn new_kv_cache(&self, max_tokens: usize) -> KvCache {
-        let max = max_tokens.min(self.config.context_length);
-        KvCache::new(self.config.n_layers, self.config.kv_dim(), max)
+    /// The shape of a KV arena for this model: `num_blocks` blocks of `block_size` tokens.
+    pub fn kv_layout(&self, block_size: usize, num_blocks: usize) -> KvLayout {
+        KvLayout {
+            n_layers: self.config.n_layers,
+            n_kv_heads: self.config.n_kv_heads,
+            head_dim: self.config.head_dim,
+            block_size,
+            num_blocks,
+        }
     }
 
-    /// Runs `tokens` after the positions already in `kv`, appends their keys and values, and
-    /// returns the logits of the last token (`[vocab_size]`).
-    pub fn forward(&self, tokens: &[u32], kv: &mut KvCache) -> Result<Vec<f32>, ModelError> {
+    /// The identity of this model's KV bytes for `block_size`-token f16 blocks: a blake3 digest of
+    /// the architecture, every tensor's name, type and shape, and samples of its content (16
+    /// evenly spaced 4 KiB windows per tensor: cheap at load, and two files that differ only
+    /// between samples are not a risk we guard against), the KV dtype, the block size and the
+    /// format version.
+    pub fn fingerprint(&self, block_size: usize) -> ModelFingerprint {
+        const WINDOWS: usize = 16;
+        const WINDOW_BYTES: usize = 4 << 10; // 4 KiB
+        let mut h = blake3::Hasher::new();
+        h.update(b"kvinfer-kv");
+        h.update(&KV_FORMAT_VERSION.to_le_bytes());
+        h.update(format!("{:?}", self.config.arch).as_bytes());
+        h.update(b"f16");
+        h.update(&(block_size as u64).to_le_bytes());
+        for t in self.file.tensors() {
+            h.update(t.name.as_bytes());
+            h.update(format!("{:?}{:?}", t.ty, t.dims).as_bytes());
+            let data = self.file.tensor_data(t);
+            let stride = (data.len() / WINDOWS).max(1);
+            for w in 0..WINDOWS {
+                let lo = (w * stride).min(data.len());
+                h.update(&data[lo..(lo + WINDOW_BYTES).min(data.len())]);
+            }
+        }
+        ModelFingerprint(*h.finalize().as_bytes())
+    }
+
+    /// Runs a batch of sequences: each one's `tokens` after its `start` cached positions. Stores
+    /// their keys and values in `kv` through each block table and returns each sequence's
+    /// last-token logits (`[batch][vocab_size]`). Every matrix product runs once for the whole
+    /// batch (weights are read once per step); attention runs per sequence.
+    pub fn forward(
+        &self,
+        kv: &mut KvStorage,
+        batch: &[SeqBatch],
+    ) -> Result<Vec<Vec<f32>>, ModelError> {
+        let layout = self.kv_layout(kv.layout().block_size, kv.layout().num_blocks);
+        if *kv.layout() != layout {
+            return Err(ModelError::Input(
+                "KV storage was made for another model".into(),
+            ));
+        }
+        let mut tokens = Vec::new();
+        let mut spans = Vec::with_capacity(batch.len());
+        for s in batch {
+            self.check_seq(s, &layout)?;
+            let r0 = tokens.len();
+            tokens.extend_from_slice(s.tokens);
+            spans.push(SeqSpan {
+                blocks: s.blocks,
+                start: s.start,
+                rows: r0..tokens.len(),
+            });
+        }
         if tokens.is_empty() {
             return Err(ModelError::Input("no tokens to run".into()));
         }
-        if let Some(&bad) = tokens
+        let (f, c) = (&self.file, &self.config);
+        Ok(match &self.weights {
+            ArchWeights::Llama(w) => w.forward(f, c, &tokens, &spans, kv),
+            ArchWeights::Gemma3(w) => w.forward(f, c, &tokens, &spans, kv),
+        })
+    }
+
+    fn check_seq(&self, s: &SeqBatch, layout: &KvLayout) -> Result<(), ModelError> {
+        if s.tokens.is_empty() {
+            return Err(ModelError::Input("no tokens to run".into()));
+        }
+        if let Some(&bad) = s
+            .tokens
             .iter()
             .find(|&&t| t as usize >= self.config.vocab_size)
         {
@@ -96,22 +178,23 @@ impl Model {
                 self.config.vocab_size
             )));
         }
-        if tokens.len() > kv.remaining() {
+        let end = s.start + s.tokens.len();
+        if end > self.config.context_length {
             return Err(ModelError::ContextFull {
-                needed: kv.len() + tokens.len(),
-                max: kv.max_tokens(),
+                needed: end,
+                max: self.config.context_length,
             });
         }
-        if kv.kv_dim() != self.config.kv_dim() {
-            return Err(ModelError::Input(
-                "KV cache was made for another model".into(),
-            ));
+        if s.blocks.len() * layout.block_size < end {
+            return Err(ModelError::Input(format!(
+                "block table of {} blocks cannot hold {end} positions",
+                s.blocks.len()
+            )));
         }
-        let (f, c) = (&self.file, &self.config);
-        Ok(match &self.weights {
-            ArchWeights::Llama(w) => w.forward(f, c, tokens, kv),
-            ArchWeights::Gemma3(w) => w.forward(f, c, tokens, kv),
-        })
+        if let Some(b) = s.blocks.iter().find(|b| b.index() >= layout.num_blocks) {
+            return Err(ModelError::Input(format!("{b:?} is outside the KV arena")));
+        }
+        Ok(())
     }
 
     /// Size of the model file in bytes.

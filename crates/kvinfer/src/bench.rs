@@ -2,10 +2,12 @@
 //! llama-bench does: pp = one forward over N prompt tokens from an empty cache; tg = N single-token
 //! forwards from an empty cache. Random token ids, fixed seed; the mean of `repetitions` runs.
 
-use crate::cli::BenchArgs;
-use crate::load::load_model;
+use crate::cli::{BenchArgs, PrefixBenchArgs};
+use crate::load::{kv_cache, load_model};
 use anyhow::Result;
-use kvinfer_model::Model;
+use kvinfer_cache::{PagedKv, PolicyKind};
+use kvinfer_engine::{generate, GenerateRequest, SamplingParams};
+use kvinfer_model::{Model, SeqBatch};
 use std::io::Write;
 use std::time::Instant;
 
@@ -23,22 +25,128 @@ fn tokens(model: &Model, n: usize, seed: u64) -> Vec<u32> {
         .collect()
 }
 
+/// A cache with room for one sequence of `n` tokens, and that sequence (no prefix reuse: every
+/// token is computed).
+fn one_sequence(model: &Model, n: usize) -> (PagedKv, kvinfer_cache::SeqId) {
+    let bs = kvinfer_engine::DEFAULT_BLOCK_SIZE;
+    let layout = model.kv_layout(bs, n.div_ceil(bs));
+    let mut kv = PagedKv::new(layout, PolicyKind::Lru, 0, model.fingerprint(bs));
+    let (seq, _) = kv.manager.add_sequence(&[], false);
+    (kv, seq)
+}
+
+/// Runs `ids` after the sequence's cached tokens.
+fn step(model: &Model, kv: &mut PagedKv, seq: kvinfer_cache::SeqId, ids: &[u32]) -> Result<()> {
+    kv.reserve(seq, ids.len())
+        .map_err(|e| anyhow::anyhow!("bench cache too small: {e:?}"))?;
+    let batch = [SeqBatch {
+        tokens: ids,
+        start: kv.manager.num_tokens(seq),
+        blocks: kv.manager.block_table(seq),
+    }];
+    model.forward(&mut kv.storage, &batch)?;
+    kv.manager.commit(seq, ids);
+    Ok(())
+}
+
 fn pp(model: &Model, n: usize, seed: u64) -> Result<f64> {
     let ids = tokens(model, n, seed);
-    let mut kv = model.new_kv_cache(n + 1);
+    let (mut kv, seq) = one_sequence(model, n);
     let t = Instant::now();
-    model.forward(&ids, &mut kv)?;
+    step(model, &mut kv, seq, &ids)?;
     Ok(n as f64 / t.elapsed().as_secs_f64())
 }
 
 fn tg(model: &Model, n: usize, seed: u64) -> Result<f64> {
     let ids = tokens(model, n, seed);
-    let mut kv = model.new_kv_cache(n + 1);
+    let (mut kv, seq) = one_sequence(model, n);
     let t = Instant::now();
     for id in ids {
-        model.forward(&[id], &mut kv)?;
+        step(model, &mut kv, seq, &[id])?;
     }
     Ok(n as f64 / t.elapsed().as_secs_f64())
+}
+
+fn warm_up(model: &Model, seconds: f64) -> Result<()> {
+    let t = Instant::now();
+    let mut i = 0;
+    while t.elapsed().as_secs_f64() < seconds {
+        pp(model, 64, 1000 + i)?;
+        i += 1;
+    }
+    Ok(())
+}
+
+/// `kvinfer bench prefix`: cold TTFT of a prompt, then warm TTFT of the prompt plus a new suffix
+/// (its prefix cached by the cold run), in one process; the warm output must equal a run of the
+/// same request on a fresh cache.
+pub fn run_prefix(a: PrefixBenchArgs, threads: usize) -> Result<()> {
+    anyhow::ensure!(a.prompt_tokens >= 1, "--prompt-tokens must be at least 1");
+    anyhow::ensure!(a.suffix_tokens >= 1, "--suffix-tokens must be at least 1");
+    anyhow::ensure!(a.gen_tokens >= 1, "--gen-tokens must be at least 1");
+    let model = load_model(&a.model)?;
+    let total = a.prompt_tokens + a.suffix_tokens + a.gen_tokens;
+    let ctx = a.model.ctx_size.min(model.config.context_length);
+    anyhow::ensure!(
+        total <= ctx,
+        "prompt + suffix + generated = {total} tokens; the context holds {ctx} (raise --ctx-size)"
+    );
+    warm_up(&model, a.warmup_s)?;
+    pp(&model, 64, 7)?; // page the weights in
+    let all = tokens(&model, a.prompt_tokens + a.suffix_tokens, 42);
+    let request = |ids: &[u32], prefix_cache: bool| GenerateRequest {
+        prompt_ids: ids.to_vec(),
+        max_tokens: a.gen_tokens,
+        sampling: SamplingParams::greedy(),
+        stop: vec![],
+        ignore_eos: true,
+        use_kv_cache: true,
+        prefix_cache,
+        ctx_size: ctx,
+    };
+    let mut kv = kv_cache(&model, &a.model)?;
+    let cold = generate(
+        &model,
+        &mut kv,
+        &request(&all[..a.prompt_tokens], true),
+        |_| true,
+    )?;
+    let warm = generate(&model, &mut kv, &request(&all, true), |_| true)?;
+    let mut fresh = kv_cache(&model, &a.model)?;
+    let reference = generate(&model, &mut fresh, &request(&all, false), |_| true)?;
+    let (cold_ms, warm_ms) = (cold.timings.prefill_ms, warm.timings.prefill_ms);
+    let j = serde_json::json!({
+        "model": model.name,
+        "threads": threads,
+        "prompt_tokens": a.prompt_tokens,
+        "suffix_tokens": a.suffix_tokens,
+        "block_size": kv.manager.block_size(),
+        "cold_ttft_ms": cold_ms,
+        "warm_ttft_ms": warm_ms,
+        "ratio": warm_ms / cold_ms,
+        "cached_tokens": warm.timings.cached_tokens,
+        "reference_ttft_ms": reference.timings.prefill_ms,
+        "outputs_equal": warm.ids == reference.ids,
+    });
+    if a.json {
+        writeln!(std::io::stdout(), "{}", serde_json::to_string_pretty(&j)?)?;
+    } else {
+        writeln!(
+            std::io::stdout(),
+            "cold TTFT {cold_ms:.1} ms ({} tokens); warm TTFT {warm_ms:.1} ms ({} of {} tokens \
+             cached); ratio {:.4}; outputs equal: {}",
+            a.prompt_tokens,
+            warm.timings.cached_tokens,
+            all.len(),
+            warm_ms / cold_ms,
+            warm.ids == reference.ids
+        )?;
+    }
+    anyhow::ensure!(
+        warm.ids == reference.ids,
+        "the warm output differs from the reference: the prefix cache changed the result"
+    );
+    Ok(())
 }
 
 fn mean_std(v: &[f64]) -> (f64, f64) {
@@ -49,14 +157,7 @@ fn mean_std(v: &[f64]) -> (f64, f64) {
 
 pub fn run(a: BenchArgs, threads: usize) -> Result<()> {
     let model = load_model(&a.model)?;
-    if a.warmup_s > 0.0 {
-        let t = Instant::now();
-        let mut i = 0;
-        while t.elapsed().as_secs_f64() < a.warmup_s {
-            pp(&model, 64, 1000 + i)?;
-            i += 1;
-        }
-    }
+    warm_up(&model, a.warmup_s)?;
     // One untimed run of each to page the weights in.
     pp(&model, a.prompt_tokens.clamp(1, 64), 7)?;
     tg(&model, 4, 7)?;

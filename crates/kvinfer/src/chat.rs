@@ -2,7 +2,7 @@
 //! chat template and reuses the KV cache for the part of it the previous turns already computed.
 
 use crate::cli::ChatArgs;
-use crate::load::{load_model, sampling};
+use crate::load::{kv_cache, load_model, sampling};
 use anyhow::{Context, Result};
 use kvinfer_engine::{generate, GenerateRequest};
 use kvinfer_model::chat::ChatMessage;
@@ -14,9 +14,9 @@ pub fn run(a: ChatArgs) -> Result<()> {
         "this model file has no chat template; use `kvinfer generate --prompt` for raw text",
     )?;
     let tok = &model.tokenizer;
-    let mut kv = model.new_kv_cache(a.model.ctx_size);
-    // Token ids whose K/V are in `kv`, position for position.
-    let mut cached_ids: Vec<u32> = Vec::new();
+    // Earlier turns stay in the prefix cache: each turn's prompt reuses their full blocks.
+    let mut kv = kv_cache(&model, &a.model)?;
+    let ctx = a.model.ctx_size.min(model.config.context_length);
     let mut messages: Vec<ChatMessage> = Vec::new();
     if let Some(s) = &a.system {
         messages.push(ChatMessage {
@@ -66,21 +66,14 @@ pub fn run(a: ChatArgs) -> Result<()> {
         });
         let text = template.render(&messages, true)?;
         let prompt_ids = tok.encode(&text, false, true);
-        if prompt_ids.len() + 1 >= kv.max_tokens() {
+        if prompt_ids.len() + 1 >= ctx {
             messages.pop();
             eprintln!(
-                "error: the conversation is {} tokens, the context holds {}; /reset to start over",
+                "error: the conversation is {} tokens, the context holds {ctx}; /reset to start over",
                 prompt_ids.len(),
-                kv.max_tokens()
             );
             continue;
         }
-        let common = cached_ids
-            .iter()
-            .zip(&prompt_ids)
-            .take_while(|(a, b)| a == b)
-            .count();
-        kv.truncate(common);
         let req = GenerateRequest {
             prompt_ids: prompt_ids.clone(),
             max_tokens: a.max_tokens,
@@ -88,22 +81,26 @@ pub fn run(a: ChatArgs) -> Result<()> {
             stop: a.sampling.stop.clone(),
             ignore_eos: false,
             use_kv_cache: true,
+            prefix_cache: true,
+            ctx_size: ctx,
         };
         let stdout = std::io::stdout();
-        let out = generate(&model, &mut kv, &req, |t| {
+        let out = match generate(&model, &mut kv, &req, |t| {
             let mut s = stdout.lock();
             let _ = s.write_all(t.as_bytes());
             let _ = s.flush();
             true
-        })?;
+        }) {
+            Ok(o) => o,
+            Err(e) => {
+                // The conversation goes on: say what failed and drop the unanswered message.
+                messages.pop();
+                eprintln!("error: {e}");
+                continue;
+            }
+        };
         writeln!(std::io::stdout())?;
-        cached_ids = prompt_ids
-            .iter()
-            .chain(&out.ids)
-            .copied()
-            .take(kv.len())
-            .collect();
-        let reused = prompt_ids.len() - out.timings.prefill_tokens;
+        let reused = out.timings.cached_tokens;
         if a.stats || interactive {
             eprintln!(
                 "{}",

@@ -18,8 +18,9 @@ pub enum Command {
     /// Interactive multi-turn chat with the model's chat template; streams tokens.
     #[command(allow_negative_numbers = true)]
     Chat(ChatArgs),
-    /// Measure prompt processing and generation speed (like llama-bench).
-    #[command(allow_negative_numbers = true)]
+    /// Measure prompt processing and generation speed (like llama-bench); `bench prefix` measures
+    /// a prefix-cache hit.
+    #[command(allow_negative_numbers = true, args_conflicts_with_subcommands = true)]
     Bench(BenchArgs),
 }
 
@@ -35,6 +36,16 @@ pub struct ModelArgs {
     /// Context size in tokens (default: 4096, capped at the model's).
     #[arg(long, env = "KVINFER_CTX_SIZE", default_value_t = 4096)]
     pub ctx_size: usize,
+    /// Memory for the KV cache in MiB; the block pool never grows past it (default: a quarter of
+    /// available memory, at most 2048).
+    #[arg(long, env = "KVINFER_KV_CACHE_MB")]
+    pub kv_cache_mb: Option<usize>,
+    /// Tokens per KV block.
+    #[arg(long, env = "KVINFER_BLOCK_SIZE", default_value_t = kvinfer_engine::DEFAULT_BLOCK_SIZE)]
+    pub block_size: usize,
+    /// Eviction policy of the prefix cache: lru, lfu, fifo, random, s3fifo.
+    #[arg(long, env = "KVINFER_EVICT", default_value = "lru")]
+    pub evict: kvinfer_cache::PolicyKind,
 }
 
 /// Sampling flags shared by generate and chat.
@@ -113,6 +124,8 @@ pub struct ChatArgs {
 
 #[derive(Args)]
 pub struct BenchArgs {
+    #[command(subcommand)]
+    pub sub: Option<BenchCommand>,
     #[command(flatten)]
     pub model: ModelArgs,
     /// Prompt tokens for the prompt-processing test (pp).
@@ -125,6 +138,34 @@ pub struct BenchArgs {
     #[arg(long, short = 'r', default_value_t = 3)]
     pub repetitions: usize,
     /// Seconds of CPU warm-up before timing (this machine runs slow after idle).
+    #[arg(long, default_value_t = 0.0)]
+    pub warmup_s: f64,
+    /// Print JSON.
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Subcommand)]
+pub enum BenchCommand {
+    /// Time to first token of a prompt cold, then of the same prompt plus a new suffix with its
+    /// prefix cached, in one process; checks the warm output equals a run without the cache.
+    Prefix(PrefixBenchArgs),
+}
+
+#[derive(Args)]
+pub struct PrefixBenchArgs {
+    #[command(flatten)]
+    pub model: ModelArgs,
+    /// Tokens of the shared prompt.
+    #[arg(long, default_value_t = 1500)]
+    pub prompt_tokens: usize,
+    /// New tokens after it in the warm request.
+    #[arg(long, default_value_t = 16)]
+    pub suffix_tokens: usize,
+    /// Tokens generated per request (greedy), compared between the warm and reference runs.
+    #[arg(long, default_value_t = 16)]
+    pub gen_tokens: usize,
+    /// Seconds of CPU warm-up before timing.
     #[arg(long, default_value_t = 0.0)]
     pub warmup_s: f64,
     /// Print JSON.

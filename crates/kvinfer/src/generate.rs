@@ -1,7 +1,7 @@
 //! `kvinfer generate`: raw prompt in, text (or one JSON object) out.
 
 use crate::cli::GenerateArgs;
-use crate::load::{load_model, sampling};
+use crate::load::{kv_cache, load_model, sampling};
 use anyhow::Result;
 use kvinfer_engine::{generate, GenerateRequest};
 use std::io::Write;
@@ -16,7 +16,7 @@ pub fn run(a: GenerateArgs, threads: usize) -> Result<()> {
     if prompt_ids.is_empty() {
         anyhow::bail!("the prompt is empty after tokenization; give some text with --prompt");
     }
-    let mut kv = model.new_kv_cache(a.model.ctx_size);
+    let mut kv = kv_cache(&model, &a.model)?;
     let req = GenerateRequest {
         prompt_ids: prompt_ids.clone(),
         max_tokens: a.max_tokens,
@@ -24,6 +24,8 @@ pub fn run(a: GenerateArgs, threads: usize) -> Result<()> {
         stop: a.sampling.stop.clone(),
         ignore_eos: a.ignore_eos,
         use_kv_cache: !a.no_kv_cache,
+        prefix_cache: true,
+        ctx_size: a.model.ctx_size,
     };
     // Refuse bad flags before anything is printed.
     req.sampling
@@ -45,6 +47,9 @@ pub fn run(a: GenerateArgs, threads: usize) -> Result<()> {
         o
     };
     let t = &out.timings;
+    // Bytes of the blocks this sequence held at its longest.
+    let kv_bytes = (prompt_ids.len() + out.ids.len()).div_ceil(kv.manager.block_size())
+        * kv.storage.layout().block_bytes();
     if a.json {
         let j = serde_json::json!({
             "model": model.name,
@@ -65,7 +70,7 @@ pub fn run(a: GenerateArgs, threads: usize) -> Result<()> {
                 "decode_ms": t.decode_ms,
                 "decode_tok_s": t.decode_tok_s(),
             },
-            "kv_cache_bytes": kv.bytes(),
+            "kv_cache_bytes": kv_bytes,
         });
         writeln!(std::io::stdout(), "{}", serde_json::to_string_pretty(&j)?)?;
     } else {

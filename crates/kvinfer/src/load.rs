@@ -120,3 +120,14 @@ pub fn sampling(a: &SamplingArgs) -> SamplingParams {
         seed: a.seed,
     }
 }
+
+/// The paged KV cache the flags ask for.
+pub fn kv_cache(model: &Model, args: &ModelArgs) -> Result<kvinfer_cache::PagedKv> {
+    let opts = kvinfer_engine::CacheOptions {
+        kv_cache_mb: args.kv_cache_mb,
+        block_size: args.block_size,
+        policy: args.evict,
+        seed: 0,
+    };
+    kvinfer_engine::new_paged_kv(model, &opts).map_err(anyhow::Error::msg)
+}

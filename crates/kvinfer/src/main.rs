@@ -20,12 +20,18 @@ fn main() {
     let threads = match &args.command {
         cli::Command::Generate(a) => a.model.threads,
         cli::Command::Chat(a) => a.model.threads,
-        cli::Command::Bench(a) => a.model.threads,
+        cli::Command::Bench(a) => match &a.sub {
+            Some(cli::BenchCommand::Prefix(p)) => p.model.threads,
+            None => a.model.threads,
+        },
     };
     let result = load::with_threads(threads, |n| match args.command {
         cli::Command::Generate(a) => generate::run(a, n),
         cli::Command::Chat(a) => chat::run(a),
-        cli::Command::Bench(a) => bench::run(a, n),
+        cli::Command::Bench(a) => match a.sub {
+            Some(cli::BenchCommand::Prefix(p)) => bench::run_prefix(p, n),
+            None => bench::run(a, n),
+        },
     })
     .and_then(|r| r);
     if let Err(e) = result {

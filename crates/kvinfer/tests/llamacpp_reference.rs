@@ -5,8 +5,9 @@
 mod common;
 
 use half::f16;
+use kvinfer_cache::{PagedKv, PolicyKind};
 use kvinfer_engine::{generate, GenerateRequest, SamplingParams};
-use kvinfer_model::Model;
+use kvinfer_model::{Model, SeqBatch};
 use serde_json::Value;
 
 /// Where llama.cpp's own top-2 margin is below this, a different choice is a near-tie, not a bug.
@@ -32,8 +33,18 @@ fn ids(v: &Value) -> Vec<u32> {
         .collect()
 }
 
+/// A cache of 512 positions (32 blocks of 16).
+fn fresh_kv(model: &Model) -> PagedKv {
+    PagedKv::new(
+        model.kv_layout(16, 32),
+        PolicyKind::Lru,
+        0,
+        model.fingerprint(16),
+    )
+}
+
 fn greedy(model: &Model, prompt: &[u32], n: usize, use_kv_cache: bool) -> Vec<u32> {
-    let mut kv = model.new_kv_cache(512);
+    let mut kv = fresh_kv(model);
     let req = GenerateRequest {
         prompt_ids: prompt.to_vec(),
         max_tokens: n,
@@ -41,8 +52,23 @@ fn greedy(model: &Model, prompt: &[u32], n: usize, use_kv_cache: bool) -> Vec<u3
         stop: vec![],
         ignore_eos: true,
         use_kv_cache,
+        prefix_cache: false,
+        ctx_size: 0,
     };
     generate(model, &mut kv, &req, |_| true).unwrap().ids
+}
+
+/// Last-token logits of `ids` run as one batch on a fresh cache.
+fn first_logits(model: &Model, ids: &[u32]) -> Vec<f32> {
+    let mut kv = fresh_kv(model);
+    let (seq, _) = kv.manager.add_sequence(ids, false);
+    kv.reserve(seq, ids.len()).unwrap();
+    let batch = [SeqBatch {
+        tokens: ids,
+        start: 0,
+        blocks: kv.manager.block_table(seq),
+    }];
+    model.forward(&mut kv.storage, &batch).unwrap().remove(0)
 }
 
 fn top_k(logits: &[f32], k: usize) -> Vec<u32> {
@@ -92,8 +118,7 @@ fn check_model(alias: &str, file: &str) {
             continue;
         }
         // First step: logits against llama.cpp's.
-        let mut kv = model.new_kv_cache(512);
-        let logits = model.forward(&want_prompt, &mut kv).unwrap();
+        let logits = first_logits(&model, &want_prompt);
         // Top-5: the same ids in the same order, except where llama.cpp itself scores the two ids
         // at a rank within NEAR_TIE of each other (its top-10 logits are in the fixture).
         let want_top5 = ids(&c["top5_first"]);

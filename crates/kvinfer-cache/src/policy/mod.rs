@@ -110,5 +110,81 @@ impl FromStr for PolicyKind {
 
 /// A fresh policy of `kind` for a cache of `capacity_blocks` blocks; `seed` drives `Random`.
 pub fn new_policy(kind: PolicyKind, capacity_blocks: usize, seed: u64) -> Box<dyn EvictionPolicy> {
-    todo!("helper implements: {kind} {capacity_blocks} {seed}")
+    let _ = (capacity_blocks, seed);
+    Box::new(TempLru {
+        kind,
+        clock: 0,
+        last: Vec::new(),
+        set: Default::default(),
+    })
+}
+
+/// TEMPORARY stand-in until the real policies land (replaced at merge).
+#[derive(Debug)]
+struct TempLru {
+    kind: PolicyKind,
+    clock: u64,
+    last: Vec<(u64, bool)>,
+    set: std::collections::BTreeSet<(u64, u32)>,
+}
+
+impl TempLru {
+    fn slot(&mut self, b: BlockId) -> &mut (u64, bool) {
+        if self.last.len() <= b.index() {
+            self.last.resize(b.index() + 1, (0, false));
+        }
+        &mut self.last[b.index()]
+    }
+}
+
+impl EvictionPolicy for TempLru {
+    fn kind(&self) -> PolicyKind {
+        self.kind
+    }
+    fn insert(&mut self, block: BlockId, _key: u64) {
+        self.clock += 1;
+        let c = self.clock;
+        *self.slot(block) = (c, true);
+        self.set.insert((c, block.0));
+    }
+    fn access(&mut self, block: BlockId) {
+        self.clock += 1;
+        let c = self.clock;
+        let (t, cand) = *self.slot(block);
+        if cand {
+            self.set.remove(&(t, block.0));
+            self.set.insert((c, block.0));
+        }
+        *self.slot(block) = (c, cand);
+    }
+    fn pin(&mut self, block: BlockId) {
+        let (t, cand) = *self.slot(block);
+        if cand {
+            self.set.remove(&(t, block.0));
+        }
+        *self.slot(block) = (t, false);
+    }
+    fn unpin(&mut self, block: BlockId) {
+        let (t, cand) = *self.slot(block);
+        if !cand {
+            self.clock += 1;
+            let c = self.clock;
+            self.set.insert((c, block.0));
+            *self.slot(block) = (c, true);
+        } else {
+            let _ = t;
+        }
+    }
+    fn evict(&mut self) -> Option<BlockId> {
+        let (t, b) = self.set.pop_first()?;
+        let _ = t;
+        *self.slot(BlockId(b)) = (0, false);
+        Some(BlockId(b))
+    }
+    fn remove(&mut self, block: BlockId) {
+        self.pin(block);
+    }
+    fn num_candidates(&self) -> usize {
+        self.set.len()
+    }
 }

@@ -170,6 +170,38 @@ fn dot_f32_with(level: SimdLevel, a: &[f32], b: &[f32]) -> f32 {
     acc.iter().sum::<f32>() + tail
 }
 
+/// `a · b` with `b` in f16 (attention's q·k over the cache), bit-identical to [`dot_f32`] on
+/// `b` widened to f32.
+pub fn dot_f16(a: &[f32], b: &[half::f16]) -> f32 {
+    dot_f16_with(simd(), a, b)
+}
+
+fn dot_f16_with(level: SimdLevel, a: &[f32], b: &[half::f16]) -> f32 {
+    #[cfg(target_arch = "x86_64")]
+    if level >= SimdLevel::Avx2 {
+        // SAFETY: AVX2, FMA and F16C were detected.
+        return unsafe { x86::dot_f32_f16(a, b) };
+    }
+    let wide: Vec<f32> = b.iter().map(|v| v.to_f32()).collect();
+    dot_f32_with(level, a, &wide)
+}
+
+/// `y[i] += alpha * x[i]` with `x` in f16 (attention's p·V), bit-identical to [`axpy_f32`] on
+/// `x` widened to f32.
+pub fn axpy_f16(alpha: f32, x: &[half::f16], y: &mut [f32]) {
+    axpy_f16_with(simd(), alpha, x, y)
+}
+
+fn axpy_f16_with(level: SimdLevel, alpha: f32, x: &[half::f16], y: &mut [f32]) {
+    #[cfg(target_arch = "x86_64")]
+    if level >= SimdLevel::Avx2 {
+        // SAFETY: AVX2, FMA and F16C were detected.
+        return unsafe { x86::axpy_f16(alpha, x, y) };
+    }
+    let wide: Vec<f32> = x.iter().map(|v| v.to_f32()).collect();
+    axpy_f32_with(level, alpha, &wide, y)
+}
+
 /// `y[i] += alpha * x[i]` (over the shorter length).
 pub fn axpy_f32(alpha: f32, x: &[f32], y: &mut [f32]) {
     axpy_f32_with(simd(), alpha, x, y)

@@ -407,6 +407,27 @@ fn f32_helpers_all_levels() {
 }
 
 #[test]
+fn f16_helpers_equal_f32_helpers_on_widened_values() {
+    let mut rng = StdRng::seed_from_u64(8);
+    for n in [0usize, 1, 7, 8, 31, 32, 64, 100, 256] {
+        let a = random_f32(&mut rng, n);
+        let b16: Vec<half::f16> = random_f32(&mut rng, n)
+            .iter()
+            .map(|&v| half::f16::from_f32(v))
+            .collect();
+        let b: Vec<f32> = b16.iter().map(|v| v.to_f32()).collect();
+        for level in SimdLevel::available() {
+            let (got, want) = (dot_f16_with(level, &a, &b16), dot_f32_with(level, &a, &b));
+            assert_eq!(got.to_bits(), want.to_bits(), "{level:?} dot n={n}");
+            let (mut y1, mut y2) = (a.clone(), a.clone());
+            axpy_f16_with(level, 0.3, &b16, &mut y1);
+            axpy_f32_with(level, 0.3, &b, &mut y2);
+            assert_eq!(y1, y2, "{level:?} axpy n={n}");
+        }
+    }
+}
+
+#[test]
 fn simd_level_is_named() {
     assert!(["scalar", "avx2", "avx2vnni", "avx512"].contains(&simd_level()));
 }

@@ -131,6 +131,54 @@ pub(crate) unsafe fn axpy_f32(alpha: f32, x: &[f32], y: &mut [f32]) {
     }
 }
 
+/// `a · b` with `b` in f16, widened in registers: the same operations as [`dot_f32_ptr`] on the
+/// widened values (the widening is exact), so the result is bit-identical to `dot_f32`.
+#[target_feature(enable = "avx2,fma,f16c")]
+pub(crate) unsafe fn dot_f32_f16(a: &[f32], b: &[half::f16]) -> f32 {
+    let n = a.len().min(b.len());
+    let (a, b) = (a.as_ptr(), b.as_ptr() as *const u16);
+    let ld = |p: *const u16| _mm256_cvtph_ps(_mm_loadu_si128(p as *const __m128i));
+    let mut acc = [_mm256_setzero_ps(); 4];
+    let mut i = 0;
+    while i + 32 <= n {
+        for (k, acc) in acc.iter_mut().enumerate() {
+            let x = _mm256_loadu_ps(a.add(i + 8 * k));
+            *acc = _mm256_fmadd_ps(x, ld(b.add(i + 8 * k)), *acc);
+        }
+        i += 32;
+    }
+    while i + 8 <= n {
+        acc[0] = _mm256_fmadd_ps(_mm256_loadu_ps(a.add(i)), ld(b.add(i)), acc[0]);
+        i += 8;
+    }
+    let s = _mm256_add_ps(_mm256_add_ps(acc[0], acc[1]), _mm256_add_ps(acc[2], acc[3]));
+    let mut sum = hsum_ps(s);
+    while i < n {
+        sum += *a.add(i) * half::f16::from_bits(*b.add(i)).to_f32();
+        i += 1;
+    }
+    sum
+}
+
+/// `y[i] += alpha * x[i]` with `x` in f16 (bit-identical to `axpy_f32` on the widened `x`).
+#[target_feature(enable = "avx2,fma,f16c")]
+pub(crate) unsafe fn axpy_f16(alpha: f32, x: &[half::f16], y: &mut [f32]) {
+    let n = x.len().min(y.len());
+    let (xp, yp) = (x.as_ptr() as *const u16, y.as_mut_ptr());
+    let va = _mm256_set1_ps(alpha);
+    let mut i = 0;
+    while i + 8 <= n {
+        let xv = _mm256_cvtph_ps(_mm_loadu_si128(xp.add(i) as *const __m128i));
+        let v = _mm256_fmadd_ps(va, xv, _mm256_loadu_ps(yp.add(i)));
+        _mm256_storeu_ps(yp.add(i), v);
+        i += 8;
+    }
+    while i < n {
+        *yp.add(i) += alpha * half::f16::from_bits(*xp.add(i)).to_f32();
+        i += 1;
+    }
+}
+
 /// F16 row -> f32.
 #[target_feature(enable = "avx2,f16c")]
 pub(crate) unsafe fn f16_to_f32_row(src: &[u8], dst: &mut [f32]) {

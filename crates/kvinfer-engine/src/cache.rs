@@ -1,0 +1,82 @@
+//! Building the paged KV cache for a model: its memory budget and block geometry.
+
+use kvinfer_cache::{PagedKv, PolicyKind};
+use kvinfer_model::Model;
+
+/// Default tokens per block (vLLM's figure: small enough that paging wastes little, large enough
+/// that block tables and hashing cost little).
+pub const DEFAULT_BLOCK_SIZE: usize = 16;
+
+/// Largest default budget: plenty for one machine's CPU serving of small models.
+const DEFAULT_CAP_MB: usize = 2048; // 2 GiB
+/// Smallest default budget, for machines that report little free memory.
+const DEFAULT_FLOOR_MB: usize = 64;
+
+/// How to size and run the cache.
+#[derive(Debug, Clone)]
+pub struct CacheOptions {
+    /// Memory for K/V in MiB; `None` picks [`default_kv_cache_mb`].
+    pub kv_cache_mb: Option<usize>,
+    /// Tokens per block.
+    pub block_size: usize,
+    /// Eviction policy.
+    pub policy: PolicyKind,
+    /// Seed of the `Random` policy.
+    pub seed: u64,
+}
+
+impl Default for CacheOptions {
+    fn default() -> Self {
+        Self {
+            kv_cache_mb: None,
+            block_size: DEFAULT_BLOCK_SIZE,
+            policy: PolicyKind::Lru,
+            seed: 0,
+        }
+    }
+}
+
+/// A quarter of the memory the OS reports available, between 64 MiB and 2 GiB. The arena is
+/// allocated zeroed, so pages are only backed as blocks are first written.
+pub fn default_kv_cache_mb() -> usize {
+    let available_mb = std::fs::read_to_string("/proc/meminfo")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("MemAvailable:"))
+                .and_then(|l| l.split_whitespace().nth(1)?.parse::<usize>().ok())
+        })
+        .map(|kb| kb / 1024);
+    match available_mb {
+        Some(mb) => (mb / 4).clamp(DEFAULT_FLOOR_MB, DEFAULT_CAP_MB),
+        None => DEFAULT_FLOOR_MB * 8,
+    }
+}
+
+/// A cache for `model` within the budget. Errors when the budget holds no block or the block
+/// size is zero.
+pub fn new_paged_kv(model: &Model, opts: &CacheOptions) -> Result<PagedKv, String> {
+    if opts.block_size == 0 || opts.block_size > 1024 {
+        return Err(format!(
+            "block size {} is out of range; use 1..=1024 tokens (default {DEFAULT_BLOCK_SIZE})",
+            opts.block_size
+        ));
+    }
+    let mb = opts.kv_cache_mb.unwrap_or_else(default_kv_cache_mb);
+    let one = model.kv_layout(opts.block_size, 1);
+    let num_blocks = one.blocks_in(mb << 20);
+    if num_blocks == 0 {
+        return Err(format!(
+            "--kv-cache-mb {mb} holds no block of {} KiB; give at least {} MiB",
+            one.block_bytes() >> 10,
+            one.block_bytes().div_ceil(1 << 20)
+        ));
+    }
+    let layout = model.kv_layout(opts.block_size, num_blocks);
+    Ok(PagedKv::new(
+        layout,
+        opts.policy,
+        opts.seed,
+        model.fingerprint(opts.block_size),
+    ))
+}
