@@ -8,6 +8,7 @@
 mod contiguous;
 pub mod ids;
 pub mod policy;
+pub mod simulate;
 
 pub use contiguous::KvCache;
 pub use ids::{BlockHash, BlockId, ModelFingerprint, SeqId, TokenId};
