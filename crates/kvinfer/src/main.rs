@@ -1,6 +1,7 @@
 //! `kvinfer`: the command line of the kvinfer inference engine.
 
 mod bench;
+mod cache_cmd;
 mod chat;
 mod cli;
 mod generate;
@@ -21,11 +22,13 @@ fn main() {
         cli::Command::Generate(a) => a.model.threads,
         cli::Command::Chat(a) => a.model.threads,
         cli::Command::Bench(a) => a.model.threads,
+        cli::Command::Cache(_) => None,
     };
     let result = load::with_threads(threads, |n| match args.command {
         cli::Command::Generate(a) => generate::run(a, n),
         cli::Command::Chat(a) => chat::run(a),
         cli::Command::Bench(a) => bench::run(a, n),
+        cli::Command::Cache(c) => cache_cmd::run(c),
     })
     .and_then(|r| r);
     if let Err(e) = result {
