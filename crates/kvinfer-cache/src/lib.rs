@@ -5,12 +5,14 @@
 //! - [`BlockPool`]: ref counts, free list, prefix index, eviction (leaf first).
 //! - [`KvCacheManager`]: sequences, block tables, prefix reuse, copy-on-write (plan, then commit).
 //! - [`KvStorage`]: the K/V bytes, block-major.
+//! - [`simulate`]: the offline policy simulator over request traces, with Belady's optimum.
 #![deny(missing_docs)]
 
 pub mod ids;
 mod manager;
 pub mod policy;
 mod pool;
+pub mod simulate;
 mod storage;
 
 pub use ids::{BlockHash, BlockId, ModelFingerprint, SeqId, TokenId};

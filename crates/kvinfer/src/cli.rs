@@ -1,6 +1,8 @@
 //! Command-line arguments. Flags override `KVINFER_*` environment variables.
 
 use clap::{Args, Parser, Subcommand};
+use kvinfer_cache::simulate::SimPolicy;
+use std::path::PathBuf;
 
 /// kvinfer: a LLaMA-family inference engine built around its KV cache.
 #[derive(Parser)]
@@ -22,6 +24,9 @@ pub enum Command {
     /// a prefix-cache hit.
     #[command(allow_negative_numbers = true, args_conflicts_with_subcommands = true)]
     Bench(BenchArgs),
+    /// The KV cache offline: eviction-policy simulation over request traces.
+    #[command(subcommand)]
+    Cache(CacheCommand),
 }
 
 /// Which model, and how to run it.
@@ -171,4 +176,36 @@ pub struct PrefixBenchArgs {
     /// Print JSON.
     #[arg(long)]
     pub json: bool,
+}
+
+#[derive(Subcommand)]
+pub enum CacheCommand {
+    /// Replay a request trace against eviction policies at several capacities; report hit rates.
+    Simulate(SimulateArgs),
+}
+
+#[derive(Args)]
+pub struct SimulateArgs {
+    /// Trace: Mooncake JSONL, one request a line with its block ids in `hash_ids`.
+    #[arg(long)]
+    pub trace: PathBuf,
+    /// Cache capacities in blocks, comma-separated (e.g. 1000,4000,16000).
+    #[arg(long, value_delimiter = ',', required = true)]
+    pub capacity_blocks: Vec<usize>,
+    /// Policies, comma-separated: lru, lfu, fifo, random, s3fifo, belady (the offline optimum).
+    #[arg(
+        long,
+        value_delimiter = ',',
+        default_value = "lru,lfu,fifo,random,s3fifo,belady"
+    )]
+    pub policy: Vec<SimPolicy>,
+    /// Print a JSON array of results instead of a table.
+    #[arg(long)]
+    pub json: bool,
+    /// Also draw hit rate against capacity into this SVG file.
+    #[arg(long)]
+    pub plot: Option<PathBuf>,
+    /// Seed of the random policy.
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
 }

@@ -1,6 +1,7 @@
 //! `kvinfer`: the command line of the kvinfer inference engine.
 
 mod bench;
+mod cache_cmd;
 mod chat;
 mod cli;
 mod generate;
@@ -24,6 +25,7 @@ fn main() {
             Some(cli::BenchCommand::Prefix(p)) => p.model.threads,
             None => a.model.threads,
         },
+        cli::Command::Cache(_) => None,
     };
     let result = load::with_threads(threads, |n| match args.command {
         cli::Command::Generate(a) => generate::run(a, n),
@@ -32,6 +34,7 @@ fn main() {
             Some(cli::BenchCommand::Prefix(p)) => bench::run_prefix(p, n),
             None => bench::run(a, n),
         },
+        cli::Command::Cache(c) => cache_cmd::run(c),
     })
     .and_then(|r| r);
     if let Err(e) = result {

@@ -9,8 +9,20 @@
 //! cached children remain (leaf first), so the policy itself never needs to know about either.
 //! The simulator never pins. Every operation is O(1) or O(log n) in the number of blocks known.
 //!
-//! Block ids are dense (`0..capacity_blocks`), so implementations may keep per-block state in
-//! vectors indexed by [`BlockId::index`].
+//! Block ids are dense (`0..capacity_blocks`), so implementations keep per-block state in vectors
+//! indexed by [`BlockId::index`], grown on demand. Calls about a block the policy does not know
+//! (`access`, `pin`, `unpin`, `remove`) do nothing; `insert` of a known block starts it afresh.
+//!
+//! # The implementations
+//! - `keyed`: LRU, LFU-DA, FIFO and Random, each a small rule giving a block's priority key over
+//!   one shared ordered set (O(log n)).
+//! - `s3fifo`: S3-FIFO's three queues as intrusive lists over a vector (O(1), eviction amortised).
+
+mod keyed;
+mod s3fifo;
+
+#[cfg(test)]
+pub(crate) use keyed::splitmix64;
 
 use crate::ids::BlockId;
 use std::fmt;
@@ -110,81 +122,73 @@ impl FromStr for PolicyKind {
 
 /// A fresh policy of `kind` for a cache of `capacity_blocks` blocks; `seed` drives `Random`.
 pub fn new_policy(kind: PolicyKind, capacity_blocks: usize, seed: u64) -> Box<dyn EvictionPolicy> {
-    let _ = (capacity_blocks, seed);
-    Box::new(TempLru {
-        kind,
-        clock: 0,
-        last: Vec::new(),
-        set: Default::default(),
-    })
-}
-
-/// TEMPORARY stand-in until the real policies land (replaced at merge).
-#[derive(Debug)]
-struct TempLru {
-    kind: PolicyKind,
-    clock: u64,
-    last: Vec<(u64, bool)>,
-    set: std::collections::BTreeSet<(u64, u32)>,
-}
-
-impl TempLru {
-    fn slot(&mut self, b: BlockId) -> &mut (u64, bool) {
-        if self.last.len() <= b.index() {
-            self.last.resize(b.index() + 1, (0, false));
-        }
-        &mut self.last[b.index()]
+    use keyed::{Fifo, KeyedPolicy, LfuDa, Lru, Random};
+    match kind {
+        PolicyKind::Lru => Box::new(KeyedPolicy::new(Lru, capacity_blocks)),
+        PolicyKind::Lfu => Box::new(KeyedPolicy::new(LfuDa::default(), capacity_blocks)),
+        PolicyKind::Fifo => Box::new(KeyedPolicy::new(Fifo, capacity_blocks)),
+        PolicyKind::Random => Box::new(KeyedPolicy::new(Random::new(seed), capacity_blocks)),
+        PolicyKind::S3Fifo => Box::new(s3fifo::S3Fifo::new(capacity_blocks)),
     }
 }
 
-impl EvictionPolicy for TempLru {
-    fn kind(&self) -> PolicyKind {
-        self.kind
-    }
-    fn insert(&mut self, block: BlockId, _key: u64) {
-        self.clock += 1;
-        let c = self.clock;
-        *self.slot(block) = (c, true);
-        self.set.insert((c, block.0));
-    }
-    fn access(&mut self, block: BlockId) {
-        self.clock += 1;
-        let c = self.clock;
-        let (t, cand) = *self.slot(block);
-        if cand {
-            self.set.remove(&(t, block.0));
-            self.set.insert((c, block.0));
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::collections::HashSet;
+
+    /// Random operations on every policy against a model of the contract: `evict` returns a known,
+    /// unpinned block (and `None` only when there is none); `num_candidates` counts them.
+    #[test]
+    fn every_policy_keeps_the_contract() {
+        for kind in PolicyKind::ALL {
+            let mut p = new_policy(kind, 32, 5);
+            assert_eq!(p.kind(), kind);
+            let mut known = HashSet::new();
+            let mut pinned = HashSet::new();
+            let mut x = 42;
+            for step in 0..20_000 {
+                x = splitmix64(x);
+                let b = BlockId((x % 40) as u32);
+                match (x >> 32) % 6 {
+                    0 => {
+                        p.insert(b, x >> 40);
+                        known.insert(b);
+                        pinned.remove(&b);
+                    }
+                    1 => p.access(b),
+                    2 => {
+                        p.pin(b);
+                        if known.contains(&b) {
+                            pinned.insert(b);
+                        }
+                    }
+                    3 => {
+                        p.unpin(b);
+                        pinned.remove(&b);
+                    }
+                    4 => match p.evict() {
+                        Some(v) => {
+                            assert!(
+                                known.remove(&v),
+                                "{kind} step {step}: evicted unknown {v:?}"
+                            );
+                            assert!(!pinned.contains(&v), "{kind} step {step}: evicted pinned");
+                        }
+                        None => assert_eq!(known.len(), pinned.len(), "{kind} step {step}"),
+                    },
+                    _ => {
+                        p.remove(b);
+                        known.remove(&b);
+                        pinned.remove(&b);
+                    }
+                }
+                assert_eq!(
+                    p.num_candidates(),
+                    known.len() - pinned.len(),
+                    "{kind} step {step}"
+                );
+            }
         }
-        *self.slot(block) = (c, cand);
-    }
-    fn pin(&mut self, block: BlockId) {
-        let (t, cand) = *self.slot(block);
-        if cand {
-            self.set.remove(&(t, block.0));
-        }
-        *self.slot(block) = (t, false);
-    }
-    fn unpin(&mut self, block: BlockId) {
-        let (t, cand) = *self.slot(block);
-        if !cand {
-            self.clock += 1;
-            let c = self.clock;
-            self.set.insert((c, block.0));
-            *self.slot(block) = (c, true);
-        } else {
-            let _ = t;
-        }
-    }
-    fn evict(&mut self) -> Option<BlockId> {
-        let (t, b) = self.set.pop_first()?;
-        let _ = t;
-        *self.slot(BlockId(b)) = (0, false);
-        Some(BlockId(b))
-    }
-    fn remove(&mut self, block: BlockId) {
-        self.pin(block);
-    }
-    fn num_candidates(&self) -> usize {
-        self.set.len()
     }
 }
