@@ -1,7 +1,7 @@
 //! Building blocks shared by the architectures: RMSNorm, RoPE, activations, and causal attention
 //! over the KV cache. Shapes are named in every signature: `[n][dim]` is `n` rows of `dim` f32.
 
-use crate::kernels::{axpy_f16, dot_f16, matmul, QMatRef};
+use crate::kernels::{axpy_f16_rows, dot_f16_rows, matmul, QMatRef};
 use half::f16;
 use kvinfer_cache::{BlockId, KvStorage};
 use rayon::prelude::*;
@@ -248,48 +248,65 @@ pub fn attention(
     out.par_chunks_mut(head_dim)
         .with_min_len(min_len)
         .enumerate()
-        .for_each(|(idx, o)| {
-            let (r, h) = (idx / n_heads, idx % n_heads);
-            let (si, pos) = row_pos[r];
-            let blocks = spans[si].blocks;
-            let first = window.map_or(0, |w| (pos + 1).saturating_sub(w));
-            let kvh = h / group;
-            // Round q to f16 as llama.cpp does (its K·Q product runs in f16 x f16 -> f32), so both
-            // engines see the same numbers; it costs nothing measurable.
-            let qh: Vec<f32> = q[idx * head_dim..(idx + 1) * head_dim]
-                .iter()
-                .map(|&v| f16::from_f32(v).to_f32())
-                .collect();
-            let mut scores = Vec::with_capacity(pos + 1 - first);
-            for_each_row(first, pos, bs, |j, slot| {
-                let keys = kv.keys(blocks[j / bs], layer, kvh);
-                scores.push(dot_f16(&qh, &keys[slot * head_dim..(slot + 1) * head_dim]) * scale);
-            });
-            let max = scores.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-            let mut sum = 0.0f64; // f64 like ggml's softmax sum
-            for s in scores.iter_mut() {
-                *s = (*s - max).exp();
-                sum += *s as f64;
-            }
-            let sum = sum as f32;
-            o.fill(0.0);
-            let mut p = scores.iter();
-            for_each_row(first, pos, bs, |j, slot| {
-                let values = kv.values(blocks[j / bs], layer, kvh);
-                let s = p.next().copied().unwrap_or(0.0);
+        .for_each_init(
+            || (Vec::new(), Vec::new()),
+            |(qh, scores): &mut (Vec<f32>, Vec<f32>), (idx, o)| {
+                let (r, h) = (idx / n_heads, idx % n_heads);
+                let (si, pos) = row_pos[r];
+                let blocks = spans[si].blocks;
+                let first = window.map_or(0, |w| (pos + 1).saturating_sub(w));
+                let kvh = h / group;
+                // Round q to f16 as llama.cpp does (its K·Q product runs in f16 x f16 -> f32),
+                // so both engines see the same numbers; it costs nothing measurable.
+                qh.clear();
+                qh.extend(
+                    q[idx * head_dim..(idx + 1) * head_dim]
+                        .iter()
+                        .map(|&v| f16::from_f32(v).to_f32()),
+                );
+                // Scores block by block: one kernel call per block of keys.
+                scores.clear();
+                scores.resize(pos + 1 - first, 0.0);
+                for (bi, slots, at) in block_runs(first, pos, bs) {
+                    let keys = kv.keys(blocks[bi], layer, kvh);
+                    let out = &mut scores[at..at + slots.len()];
+                    dot_f16_rows(qh, &keys[slots.start * head_dim..], head_dim, out);
+                }
+                let max = scores
+                    .iter()
+                    .fold(f32::NEG_INFINITY, |m, &s| m.max(s * scale));
+                let mut sum = 0.0f64; // f64 like ggml's softmax sum
+                for s in scores.iter_mut() {
+                    *s = (*s * scale - max).exp();
+                    sum += *s as f64;
+                }
+                let sum = sum as f32;
                 // The probabilities meet V in f16 as well (llama.cpp's V·P product).
-                let prob = f16::from_f32(s / sum).to_f32();
-                axpy_f16(prob, &values[slot * head_dim..(slot + 1) * head_dim], o);
-            });
-        });
+                for s in scores.iter_mut() {
+                    *s = f16::from_f32(*s / sum).to_f32();
+                }
+                o.fill(0.0);
+                for (bi, slots, at) in block_runs(first, pos, bs) {
+                    let values = kv.values(blocks[bi], layer, kvh);
+                    let probs = &scores[at..at + slots.len()];
+                    axpy_f16_rows(probs, &values[slots.start * head_dim..], head_dim, o);
+                }
+            },
+        );
 }
 
-/// Calls `f(position, slot)` for positions `first..=last` (slot = position % block_size).
-#[inline]
-fn for_each_row(first: usize, last: usize, bs: usize, mut f: impl FnMut(usize, usize)) {
-    for j in first..=last {
-        f(j, j % bs);
-    }
+/// The blocks covering positions `first..=last`: (block index in the table, slot range in the
+/// block, offset of its first position from `first`).
+fn block_runs(
+    first: usize,
+    last: usize,
+    bs: usize,
+) -> impl Iterator<Item = (usize, Range<usize>, usize)> {
+    (first / bs..=last / bs).map(move |bi| {
+        let lo = (bi * bs).max(first);
+        let hi = ((bi + 1) * bs).min(last + 1);
+        (bi, lo - bi * bs..hi - bi * bs, lo - first)
+    })
 }
 
 #[cfg(test)]

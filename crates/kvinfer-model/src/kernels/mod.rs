@@ -202,6 +202,48 @@ fn axpy_f16_with(level: SimdLevel, alpha: f32, x: &[half::f16], y: &mut [f32]) {
     axpy_f32_with(level, alpha, &wide, y)
 }
 
+/// `out[r] = q · rows[r]` for `out.len()` rows of `hd` f16 each (a block of keys); each result
+/// bit-identical to [`dot_f16`] on that row.
+pub fn dot_f16_rows(q: &[f32], rows: &[half::f16], hd: usize, out: &mut [f32]) {
+    dot_f16_rows_with(simd(), q, rows, hd, out)
+}
+
+fn dot_f16_rows_with(level: SimdLevel, q: &[f32], rows: &[half::f16], hd: usize, out: &mut [f32]) {
+    assert!(rows.len() >= out.len() * hd, "rows shorter than out");
+    #[cfg(target_arch = "x86_64")]
+    if level >= SimdLevel::Avx2 {
+        // SAFETY: AVX2, FMA and F16C were detected; the assert bounds every row.
+        return unsafe { x86::dot_f16_rows(q, rows, hd, out) };
+    }
+    for (r, o) in out.iter_mut().enumerate() {
+        *o = dot_f16_with(level, q, &rows[r * hd..(r + 1) * hd]);
+    }
+}
+
+/// `y += probs[r] * rows[r]` for each row in order (a block of values), bit-identical to
+/// [`axpy_f16`] called row after row.
+pub fn axpy_f16_rows(probs: &[f32], rows: &[half::f16], hd: usize, y: &mut [f32]) {
+    axpy_f16_rows_with(simd(), probs, rows, hd, y)
+}
+
+fn axpy_f16_rows_with(
+    level: SimdLevel,
+    probs: &[f32],
+    rows: &[half::f16],
+    hd: usize,
+    y: &mut [f32],
+) {
+    assert!(rows.len() >= probs.len() * hd, "rows shorter than probs");
+    #[cfg(target_arch = "x86_64")]
+    if level >= SimdLevel::Avx2 {
+        // SAFETY: AVX2, FMA and F16C were detected; the assert bounds every row.
+        return unsafe { x86::axpy_f16_rows(probs, rows, hd, y) };
+    }
+    for (r, &p) in probs.iter().enumerate() {
+        axpy_f16_with(level, p, &rows[r * hd..(r + 1) * hd], y);
+    }
+}
+
 /// `y[i] += alpha * x[i]` (over the shorter length).
 pub fn axpy_f32(alpha: f32, x: &[f32], y: &mut [f32]) {
     axpy_f32_with(simd(), alpha, x, y)

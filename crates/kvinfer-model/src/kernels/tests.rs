@@ -428,6 +428,35 @@ fn f16_helpers_equal_f32_helpers_on_widened_values() {
 }
 
 #[test]
+fn f16_row_kernels_equal_one_row_at_a_time() {
+    let mut rng = StdRng::seed_from_u64(9);
+    for hd in [4usize, 8, 12, 64, 256] {
+        for n_rows in [1usize, 5, 16] {
+            let q = random_f32(&mut rng, hd);
+            let rows: Vec<half::f16> = random_f32(&mut rng, hd * n_rows)
+                .iter()
+                .map(|&v| half::f16::from_f32(v))
+                .collect();
+            let probs = random_f32(&mut rng, n_rows);
+            for level in SimdLevel::available() {
+                let mut got = vec![0f32; n_rows];
+                dot_f16_rows_with(level, &q, &rows, hd, &mut got);
+                for (r, g) in got.iter().enumerate() {
+                    let want = dot_f16_with(level, &q, &rows[r * hd..(r + 1) * hd]);
+                    assert_eq!(g.to_bits(), want.to_bits(), "{level:?} hd={hd} row {r}");
+                }
+                let (mut y1, mut y2) = (q.clone(), q.clone());
+                axpy_f16_rows_with(level, &probs, &rows, hd, &mut y1);
+                for (r, &p) in probs.iter().enumerate() {
+                    axpy_f16_with(level, p, &rows[r * hd..(r + 1) * hd], &mut y2);
+                }
+                assert_eq!(y1, y2, "{level:?} hd={hd} rows={n_rows}");
+            }
+        }
+    }
+}
+
+#[test]
 fn simd_level_is_named() {
     assert!(["scalar", "avx2", "avx2vnni", "avx512"].contains(&simd_level()));
 }

@@ -133,6 +133,7 @@ pub(crate) unsafe fn axpy_f32(alpha: f32, x: &[f32], y: &mut [f32]) {
 
 /// `a · b` with `b` in f16, widened in registers: the same operations as [`dot_f32_ptr`] on the
 /// widened values (the widening is exact), so the result is bit-identical to `dot_f32`.
+#[inline]
 #[target_feature(enable = "avx2,fma,f16c")]
 pub(crate) unsafe fn dot_f32_f16(a: &[f32], b: &[half::f16]) -> f32 {
     let n = a.len().min(b.len());
@@ -175,6 +176,41 @@ pub(crate) unsafe fn axpy_f16(alpha: f32, x: &[half::f16], y: &mut [f32]) {
     }
     while i < n {
         *yp.add(i) += alpha * half::f16::from_bits(*xp.add(i)).to_f32();
+        i += 1;
+    }
+}
+
+/// `out[r] = q · rows[r]` for `out.len()` rows of `hd` f16 (one block of keys): each exactly
+/// [`dot_f32_f16`], without a dispatch per row.
+#[target_feature(enable = "avx2,fma,f16c")]
+pub(crate) unsafe fn dot_f16_rows(q: &[f32], rows: &[half::f16], hd: usize, out: &mut [f32]) {
+    for (r, o) in out.iter_mut().enumerate() {
+        *o = dot_f32_f16(q, &rows[r * hd..(r + 1) * hd]);
+    }
+}
+
+/// `y += probs[r] * rows[r]` for each row in order (one block of values), `y` kept in registers
+/// across rows. Per lane this is the same fused multiply-add sequence as calling [`axpy_f16`]
+/// row after row, so the result is bit-identical.
+#[target_feature(enable = "avx2,fma,f16c")]
+pub(crate) unsafe fn axpy_f16_rows(probs: &[f32], rows: &[half::f16], hd: usize, y: &mut [f32]) {
+    let n = hd.min(y.len());
+    debug_assert!(rows.len() >= probs.len() * hd, "rows shorter than probs");
+    let (xp, yp) = (rows.as_ptr() as *const u16, y.as_mut_ptr());
+    let mut i = 0;
+    while i + 8 <= n {
+        let mut acc = _mm256_loadu_ps(yp.add(i));
+        for (r, &p) in probs.iter().enumerate() {
+            let xv = _mm256_cvtph_ps(_mm_loadu_si128(xp.add(r * hd + i) as *const __m128i));
+            acc = _mm256_fmadd_ps(_mm256_set1_ps(p), xv, acc);
+        }
+        _mm256_storeu_ps(yp.add(i), acc);
+        i += 8;
+    }
+    while i < n {
+        for (r, &p) in probs.iter().enumerate() {
+            *yp.add(i) += p * half::f16::from_bits(*xp.add(r * hd + i)).to_f32();
+        }
         i += 1;
     }
 }
