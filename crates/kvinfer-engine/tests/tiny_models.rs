@@ -319,3 +319,63 @@ fn stop_strings_and_cancellation() {
     assert!(out.ids.len() < 30);
     assert_eq!(kv.manager.usage().in_use, 0);
 }
+
+/// Two samples of one prompt share its blocks; each writes its own next token into the shared
+/// partial block through a copy-on-write, and each sees exactly what a lone sequence would.
+#[test]
+fn forked_sequences_copy_the_shared_partial_block_on_write() {
+    let (model, _) = tiny(TinyArch::Llama, 8);
+    let prompt: Vec<u32> = (0..6).map(|i| i * 11 + 5).collect(); // 1.5 blocks of 4
+    let mut kv = paged(&model, 4, 16, PolicyKind::Lru);
+    let (a, _) = kv.manager.add_sequence(&prompt, true);
+    kv.reserve(a, prompt.len()).unwrap();
+    let batch = [SeqBatch {
+        tokens: &prompt,
+        start: 0,
+        blocks: kv.manager.block_table(a),
+    }];
+    model.forward(&mut kv.storage, &batch).unwrap();
+    kv.manager.commit(a, &prompt);
+    let b = kv.manager.fork(a);
+    assert_eq!(kv.manager.block_table(a), kv.manager.block_table(b));
+    let mut got = Vec::new();
+    for (seq, next) in [(a, 40u32), (b, 41u32)] {
+        kv.reserve(seq, 1).unwrap();
+        let batch = [SeqBatch {
+            tokens: &[next],
+            start: 6,
+            blocks: kv.manager.block_table(seq),
+        }];
+        got.push(model.forward(&mut kv.storage, &batch).unwrap().remove(0));
+        kv.manager.commit(seq, &[next]);
+    }
+    assert_ne!(kv.manager.block_table(a)[1], kv.manager.block_table(b)[1]);
+    assert_eq!(kv.manager.block_table(a)[0], kv.manager.block_table(b)[0]);
+    for (logits, next) in got.iter().zip([40u32, 41]) {
+        let mut alone = prompt.clone();
+        alone.push(next);
+        let mut fresh = paged(&model, 4, 16, PolicyKind::Lru);
+        assert_eq!(
+            logits,
+            &run_chunked(&model, &mut fresh, &alone, alone.len()),
+            "token {next}"
+        );
+    }
+    // `a` reads its own position 6 again: `b`'s write must not have landed in it.
+    kv.reserve(a, 1).unwrap();
+    let batch = [SeqBatch {
+        tokens: &[50],
+        start: 7,
+        blocks: kv.manager.block_table(a),
+    }];
+    let again = model.forward(&mut kv.storage, &batch).unwrap().remove(0);
+    kv.manager.commit(a, &[50]);
+    let mut alone = prompt.clone();
+    alone.extend([40, 50]);
+    let mut fresh = paged(&model, 4, 16, PolicyKind::Lru);
+    assert_eq!(again, run_chunked(&model, &mut fresh, &alone, alone.len()));
+    kv.manager.release(a);
+    kv.manager.release(b);
+    kv.manager.check_invariants().unwrap();
+    assert_eq!(kv.manager.usage().in_use, 0);
+}
