@@ -53,7 +53,7 @@ fn policy_ops(c: &mut Criterion) {
                     t = (t + 2) % choices.len();
                     p.access(hit);
                     let slot = step % PINNED;
-                    p.unpin(pinned[slot]);
+                    p.unpin(pinned[slot], true);
                     p.pin(take);
                     pinned[slot] = take;
                     if let Some(victim) = p.evict() {

@@ -261,3 +261,31 @@ proptest! {
         prop_assert_eq!(m.usage().in_use, 0);
     }
 }
+
+/// Evicting a leaf makes its parent a candidate without making it look recently used: an old
+/// chain drains leaf-back before a newer chain loses anything (under LRU, FIFO-like queues too).
+#[test]
+fn an_old_chain_drains_before_a_newer_one() {
+    for policy in [PolicyKind::Lru, PolicyKind::Lfu, PolicyKind::S3Fifo] {
+        let mut m = manager(6, 2, policy);
+        let old = [1, 2, 3, 4, 5, 6, 7];
+        let new = [11, 12, 13, 14, 15];
+        let (a, _) = run_prompt(&mut m, &old);
+        m.release(a);
+        let (b, _) = run_prompt(&mut m, &new);
+        m.release(b);
+        assert_eq!((m.usage().cached, m.usage().free), (5, 1));
+        // Three blocks: the free one, then two evictions.
+        let (c, _) = m.add_sequence(&[21, 22, 23, 24, 25], true);
+        m.reserve(c, 5).unwrap();
+        assert_eq!(m.usage().evictions, 2);
+        assert_eq!(
+            m.lookup(&new).num_tokens,
+            4,
+            "{policy}: the newer chain lost a block"
+        );
+        assert_eq!(m.lookup(&old).num_tokens, 2, "{policy}");
+        m.release(c);
+        m.check_invariants().unwrap();
+    }
+}

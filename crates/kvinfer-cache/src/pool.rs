@@ -147,7 +147,7 @@ impl BlockPool {
         self.evictions += 1;
         if let Some(p) = parent {
             self.blocks[p.index()].cached_children -= 1;
-            self.sync_candidate(p);
+            self.sync_candidate(p, false);
         }
         Some(b)
     }
@@ -164,7 +164,7 @@ impl BlockPool {
         }
         meta.ref_count += 1;
         self.policy.access(block);
-        self.sync_candidate(block);
+        self.sync_candidate(block, true);
     }
 
     /// One more reference on a block already in use (a fork).
@@ -184,7 +184,7 @@ impl BlockPool {
         }
         if meta.hash.is_some() {
             self.num_cached += 1;
-            self.sync_candidate(block);
+            self.sync_candidate(block, true);
         } else {
             self.free.push(block);
         }
@@ -210,22 +210,23 @@ impl BlockPool {
         meta.hash = Some(hash);
         meta.parent = parent;
         self.policy.insert(block, hash.key64());
-        self.sync_candidate(block);
+        self.sync_candidate(block, true);
         if let Some(p) = parent {
             self.blocks[p.index()].cached_children += 1;
-            self.sync_candidate(p);
+            self.sync_candidate(p, true);
         }
         true
     }
 
-    /// Tells the policy whether a hashed block may be evicted now.
-    fn sync_candidate(&mut self, block: BlockId) {
+    /// Tells the policy whether a hashed block may be evicted now; `used`: a candidate because its
+    /// last user let go just now (not because its last cached child was evicted).
+    fn sync_candidate(&mut self, block: BlockId, used: bool) {
         let meta = &self.blocks[block.index()];
         if meta.hash.is_none() {
             return;
         }
         if meta.ref_count == 0 && meta.cached_children == 0 {
-            self.policy.unpin(block);
+            self.policy.unpin(block, used);
         } else {
             self.policy.pin(block);
         }

@@ -276,14 +276,16 @@ impl<R: KeyRule> EvictionPolicy for KeyedPolicy<R> {
         }
     }
 
-    fn unpin(&mut self, block: BlockId) {
+    fn unpin(&mut self, block: BlockId, used: bool) {
         let tick = self.next_tick();
         let Some(Some(st)) = self.state.get_mut(block.index()) else {
             return;
         };
         if st.pinned {
             st.pinned = false;
-            st.key = self.rule.unpinned(tick, st.key);
+            if used {
+                st.key = self.rule.unpinned(tick, st.key);
+            }
             self.candidates.insert((st.key, block));
         }
     }
@@ -355,8 +357,8 @@ mod tests {
         p.access(b(0)); // a hit on a pinned block is allowed
         p.check_invariants();
         assert_eq!(p.evict(), Some(b(1)));
-        p.unpin(b(0));
-        p.unpin(b(0)); // idempotent
+        p.unpin(b(0), true);
+        p.unpin(b(0), true); // idempotent
         p.check_invariants();
         assert_eq!(p.num_candidates(), 2);
         assert_eq!(drain(&mut p), [2, 0]);
@@ -368,7 +370,7 @@ mod tests {
         p.pin(b(0));
         p.pin(b(1));
         assert_eq!(p.evict(), None);
-        p.unpin(b(1));
+        p.unpin(b(1), true);
         assert_eq!(p.evict(), Some(b(1)));
     }
 
@@ -377,7 +379,7 @@ mod tests {
         let mut p = filled(Fifo, 4);
         p.access(b(0));
         p.pin(b(1));
-        p.unpin(b(1));
+        p.unpin(b(1), true);
         assert_eq!(drain(&mut p), [0, 1, 2, 3]);
     }
 
@@ -426,7 +428,7 @@ mod tests {
         p.remove(b(2));
         p.remove(b(2)); // idempotent
         p.remove(b(99)); // unknown
-        p.unpin(b(1)); // unknown now: no effect
+        p.unpin(b(1), true); // unknown now: no effect
         p.access(b(2)); // unknown now: no effect
         p.check_invariants();
         assert_eq!(p.num_candidates(), 2);

@@ -46,9 +46,12 @@ pub trait EvictionPolicy: Send + fmt::Debug {
     /// history (frequency, queue).
     fn pin(&mut self, block: BlockId);
 
-    /// `block` is a candidate again. Idempotent. The pool unpins when the last sequence using a
-    /// block releases it, so recency-based policies treat this as the block's last use.
-    fn unpin(&mut self, block: BlockId);
+    /// `block` is a candidate again. Idempotent. `used`: the last sequence using it let go just
+    /// now, so recency-based policies count this as the block's last use (LRU, LFU's tie-break)
+    /// and queue policies re-queue it at the tail. Not `used`: it became a leaf because its last
+    /// cached child was evicted; its history is unchanged and queue policies put it at the head
+    /// (a cached chain drains from its leaf back, together).
+    fn unpin(&mut self, block: BlockId, used: bool);
 
     /// Chooses the candidate to evict, forgets it, and returns it; `None` when every known block
     /// is pinned (or none is known).
@@ -164,7 +167,7 @@ mod tests {
                         }
                     }
                     3 => {
-                        p.unpin(b);
+                        p.unpin(b, true);
                         pinned.remove(&b);
                     }
                     4 => match p.evict() {

@@ -16,8 +16,9 @@
 //!
 //! # Deviation from the paper: pinning
 //! The paper's cache has no pinned objects. Here a pinned block is taken out of its queue (O(1):
-//! the queues are intrusive doubly linked lists over a vector) and re-appended at the *tail* of
-//! the same queue when unpinned, keeping its frequency. Re-queueing treats the release of a block
+//! the queues are intrusive doubly linked lists over a vector) and put back in the same queue
+//! when unpinned, keeping its frequency: at the *tail* when its last user let go, at the head
+//! when it became a leaf by its child's eviction (so a cached chain drains together). Re-queueing treats the release of a block
 //! as a fresh arrival in its queue, which suits the engine: a block just released by a finishing
 //! request is the likeliest to be shared by the next turn of the same conversation.
 
@@ -85,6 +86,18 @@ impl List {
             nodes[self.tail].next = i;
         }
         self.tail = i;
+        self.len += 1;
+    }
+
+    fn push_front(&mut self, nodes: &mut [Node], i: usize) {
+        nodes[i].prev = NO_LINK;
+        nodes[i].next = self.head;
+        if self.head == NO_LINK {
+            self.tail = i;
+        } else {
+            nodes[self.head].prev = i;
+        }
+        self.head = i;
         self.len += 1;
     }
 
@@ -200,6 +213,16 @@ impl S3Fifo {
             Queue::None => unreachable!("only known blocks are linked"),
         };
         list.push_back(&mut self.nodes, i);
+    }
+
+    /// Puts block `i` at the head of its queue's list (next to be considered for eviction).
+    fn link_front(&mut self, i: usize) {
+        let list = match self.nodes[i].queue {
+            Queue::Small => &mut self.small,
+            Queue::Main => &mut self.main,
+            Queue::None => unreachable!("only known blocks are linked"),
+        };
+        list.push_front(&mut self.nodes, i);
     }
 
     /// Takes block `i` out of its queue's list.
@@ -318,13 +341,17 @@ impl EvictionPolicy for S3Fifo {
         self.nodes[i].pinned = true;
     }
 
-    fn unpin(&mut self, block: BlockId) {
+    fn unpin(&mut self, block: BlockId, used: bool) {
         if !self.known(block) || !self.nodes[block.index()].pinned {
             return;
         }
         let i = block.index();
         self.nodes[i].pinned = false;
-        self.link(i);
+        if used {
+            self.link(i);
+        } else {
+            self.link_front(i);
+        }
     }
 
     fn evict(&mut self) -> Option<BlockId> {
@@ -457,8 +484,8 @@ mod tests {
         p.check_invariants();
         assert_eq!(p.num_candidates(), 2);
         assert_eq!(p.small_total, 3, "pinned members still count towards S");
-        p.unpin(b(0));
-        p.unpin(b(0)); // idempotent
+        p.unpin(b(0), true);
+        p.unpin(b(0), true); // idempotent
         p.check_invariants();
         assert_eq!(evict(&mut p), Some(1));
         assert_eq!(evict(&mut p), Some(2));
@@ -476,7 +503,7 @@ mod tests {
         p.pin(b(0));
         p.pin(b(1));
         assert_eq!(evict(&mut p), None);
-        p.unpin(b(1));
+        p.unpin(b(1), true);
         assert_eq!(evict(&mut p), Some(1));
     }
 
@@ -492,7 +519,7 @@ mod tests {
         p.remove(b(2)); // idempotent
         p.remove(b(77)); // unknown
         p.access(b(2)); // unknown now: no effect
-        p.unpin(b(1)); // unknown now: no effect
+        p.unpin(b(1), true); // unknown now: no effect
         p.check_invariants();
         assert_eq!(p.small_total, 2);
         // A removed block's key is not a ghost: re-inserting it goes to S.
