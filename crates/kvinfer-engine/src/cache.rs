@@ -23,6 +23,8 @@ pub struct CacheOptions {
     pub policy: PolicyKind,
     /// Seed of the `Random` policy.
     pub seed: u64,
+    /// Exactly this many blocks, overriding `kv_cache_mb` (tests and experiments).
+    pub num_blocks: Option<usize>,
 }
 
 impl Default for CacheOptions {
@@ -32,6 +34,7 @@ impl Default for CacheOptions {
             block_size: DEFAULT_BLOCK_SIZE,
             policy: PolicyKind::Lru,
             seed: 0,
+            num_blocks: None,
         }
     }
 }
@@ -64,7 +67,7 @@ pub fn new_paged_kv(model: &Model, opts: &CacheOptions) -> Result<PagedKv, Strin
     }
     let mb = opts.kv_cache_mb.unwrap_or_else(default_kv_cache_mb);
     let one = model.kv_layout(opts.block_size, 1);
-    let num_blocks = one.blocks_in(mb << 20);
+    let num_blocks = opts.num_blocks.unwrap_or_else(|| one.blocks_in(mb << 20));
     if num_blocks == 0 {
         return Err(format!(
             "--kv-cache-mb {mb} holds no block of {} KiB; give at least {} MiB",

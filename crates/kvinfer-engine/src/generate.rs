@@ -2,7 +2,7 @@
 //! KV cache (without it, every step recomputes the whole prefix: the quadratic baseline).
 
 use crate::sampler::{Sampler, SamplingParams};
-use crate::stop::{StopMatcher, Utf8Stream};
+use crate::stop::TextStream;
 use crate::EngineError;
 use kvinfer_cache::{PagedKv, SeqId};
 use kvinfer_model::{Model, SeqBatch};
@@ -183,8 +183,7 @@ impl Run<'_> {
     ) -> Result<GenerateOutput, EngineError> {
         let tok = &self.model.tokenizer;
         let mut sampler = Sampler::new(req.sampling.clone());
-        let mut utf8 = Utf8Stream::default();
-        let mut stop = StopMatcher::new(&req.stop);
+        let mut text = TextStream::new(&req.stop);
         let mut history = req.prompt_ids.clone();
         let mut out = GenerateOutput {
             ids: Vec::new(),
@@ -218,8 +217,7 @@ impl Run<'_> {
                 out.finish_reason = FinishReason::Stop;
                 break;
             }
-            let piece = utf8.push(tok.token_bytes(next));
-            let step = stop.push(&piece);
+            let step = text.push_token(tok.token_bytes(next));
             out.text.push_str(&step.emit);
             if !step.emit.is_empty() && !on_text(&step.emit) {
                 out.finish_reason = FinishReason::Cancelled;
@@ -252,13 +250,7 @@ impl Run<'_> {
         }
         out.timings.decode_ms = t1.elapsed().as_secs_f64() * 1e3;
         if out.finish_reason != FinishReason::Stop || stop_was_eog(&out, tok) {
-            let tail = utf8.finish();
-            let step = stop.push(&tail);
-            let rest = if step.stopped {
-                step.emit
-            } else {
-                step.emit + &stop.finish()
-            };
+            let rest = text.finish();
             if !rest.is_empty() {
                 on_text(&rest);
             }

@@ -1,18 +1,24 @@
 //! kvinfer-engine: sampling and the generation loop over a [`kvinfer_model::Model`].
 //!
-//! The continuous-batching engine loop and scheduler arrive with the server; today one sequence
-//! runs at a time through [`generate`].
+//! Two ways to run a model: [`generate`] runs one sequence on the caller's thread (CLI), and the
+//! engine loop ([`start_engine`] -> [`EngineHandle`]) runs many with continuous batching on its
+//! own thread (the server).
 #![deny(missing_docs)]
 
 mod cache;
+mod engine;
 mod generate;
 mod sampler;
 mod stop;
 
 pub use cache::{default_kv_cache_mb, new_paged_kv, CacheOptions, DEFAULT_BLOCK_SIZE};
+pub use engine::{
+    start as start_engine, EngineConfig, EngineHandle, EngineRequest, EngineStats, Event,
+    Histogram, SubmitError, Usage, LATENCY_BUCKETS_S, MAX_N,
+};
 pub use generate::{generate, FinishReason, GenerateOutput, GenerateRequest, Timings};
 pub use sampler::{Sampler, SamplingParams};
-pub use stop::{StopMatcher, Utf8Stream};
+pub use stop::{StopMatcher, TextStream, Utf8Stream};
 
 /// Errors of the engine.
 #[derive(Debug, thiserror::Error)]

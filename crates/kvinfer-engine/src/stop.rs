@@ -2,7 +2,7 @@
 //! several tokens (text that could still become a stop string is held back until it cannot).
 
 /// Turns token bytes into text, holding back an incomplete UTF-8 sequence until it completes.
-#[derive(Default)]
+#[derive(Debug, Default)]
 pub struct Utf8Stream {
     pending: Vec<u8>,
 }
@@ -47,6 +47,7 @@ impl Utf8Stream {
 }
 
 /// Finds stop strings in streamed text.
+#[derive(Debug, Default)]
 pub struct StopMatcher {
     stops: Vec<String>,
     /// Text not yet released because it may begin a stop string.
@@ -108,6 +109,40 @@ impl StopMatcher {
     /// Releases held text at the end of generation.
     pub fn finish(&mut self) -> String {
         std::mem::take(&mut self.held)
+    }
+}
+
+/// A sequence's text output: token bytes -> UTF-8 -> stop-string matching.
+#[derive(Debug, Default)]
+pub struct TextStream {
+    utf8: Utf8Stream,
+    stop: StopMatcher,
+}
+
+impl TextStream {
+    /// A stream cutting at any of `stops`.
+    pub fn new(stops: &[String]) -> Self {
+        Self {
+            utf8: Utf8Stream::default(),
+            stop: StopMatcher::new(stops),
+        }
+    }
+
+    /// Feeds one token's bytes: the text now safe to show, and whether a stop string ended it.
+    pub fn push_token(&mut self, bytes: &[u8]) -> StopStep {
+        let piece = self.utf8.push(bytes);
+        self.stop.push(&piece)
+    }
+
+    /// At the end of a generation that no stop string ended: the text still held back.
+    pub fn finish(&mut self) -> String {
+        let tail = self.utf8.finish();
+        let step = self.stop.push(&tail);
+        if step.stopped {
+            step.emit
+        } else {
+            step.emit + &self.stop.finish()
+        }
     }
 }
 

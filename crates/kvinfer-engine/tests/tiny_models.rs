@@ -2,22 +2,13 @@
 //! invariants (cached == recomputed, prefix reuse == fresh under every eviction policy, batched
 //! == one at a time), no leaked blocks, and clear errors on bad input.
 
+mod common;
+
+use common::tiny;
 use kvinfer_cache::{PagedKv, PolicyKind};
 use kvinfer_engine::{generate, FinishReason, GenerateRequest, SamplingParams};
-use kvinfer_model::testing::{write_tiny_model, TinyArch};
+use kvinfer_model::testing::TinyArch;
 use kvinfer_model::{Model, ModelError, SeqBatch};
-use std::path::PathBuf;
-
-fn tiny(arch: TinyArch, seed: u64) -> (Model, PathBuf) {
-    let dir = std::env::temp_dir().join(format!("kvinfer-tiny-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
-    // One file per call: tests run in parallel and a file must not be rewritten while mapped.
-    static NEXT: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
-    let k = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-    let path = dir.join(format!("{arch:?}-{seed}-{k}.gguf"));
-    write_tiny_model(&path, arch, seed).unwrap();
-    (Model::load(&path).unwrap(), path)
-}
 
 /// A cache of `num_blocks` blocks of `block_size` tokens.
 fn paged(model: &Model, block_size: usize, num_blocks: usize, policy: PolicyKind) -> PagedKv {

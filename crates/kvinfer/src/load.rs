@@ -128,6 +128,7 @@ pub fn kv_cache(model: &Model, args: &ModelArgs) -> Result<kvinfer_cache::PagedK
         block_size: args.block_size,
         policy: args.evict,
         seed: 0,
+        num_blocks: None,
     };
     kvinfer_engine::new_paged_kv(model, &opts).map_err(anyhow::Error::msg)
 }

@@ -1,0 +1,226 @@
+//! The engine loop: one thread owns the model's KV cache and runs every request in one batched
+//! forward pass per step (continuous batching). The server sees only an [`EngineHandle`]: it
+//! submits requests and reads each one's events from a channel; dropping that channel cancels
+//! the request and frees its blocks.
+//!
+//! ```text
+//! server --submit--> [commands] --> engine thread: loop { admit; schedule; forward; sample }
+//!        <--events-- [per-request channel] <--                 (Text, Done, Usage | Error)
+//! ```
+
+mod metrics;
+mod scheduler;
+
+pub use metrics::{EngineStats, Histogram, LATENCY_BUCKETS_S};
+
+use crate::cache::{new_paged_kv, CacheOptions};
+use crate::sampler::SamplingParams;
+use crate::FinishReason;
+use kvinfer_model::Model;
+use serde::Serialize;
+use std::sync::{mpsc, Arc, Mutex};
+use tokio::sync::mpsc::{unbounded_channel, UnboundedReceiver, UnboundedSender};
+
+/// How the engine runs.
+#[derive(Debug, Clone)]
+pub struct EngineConfig {
+    /// The KV cache: budget, block size, eviction policy.
+    pub cache: CacheOptions,
+    /// Most tokens in one forward pass (decode tokens plus prefill chunks): a long prompt is
+    /// prefilled in chunks so running decodes keep going.
+    pub max_batch_tokens: usize,
+    /// Most sequences running at once.
+    pub max_running: usize,
+    /// Most positions per sequence (prompt + output); 0 means the model's context length.
+    pub ctx_size: usize,
+}
+
+impl Default for EngineConfig {
+    fn default() -> Self {
+        Self {
+            cache: CacheOptions::default(),
+            max_batch_tokens: 512,
+            max_running: 64,
+            ctx_size: 0,
+        }
+    }
+}
+
+/// One request as the engine sees it: token ids in, `n` sampled continuations out.
+#[derive(Debug, Clone)]
+pub struct EngineRequest {
+    /// Prompt token ids (templated and tokenized by the caller).
+    pub prompt_ids: Vec<u32>,
+    /// Most tokens per choice.
+    pub max_tokens: usize,
+    /// Sampling; choice `i` draws with `seed + i`.
+    pub sampling: SamplingParams,
+    /// Stop strings.
+    pub stop: Vec<String>,
+    /// Choices to sample from the one prompt (they share its KV blocks).
+    pub n: usize,
+    /// Keep going past end-of-generation tokens.
+    pub ignore_eos: bool,
+}
+
+/// Token accounting of a finished request (OpenAI's `usage`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
+pub struct Usage {
+    /// Prompt tokens.
+    pub prompt_tokens: usize,
+    /// Tokens generated over all choices.
+    pub completion_tokens: usize,
+    /// Prompt tokens served from the prefix cache.
+    pub cached_tokens: usize,
+}
+
+/// What a request's channel carries, in order: text and `Done` per choice, then exactly one
+/// `Usage` (success) or `Error` (failure), then the channel closes.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Event {
+    /// New text of choice `index`.
+    Text {
+        /// Choice.
+        index: usize,
+        /// Text to append.
+        text: String,
+    },
+    /// Choice `index` ended.
+    Done {
+        /// Choice.
+        index: usize,
+        /// Why.
+        finish_reason: FinishReason,
+    },
+    /// Every choice ended.
+    Usage(Usage),
+    /// The request failed; nothing more follows.
+    Error(String),
+}
+
+/// Why a request was refused at submission.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum SubmitError {
+    /// Bad parameters (the message names the field).
+    #[error("{0}")]
+    Invalid(String),
+    /// The prompt does not fit the context or the cache.
+    #[error("{0}")]
+    TooLong(String),
+    /// The engine has stopped.
+    #[error("the engine is shutting down")]
+    ShuttingDown,
+}
+
+enum Command {
+    Submit(EngineRequest, UnboundedSender<Event>),
+}
+
+/// The only way into the engine. Cheap to clone; the engine thread ends when every handle is
+/// dropped and the work in flight is done.
+#[derive(Clone)]
+pub struct EngineHandle {
+    commands: mpsc::Sender<Command>,
+    model: Arc<Model>,
+    stats: Arc<Mutex<EngineStats>>,
+    ctx: usize,
+    pool_tokens: usize,
+}
+
+/// Most choices per request.
+pub const MAX_N: usize = 16;
+
+impl EngineHandle {
+    /// The model (for tokenizing and the chat template; the engine thread runs it).
+    pub fn model(&self) -> &Model {
+        &self.model
+    }
+
+    /// Most positions per sequence.
+    pub fn context_size(&self) -> usize {
+        self.ctx
+    }
+
+    /// The latest snapshot of the engine.
+    pub fn stats(&self) -> EngineStats {
+        self.stats.lock().map(|s| s.clone()).unwrap_or_default()
+    }
+
+    /// Checks `req` and queues it; its events arrive on the returned channel. Dropping the
+    /// receiver cancels the request.
+    pub fn submit(&self, req: EngineRequest) -> Result<UnboundedReceiver<Event>, SubmitError> {
+        let invalid = |m: String| Err(SubmitError::Invalid(m));
+        if req.prompt_ids.is_empty() {
+            return invalid("the prompt is empty".into());
+        }
+        if req.max_tokens == 0 {
+            return invalid("max_tokens must be at least 1".into());
+        }
+        if req.n == 0 || req.n > MAX_N {
+            return invalid(format!("n must be between 1 and {MAX_N}, got {}", req.n));
+        }
+        req.sampling.validate().map_err(SubmitError::Invalid)?;
+        let vocab = self.model.config.vocab_size;
+        if let Some(bad) = req.prompt_ids.iter().find(|&&t| t as usize >= vocab) {
+            return invalid(format!(
+                "token id {bad} is outside the vocabulary of {vocab}"
+            ));
+        }
+        let len = req.prompt_ids.len();
+        if len >= self.ctx {
+            return Err(SubmitError::TooLong(format!(
+                "the prompt has {len} tokens; the context holds {} (prompt + at least one \
+                 generated token)",
+                self.ctx
+            )));
+        }
+        if len + 1 > self.pool_tokens {
+            return Err(SubmitError::TooLong(format!(
+                "the prompt has {len} tokens; the KV cache holds {} (raise --kv-cache-mb)",
+                self.pool_tokens
+            )));
+        }
+        let (tx, rx) = unbounded_channel();
+        self.commands
+            .send(Command::Submit(req, tx))
+            .map_err(|_| SubmitError::ShuttingDown)?;
+        Ok(rx)
+    }
+}
+
+/// Starts the engine thread over `model`. `run_step` wraps each forward pass (e.g. to run it
+/// inside a thread pool); pass `|f| f()` for none.
+pub fn start(
+    model: Model,
+    config: EngineConfig,
+    run_step: impl Fn(&mut dyn FnMut()) + Send + 'static,
+) -> Result<(EngineHandle, std::thread::JoinHandle<()>), String> {
+    if config.max_batch_tokens < config.max_running.max(1) {
+        return Err(format!(
+            "--max-batch-tokens ({}) must be at least the most running sequences ({})",
+            config.max_batch_tokens, config.max_running
+        ));
+    }
+    let kv = new_paged_kv(&model, &config.cache)?;
+    let model = Arc::new(model);
+    let ctx = match config.ctx_size {
+        0 => model.config.context_length,
+        n => n.min(model.config.context_length),
+    };
+    let pool_tokens = kv.manager.num_blocks() * kv.manager.block_size();
+    let stats = Arc::new(Mutex::new(EngineStats::default()));
+    let (tx, rx) = mpsc::channel();
+    let handle = EngineHandle {
+        commands: tx,
+        model: model.clone(),
+        stats: stats.clone(),
+        ctx,
+        pool_tokens,
+    };
+    let mut sched = scheduler::Scheduler::new(model, kv, config, ctx, stats);
+    let thread = std::thread::Builder::new()
+        .name("kvinfer-engine".into())
+        .spawn(move || sched.run(rx, run_step))
+        .map_err(|e| format!("starting the engine thread: {e}"))?;
+    Ok((handle, thread))
+}

@@ -1,0 +1,492 @@
+//! The engine thread's state and its step: admit, schedule, run one batched forward, sample.
+//!
+//! Per step, within `max_batch_tokens`:
+//! 1. every running sequence gets its next chunk: one token if decoding, a prefill chunk
+//!    otherwise (chunked prefill: a long prompt never stalls running decodes for long);
+//! 2. waiting sequences are admitted while budget, sequence slots and blocks last: prefix
+//!    lookup, then blocks for their first chunk. Order: first come first served, except when
+//!    the queue is long, where the longest cached prefix goes first (its blocks are hot and it
+//!    needs the least compute) unless the head has been passed over too often (no starvation);
+//! 3. when a running sequence needs a block and the pool (after evicting cached blocks) has
+//!    none, the most recently admitted sequence is preempted: its blocks are released and it
+//!    waits at the head of the queue, to be recomputed later (mostly from the prefix cache:
+//!    its full blocks stay cached);
+//! 4. one forward pass over all chunks; each sequence whose chunk reached its end samples.
+
+use super::metrics::EngineStats;
+use super::{Command, EngineConfig, EngineRequest, Event, Usage};
+use crate::sampler::Sampler;
+use crate::stop::TextStream;
+use crate::FinishReason;
+use kvinfer_cache::{PagedKv, SeqId};
+use kvinfer_model::{Model, SeqBatch};
+use std::collections::{HashMap, VecDeque};
+use std::sync::{mpsc, Arc, Mutex};
+use std::time::Instant;
+use tokio::sync::mpsc::UnboundedSender;
+
+/// Below this queue length admission is first come, first served.
+const PREFIX_ORDER_MIN_QUEUE: usize = 4;
+/// A waiting sequence passed over this many times is admitted next regardless of prefixes.
+const MAX_PASSED_OVER: u32 = 8;
+
+struct Request {
+    events: UnboundedSender<Event>,
+    params: EngineRequest,
+    /// Choices finished.
+    done: usize,
+    usage: Usage,
+    arrival: Instant,
+    first_token: bool,
+}
+
+/// One sampled continuation of a request: a sequence in the cache when running.
+struct Choice {
+    req: u64,
+    index: usize,
+    /// Prompt, then generated tokens; the last one's K/V is computed next step.
+    tokens: Vec<u32>,
+    generated: usize,
+    seq: Option<SeqId>,
+    /// Tokens whose K/V is in the cache.
+    computed: usize,
+    sampler: Sampler,
+    text: TextStream,
+    passed_over: u32,
+    last_token_at: Option<Instant>,
+}
+
+pub(super) struct Scheduler {
+    model: Arc<Model>,
+    kv: PagedKv,
+    config: EngineConfig,
+    ctx: usize,
+    shared: Arc<Mutex<EngineStats>>,
+    stats: EngineStats,
+    requests: HashMap<u64, Request>,
+    next_req: u64,
+    /// In admission order (the last is preempted first).
+    running: Vec<Choice>,
+    waiting: VecDeque<Choice>,
+}
+
+impl Scheduler {
+    pub(super) fn new(
+        model: Arc<Model>,
+        kv: PagedKv,
+        config: EngineConfig,
+        ctx: usize,
+        shared: Arc<Mutex<EngineStats>>,
+    ) -> Self {
+        let stats = EngineStats {
+            model: model.name.clone(),
+            policy: kv.manager.policy().to_string(),
+            block_size: kv.manager.block_size(),
+            ..EngineStats::default()
+        };
+        let mut s = Self {
+            model,
+            kv,
+            config,
+            ctx,
+            shared,
+            stats,
+            requests: HashMap::new(),
+            next_req: 0,
+            running: Vec::new(),
+            waiting: VecDeque::new(),
+        };
+        s.publish();
+        s
+    }
+
+    fn idle(&self) -> bool {
+        self.running.is_empty() && self.waiting.is_empty()
+    }
+
+    /// The loop: runs until every handle is gone and the work in flight is done.
+    pub(super) fn run(&mut self, rx: mpsc::Receiver<Command>, run_step: impl Fn(&mut dyn FnMut())) {
+        let mut open = true;
+        loop {
+            if self.idle() {
+                if !open {
+                    break;
+                }
+                match rx.recv() {
+                    Ok(c) => self.accept(c),
+                    Err(_) => break,
+                }
+            }
+            loop {
+                match rx.try_recv() {
+                    Ok(c) => self.accept(c),
+                    Err(mpsc::TryRecvError::Empty) => break,
+                    Err(mpsc::TryRecvError::Disconnected) => {
+                        open = false;
+                        break;
+                    }
+                }
+            }
+            self.reap_cancelled();
+            self.step(&run_step);
+            self.publish();
+        }
+        self.publish();
+    }
+
+    fn accept(&mut self, c: Command) {
+        let Command::Submit(params, events) = c;
+        let id = self.next_req;
+        self.next_req += 1;
+        self.stats.requests_total += 1;
+        self.stats.prompt_tokens_total += params.prompt_ids.len() as u64;
+        let choice = Choice {
+            req: id,
+            index: 0,
+            tokens: params.prompt_ids.clone(),
+            generated: 0,
+            seq: None,
+            computed: 0,
+            sampler: Sampler::new(params.sampling.clone()),
+            text: TextStream::new(&params.stop),
+            passed_over: 0,
+            last_token_at: None,
+        };
+        let usage = Usage {
+            prompt_tokens: params.prompt_ids.len(),
+            ..Usage::default()
+        };
+        self.requests.insert(
+            id,
+            Request {
+                events,
+                params,
+                done: 0,
+                usage,
+                arrival: Instant::now(),
+                first_token: false,
+            },
+        );
+        self.waiting.push_back(choice);
+    }
+
+    /// Drops requests whose client went away (the event channel closed), freeing their blocks.
+    fn reap_cancelled(&mut self) {
+        let gone: Vec<u64> = self
+            .requests
+            .iter()
+            .filter(|(_, r)| r.events.is_closed())
+            .map(|(&id, _)| id)
+            .collect();
+        for id in gone {
+            self.abort(id, None);
+        }
+    }
+
+    /// Ends request `id` early: frees every choice's blocks, sends `error` if given.
+    fn abort(&mut self, id: u64, error: Option<String>) {
+        let kv = &mut self.kv;
+        let mut drop_choice = |c: &Choice| {
+            if c.req != id {
+                return true;
+            }
+            if let Some(seq) = c.seq {
+                kv.manager.release(seq);
+            }
+            false
+        };
+        self.running.retain(&mut drop_choice);
+        self.waiting.retain(drop_choice);
+        if let Some(r) = self.requests.remove(&id) {
+            if let Some(e) = error {
+                let _ = r.events.send(Event::Error(e));
+            }
+            self.stats.requests_aborted += 1;
+        }
+    }
+
+    fn preempt(&mut self, i: usize) {
+        let mut c = self.running.remove(i);
+        if let Some(seq) = c.seq.take() {
+            self.kv.manager.release(seq);
+        }
+        c.computed = 0;
+        self.stats.preemptions_total += 1;
+        self.waiting.push_front(c);
+    }
+
+    /// Which waiting sequence to admit next (see the module docs).
+    fn pick_waiting(&mut self) -> usize {
+        if self.waiting.len() < PREFIX_ORDER_MIN_QUEUE
+            || self.waiting[0].passed_over >= MAX_PASSED_OVER
+        {
+            return 0;
+        }
+        let mut best = (0, 0);
+        for (i, c) in self.waiting.iter().enumerate() {
+            let cached = self.kv.manager.lookup(&c.tokens).num_tokens;
+            if cached > best.1 {
+                best = (i, cached);
+            }
+        }
+        for c in self.waiting.iter_mut().take(best.0) {
+            c.passed_over += 1;
+        }
+        best.0
+    }
+
+    /// Plans the step: (index in `running`, tokens to compute). Blocks are reserved.
+    fn schedule(&mut self) -> Vec<(usize, usize)> {
+        let mut budget = self.config.max_batch_tokens;
+        let mut plan = Vec::new();
+        let mut i = 0;
+        while i < self.running.len() {
+            let c = &self.running[i];
+            let n = (c.tokens.len() - c.computed).min(budget);
+            if n == 0 {
+                i += 1;
+                continue;
+            }
+            let seq = c.seq.expect("running choices hold a sequence");
+            if self.kv.reserve(seq, n).is_ok() {
+                plan.push((i, n));
+                budget -= n;
+                i += 1;
+            } else if self.running.len() == 1 {
+                // Alone and still no room: the pool is smaller than this sequence.
+                let c = self.running.remove(0);
+                self.finish(c, FinishReason::ContextFull, true);
+            } else {
+                // Preempt the newest; it may be this one.
+                self.preempt(self.running.len() - 1);
+            }
+        }
+        while budget > 0 && self.running.len() < self.config.max_running && !self.waiting.is_empty()
+        {
+            let w = self.pick_waiting();
+            let c = &self.waiting[w];
+            let (seq, cached) = self.kv.manager.add_sequence(&c.tokens, true);
+            let n = (c.tokens.len() - cached).min(budget);
+            if self.kv.reserve(seq, n).is_err() {
+                self.kv.manager.release(seq);
+                if self.running.is_empty() {
+                    let c = self.waiting.remove(w).expect("picked");
+                    let msg = format!(
+                        "the KV cache ({} blocks of {} tokens) cannot hold this request's {} \
+                         tokens; raise --kv-cache-mb",
+                        self.kv.manager.num_blocks(),
+                        self.kv.manager.block_size(),
+                        c.tokens.len()
+                    );
+                    self.abort(c.req, Some(msg));
+                }
+                break;
+            }
+            let mut c = self.waiting.remove(w).expect("picked");
+            if c.index == 0 && c.generated == 0 {
+                if let Some(r) = self.requests.get_mut(&c.req) {
+                    if r.usage.cached_tokens == 0 {
+                        r.usage.cached_tokens = cached;
+                        self.stats.cached_prompt_tokens_total += cached as u64;
+                    }
+                }
+            }
+            c.seq = Some(seq);
+            c.computed = cached;
+            c.passed_over = 0;
+            self.running.push(c);
+            plan.push((self.running.len() - 1, n));
+            budget -= n;
+        }
+        plan
+    }
+
+    fn step(&mut self, run_step: &impl Fn(&mut dyn FnMut())) {
+        let plan = self.schedule();
+        if plan.is_empty() {
+            return;
+        }
+        let PagedKv { manager, storage } = &mut self.kv;
+        let batch: Vec<SeqBatch> = plan
+            .iter()
+            .map(|&(i, n)| {
+                let c = &self.running[i];
+                SeqBatch {
+                    tokens: &c.tokens[c.computed..c.computed + n],
+                    start: c.computed,
+                    blocks: manager.block_table(c.seq.expect("planned")),
+                }
+            })
+            .collect();
+        let model = &self.model;
+        let mut result = None;
+        run_step(&mut || result = Some(model.forward(storage, &batch)));
+        let n_tokens: usize = plan.iter().map(|p| p.1).sum();
+        self.stats.steps_total += 1;
+        self.stats.batch_tokens_total += n_tokens as u64;
+        let logits = match result {
+            Some(Ok(l)) => l,
+            Some(Err(e)) => {
+                let ids: Vec<u64> = plan.iter().map(|&(i, _)| self.running[i].req).collect();
+                for id in ids {
+                    self.abort(id, Some(format!("the model failed: {e}")));
+                }
+                return;
+            }
+            None => return,
+        };
+        let mut finished: Vec<(usize, FinishReason)> = Vec::new();
+        let mut forks: Vec<(Choice, Option<FinishReason>)> = Vec::new();
+        for (&(i, n), logits) in plan.iter().zip(logits) {
+            let c = &mut self.running[i];
+            let seq = c.seq.expect("planned");
+            self.kv
+                .manager
+                .commit(seq, &c.tokens[c.computed..c.computed + n]);
+            c.computed += n;
+            if c.computed < c.tokens.len() {
+                continue; // mid-prefill: these logits are not needed
+            }
+            let Some(req) = self.requests.get_mut(&c.req) else {
+                continue;
+            };
+            if c.index == 0 && c.generated == 0 {
+                // The other choices share the prompt's blocks and sample from the same logits.
+                for j in 1..req.params.n {
+                    let mut sampling = req.params.sampling.clone();
+                    sampling.seed = sampling.seed.wrapping_add(j as u64);
+                    let mut f = Choice {
+                        req: c.req,
+                        index: j,
+                        tokens: c.tokens.clone(),
+                        generated: 0,
+                        seq: Some(self.kv.manager.fork(seq)),
+                        computed: c.computed,
+                        sampler: Sampler::new(sampling),
+                        text: TextStream::new(&req.params.stop),
+                        passed_over: 0,
+                        last_token_at: None,
+                    };
+                    let end = advance(&mut f, req, &logits, &self.model, self.ctx, &mut self.stats);
+                    forks.push((f, end));
+                }
+            }
+            if let Some(reason) = advance(c, req, &logits, &self.model, self.ctx, &mut self.stats) {
+                finished.push((i, reason));
+            }
+        }
+        // Highest index first, so the earlier indices stay valid.
+        finished.sort_by_key(|f| std::cmp::Reverse(f.0));
+        for (i, reason) in finished {
+            let c = self.running.remove(i);
+            self.finish(c, reason, false);
+        }
+        for (f, end) in forks {
+            match end {
+                Some(reason) => self.finish(f, reason, false),
+                None => self.running.push(f),
+            }
+        }
+    }
+
+    /// Ends a choice: frees its sequence, flushes held text unless a stop string ended it, and
+    /// closes the request when it was the last choice.
+    fn finish(&mut self, mut c: Choice, reason: FinishReason, flush: bool) {
+        if let Some(seq) = c.seq.take() {
+            self.kv.manager.release(seq);
+        }
+        let Some(req) = self.requests.get_mut(&c.req) else {
+            return;
+        };
+        if flush {
+            let rest = c.text.finish();
+            if !rest.is_empty() {
+                let _ = req.events.send(Event::Text {
+                    index: c.index,
+                    text: rest,
+                });
+            }
+        }
+        let _ = req.events.send(Event::Done {
+            index: c.index,
+            finish_reason: reason,
+        });
+        req.done += 1;
+        req.usage.completion_tokens += c.generated;
+        if req.done == req.params.n {
+            let _ = req.events.send(Event::Usage(req.usage));
+            self.requests.remove(&c.req);
+            self.stats.requests_finished += 1;
+        }
+    }
+
+    fn publish(&mut self) {
+        self.stats.running = self.running.len();
+        self.stats.waiting = self.waiting.len();
+        self.stats.blocks = self.kv.manager.usage();
+        self.stats.prefix = self.kv.manager.stats();
+        if let Ok(mut s) = self.shared.lock() {
+            s.clone_from(&self.stats);
+        }
+        debug_assert!(
+            !self.idle() || self.stats.blocks.in_use == 0,
+            "blocks in use with nothing running"
+        );
+    }
+}
+
+/// Samples choice `c`'s next token from `logits`, streams its text, and says whether it ended
+/// (with its reason; the text was flushed where it should be).
+fn advance(
+    c: &mut Choice,
+    req: &mut Request,
+    logits: &[f32],
+    model: &Model,
+    ctx: usize,
+    stats: &mut EngineStats,
+) -> Option<FinishReason> {
+    let tok = &model.tokenizer;
+    let next = c.sampler.sample(logits, &c.tokens);
+    c.tokens.push(next);
+    c.generated += 1;
+    stats.generation_tokens_total += 1;
+    let now = Instant::now();
+    if !req.first_token {
+        req.first_token = true;
+        stats.ttft.observe((now - req.arrival).as_secs_f64());
+    }
+    if let Some(t) = c.last_token_at {
+        stats.tpot.observe((now - t).as_secs_f64());
+    }
+    c.last_token_at = Some(now);
+    let reason = if !req.params.ignore_eos && tok.is_eog(next) {
+        FinishReason::Stop
+    } else {
+        let step = c.text.push_token(tok.token_bytes(next));
+        if !step.emit.is_empty() {
+            let _ = req.events.send(Event::Text {
+                index: c.index,
+                text: step.emit,
+            });
+        }
+        if step.stopped {
+            // Cut at the stop string: nothing held back is shown.
+            return Some(FinishReason::Stop);
+        }
+        if c.generated >= req.params.max_tokens {
+            FinishReason::Length
+        } else if c.tokens.len() > ctx {
+            FinishReason::ContextFull
+        } else {
+            return None;
+        }
+    };
+    let rest = c.text.finish();
+    if !rest.is_empty() {
+        let _ = req.events.send(Event::Text {
+            index: c.index,
+            text: rest,
+        });
+    }
+    Some(reason)
+}

@@ -1,0 +1,271 @@
+//! The engine loop on tiny models: many concurrent requests (continuous batching, chunked
+//! prefill, preemption under a tiny pool) give exactly what one-at-a-time generation gives;
+//! n > 1; cancellation frees blocks; bad submissions are refused.
+
+mod common;
+
+use common::tiny;
+use kvinfer_cache::{PagedKv, PolicyKind};
+use kvinfer_engine::{
+    generate, start_engine, CacheOptions, EngineConfig, EngineHandle, EngineRequest, Event,
+    FinishReason, GenerateRequest, SamplingParams, SubmitError,
+};
+use kvinfer_model::testing::TinyArch;
+use kvinfer_model::Model;
+use std::time::{Duration, Instant};
+
+fn engine(
+    model: Model,
+    num_blocks: usize,
+    block_size: usize,
+    max_batch_tokens: usize,
+) -> EngineHandle {
+    let config = EngineConfig {
+        cache: CacheOptions {
+            num_blocks: Some(num_blocks),
+            block_size,
+            ..CacheOptions::default()
+        },
+        max_batch_tokens,
+        max_running: 8,
+        ctx_size: 0,
+    };
+    start_engine(model, config, |f| f()).unwrap().0
+}
+
+fn request(prompt: &[u32], max_tokens: usize, n: usize) -> EngineRequest {
+    EngineRequest {
+        prompt_ids: prompt.to_vec(),
+        max_tokens,
+        sampling: SamplingParams::greedy(),
+        stop: vec![],
+        n,
+        ignore_eos: true,
+    }
+}
+
+/// Everything a request's channel carried: text per choice, finish reasons, usage.
+#[derive(Debug, Default)]
+struct Outcome {
+    text: Vec<String>,
+    reasons: Vec<Option<FinishReason>>,
+    usage: Option<kvinfer_engine::Usage>,
+    error: Option<String>,
+}
+
+fn collect(mut rx: tokio::sync::mpsc::UnboundedReceiver<Event>, n: usize) -> Outcome {
+    let mut o = Outcome {
+        text: vec![String::new(); n],
+        reasons: vec![None; n],
+        ..Outcome::default()
+    };
+    while let Some(e) = rx.blocking_recv() {
+        match e {
+            Event::Text { index, text } => o.text[index].push_str(&text),
+            Event::Done {
+                index,
+                finish_reason,
+            } => {
+                assert!(o.reasons[index].is_none(), "two Done for choice {index}");
+                o.reasons[index] = Some(finish_reason);
+            }
+            Event::Usage(u) => o.usage = Some(u),
+            Event::Error(e) => o.error = Some(e),
+        }
+    }
+    o
+}
+
+/// Reference: one request at a time on a fresh cache, no prefix reuse.
+fn alone(model: &Model, prompt: &[u32], max_tokens: usize) -> String {
+    let mut kv = PagedKv::new(
+        model.kv_layout(16, 64),
+        PolicyKind::Lru,
+        0,
+        model.fingerprint(16),
+    );
+    let req = GenerateRequest {
+        prompt_ids: prompt.to_vec(),
+        max_tokens,
+        sampling: SamplingParams::greedy(),
+        stop: vec![],
+        ignore_eos: true,
+        use_kv_cache: true,
+        prefix_cache: false,
+        ctx_size: 0,
+    };
+    generate(model, &mut kv, &req, |_| true).unwrap().text
+}
+
+fn wait_idle(h: &EngineHandle) -> kvinfer_engine::EngineStats {
+    let t = Instant::now();
+    loop {
+        let s = h.stats();
+        if s.running == 0 && s.waiting == 0 && s.blocks.in_use == 0 {
+            return s;
+        }
+        assert!(
+            t.elapsed() < Duration::from_secs(20),
+            "engine never went idle: {s:?}"
+        );
+        std::thread::sleep(Duration::from_millis(5));
+    }
+}
+
+fn prompts() -> Vec<Vec<u32>> {
+    let stems: Vec<Vec<u32>> = (0..2)
+        .map(|s| {
+            (0..19)
+                .map(|i| ((i * 7 + s * 90) % 240) as u32 + 4)
+                .collect()
+        })
+        .collect();
+    (0..12)
+        .map(|r| {
+            let mut p = stems[r % 2].clone();
+            p.extend((0..(r % 4 + 1)).map(|i| ((r * 29 + i * 5) % 240) as u32 + 4));
+            p
+        })
+        .collect()
+}
+
+#[test]
+fn concurrent_requests_equal_one_at_a_time_even_under_preemption() {
+    for arch in [TinyArch::Llama, TinyArch::Gemma3] {
+        // (blocks, block size, batch tokens): roomy; then a pool so small that sequences are
+        // preempted, with chunked prefill (prompts of 20+ tokens in chunks of at most 10).
+        for (blocks, bs, batch) in [(128, 16, 256), (14, 4, 10)] {
+            let (model, _) = tiny(arch, 21);
+            let ps = prompts();
+            let want: Vec<String> = ps.iter().map(|p| alone(&model, p, 12)).collect();
+            let h = engine(model, blocks, bs, batch);
+            let rxs: Vec<_> = ps
+                .iter()
+                .map(|p| h.submit(request(p, 12, 1)).unwrap())
+                .collect();
+            for ((rx, w), p) in rxs.into_iter().zip(&want).zip(&ps) {
+                let o = collect(rx, 1);
+                assert_eq!(o.error, None);
+                assert_eq!(&o.text[0], w, "{arch:?} blocks {blocks}: prompt {p:?}");
+                assert_eq!(o.reasons[0], Some(FinishReason::Length));
+                let u = o.usage.expect("usage at the end");
+                assert_eq!((u.prompt_tokens, u.completion_tokens), (p.len(), 12));
+            }
+            let s = wait_idle(&h);
+            assert_eq!(s.requests_finished, 12);
+            assert!(
+                s.prefix.hit_tokens > 0,
+                "{arch:?}: shared stems were never reused"
+            );
+            if blocks == 14 {
+                assert!(
+                    s.preemptions_total > 0,
+                    "{arch:?}: the tiny pool never preempted"
+                );
+            }
+            assert!(
+                s.batch_tokens_total > s.steps_total,
+                "{arch:?}: never more than one token per step: no batching"
+            );
+        }
+    }
+}
+
+#[test]
+fn n_choices_share_the_prompt_and_each_equals_a_single_run() {
+    let (model, _) = tiny(TinyArch::Llama, 22);
+    let p: Vec<u32> = (0..23).map(|i| (i * 13 % 200) as u32 + 4).collect();
+    let want = alone(&model, &p, 10);
+    let h = engine(model, 64, 4, 64);
+    let o = collect(h.submit(request(&p, 10, 3)).unwrap(), 3);
+    for i in 0..3 {
+        assert_eq!(o.text[i], want, "choice {i}");
+        assert_eq!(o.reasons[i], Some(FinishReason::Length));
+    }
+    assert_eq!(o.usage.unwrap().completion_tokens, 30);
+    wait_idle(&h);
+    // Sampled choices differ by seed (seed + index) but each is reproducible.
+    let sampled = |h: &EngineHandle| {
+        let mut r = request(&p, 16, 2);
+        r.sampling = SamplingParams {
+            temperature: 1.5,
+            top_k: 0,
+            top_p: 1.0,
+            min_p: 0.0,
+            seed: 5,
+            ..SamplingParams::default()
+        };
+        collect(h.submit(r).unwrap(), 2).text
+    };
+    let a = sampled(&h);
+    assert_eq!(a, sampled(&h));
+    assert_ne!(
+        a[0], a[1],
+        "two choices with different seeds drew the same 16 tokens"
+    );
+}
+
+#[test]
+fn a_dropped_receiver_cancels_and_frees_blocks() {
+    let (model, _) = tiny(TinyArch::Llama, 23);
+    let h = engine(model, 64, 4, 64);
+    let p: Vec<u32> = (0..30).map(|i| i + 4).collect();
+    let mut rx = h.submit(request(&p, 200, 1)).unwrap();
+    // Wait for the first text, then hang up.
+    match rx.blocking_recv() {
+        Some(Event::Text { .. }) => {}
+        other => panic!("expected text first, got {other:?}"),
+    }
+    drop(rx);
+    let s = wait_idle(&h);
+    assert_eq!(s.requests_aborted, 1);
+    assert!(
+        s.generation_tokens_total < 200,
+        "the request ran to the end"
+    );
+    // The engine keeps serving.
+    let o = collect(h.submit(request(&p, 3, 1)).unwrap(), 1);
+    assert_eq!(o.reasons[0], Some(FinishReason::Length));
+}
+
+#[test]
+fn stop_strings_end_a_choice_and_the_text_stops_before_them() {
+    let (model, _) = tiny(TinyArch::Llama, 24);
+    let p = model.tokenizer.encode("the tin", true, false);
+    let full = alone(&model, &p, 30);
+    let chars: Vec<char> = full.chars().collect();
+    assert!(chars.len() > 10, "{full:?}");
+    let stop: String = chars[6..9].iter().collect();
+    let h = engine(model, 64, 16, 64);
+    let mut r = request(&p, 30, 1);
+    r.stop = vec![stop.clone()];
+    let o = collect(h.submit(r).unwrap(), 1);
+    assert_eq!(o.text[0], full[..full.find(&stop).unwrap()]);
+    assert_eq!(o.reasons[0], Some(FinishReason::Stop));
+}
+
+#[test]
+fn bad_submissions_are_refused_with_reasons() {
+    let (model, _) = tiny(TinyArch::Llama, 25);
+    let ctx = model.config.context_length;
+    let h = engine(model, 8, 4, 64);
+    let bad = |r: EngineRequest| h.submit(r).expect_err("refused");
+    assert!(matches!(bad(request(&[], 4, 1)), SubmitError::Invalid(_)));
+    assert!(matches!(bad(request(&[5], 0, 1)), SubmitError::Invalid(_)));
+    assert!(matches!(bad(request(&[5], 4, 0)), SubmitError::Invalid(_)));
+    assert!(matches!(bad(request(&[5], 4, 99)), SubmitError::Invalid(_)));
+    assert!(matches!(
+        bad(request(&[u32::MAX], 4, 1)),
+        SubmitError::Invalid(_)
+    ));
+    assert!(matches!(
+        bad(request(&vec![5; ctx], 4, 1)),
+        SubmitError::TooLong(_)
+    ));
+    // 8 blocks of 4 tokens: a 40-token prompt can never fit.
+    let e = bad(request(&[5; 40], 4, 1));
+    assert!(e.to_string().contains("--kv-cache-mb"), "{e}");
+    // Still serving.
+    let o = collect(h.submit(request(&[5, 6], 3, 1)).unwrap(), 1);
+    assert_eq!(o.usage.unwrap().completion_tokens, 3);
+}
