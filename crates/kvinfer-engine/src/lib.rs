@@ -17,6 +17,8 @@ pub use engine::{
     Histogram, SubmitError, Usage, LATENCY_BUCKETS_S, MAX_N,
 };
 pub use generate::{generate, FinishReason, GenerateOutput, GenerateRequest, Timings};
+/// The chat message type of the model's template (for servers building prompts).
+pub use kvinfer_model::chat::ChatMessage;
 pub use sampler::{Sampler, SamplingParams};
 pub use stop::{StopMatcher, TextStream, Utf8Stream};
 

@@ -24,6 +24,8 @@ pub enum Command {
     /// a prefix-cache hit.
     #[command(allow_negative_numbers = true, args_conflicts_with_subcommands = true)]
     Bench(BenchArgs),
+    /// Serve the OpenAI-compatible HTTP API (continuous batching, shared KV cache).
+    Serve(ServeArgs),
     /// The KV cache offline: eviction-policy simulation over request traces.
     #[command(subcommand)]
     Cache(CacheCommand),
@@ -208,4 +210,28 @@ pub struct SimulateArgs {
     /// Seed of the random policy.
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
+}
+
+#[derive(Args)]
+pub struct ServeArgs {
+    #[command(flatten)]
+    pub model: ModelArgs,
+    /// Address to bind; 127.0.0.1 keeps the server local to this machine.
+    #[arg(long, env = "KVINFER_HOST", default_value = "127.0.0.1")]
+    pub host: String,
+    /// Port.
+    #[arg(long, env = "KVINFER_PORT", default_value_t = 8080)]
+    pub port: u16,
+    /// Require `Authorization: Bearer KEY` on /v1/*.
+    #[arg(long, env = "KVINFER_API_KEY", hide_env_values = true)]
+    pub api_key: Option<String>,
+    /// Largest request body in bytes.
+    #[arg(long, default_value_t = 4 << 20)]
+    pub max_body_bytes: usize,
+    /// Most tokens per forward pass (decodes plus prefill chunks).
+    #[arg(long, default_value_t = 512)]
+    pub max_batch_tokens: usize,
+    /// Most sequences in the running batch.
+    #[arg(long, default_value_t = 64)]
+    pub max_running: usize,
 }

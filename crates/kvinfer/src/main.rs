@@ -6,6 +6,7 @@ mod chat;
 mod cli;
 mod generate;
 mod load;
+mod serve;
 
 use clap::Parser;
 
@@ -26,7 +27,15 @@ fn main() {
             None => a.model.threads,
         },
         cli::Command::Cache(_) => None,
+        cli::Command::Serve(_) => None,
     };
+    if let cli::Command::Serve(a) = args.command {
+        if let Err(e) = serve::run(a) {
+            eprintln!("error: {e:#}");
+            std::process::exit(1);
+        }
+        return;
+    }
     let result = load::with_threads(threads, |n| match args.command {
         cli::Command::Generate(a) => generate::run(a, n),
         cli::Command::Chat(a) => chat::run(a),
@@ -35,6 +44,7 @@ fn main() {
             None => bench::run(a, n),
         },
         cli::Command::Cache(c) => cache_cmd::run(c),
+        cli::Command::Serve(_) => unreachable!("handled above"),
     })
     .and_then(|r| r);
     if let Err(e) = result {

@@ -188,12 +188,13 @@ impl EngineHandle {
     }
 }
 
-/// Starts the engine thread over `model`. `run_step` wraps each forward pass (e.g. to run it
-/// inside a thread pool); pass `|f| f()` for none.
+/// Starts the engine thread over `model`. The thread runs its whole loop inside `run_in` (e.g.
+/// `|f| pool.install(f)` so the kernels fork from a worker of that thread pool); pass `|f| f()`
+/// to run it plainly.
 pub fn start(
     model: Model,
     config: EngineConfig,
-    run_step: impl Fn(&mut dyn FnMut()) + Send + 'static,
+    run_in: impl FnOnce(&mut (dyn FnMut() + Send)) + Send + 'static,
 ) -> Result<(EngineHandle, std::thread::JoinHandle<()>), String> {
     if config.max_batch_tokens < config.max_running.max(1) {
         return Err(format!(
@@ -220,7 +221,14 @@ pub fn start(
     let mut sched = scheduler::Scheduler::new(model, kv, config, ctx, stats);
     let thread = std::thread::Builder::new()
         .name("kvinfer-engine".into())
-        .spawn(move || sched.run(rx, run_step))
+        .spawn(move || {
+            let mut rx = Some(rx);
+            run_in(&mut move || {
+                if let Some(rx) = rx.take() {
+                    sched.run(&rx);
+                }
+            })
+        })
         .map_err(|e| format!("starting the engine thread: {e}"))?;
     Ok((handle, thread))
 }

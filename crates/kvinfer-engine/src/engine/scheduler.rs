@@ -105,7 +105,7 @@ impl Scheduler {
     }
 
     /// The loop: runs until every handle is gone and the work in flight is done.
-    pub(super) fn run(&mut self, rx: mpsc::Receiver<Command>, run_step: impl Fn(&mut dyn FnMut())) {
+    pub(super) fn run(&mut self, rx: &mpsc::Receiver<Command>) {
         let mut open = true;
         loop {
             if self.idle() {
@@ -128,7 +128,7 @@ impl Scheduler {
                 }
             }
             self.reap_cancelled();
-            self.step(&run_step);
+            self.step();
             self.publish();
         }
         self.publish();
@@ -301,7 +301,7 @@ impl Scheduler {
         plan
     }
 
-    fn step(&mut self, run_step: &impl Fn(&mut dyn FnMut())) {
+    fn step(&mut self) {
         let plan = self.schedule();
         if plan.is_empty() {
             return;
@@ -318,9 +318,7 @@ impl Scheduler {
                 }
             })
             .collect();
-        let model = &self.model;
-        let mut result = None;
-        run_step(&mut || result = Some(model.forward(storage, &batch)));
+        let result = Some(self.model.forward(storage, &batch));
         let n_tokens: usize = plan.iter().map(|p| p.1).sum();
         self.stats.steps_total += 1;
         self.stats.batch_tokens_total += n_tokens as u64;

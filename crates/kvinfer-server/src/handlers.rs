@@ -1,0 +1,401 @@
+//! The endpoints. Each turns a body into an engine request, submits it, and answers with one
+//! JSON object or a stream of server-sent events. A client that goes away drops the event
+//! receiver, which cancels the request in the engine and frees its blocks.
+
+use crate::error::ApiError;
+use crate::openai::{content_text, engine_request, parse, ChatRequest, CompletionRequest};
+use crate::AppState;
+use axum::body::Bytes;
+use axum::extract::rejection::BytesRejection;
+use axum::extract::State;
+use axum::http::{header, StatusCode};
+use axum::response::sse::{Event as SseEvent, KeepAlive, Sse};
+use axum::response::{Html, IntoResponse, Response};
+use axum::Json;
+use futures_util::stream::{self, Stream};
+use kvinfer_engine::ChatMessage;
+use kvinfer_engine::{EngineRequest, Event, FinishReason, SubmitError, Usage};
+use serde_json::{json, Value};
+use std::collections::VecDeque;
+use std::convert::Infallible;
+use std::sync::Arc;
+use tokio::sync::mpsc::UnboundedReceiver;
+
+/// Which API shape to answer in.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Api {
+    Chat,
+    Completion,
+}
+
+fn body_bytes(body: Result<Bytes, BytesRejection>) -> Result<Bytes, ApiError> {
+    body.map_err(|e| {
+        let status = e.status();
+        let msg = if status == StatusCode::PAYLOAD_TOO_LARGE {
+            "the request body is larger than this server accepts (--max-body-bytes)".to_string()
+        } else {
+            format!("could not read the request body: {e}")
+        };
+        ApiError::invalid(msg, None).status(status)
+    })
+}
+
+/// `POST /v1/chat/completions`.
+pub async fn chat(
+    State(st): State<Arc<AppState>>,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<Response, ApiError> {
+    let req: ChatRequest = parse(&body_bytes(body)?)?;
+    if req.messages.is_empty() {
+        return Err(ApiError::invalid(
+            "messages must not be empty",
+            Some("messages"),
+        ));
+    }
+    let model = st.engine.model();
+    let template = model.chat_template.as_ref().ok_or_else(|| {
+        ApiError::invalid(
+            "this model has no chat template; use /v1/completions with a raw prompt",
+            Some("messages"),
+        )
+    })?;
+    let messages = req
+        .messages
+        .iter()
+        .enumerate()
+        .map(|(i, m)| {
+            Ok(ChatMessage {
+                role: m.role.clone(),
+                content: content_text(m, i)?,
+            })
+        })
+        .collect::<Result<Vec<_>, ApiError>>()?;
+    let text = template.render(&messages, true).map_err(|e| {
+        ApiError::invalid(
+            format!("the chat template refused the messages: {e}"),
+            Some("messages"),
+        )
+    })?;
+    let ids = model.tokenizer.encode(&text, false, true);
+    let er = engine_request(&req.common, ids, &st.engine, &st.served, usize::MAX)?;
+    let include_usage = req
+        .common
+        .stream_options
+        .as_ref()
+        .is_some_and(|o| o.include_usage);
+    run(st, Api::Chat, er, req.common.stream, include_usage).await
+}
+
+/// `POST /v1/completions`.
+pub async fn completion(
+    State(st): State<Arc<AppState>>,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<Response, ApiError> {
+    let req: CompletionRequest = parse(&body_bytes(body)?)?;
+    let model = st.engine.model();
+    let bad = || {
+        ApiError::invalid(
+            "prompt must be a string, a list of one string, or a list of token ids",
+            Some("prompt"),
+        )
+    };
+    let ids = match &req.prompt {
+        Value::String(s) => model.tokenizer.encode(s, true, false),
+        Value::Array(a) if a.len() == 1 && a[0].is_string() => {
+            model
+                .tokenizer
+                .encode(a[0].as_str().unwrap_or_default(), true, false)
+        }
+        Value::Array(a) if !a.is_empty() && a.iter().all(Value::is_u64) => a
+            .iter()
+            .map(|v| {
+                v.as_u64()
+                    .and_then(|x| u32::try_from(x).ok())
+                    .ok_or_else(bad)
+            })
+            .collect::<Result<Vec<u32>, _>>()?,
+        _ => return Err(bad()),
+    };
+    // The legacy API's default output limit.
+    let er = engine_request(&req.common, ids, &st.engine, &st.served, 16)?;
+    let include_usage = req
+        .common
+        .stream_options
+        .as_ref()
+        .is_some_and(|o| o.include_usage);
+    run(st, Api::Completion, er, req.common.stream, include_usage).await
+}
+
+async fn run(
+    st: Arc<AppState>,
+    api: Api,
+    er: EngineRequest,
+    stream: bool,
+    include_usage: bool,
+) -> Result<Response, ApiError> {
+    let n = er.n;
+    let rx = st.engine.submit(er).map_err(|e| match e {
+        SubmitError::Invalid(m) => ApiError::invalid(m, None),
+        SubmitError::TooLong(m) => {
+            ApiError::invalid(m, Some("messages")).code("context_length_exceeded")
+        }
+        SubmitError::ShuttingDown => ApiError::invalid("the server is shutting down", None)
+            .status(StatusCode::SERVICE_UNAVAILABLE),
+    })?;
+    let meta = Meta {
+        id: format!(
+            "{}-{}",
+            if api == Api::Chat { "chatcmpl" } else { "cmpl" },
+            st.next_id
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+        ),
+        created: now_s(),
+        model: st.served.clone(),
+        api,
+    };
+    if stream {
+        Ok(sse(meta, rx, n, include_usage).into_response())
+    } else {
+        collect(meta, rx, n).await
+    }
+}
+
+fn now_s() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}
+
+struct Meta {
+    id: String,
+    created: u64,
+    model: String,
+    api: Api,
+}
+
+fn reason(r: FinishReason) -> &'static str {
+    match r {
+        FinishReason::Stop => "stop",
+        FinishReason::Length | FinishReason::ContextFull => "length",
+        FinishReason::Cancelled => "stop",
+    }
+}
+
+fn usage_json(u: &Usage) -> Value {
+    json!({
+        "prompt_tokens": u.prompt_tokens,
+        "completion_tokens": u.completion_tokens,
+        "total_tokens": u.prompt_tokens + u.completion_tokens,
+        "prompt_tokens_details": {"cached_tokens": u.cached_tokens},
+    })
+}
+
+async fn collect(
+    meta: Meta,
+    mut rx: UnboundedReceiver<Event>,
+    n: usize,
+) -> Result<Response, ApiError> {
+    let mut texts = vec![String::new(); n];
+    let mut reasons = vec!["stop"; n];
+    let mut usage = None;
+    while let Some(e) = rx.recv().await {
+        match e {
+            Event::Text { index, text } => texts[index].push_str(&text),
+            Event::Done {
+                index,
+                finish_reason,
+            } => reasons[index] = reason(finish_reason),
+            Event::Usage(u) => usage = Some(u),
+            Event::Error(m) => {
+                return Err(ApiError {
+                    status: StatusCode::INTERNAL_SERVER_ERROR,
+                    message: m,
+                    kind: "server_error",
+                    param: None,
+                    code: None,
+                })
+            }
+        }
+    }
+    let usage = usage.unwrap_or_default();
+    let choices: Vec<Value> = texts
+        .into_iter()
+        .zip(reasons)
+        .enumerate()
+        .map(|(i, (text, r))| match meta.api {
+            Api::Chat => json!({
+                "index": i,
+                "message": {"role": "assistant", "content": text},
+                "logprobs": null,
+                "finish_reason": r,
+            }),
+            Api::Completion => {
+                json!({"index": i, "text": text, "logprobs": null, "finish_reason": r})
+            }
+        })
+        .collect();
+    let object = if meta.api == Api::Chat {
+        "chat.completion"
+    } else {
+        "text_completion"
+    };
+    Ok(Json(json!({
+        "id": meta.id,
+        "object": object,
+        "created": meta.created,
+        "model": meta.model,
+        "choices": choices,
+        "usage": usage_json(&usage),
+    }))
+    .into_response())
+}
+
+impl Meta {
+    fn chunk(&self, choices: Value, usage: Option<Value>) -> SseEvent {
+        let object = if self.api == Api::Chat {
+            "chat.completion.chunk"
+        } else {
+            "text_completion"
+        };
+        let mut v = json!({
+            "id": self.id,
+            "object": object,
+            "created": self.created,
+            "model": self.model,
+            "choices": choices,
+        });
+        if let Some(u) = usage {
+            v["usage"] = u;
+        }
+        SseEvent::default().data(v.to_string())
+    }
+
+    fn delta(
+        &self,
+        index: usize,
+        text: Option<&str>,
+        finish: Option<&str>,
+        role: bool,
+    ) -> SseEvent {
+        let choice = match self.api {
+            Api::Chat => {
+                let mut delta = json!({});
+                if role {
+                    delta["role"] = json!("assistant");
+                }
+                if let Some(t) = text {
+                    delta["content"] = json!(t);
+                }
+                json!({"index": index, "delta": delta, "logprobs": null, "finish_reason": finish})
+            }
+            Api::Completion => {
+                json!({"index": index, "text": text.unwrap_or(""), "logprobs": null, "finish_reason": finish})
+            }
+        };
+        self.chunk(json!([choice]), None)
+    }
+}
+
+/// The SSE answer: a role chunk per choice (chat), content deltas, a finish chunk per choice,
+/// the usage chunk if asked, then `[DONE]`.
+fn sse(
+    meta: Meta,
+    rx: UnboundedReceiver<Event>,
+    n: usize,
+    include_usage: bool,
+) -> Sse<impl Stream<Item = Result<SseEvent, Infallible>>> {
+    let mut first = VecDeque::new();
+    if meta.api == Api::Chat {
+        for i in 0..n {
+            first.push_back(meta.delta(i, Some(""), None, true));
+        }
+    }
+    let state = (meta, rx, first, false);
+    let s = stream::unfold(
+        state,
+        move |(meta, mut rx, mut queue, mut ended)| async move {
+            loop {
+                if let Some(e) = queue.pop_front() {
+                    return Some((Ok(e), (meta, rx, queue, ended)));
+                }
+                if ended {
+                    return None;
+                }
+                match rx.recv().await {
+                    Some(Event::Text { index, text }) => {
+                        queue.push_back(meta.delta(index, Some(&text), None, false))
+                    }
+                    Some(Event::Done {
+                        index,
+                        finish_reason,
+                    }) => {
+                        queue.push_back(meta.delta(index, None, Some(reason(finish_reason)), false))
+                    }
+                    Some(Event::Usage(u)) => {
+                        if include_usage {
+                            queue.push_back(meta.chunk(json!([]), Some(usage_json(&u))));
+                        }
+                    }
+                    Some(Event::Error(m)) => {
+                        let err = ApiError {
+                            status: StatusCode::INTERNAL_SERVER_ERROR,
+                            message: m,
+                            kind: "server_error",
+                            param: None,
+                            code: None,
+                        };
+                        queue.push_back(SseEvent::default().data(err.body().to_string()));
+                    }
+                    None => {
+                        queue.push_back(SseEvent::default().data("[DONE]"));
+                        ended = true;
+                    }
+                }
+            }
+        },
+    );
+    Sse::new(s).keep_alive(KeepAlive::default())
+}
+
+/// `GET /v1/models`.
+pub async fn models(State(st): State<Arc<AppState>>) -> Json<Value> {
+    Json(json!({
+        "object": "list",
+        "data": [{"id": st.served, "object": "model", "created": st.started, "owned_by": "kvinfer"}],
+    }))
+}
+
+/// `GET /health`.
+pub async fn health() -> Json<Value> {
+    Json(json!({"status": "ok"}))
+}
+
+/// `GET /metrics`: Prometheus text.
+pub async fn metrics(State(st): State<Arc<AppState>>) -> Response {
+    let errors = st.http_errors.load(std::sync::atomic::Ordering::Relaxed);
+    let body = crate::metrics::render(&st.engine.stats(), errors);
+    ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], body).into_response()
+}
+
+/// `GET /v1/stats`: the engine snapshot as JSON (the web page's live cache panel).
+pub async fn stats(State(st): State<Arc<AppState>>) -> Json<Value> {
+    let s = st.engine.stats();
+    let mut v = serde_json::to_value(&s).unwrap_or_else(|_| json!({}));
+    v["prefix"]["hit_rate"] = json!(s.prefix.hit_rate());
+    Json(v)
+}
+
+/// `GET /`: the web page (no build step; served from the binary).
+pub async fn index() -> Html<&'static str> {
+    Html(include_str!("index.html"))
+}
+
+/// Any other path.
+pub async fn not_found() -> ApiError {
+    ApiError::invalid(
+        "no such endpoint; see /v1/chat/completions, /v1/completions, /v1/models",
+        None,
+    )
+    .status(StatusCode::NOT_FOUND)
+}

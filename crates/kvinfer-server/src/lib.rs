@@ -1,0 +1,179 @@
+//! kvinfer-server: the OpenAI-compatible HTTP API over the engine loop.
+//!
+//! axum on a small tokio runtime; the engine runs on its own thread and is reached only through
+//! its [`EngineHandle`]. Endpoints: `POST /v1/chat/completions`, `POST /v1/completions` (JSON or
+//! SSE), `GET /v1/models`, `GET /health`, `GET /metrics` (Prometheus), `GET /v1/stats` (JSON),
+//! `GET /` (a chat page with a live view of the KV cache). Errors use OpenAI's shape.
+#![deny(missing_docs)]
+
+mod error;
+mod handlers;
+mod metrics;
+mod openai;
+
+pub use error::ApiError;
+
+use axum::extract::{DefaultBodyLimit, Request, State};
+use axum::http::{header, StatusCode};
+use axum::middleware::{self, Next};
+use axum::response::Response;
+use axum::routing::{get, post};
+use axum::Router;
+use kvinfer_engine::EngineHandle;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+/// How the server listens and what it accepts.
+#[derive(Debug, Clone)]
+pub struct ServerConfig {
+    /// Address to bind (127.0.0.1 by default: not reachable from other machines).
+    pub host: String,
+    /// Port.
+    pub port: u16,
+    /// When set, `/v1/*` requires `Authorization: Bearer <key>`.
+    pub api_key: Option<String>,
+    /// Largest request body accepted, in bytes.
+    pub max_body_bytes: usize,
+    /// How long in-flight requests may run after SIGINT/SIGTERM before they are cancelled.
+    pub shutdown_grace: Duration,
+}
+
+impl Default for ServerConfig {
+    fn default() -> Self {
+        Self {
+            host: "127.0.0.1".into(),
+            port: 8080,
+            api_key: None,
+            max_body_bytes: 4 << 20, // 4 MiB
+            shutdown_grace: Duration::from_secs(30),
+        }
+    }
+}
+
+/// What the handlers share.
+pub struct AppState {
+    engine: EngineHandle,
+    /// The model id clients name.
+    served: String,
+    api_key: Option<String>,
+    started: u64,
+    next_id: AtomicU64,
+    http_errors: AtomicU64,
+}
+
+/// The application: routes, auth, body limit, error counting.
+pub fn router(engine: EngineHandle, config: &ServerConfig) -> Router {
+    let served = served_name(&engine);
+    let state = Arc::new(AppState {
+        engine,
+        served,
+        api_key: config.api_key.clone(),
+        started: std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_secs())
+            .unwrap_or(0),
+        next_id: AtomicU64::new(0),
+        http_errors: AtomicU64::new(0),
+    });
+    let api = Router::new()
+        .route("/v1/chat/completions", post(handlers::chat))
+        .route("/v1/completions", post(handlers::completion))
+        .route("/v1/models", get(handlers::models))
+        .route_layer(middleware::from_fn_with_state(state.clone(), auth));
+    Router::new()
+        .merge(api)
+        .route("/v1/stats", get(handlers::stats))
+        .route("/health", get(handlers::health))
+        .route("/metrics", get(handlers::metrics))
+        .route("/", get(handlers::index))
+        .fallback(handlers::not_found)
+        .layer(middleware::from_fn_with_state(state.clone(), count_errors))
+        .layer(DefaultBodyLimit::max(config.max_body_bytes))
+        .with_state(state)
+}
+
+/// The model id: the file's name without `.gguf`.
+fn served_name(engine: &EngineHandle) -> String {
+    let name = engine.model().gguf().path().file_stem();
+    name.map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_else(|| engine.model().name.clone())
+}
+
+async fn auth(State(st): State<Arc<AppState>>, req: Request, next: Next) -> Response {
+    if let Some(key) = &st.api_key {
+        let given = req
+            .headers()
+            .get(header::AUTHORIZATION)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.strip_prefix("Bearer "));
+        if given != Some(key.as_str()) {
+            let mut e = ApiError::invalid(
+                "missing or wrong API key: send `Authorization: Bearer <key>`",
+                None,
+            )
+            .status(StatusCode::UNAUTHORIZED)
+            .code("invalid_api_key");
+            e.kind = "authentication_error";
+            return axum::response::IntoResponse::into_response(e);
+        }
+    }
+    next.run(req).await
+}
+
+async fn count_errors(State(st): State<Arc<AppState>>, req: Request, next: Next) -> Response {
+    let res = next.run(req).await;
+    if res.status().is_client_error() || res.status().is_server_error() {
+        st.http_errors.fetch_add(1, Ordering::Relaxed);
+    }
+    res
+}
+
+/// Serves until SIGINT or SIGTERM; then stops accepting connections, lets in-flight requests
+/// finish for up to `shutdown_grace`, and returns (dropping whatever is left, which cancels it).
+pub async fn serve(engine: EngineHandle, config: ServerConfig) -> std::io::Result<()> {
+    let app = router(engine, &config);
+    let listener = tokio::net::TcpListener::bind((config.host.as_str(), config.port)).await?;
+    let addr = listener.local_addr()?;
+    tracing::info!("listening on http://{addr}");
+    eprintln!("kvinfer: serving on http://{addr} (Ctrl-C to stop)");
+    let (tx, rx) = tokio::sync::watch::channel(false);
+    tokio::spawn(async move {
+        shutdown_signal().await;
+        let _ = tx.send(true);
+    });
+    let stopped = |mut rx: tokio::sync::watch::Receiver<bool>| async move {
+        let _ = rx.wait_for(|&s| s).await;
+    };
+    let server = axum::serve(listener, app).with_graceful_shutdown(stopped(rx.clone()));
+    let grace = config.shutdown_grace;
+    tokio::select! {
+        r = server => r,
+        _ = async { stopped(rx).await; tokio::time::sleep(grace).await } => {
+            eprintln!("kvinfer: in-flight requests still running after {grace:?}; cancelling them");
+            Ok(())
+        }
+    }
+}
+
+async fn shutdown_signal() {
+    let ctrl_c = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    #[cfg(unix)]
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    #[cfg(not(unix))]
+    let term = std::future::pending::<()>();
+    tokio::select! {
+        _ = ctrl_c => {},
+        _ = term => {},
+    }
+    eprintln!("kvinfer: shutting down: no new connections; finishing requests in flight");
+}

@@ -1,0 +1,67 @@
+//! `kvinfer serve`: the engine loop on its own thread (inside a rayon pool for the kernels) and
+//! the HTTP server on a small tokio runtime.
+
+use crate::cli::ServeArgs;
+use crate::load::load_model;
+use anyhow::{Context, Result};
+use kvinfer_engine::{start_engine, CacheOptions, EngineConfig};
+use kvinfer_server::ServerConfig;
+
+pub fn run(a: ServeArgs) -> Result<()> {
+    let threads = a
+        .model
+        .threads
+        .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()))
+        .max(1);
+    anyhow::ensure!(a.max_running >= 1, "--max-running must be at least 1");
+    let model = load_model(&a.model)?;
+    let config = EngineConfig {
+        cache: CacheOptions {
+            kv_cache_mb: a.model.kv_cache_mb,
+            block_size: a.model.block_size,
+            policy: a.model.evict,
+            seed: 0,
+            num_blocks: None,
+        },
+        max_batch_tokens: a.max_batch_tokens,
+        max_running: a.max_running,
+        ctx_size: a.model.ctx_size,
+    };
+    let pool = rayon::ThreadPoolBuilder::new()
+        .num_threads(threads)
+        .thread_name(|i| format!("kvinfer-worker-{i}"))
+        .build()
+        .context("starting worker threads")?;
+    let (engine, engine_thread) =
+        start_engine(model, config, move |f| pool.install(f)).map_err(anyhow::Error::msg)?;
+    let stats = engine.stats();
+    eprintln!(
+        "kvinfer: {} | {} threads | KV cache {} blocks of {} tokens ({} eviction) | context {}",
+        stats.model,
+        threads,
+        stats.blocks.total,
+        stats.block_size,
+        stats.policy,
+        engine.context_size()
+    );
+    let server = ServerConfig {
+        host: a.host,
+        port: a.port,
+        api_key: a.api_key,
+        max_body_bytes: a.max_body_bytes,
+        ..ServerConfig::default()
+    };
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .thread_name("kvinfer-http")
+        .enable_all()
+        .build()
+        .context("starting the HTTP runtime")?;
+    let served = rt.block_on(kvinfer_server::serve(engine, server));
+    // Dropping the runtime drops every handle; the engine finishes or cancels what is left.
+    drop(rt);
+    served.context("serving HTTP")?;
+    let _ = engine_thread.join();
+    eprintln!("kvinfer: stopped");
+    Ok(())
+}
