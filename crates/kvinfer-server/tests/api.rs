@@ -1,0 +1,275 @@
+//! The HTTP API in process (no socket) on a tiny random model: every bad input gets a 4xx in
+//! OpenAI's error shape and the next good request still succeeds; JSON and SSE answers have the
+//! documented fields; auth, body limit, metrics.
+
+use axum::body::{to_bytes, Body};
+use axum::http::{Request, StatusCode};
+use axum::Router;
+use kvinfer_engine::{start_engine, CacheOptions, EngineConfig};
+use kvinfer_model::testing::{write_tiny_model, TinyArch};
+use kvinfer_model::Model;
+use kvinfer_server::{router, ServerConfig};
+use serde_json::{json, Value};
+use tower::ServiceExt;
+
+fn app(api_key: Option<&str>) -> Router {
+    let dir = std::env::temp_dir().join(format!("kvinfer-server-test-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    static NEXT: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+    let k = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let path = dir.join(format!("tiny-{k}.gguf"));
+    write_tiny_model(&path, TinyArch::Llama, 3).unwrap();
+    let model = Model::load(&path).unwrap();
+    let config = EngineConfig {
+        cache: CacheOptions {
+            num_blocks: Some(64),
+            ..CacheOptions::default()
+        },
+        ..EngineConfig::default()
+    };
+    let (engine, _) = start_engine(model, config, |f| f()).unwrap();
+    let server = ServerConfig {
+        api_key: api_key.map(str::to_string),
+        max_body_bytes: 64 << 10,
+        ..ServerConfig::default()
+    };
+    router(engine, &server)
+}
+
+async fn call(
+    app: &Router,
+    method: &str,
+    path: &str,
+    body: Body,
+    key: Option<&str>,
+) -> (StatusCode, String) {
+    let mut req = Request::builder().method(method).uri(path);
+    if let Some(k) = key {
+        req = req.header("authorization", format!("Bearer {k}"));
+    }
+    let req = req
+        .header("content-type", "application/json")
+        .body(body)
+        .unwrap();
+    let res = app.clone().oneshot(req).await.unwrap();
+    let status = res.status();
+    let bytes = to_bytes(res.into_body(), 16 << 20).await.unwrap();
+    (status, String::from_utf8_lossy(&bytes).into_owned())
+}
+
+async fn post(app: &Router, path: &str, body: Value) -> (StatusCode, Value) {
+    let (s, b) = call(app, "POST", path, Body::from(body.to_string()), None).await;
+    (s, serde_json::from_str(&b).unwrap_or(Value::String(b)))
+}
+
+fn chat(max_tokens: Value) -> Value {
+    json!({"messages": [{"role": "user", "content": "the tin hen"}], "max_tokens": max_tokens, "temperature": 0})
+}
+
+fn user(extra: Value) -> Body {
+    let mut v = json!({"messages": [{"role": "user", "content": "x"}]});
+    for (k, x) in extra.as_object().unwrap() {
+        v[k] = x.clone();
+    }
+    Body::from(v.to_string())
+}
+
+/// A good request after a bad one: the server keeps serving.
+async fn still_serving(app: &Router) {
+    let (s, v) = post(app, "/v1/chat/completions", chat(json!(4))).await;
+    assert_eq!(s, StatusCode::OK, "{v}");
+    assert_eq!(v["usage"]["completion_tokens"], 4);
+}
+
+fn assert_error_shape(v: &Value) {
+    let e = &v["error"];
+    for k in ["message", "type", "param", "code"] {
+        assert!(e.get(k).is_some(), "error lacks {k}: {v}");
+    }
+    assert!(!e["message"].as_str().unwrap_or("").is_empty(), "{v}");
+}
+
+#[tokio::test]
+async fn bad_inputs_get_4xx_in_openai_shape_and_serving_continues() {
+    let app = app(None);
+    let long = "tin hen ".repeat(400);
+    let bad = StatusCode::BAD_REQUEST;
+    let cases: Vec<(&str, Body, StatusCode, Option<&str>)> = vec![
+        ("malformed json", Body::from("{\"messages\": ["), bad, None),
+        ("not an object", Body::from("[1, 2]"), bad, None),
+        (
+            "missing messages",
+            Body::from(r#"{"max_tokens": 3}"#),
+            bad,
+            None,
+        ),
+        (
+            "messages wrong type",
+            Body::from(r#"{"messages": "hi"}"#),
+            bad,
+            None,
+        ),
+        (
+            "empty messages",
+            Body::from(r#"{"messages": []}"#),
+            bad,
+            Some("messages"),
+        ),
+        (
+            "temperature wrong type",
+            user(json!({"temperature": "hot"})),
+            bad,
+            None,
+        ),
+        (
+            "temperature out of range",
+            user(json!({"temperature": 7})),
+            bad,
+            Some("temperature"),
+        ),
+        (
+            "negative max_tokens",
+            Body::from(chat(json!(-5)).to_string()),
+            bad,
+            Some("max_tokens"),
+        ),
+        (
+            "absurd max_tokens",
+            Body::from(chat(json!(1_000_000_000_000u64)).to_string()),
+            bad,
+            Some("max_tokens"),
+        ),
+        ("n zero", user(json!({"n": 0})), bad, Some("n")),
+        ("bad stop", user(json!({"stop": 5})), bad, Some("stop")),
+        (
+            "prompt past the context",
+            Body::from(json!({"messages": [{"role": "user", "content": long}]}).to_string()),
+            bad,
+            Some("messages"),
+        ),
+        (
+            "unknown model",
+            user(json!({"model": "gpt-9"})),
+            StatusCode::NOT_FOUND,
+            Some("model"),
+        ),
+        (
+            "body over the limit",
+            Body::from(vec![b' '; 100 << 10]),
+            StatusCode::PAYLOAD_TOO_LARGE,
+            None,
+        ),
+    ];
+    let n_cases = cases.len();
+    for (what, body, want, param) in cases {
+        let (s, b) = call(&app, "POST", "/v1/chat/completions", body, None).await;
+        assert_eq!(s, want, "{what}: {b}");
+        let v: Value = serde_json::from_str(&b).unwrap_or_else(|_| panic!("{what}: not JSON: {b}"));
+        assert_error_shape(&v);
+        if let Some(p) = param {
+            assert_eq!(v["error"]["param"], p, "{what}: {v}");
+        }
+        still_serving(&app).await;
+    }
+    let (s, v) = post(&app, "/v1/completions", json!({"prompt": {"x": 1}})).await;
+    assert_eq!(s, StatusCode::BAD_REQUEST, "{v}");
+    let (s, v) = post(&app, "/v1/completions", json!({"prompt": [999999999]})).await;
+    assert_eq!(s, StatusCode::BAD_REQUEST, "{v}");
+    let (s, b) = call(&app, "GET", "/v1/nothing", Body::empty(), None).await;
+    assert_eq!(s, StatusCode::NOT_FOUND, "{b}");
+    still_serving(&app).await;
+    // Every 4xx was counted, and no block is left in use.
+    let (_, m) = call(&app, "GET", "/metrics", Body::empty(), None).await;
+    let errors = format!("kvinfer_http_errors_total {}\n", n_cases + 3);
+    assert!(m.contains(&errors), "want {errors} in {m}");
+    assert!(m.contains("kvinfer_kv_blocks_used 0\n"), "{m}");
+}
+
+#[tokio::test]
+async fn json_answers_have_the_documented_fields() {
+    let app = app(None);
+    let body = json!({"messages": [{"role": "user", "content": "the tin"}], "max_completion_tokens": 6, "temperature": 0, "n": 2});
+    let (s, v) = post(&app, "/v1/chat/completions", body).await;
+    assert_eq!(s, StatusCode::OK, "{v}");
+    assert_eq!(v["object"], "chat.completion");
+    assert_eq!(v["choices"].as_array().unwrap().len(), 2);
+    assert_eq!(
+        v["choices"][0]["message"], v["choices"][1]["message"],
+        "greedy choices agree"
+    );
+    assert_eq!(v["choices"][0]["finish_reason"], "length");
+    assert_eq!(v["usage"]["completion_tokens"], 12);
+    let total = v["usage"]["prompt_tokens"].as_u64().unwrap() + 12;
+    assert_eq!(v["usage"]["total_tokens"], total);
+    let body = json!({"prompt": "the tin hen", "max_tokens": 5, "temperature": 0});
+    let (s, v) = post(&app, "/v1/completions", body).await;
+    assert_eq!(s, StatusCode::OK, "{v}");
+    assert_eq!(v["object"], "text_completion");
+    assert!(v["choices"][0]["text"].is_string());
+    assert!(v["usage"]["prompt_tokens_details"]["cached_tokens"].is_u64());
+    let (s, b) = call(&app, "GET", "/v1/models", Body::empty(), None).await;
+    assert_eq!(s, StatusCode::OK);
+    let v: Value = serde_json::from_str(&b).unwrap();
+    let id = v["data"][0]["id"].as_str().unwrap().to_string();
+    // Naming the served model works.
+    let body = json!({"model": id, "prompt": "the", "max_tokens": 2});
+    let (s, _) = post(&app, "/v1/completions", body).await;
+    assert_eq!(s, StatusCode::OK);
+    let (s, b) = call(&app, "GET", "/health", Body::empty(), None).await;
+    assert_eq!((s, b.contains("ok")), (StatusCode::OK, true));
+    let (s, b) = call(&app, "GET", "/", Body::empty(), None).await;
+    assert_eq!(s, StatusCode::OK);
+    assert!(b.to_lowercase().contains("<!doctype html"), "{b}");
+}
+
+#[tokio::test]
+async fn streams_are_sse_chunks_ending_in_done_with_usage() {
+    let app = app(None);
+    let body = json!({"messages": [{"role": "user", "content": "the tin hen"}], "max_tokens": 6, "temperature": 0, "stream": true, "stream_options": {"include_usage": true}});
+    let (s, b) = call(
+        &app,
+        "POST",
+        "/v1/chat/completions",
+        Body::from(body.to_string()),
+        None,
+    )
+    .await;
+    assert_eq!(s, StatusCode::OK, "{b}");
+    let data: Vec<&str> = b.lines().filter_map(|l| l.strip_prefix("data: ")).collect();
+    assert_eq!(data.last(), Some(&"[DONE]"), "{b}");
+    let chunks: Vec<Value> = data[..data.len() - 1]
+        .iter()
+        .map(|d| serde_json::from_str(d).unwrap())
+        .collect();
+    assert_eq!(chunks[0]["choices"][0]["delta"]["role"], "assistant");
+    let text: String = chunks
+        .iter()
+        .filter_map(|c| c["choices"][0]["delta"]["content"].as_str())
+        .collect();
+    let finish: Vec<&Value> = chunks
+        .iter()
+        .map(|c| &c["choices"][0]["finish_reason"])
+        .filter(|f| !f.is_null())
+        .collect();
+    assert_eq!(finish, vec![&json!("length")]);
+    let usage = &chunks.last().unwrap()["usage"];
+    assert_eq!(usage["completion_tokens"], 6);
+    // The same request without streaming gives the same text.
+    let (_, v) = post(&app, "/v1/chat/completions", chat(json!(6))).await;
+    assert_eq!(v["choices"][0]["message"]["content"], text);
+}
+
+#[tokio::test]
+async fn api_key_guards_v1() {
+    let app = app(Some("sesame"));
+    let body = || Body::from(chat(json!(2)).to_string());
+    let (s, b) = call(&app, "POST", "/v1/chat/completions", body(), None).await;
+    assert_eq!(s, StatusCode::UNAUTHORIZED, "{b}");
+    assert_error_shape(&serde_json::from_str(&b).unwrap());
+    let (s, _) = call(&app, "POST", "/v1/chat/completions", body(), Some("wrong")).await;
+    assert_eq!(s, StatusCode::UNAUTHORIZED);
+    let (s, b) = call(&app, "POST", "/v1/chat/completions", body(), Some("sesame")).await;
+    assert_eq!(s, StatusCode::OK, "{b}");
+    let (s, _) = call(&app, "GET", "/health", Body::empty(), None).await;
+    assert_eq!(s, StatusCode::OK, "health stays open for probes");
+}
