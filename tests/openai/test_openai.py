@@ -1,0 +1,208 @@
+"""The server against the official `openai` Python client (and raw HTTP where the client cannot
+send what we test): chat and completion, streaming and not, n=2, stop strings, usage with
+cached_tokens, bad inputs answered with 4xx while serving continues, 32 concurrent streaming
+clients equal to the same requests one at a time with no block left in use, and a client that
+hangs up mid-stream getting its blocks back.
+
+Run by tests/openai/run (which starts `kvinfer serve`); needs KVINFER_URL.
+"""
+
+import concurrent.futures
+import json
+import os
+import sys
+import time
+import traceback
+import urllib.error
+import urllib.request
+
+import openai
+
+URL = os.environ["KVINFER_URL"]
+client = openai.OpenAI(base_url=URL + "/v1", api_key="unused", max_retries=0, timeout=300)
+MODEL = client.models.list().data[0].id
+SYSTEM = ("You are a terse assistant for a hardware store. You answer questions about tools, "
+          "paint, screws, nails, glue and garden supplies in one or two short sentences, and you "
+          "never invent prices. If you do not know, you say so.")
+
+
+def chat(user, max_tokens=16, temperature=0, **kw):
+    return client.chat.completions.create(
+        model=MODEL, temperature=temperature, max_tokens=max_tokens,
+        messages=[{"role": "system", "content": SYSTEM}, {"role": "user", "content": user}], **kw)
+
+
+def stream_text(user, max_tokens=16):
+    s = client.chat.completions.create(
+        model=MODEL, temperature=0, max_tokens=max_tokens, stream=True,
+        stream_options={"include_usage": True},
+        messages=[{"role": "system", "content": SYSTEM}, {"role": "user", "content": user}])
+    text, usage, reasons = "", None, []
+    for chunk in s:
+        if chunk.usage is not None:
+            usage = chunk.usage
+        for c in chunk.choices:
+            text += c.delta.content or ""
+            if c.finish_reason:
+                reasons.append(c.finish_reason)
+    return text, usage, reasons
+
+
+def raw(path, body, method="POST"):
+    data = body if isinstance(body, bytes) else json.dumps(body).encode()
+    req = urllib.request.Request(URL + path, data=data if method == "POST" else None, method=method,
+                                 headers={"content-type": "application/json"})
+    try:
+        with urllib.request.urlopen(req, timeout=120) as r:
+            return r.status, r.read().decode()
+    except urllib.error.HTTPError as e:
+        return e.code, e.read().decode()
+
+
+def stats():
+    return json.loads(raw("/v1/stats", None, "GET")[1])
+
+
+def wait_idle(timeout=30):
+    t = time.time()
+    while time.time() - t < timeout:
+        s = stats()
+        if s["running"] == 0 and s["waiting"] == 0 and s["blocks"]["in_use"] == 0:
+            return s
+        time.sleep(0.05)
+    raise AssertionError(f"engine not idle after {timeout}s: {stats()}")
+
+
+def test_chat_and_completion_stream_and_not():
+    r = chat("Which glue holds wood best?")
+    assert r.choices[0].message.content, r
+    assert r.usage.completion_tokens > 0 and r.usage.prompt_tokens > 0, r.usage
+    text, usage, reasons = stream_text("Which glue holds wood best?")
+    assert text == r.choices[0].message.content, (text, r.choices[0].message.content)
+    assert usage.completion_tokens == r.usage.completion_tokens, usage
+    assert reasons == [r.choices[0].finish_reason], reasons
+    c = client.completions.create(model=MODEL, prompt="The capital of France is", max_tokens=8,
+                                  temperature=0)
+    assert c.choices[0].text and c.usage.completion_tokens > 0, c
+    streamed = "".join(ch.choices[0].text for ch in client.completions.create(
+        model=MODEL, prompt="The capital of France is", max_tokens=8, temperature=0, stream=True)
+        if ch.choices)
+    assert streamed == c.choices[0].text, (streamed, c.choices[0].text)
+
+
+def test_n_two():
+    r = chat("Name a kind of screw.", n=2)
+    assert len(r.choices) == 2 and {c.index for c in r.choices} == {0, 1}, r
+    assert r.choices[0].message.content == r.choices[1].message.content, "greedy choices differ"
+    r = chat("Name a kind of screw.", n=2, temperature=1.0, seed=3, max_tokens=24)
+    assert len(r.choices) == 2 and r.usage.completion_tokens >= 2, r
+
+
+def test_stop_strings():
+    full = chat("Describe a hammer.", max_tokens=24).choices[0].message.content
+    words = full.split()
+    assert len(words) >= 4, full
+    stop = words[3]
+    r = chat("Describe a hammer.", max_tokens=24, stop=[stop])
+    assert r.choices[0].message.content == full[:full.index(stop)], (r, full, stop)
+    assert r.choices[0].finish_reason == "stop", r
+
+
+def test_cached_tokens_on_a_repeated_prefix():
+    chat("What is a spirit level?", max_tokens=4)
+    r = chat("What is a chisel?", max_tokens=4)
+    cached = r.usage.prompt_tokens_details.cached_tokens
+    assert cached and cached > 0, r.usage
+    assert cached < r.usage.prompt_tokens, r.usage
+
+
+def test_bad_inputs_get_4xx_and_serving_continues():
+    good = {"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}
+    cases = [
+        ("malformed JSON", b'{"messages": [', 400),
+        ("missing messages", {"model": MODEL}, 400),
+        ("wrong type", {**good, "messages": "hi"}, 400),
+        ("negative max_tokens", {**good, "max_tokens": -1}, 400),
+        ("absurd max_tokens", {**good, "max_tokens": 10**12}, 400),
+        ("prompt over the context", {**good, "messages": [
+            {"role": "user", "content": "word " * 20000}]}, 400),
+        ("unknown model", {**good, "model": "no-such-model"}, 404),
+        ("body over --max-body-bytes", b" " * (5 << 20), 413),
+    ]
+    for what, body, want in cases:
+        status, text = raw("/v1/chat/completions", body)
+        assert status == want, f"{what}: {status} {text[:300]}"
+        err = json.loads(text)["error"]
+        assert err["message"] and "type" in err and "param" in err and "code" in err, text
+        status, text = raw("/v1/chat/completions", good)
+        assert status == 200, f"after {what}: {status} {text[:300]}"
+    # The client raises typed errors for them.
+    try:
+        client.chat.completions.create(model=MODEL, max_tokens=-3, messages=good["messages"])
+        raise AssertionError("max_tokens -3 accepted")
+    except openai.BadRequestError as e:
+        assert "max_tokens" in str(e), e
+    try:
+        client.chat.completions.create(model="gpt-99", max_tokens=2, messages=good["messages"])
+        raise AssertionError("unknown model accepted")
+    except openai.NotFoundError:
+        pass
+
+
+def test_32_concurrent_streams_equal_one_at_a_time():
+    questions = [f"Question {i}: what is item number {i * 7 % 50} in a basic toolbox?"
+                 for i in range(32)]
+    alone = [stream_text(q)[0] for q in questions]
+    before = stats()
+    with concurrent.futures.ThreadPoolExecutor(32) as pool:
+        together = list(pool.map(lambda q: stream_text(q)[0], questions))
+    diff = [(q, a, b) for q, a, b in zip(questions, alone, together) if a != b]
+    assert not diff, f"{len(diff)} outputs differ under batching, e.g. {diff[0]}"
+    after = wait_idle()
+    assert after["blocks"]["in_use"] == 0, after["blocks"]
+    assert after["requests_finished"] - before["requests_finished"] == 32, after
+    assert after["prefix"]["hit_tokens"] > before["prefix"]["hit_tokens"], "no prefix reuse"
+    # They ran batched: more tokens than forward passes.
+    steps = after["steps_total"] - before["steps_total"]
+    tokens = after["batch_tokens_total"] - before["batch_tokens_total"]
+    assert tokens > 2 * steps, f"{tokens} tokens in {steps} steps: not batched"
+    metrics = raw("/metrics", None, "GET")[1]
+    assert "kvinfer_kv_blocks_used 0\n" in metrics, metrics
+
+
+def test_disconnect_mid_stream_frees_blocks():
+    before = stats()
+    s = client.chat.completions.create(
+        model=MODEL, temperature=0, max_tokens=400, stream=True,
+        messages=[{"role": "user", "content": "Write a very long story about a shed."}])
+    got = 0
+    for chunk in s:
+        if chunk.choices and chunk.choices[0].delta.content:
+            got += 1
+            if got == 3:
+                break
+    s.close()
+    after = wait_idle()
+    assert after["requests_aborted"] > before["requests_aborted"], after
+    generated = after["generation_tokens_total"] - before["generation_tokens_total"]
+    assert generated < 400, f"the abandoned request ran on: {generated} tokens"
+
+
+def main():
+    tests = [(n, f) for n, f in globals().items() if n.startswith("test_")]
+    failed = 0
+    for name, f in tests:
+        t = time.time()
+        try:
+            f()
+            print(f"ok   {name} ({time.time() - t:.1f}s)", flush=True)
+        except Exception:
+            failed += 1
+            print(f"FAIL {name} ({time.time() - t:.1f}s)", flush=True)
+            traceback.print_exc()
+    print(f"{len(tests) - failed} passed, {failed} failed")
+    sys.exit(1 if failed else 0)
+
+
+if __name__ == "__main__":
+    main()
