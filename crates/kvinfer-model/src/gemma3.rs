@@ -144,17 +144,6 @@ impl Weights {
             rmsnorm(&mut xb, &w.post_ffw_norm, c.rms_eps);
             add(&mut x, &xb);
         }
-        spans
-            .iter()
-            .map(|s| {
-                let last = s.rows.end - 1;
-                lm_head(
-                    &x[last * d..(last + 1) * d],
-                    &self.output_norm,
-                    c.rms_eps,
-                    self.output.view(f),
-                )
-            })
-            .collect()
+        lm_head(&x, spans, &self.output_norm, c.rms_eps, self.output.view(f))
     }
 }

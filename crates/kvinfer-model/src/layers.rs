@@ -25,14 +25,20 @@ pub fn rmsnorm_into(x: &[f32], w: &[f32], eps: f32, out: &mut [f32]) {
     rmsnorm(out, w, eps);
 }
 
-/// The output head: final RMSNorm of the last token's residual `x` (`[n_embd]`), then the
-/// output matrix: logits `[vocab]`.
-pub fn lm_head(x: &[f32], norm: &[f32], eps: f32, output: QMatRef) -> Vec<f32> {
-    let mut normed = vec![0f32; x.len()];
-    rmsnorm_into(x, norm, eps, &mut normed);
-    let mut logits = vec![0f32; output.rows];
-    matmul(output, &normed, 1, &mut logits);
-    logits
+/// The output head for each sequence's last token: final RMSNorm of its residual row of `x`
+/// (`[N][n_embd]`), then one matrix product over all of them (the output matrix is the largest
+/// in small models: read once per step, not once per sequence). Logits `[spans][vocab]`.
+pub fn lm_head(x: &[f32], spans: &[SeqSpan], norm: &[f32], eps: f32, output: QMatRef) -> Vec<Vec<f32>> {
+    let d = norm.len();
+    let mut last = Vec::with_capacity(spans.len() * d); // [spans][n_embd]
+    for s in spans {
+        let r = s.rows.end - 1;
+        last.extend_from_slice(&x[r * d..(r + 1) * d]);
+    }
+    rmsnorm(&mut last, norm, eps);
+    let mut logits = vec![0f32; spans.len() * output.rows];
+    matmul(output, &last, spans.len(), &mut logits);
+    logits.chunks_exact(output.rows).map(<[f32]>::to_vec).collect()
 }
 
 /// How RoPE pairs the dimensions of a head.

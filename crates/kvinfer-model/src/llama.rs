@@ -136,18 +136,7 @@ impl Weights {
             matmul(w.w_down.view(f), &gate, n, &mut xb);
             add(&mut x, &xb);
         }
-        spans
-            .iter()
-            .map(|s| {
-                let last = s.rows.end - 1;
-                lm_head(
-                    &x[last * d..(last + 1) * d],
-                    &self.output_norm,
-                    c.rms_eps,
-                    self.output.view(f),
-                )
-            })
-            .collect()
+        lm_head(&x, spans, &self.output_norm, c.rms_eps, self.output.view(f))
     }
 }
 

@@ -2,7 +2,7 @@
 //! llama-bench does: pp = one forward over N prompt tokens from an empty cache; tg = N single-token
 //! forwards from an empty cache. Random token ids, fixed seed; the mean of `repetitions` runs.
 
-use crate::cli::{BenchArgs, PrefixBenchArgs};
+use crate::cli::{BatchBenchArgs, BenchArgs, PrefixBenchArgs};
 use crate::load::{kv_cache, load_model};
 use anyhow::Result;
 use kvinfer_cache::{PagedKv, PolicyKind};
@@ -220,6 +220,103 @@ pub fn run(a: BenchArgs, threads: usize) -> Result<()> {
             tg_m,
             tg_s
         )?;
+    }
+    Ok(())
+}
+
+/// `kvinfer bench batch`: B sequences of `context` cached tokens each decode `steps` tokens in
+/// one forward per step; the step time against B single-sequence steps.
+pub fn run_batch(a: BatchBenchArgs, threads: usize) -> Result<()> {
+    anyhow::ensure!(
+        !a.batch_sizes.is_empty() && a.batch_sizes.iter().all(|&b| b >= 1),
+        "batch sizes must be at least 1"
+    );
+    anyhow::ensure!(
+        a.context >= 1 && a.steps >= 1,
+        "--context and --steps must be at least 1"
+    );
+    let model = load_model(&a.model)?;
+    warm_up(&model, a.warmup_s)?;
+    pp(&model, 64, 7)?;
+    let bs = kvinfer_engine::DEFAULT_BLOCK_SIZE;
+    let mut rows = Vec::new();
+    for &b in &a.batch_sizes {
+        let per_seq = (a.context + a.steps + 1).div_ceil(bs);
+        let layout = model.kv_layout(bs, per_seq * b);
+        let mut kv = PagedKv::new(layout, PolicyKind::Lru, 0, model.fingerprint(bs));
+        let mut seqs = Vec::new();
+        for i in 0..b {
+            let (seq, _) = kv.manager.add_sequence(&[], false);
+            step(
+                &model,
+                &mut kv,
+                seq,
+                &tokens(&model, a.context, 100 + i as u64),
+            )?;
+            seqs.push(seq);
+        }
+        let next = tokens(&model, a.steps * b, 7);
+        let t = Instant::now();
+        for s in 0..a.steps {
+            for &seq in &seqs {
+                kv.reserve(seq, 1)
+                    .map_err(|e| anyhow::anyhow!("bench cache too small: {e:?}"))?;
+            }
+            let ids = &next[s * b..(s + 1) * b];
+            let batch: Vec<SeqBatch> = seqs
+                .iter()
+                .zip(ids.chunks(1))
+                .map(|(&seq, id)| SeqBatch {
+                    tokens: id,
+                    start: kv.manager.num_tokens(seq),
+                    blocks: kv.manager.block_table(seq),
+                })
+                .collect();
+            model.forward(&mut kv.storage, &batch)?;
+            for (&seq, id) in seqs.iter().zip(ids.chunks(1)) {
+                kv.manager.commit(seq, id);
+            }
+        }
+        let step_ms = t.elapsed().as_secs_f64() * 1e3 / a.steps as f64;
+        rows.push((b, step_ms));
+    }
+    let single = rows.iter().find(|r| r.0 == 1).map(|r| r.1);
+    let out: Vec<serde_json::Value> = rows
+        .iter()
+        .map(|&(b, ms)| {
+            serde_json::json!({
+                "batch": b,
+                "step_ms": ms,
+                "tok_s": b as f64 * 1000.0 / ms,
+                // Cost of one batched step relative to B separate single-sequence steps.
+                "cost_vs_singles": single.map(|s| ms / (b as f64 * s)),
+            })
+        })
+        .collect();
+    if a.json {
+        let j = serde_json::json!({
+            "model": model.name,
+            "threads": threads,
+            "context": a.context,
+            "steps": a.steps,
+            "results": out,
+        });
+        writeln!(std::io::stdout(), "{}", serde_json::to_string_pretty(&j)?)?;
+    } else {
+        writeln!(
+            std::io::stdout(),
+            "model {} ({threads} threads), context {} tokens",
+            model.name,
+            a.context
+        )?;
+        for (r, (b, ms)) in out.iter().zip(&rows) {
+            writeln!(
+                std::io::stdout(),
+                "batch {b:>3}: {ms:7.2} ms/step  {:8.1} tok/s  cost vs {b} single steps: {:.2}",
+                r["tok_s"].as_f64().unwrap_or(0.0),
+                r["cost_vs_singles"].as_f64().unwrap_or(f64::NAN)
+            )?;
+        }
     }
     Ok(())
 }

@@ -157,6 +157,30 @@ pub enum BenchCommand {
     /// Time to first token of a prompt cold, then of the same prompt plus a new suffix with its
     /// prefix cached, in one process; checks the warm output equals a run without the cache.
     Prefix(PrefixBenchArgs),
+    /// Decode step time for B sequences in one batched forward vs one sequence: what continuous
+    /// batching saves (the weights are read once per step).
+    Batch(BatchBenchArgs),
+}
+
+#[derive(Args)]
+pub struct BatchBenchArgs {
+    #[command(flatten)]
+    pub model: ModelArgs,
+    /// Batch sizes, comma-separated.
+    #[arg(long, value_delimiter = ',', default_value = "1,2,4,8,16")]
+    pub batch_sizes: Vec<usize>,
+    /// Cached tokens per sequence before decoding.
+    #[arg(long, default_value_t = 128)]
+    pub context: usize,
+    /// Decode steps timed per batch size.
+    #[arg(long, default_value_t = 32)]
+    pub steps: usize,
+    /// Seconds of CPU warm-up before timing.
+    #[arg(long, default_value_t = 0.0)]
+    pub warmup_s: f64,
+    /// Print JSON.
+    #[arg(long)]
+    pub json: bool,
 }
 
 #[derive(Args)]

@@ -24,6 +24,7 @@ fn main() {
         cli::Command::Chat(a) => a.model.threads,
         cli::Command::Bench(a) => match &a.sub {
             Some(cli::BenchCommand::Prefix(p)) => p.model.threads,
+            Some(cli::BenchCommand::Batch(b)) => b.model.threads,
             None => a.model.threads,
         },
         cli::Command::Cache(_) => None,
@@ -41,6 +42,7 @@ fn main() {
         cli::Command::Chat(a) => chat::run(a),
         cli::Command::Bench(a) => match a.sub {
             Some(cli::BenchCommand::Prefix(p)) => bench::run_prefix(p, n),
+            Some(cli::BenchCommand::Batch(b)) => bench::run_batch(b, n),
             None => bench::run(a, n),
         },
         cli::Command::Cache(c) => cache_cmd::run(c),

@@ -357,13 +357,25 @@ unsafe fn rows_block<B: Block32x2, const R: usize, const T: usize>(
         }
         t0 += T;
     }
-    while t0 < n_tokens {
-        let (yq, yd) = tok(t0);
-        let v = tile2::<B, R, 1>(nb, wp, dwp, [yq], [yd]);
-        for r in 0..R {
-            finish(r, t0, v[r][0]);
-        }
-        t0 += 1;
+    // The last 1-3 tokens in one narrower tile, so the weights are unpacked once for them
+    // (small batches of decodes live here). A tile's width changes no output's operations.
+    macro_rules! tail_tile {
+        ($n:literal) => {{
+            let yq: [*const i8; $n] = std::array::from_fn(|t| tok(t0 + t).0);
+            let yd: [*const f32; $n] = std::array::from_fn(|t| tok(t0 + t).1);
+            let v = tile2::<B, R, $n>(nb, wp, dwp, yq, yd);
+            for r in 0..R {
+                for t in 0..$n {
+                    finish(r, t0 + t, v[r][t]);
+                }
+            }
+        }};
+    }
+    match n_tokens - t0 {
+        3 => tail_tile!(3),
+        2 => tail_tile!(2),
+        1 => tail_tile!(1),
+        _ => {}
     }
 }
 
