@@ -28,7 +28,13 @@ pub fn rmsnorm_into(x: &[f32], w: &[f32], eps: f32, out: &mut [f32]) {
 /// The output head for each sequence's last token: final RMSNorm of its residual row of `x`
 /// (`[N][n_embd]`), then one matrix product over all of them (the output matrix is the largest
 /// in small models: read once per step, not once per sequence). Logits `[spans][vocab]`.
-pub fn lm_head(x: &[f32], spans: &[SeqSpan], norm: &[f32], eps: f32, output: QMatRef) -> Vec<Vec<f32>> {
+pub fn lm_head(
+    x: &[f32],
+    spans: &[SeqSpan],
+    norm: &[f32],
+    eps: f32,
+    output: QMatRef,
+) -> Vec<Vec<f32>> {
     let d = norm.len();
     let mut last = Vec::with_capacity(spans.len() * d); // [spans][n_embd]
     for s in spans {
@@ -38,7 +44,10 @@ pub fn lm_head(x: &[f32], spans: &[SeqSpan], norm: &[f32], eps: f32, output: QMa
     rmsnorm(&mut last, norm, eps);
     let mut logits = vec![0f32; spans.len() * output.rows];
     matmul(output, &last, spans.len(), &mut logits);
-    logits.chunks_exact(output.rows).map(<[f32]>::to_vec).collect()
+    logits
+        .chunks_exact(output.rows)
+        .map(<[f32]>::to_vec)
+        .collect()
 }
 
 /// How RoPE pairs the dimensions of a head.

@@ -480,6 +480,50 @@ pub(super) fn min_corrections<const PAIRS: bool>(
     odd: &mut [f32],
 ) {
     let n = out.len();
+    if n <= 16 {
+        // Few tokens (decode batches): the running sums of all tokens in two fixed 16-lane
+        // arrays the compiler keeps in vector registers. The loop below would keep them in
+        // memory, a store-to-load chain per multiply-add that dominated small batches. Each
+        // lane is one token with the same operations in the same order (multiply, then add).
+        let (mut even, mut odd_sum) = ([0.0f32; 16], [0.0f32; 16]);
+        // Block b's n values, in lanes 0..n. Lanes past n hold whatever follows (the next
+        // blocks' values): they are never read back, and a whole 16-lane load is one register.
+        let load = |b: usize| {
+            let mut v = [0.0f32; 16];
+            match st.get(b * n..b * n + 16) {
+                Some(full) => v.copy_from_slice(full),
+                None => {
+                    for (x, &y) in v.iter_mut().zip(&st[b * n..(b + 1) * n]) {
+                        *x = y;
+                    }
+                }
+            }
+            v
+        };
+        let nb = m.len();
+        let mut b = 0;
+        if PAIRS {
+            while b + 2 <= nb {
+                let (s0, s1, m0, m1) = (load(b), load(b + 1), m[b], m[b + 1]);
+                for t in 0..16 {
+                    even[t] += m0 * s0[t];
+                    odd_sum[t] += m1 * s1[t];
+                }
+                b += 2;
+            }
+        }
+        while b < nb {
+            let (s0, m0) = (load(b), m[b]);
+            for t in 0..16 {
+                even[t] += m0 * s0[t];
+            }
+            b += 1;
+        }
+        for (t, o) in out.iter_mut().enumerate() {
+            *o = if PAIRS { even[t] + odd_sum[t] } else { even[t] };
+        }
+        return;
+    }
     out.fill(0.0);
     if PAIRS {
         odd[..n].fill(0.0);

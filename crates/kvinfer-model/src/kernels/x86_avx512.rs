@@ -238,6 +238,138 @@ unsafe fn dot_rows2<B: Block32x2, const R: usize>(
     out
 }
 
+/// One pair step of the small-batch kernel: `R` rows x `T` tokens, each (row, token) exactly
+/// the operations of [`dot_step2`] (weights unpacked once for the `T` tokens).
+#[inline(always)]
+#[allow(clippy::too_many_arguments)] // a hot inner step, as dot_step2
+unsafe fn multi_step2<B: Block32x2, const R: usize, const T: usize, const TAIL: bool>(
+    b: usize,
+    w: &[*const u8; R],
+    pf: usize,
+    yq: &[*const i8; T],
+    yd: &[*const f32; T],
+    ys: &[*const f32; T],
+    acc: &mut [[__m512; T]; R],
+    corr: &mut [[__m128; T]; R],
+) {
+    let pat = pair_pattern::<B>(2);
+    let mut y = [_mm512_setzero_si512(); T];
+    let mut dys = [_mm_setzero_ps(); T];
+    for t in 0..T {
+        y[t] = load_y2::<B, TAIL>(yq[t].add(b * QK));
+        let dy = load_f32x2::<TAIL>(yd[t].add(b));
+        let sy = load_f32x2::<TAIL>(ys[t].add(b));
+        dys[t] = _mm_unpacklo_ps(dy, sy);
+    }
+    for r in 0..R {
+        let p0 = w[r].add(b * B::BYTES);
+        if !TAIL && pf != 0 {
+            _mm_prefetch::<_MM_HINT_T0>(p0.wrapping_add(pf) as *const i8);
+        }
+        let p1 = if TAIL { p0 } else { p0.add(B::BYTES) };
+        let u = B::quants2(p0, p1);
+        let sm = scale_min2::<B>(p0, p1);
+        for t in 0..T {
+            let isum = _mm512_dpbusd_epi32(_mm512_setzero_si512(), u, y[t]);
+            let prod = _mm_mul_ps(sm, dys[t]);
+            corr[r][t] = _mm_add_ps(corr[r][t], prod);
+            let scale = _mm512_permutexvar_ps(pat, _mm512_castps128_ps512(prod));
+            acc[r][t] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(isum), scale, acc[r][t]);
+        }
+    }
+}
+
+/// Small batches (decode of a few sequences): `R` rows x `T` tokens with the decode kernel's
+/// operations per (row, token), so results equal [`dot_rows2`]'s bit for bit.
+#[inline(always)]
+unsafe fn multi_rows2<B: Block32x2, const R: usize, const T: usize>(
+    nb: usize,
+    w: [*const u8; R],
+    pf: usize,
+    yq: [*const i8; T],
+    yd: [*const f32; T],
+    ys: [*const f32; T],
+) -> [[f32; T]; R] {
+    let mut acc = [[_mm512_setzero_ps(); T]; R];
+    let mut corr = [[_mm_setzero_ps(); T]; R];
+    let mut b = 0;
+    while b + 2 <= nb {
+        multi_step2::<B, R, T, false>(b, &w, pf, &yq, &yd, &ys, &mut acc, &mut corr);
+        b += 2;
+    }
+    if b < nb {
+        multi_step2::<B, R, T, true>(b, &w, pf, &yq, &yd, &ys, &mut acc, &mut corr);
+    }
+    let mut out = [[0.0f32; T]; R];
+    for r in 0..R {
+        for t in 0..T {
+            let c = _mm_add_ps(corr[r][t], _mm_movehl_ps(corr[r][t], corr[r][t]));
+            out[r][t] = _mm512_reduce_add_ps(acc[r][t]) + _mm_cvtss_f32(_mm_movehdup_ps(c));
+        }
+    }
+    out
+}
+
+/// Rows x a few tokens (2..=`SMALL_BATCH`): pairs of rows, tokens in groups of up to 4.
+#[inline(always)]
+unsafe fn small_batch_rows<B: Block32x2>(
+    w: &[u8],
+    row_bytes: usize,
+    rows: std::ops::Range<usize>,
+    acts: &Q8Acts,
+    n_tokens: usize,
+    out: OutPtr,
+) {
+    let nb = acts.nb;
+    let pf = decode_prefetch_distance(row_bytes, 2);
+    let row = |r: usize| w.as_ptr().add(r * row_bytes);
+    let tok = |t: usize| {
+        (
+            acts.qs.as_ptr().add(t * nb * QK),
+            acts.d.as_ptr().add(t * nb),
+            acts.s.as_ptr().add(t * nb),
+        )
+    };
+    macro_rules! run {
+        ($r0:expr, $t0:expr, $R:literal, $T:literal) => {{
+            let yq: [*const i8; $T] = std::array::from_fn(|t| tok($t0 + t).0);
+            let yd: [*const f32; $T] = std::array::from_fn(|t| tok($t0 + t).1);
+            let ys: [*const f32; $T] = std::array::from_fn(|t| tok($t0 + t).2);
+            let w: [*const u8; $R] = std::array::from_fn(|k| row($r0 + k));
+            let v = multi_rows2::<B, $R, $T>(nb, w, pf, yq, yd, ys);
+            for k in 0..$R {
+                for t in 0..$T {
+                    out.write($r0 + k, $t0 + t, v[k][t]);
+                }
+            }
+        }};
+    }
+    let mut r = rows.start;
+    while r < rows.end {
+        let pair = rows.end - r >= 2;
+        let mut t0 = 0;
+        while t0 < n_tokens {
+            let g = (n_tokens - t0).min(4);
+            match (pair, g) {
+                (true, 4) => run!(r, t0, 2, 4),
+                (true, 3) => run!(r, t0, 2, 3),
+                (true, 2) => run!(r, t0, 2, 2),
+                (true, _) => run!(r, t0, 2, 1),
+                (false, 4) => run!(r, t0, 1, 4),
+                (false, 3) => run!(r, t0, 1, 3),
+                (false, 2) => run!(r, t0, 1, 2),
+                (false, _) => run!(r, t0, 1, 1),
+            }
+            t0 += g;
+        }
+        r += if pair { 2 } else { 1 };
+    }
+}
+
+/// Most tokens the small-batch kernel takes; larger batches use the tile kernel, which reuses
+/// each unpacked weight block for more tokens.
+const SMALL_BATCH: usize = 16;
+
 /// One pair step of the tile kernel (blocks `b`, `b + 1`, or the `TAIL` block).
 #[inline(always)]
 unsafe fn tile_step2<B: Block32x2, const R: usize, const T: usize, const TAIL: bool>(
@@ -422,6 +554,10 @@ unsafe fn rows<B: Block32x2>(
     let mut r = rows.start;
     if n_tokens == 1 {
         decode_rows::<B, 4>(w, row_bytes, rows, acts, out);
+        return;
+    }
+    if n_tokens <= SMALL_BATCH {
+        small_batch_rows::<B>(w, row_bytes, rows, acts, n_tokens, out);
         return;
     }
     let mut dm = vec![0.0f32; 2 * R * nb]; // [rows][d | m][nb]
