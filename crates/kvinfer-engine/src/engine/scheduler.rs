@@ -488,3 +488,112 @@ fn advance(
     }
     Some(reason)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::cache::{new_paged_kv, CacheOptions};
+    use crate::sampler::SamplingParams;
+    use kvinfer_model::testing::{write_tiny_model, TinyArch};
+    use tokio::sync::mpsc::{unbounded_channel, UnboundedReceiver};
+
+    fn scheduler(max_running: usize) -> Scheduler {
+        let dir = std::env::temp_dir().join(format!("kvinfer-sched-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        // One file per call: tests run in parallel and a mapped file must not be rewritten.
+        static NEXT: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+        let k = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let path = dir.join(format!("tiny-{max_running}-{k}.gguf"));
+        write_tiny_model(&path, TinyArch::Llama, 9).unwrap();
+        let model = Model::load(&path).unwrap();
+        let cache = CacheOptions {
+            num_blocks: Some(64),
+            block_size: 4,
+            ..CacheOptions::default()
+        };
+        let kv = new_paged_kv(&model, &cache).unwrap();
+        let config = EngineConfig {
+            cache,
+            max_batch_tokens: 64,
+            max_running,
+            ctx_size: 0,
+        };
+        let ctx = model.config.context_length;
+        let stats = Arc::new(Mutex::new(EngineStats::default()));
+        Scheduler::new(Arc::new(model), kv, config, ctx, stats)
+    }
+
+    fn submit(s: &mut Scheduler, prompt: Vec<u32>, max_tokens: usize) -> UnboundedReceiver<Event> {
+        let (tx, rx) = unbounded_channel();
+        let req = EngineRequest {
+            prompt_ids: prompt,
+            max_tokens,
+            sampling: SamplingParams::greedy(),
+            stop: vec![],
+            n: 1,
+            ignore_eos: true,
+        };
+        s.accept(Command::Submit(req, tx));
+        rx
+    }
+
+    fn run_until_idle(s: &mut Scheduler) {
+        for _ in 0..10_000 {
+            if s.idle() {
+                return;
+            }
+            s.step();
+        }
+        panic!("never idle");
+    }
+
+    #[test]
+    fn a_long_queue_admits_the_longest_cached_prefix_first_but_never_starves_the_head() {
+        let mut s = scheduler(1);
+        let stem: Vec<u32> = (10..34).collect(); // 24 tokens: 6 blocks of 4
+        let _p = submit(&mut s, [stem.clone(), vec![200]].concat(), 2);
+        run_until_idle(&mut s);
+        // Four strangers, then one sharing the cached stem.
+        let _rx: Vec<_> = (0..4)
+            .map(|i| submit(&mut s, (0..20).map(|t| 100 + t + 20 * i).collect(), 2))
+            .collect();
+        let _f = submit(&mut s, [stem.clone(), vec![201, 202]].concat(), 2);
+        s.schedule();
+        assert_eq!(s.running.len(), 1);
+        assert_eq!(
+            s.running[0].tokens[..24],
+            stem[..],
+            "the cached prefix went first"
+        );
+        assert!(
+            s.waiting.iter().all(|c| c.passed_over == 1),
+            "the four were passed over once"
+        );
+        run_until_idle(&mut s);
+
+        // A head passed over MAX_PASSED_OVER times is admitted next, prefixes or not.
+        let _rx: Vec<_> = (0..4)
+            .map(|i| submit(&mut s, (0..20).map(|t| 300 + t + 20 * i).collect(), 2))
+            .collect();
+        let _f = submit(&mut s, [stem.clone(), vec![203]].concat(), 2);
+        s.waiting[0].passed_over = MAX_PASSED_OVER;
+        let head = s.waiting[0].tokens.clone();
+        s.schedule();
+        assert_eq!(s.running[0].tokens, head);
+        run_until_idle(&mut s);
+        assert_eq!(s.kv.manager.usage().in_use, 0);
+    }
+
+    #[test]
+    fn a_short_queue_is_first_come_first_served() {
+        let mut s = scheduler(1);
+        let stem: Vec<u32> = (10..34).collect();
+        let _p = submit(&mut s, [stem.clone(), vec![200]].concat(), 2);
+        run_until_idle(&mut s);
+        let first: Vec<u32> = (100..120).collect();
+        let _a = submit(&mut s, first.clone(), 2);
+        let _b = submit(&mut s, [stem, vec![201]].concat(), 2);
+        s.schedule();
+        assert_eq!(s.running[0].tokens, first);
+    }
+}
