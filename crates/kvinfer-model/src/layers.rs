@@ -264,8 +264,8 @@ pub fn attention(
         .with_min_len(min_len)
         .enumerate()
         .for_each_init(
-            || (Vec::new(), Vec::new()),
-            |(qh, scores): &mut (Vec<f32>, Vec<f32>), (idx, o)| {
+            || (Vec::new(), Vec::new(), Vec::new()),
+            |(qh, scores, half_buf): &mut (Vec<f32>, Vec<f32>, Vec<f16>), (idx, o)| {
                 let (r, h) = (idx / n_heads, idx % n_heads);
                 let (si, pos) = row_pos[r];
                 let blocks = spans[si].blocks;
@@ -273,12 +273,8 @@ pub fn attention(
                 let kvh = h / group;
                 // Round q to f16 as llama.cpp does (its K·Q product runs in f16 x f16 -> f32),
                 // so both engines see the same numbers; it costs nothing measurable.
-                qh.clear();
-                qh.extend(
-                    q[idx * head_dim..(idx + 1) * head_dim]
-                        .iter()
-                        .map(|&v| f16::from_f32(v).to_f32()),
-                );
+                qh.resize(head_dim, 0.0);
+                round_to_f16(&q[idx * head_dim..(idx + 1) * head_dim], qh, half_buf);
                 // Scores block by block: one kernel call per block of keys.
                 scores.clear();
                 scores.resize(pos + 1 - first, 0.0);
@@ -298,8 +294,14 @@ pub fn attention(
                 let sum = sum as f32;
                 // The probabilities meet V in f16 as well (llama.cpp's V·P product).
                 for s in scores.iter_mut() {
-                    *s = f16::from_f32(*s / sum).to_f32();
+                    *s /= sum;
                 }
+                let probs: &[f32] = scores;
+                let mut rounded = std::mem::take(qh); // reuse a buffer: q is no longer needed
+                rounded.resize(probs.len(), 0.0);
+                round_to_f16(probs, &mut rounded, half_buf);
+                std::mem::swap(scores, &mut rounded);
+                *qh = rounded;
                 o.fill(0.0);
                 for (bi, slots, at) in block_runs(first, pos, bs) {
                     let values = kv.values(blocks[bi], layer, kvh);
@@ -308,6 +310,15 @@ pub fn attention(
                 }
             },
         );
+}
+
+/// `out = f32(f16(x))` element-wise (round to nearest even, as `f16::from_f32`), with the slice
+/// conversions of `half` (F16C, eight at a time) through the scratch `buf`.
+fn round_to_f16(x: &[f32], out: &mut [f32], buf: &mut Vec<f16>) {
+    use half::slice::HalfFloatSliceExt;
+    buf.resize(x.len(), f16::ZERO);
+    buf.convert_from_f32_slice(x);
+    buf.convert_to_f32_slice(out);
 }
 
 /// The blocks covering positions `first..=last`: (block index in the table, slot range in the
@@ -376,6 +387,30 @@ mod tests {
         }];
         store_kv(&mut kv, 0, &spans, k, v);
         (kv, blocks)
+    }
+
+    #[test]
+    fn slice_rounding_to_f16_equals_the_scalar_rounding() {
+        let mut x: Vec<f32> = (0..1000)
+            .map(|i| ((i as f32) * 0.7311).sin() * 70000.0 / (i as f32 + 1.0))
+            .collect();
+        x.extend([
+            0.0,
+            -0.0,
+            1e-8,
+            -6.1e-5,
+            65504.0,
+            65520.0,
+            1e9,
+            f32::MIN_POSITIVE,
+            0.1,
+            1.0 / 3.0,
+        ]);
+        let mut out = vec![0.0; x.len()];
+        round_to_f16(&x, &mut out, &mut Vec::new());
+        for (a, b) in x.iter().zip(&out) {
+            assert_eq!(f16::from_f32(*a).to_f32().to_bits(), b.to_bits(), "{a}");
+        }
     }
 
     #[test]
