@@ -171,78 +171,12 @@ unsafe fn scale_min2<B: Block32x2>(p0: *const u8, p1: *const u8) -> __m128 {
 //   ce = sum of m_w[b] * s_y[b] over even b, co over odd b (running sums in block order)
 //   result = reduce_add(acc) + (ce + co)
 
-/// One pair step of the decode kernel for `R` rows (blocks `b`, `b + 1`, or the `TAIL` block).
-#[inline(always)]
-#[allow(clippy::too_many_arguments)] // a hot inner step: its state is passed in registers, not a struct
-unsafe fn dot_step2<B: Block32x2, const R: usize, const TAIL: bool>(
-    b: usize,
-    w: &[*const u8; R],
-    pf: usize,
-    yq: *const i8,
-    yd: *const f32,
-    ys: *const f32,
-    acc: &mut [__m512; R],
-    corr: &mut [__m128; R],
-) {
-    let pat = pair_pattern::<B>(2);
-    let y = load_y2::<B, TAIL>(yq.add(b * QK));
-    let dy = load_f32x2::<TAIL>(yd.add(b));
-    let sy = load_f32x2::<TAIL>(ys.add(b));
-    let dys = _mm_unpacklo_ps(dy, sy); // (d_y b, s_y b, d_y b+1, s_y b+1)
-    for r in 0..R {
-        let p0 = w[r].add(b * B::BYTES);
-        // Software prefetch of the same offset `pf` bytes ahead (the next rows' blocks): the
-        // decode kernel is bound by memory bandwidth, and the hardware prefetchers keep too
-        // few lines in flight for `R` interleaved row streams. A prefetch never faults, so
-        // running past the end of the matrix is harmless (hence `wrapping_add`).
-        if !TAIL && pf != 0 {
-            _mm_prefetch::<_MM_HINT_T0>(p0.wrapping_add(pf) as *const i8);
-        }
-        let p1 = if TAIL { p0 } else { p0.add(B::BYTES) };
-        let isum = _mm512_dpbusd_epi32(_mm512_setzero_si512(), B::quants2(p0, p1), y);
-        // (d_w d_y, m_w s_y) of both blocks (zeros for the tail's missing block).
-        let prod = _mm_mul_ps(scale_min2::<B>(p0, p1), dys);
-        corr[r] = _mm_add_ps(corr[r], prod);
-        let scale = _mm512_permutexvar_ps(pat, _mm512_castps128_ps512(prod));
-        acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(isum), scale, acc[r]);
-    }
-}
-
-/// Decode: `R` rows . one token, two blocks per step. Scales and mins are read inline:
+/// One pair step of the decode kernel: `R` rows x `T` tokens (blocks `b`, `b + 1`, or the
+/// `TAIL` block), weights unpacked once for the `T` tokens. Scales and mins are read inline:
 /// `(d_w, m_w) * (d_y, s_y)` of two blocks in one 128-bit multiply.
 #[inline(always)]
-unsafe fn dot_rows2<B: Block32x2, const R: usize>(
-    nb: usize,
-    w: [*const u8; R],
-    pf: usize,
-    yq: *const i8,
-    yd: *const f32,
-    ys: *const f32,
-) -> [f32; R] {
-    let mut acc = [_mm512_setzero_ps(); R];
-    let mut corr = [_mm_setzero_ps(); R];
-    let mut b = 0;
-    while b + 2 <= nb {
-        dot_step2::<B, R, false>(b, &w, pf, yq, yd, ys, &mut acc, &mut corr);
-        b += 2;
-    }
-    if b < nb {
-        dot_step2::<B, R, true>(b, &w, pf, yq, yd, ys, &mut acc, &mut corr);
-    }
-    let mut out = [0.0f32; R];
-    for r in 0..R {
-        // Lane 1: ce + co.
-        let c = _mm_add_ps(corr[r], _mm_movehl_ps(corr[r], corr[r]));
-        out[r] = _mm512_reduce_add_ps(acc[r]) + _mm_cvtss_f32(_mm_movehdup_ps(c));
-    }
-    out
-}
-
-/// One pair step of the small-batch kernel: `R` rows x `T` tokens, each (row, token) exactly
-/// the operations of [`dot_step2`] (weights unpacked once for the `T` tokens).
-#[inline(always)]
-#[allow(clippy::too_many_arguments)] // a hot inner step, as dot_step2
-unsafe fn multi_step2<B: Block32x2, const R: usize, const T: usize, const TAIL: bool>(
+#[allow(clippy::too_many_arguments)] // a hot inner step: its state is passed in registers, not a struct
+unsafe fn dot_step2<B: Block32x2, const R: usize, const T: usize, const TAIL: bool>(
     b: usize,
     w: &[*const u8; R],
     pf: usize,
@@ -279,10 +213,10 @@ unsafe fn multi_step2<B: Block32x2, const R: usize, const T: usize, const TAIL: 
     }
 }
 
-/// Small batches (decode of a few sequences): `R` rows x `T` tokens with the decode kernel's
-/// operations per (row, token), so results equal [`dot_rows2`]'s bit for bit.
+/// Decode: `R` rows x `T` tokens (one token, or a small batch of decodes), two blocks per
+/// step; every (row, token) is the same sequence of operations whatever `R` and `T` are.
 #[inline(always)]
-unsafe fn multi_rows2<B: Block32x2, const R: usize, const T: usize>(
+unsafe fn dot_rows2<B: Block32x2, const R: usize, const T: usize>(
     nb: usize,
     w: [*const u8; R],
     pf: usize,
@@ -294,11 +228,11 @@ unsafe fn multi_rows2<B: Block32x2, const R: usize, const T: usize>(
     let mut corr = [[_mm_setzero_ps(); T]; R];
     let mut b = 0;
     while b + 2 <= nb {
-        multi_step2::<B, R, T, false>(b, &w, pf, &yq, &yd, &ys, &mut acc, &mut corr);
+        dot_step2::<B, R, T, false>(b, &w, pf, &yq, &yd, &ys, &mut acc, &mut corr);
         b += 2;
     }
     if b < nb {
-        multi_step2::<B, R, T, true>(b, &w, pf, &yq, &yd, &ys, &mut acc, &mut corr);
+        dot_step2::<B, R, T, true>(b, &w, pf, &yq, &yd, &ys, &mut acc, &mut corr);
     }
     let mut out = [[0.0f32; T]; R];
     for r in 0..R {
@@ -336,7 +270,7 @@ unsafe fn small_batch_rows<B: Block32x2>(
             let yd: [*const f32; $T] = std::array::from_fn(|t| tok($t0 + t).1);
             let ys: [*const f32; $T] = std::array::from_fn(|t| tok($t0 + t).2);
             let w: [*const u8; $R] = std::array::from_fn(|k| row($r0 + k));
-            let v = multi_rows2::<B, $R, $T>(nb, w, pf, yq, yd, ys);
+            let v = dot_rows2::<B, $R, $T>(nb, w, pf, yq, yd, ys);
             for k in 0..$R {
                 for t in 0..$T {
                     out.write($r0 + k, $t0 + t, v[k][t]);
@@ -527,14 +461,15 @@ unsafe fn decode_rows<B: Block32x2, const DR: usize>(
     let row = |r: usize| w.as_ptr().add(r * row_bytes);
     let mut r = rows.start;
     while r + DR <= rows.end {
-        let v = dot_rows2::<B, DR>(nb, std::array::from_fn(|k| row(r + k)), pf, yq, yd, ys);
+        let w = std::array::from_fn(|k| row(r + k));
+        let v = dot_rows2::<B, DR, 1>(nb, w, pf, [yq], [yd], [ys]);
         for (k, v) in v.into_iter().enumerate() {
-            out.write(r + k, 0, v);
+            out.write(r + k, 0, v[0]);
         }
         r += DR;
     }
     while r < rows.end {
-        out.write(r, 0, dot_rows2::<B, 1>(nb, [row(r)], pf, yq, yd, ys)[0]);
+        out.write(r, 0, dot_rows2::<B, 1, 1>(nb, [row(r)], pf, [yq], [yd], [ys])[0][0]);
         r += 1;
     }
 }
