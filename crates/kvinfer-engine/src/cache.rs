@@ -1,7 +1,7 @@
 //! Building the paged KV cache for a model: its memory budget and block geometry.
 
-use kvinfer_cache::{PagedKv, PolicyKind};
-use kvinfer_model::Model;
+use kvinfer_cache::{PagedKv, PolicyKind, SeqId};
+use kvinfer_model::{Model, ModelError, SeqBatch};
 
 /// Default tokens per block (vLLM's figure: small enough that paging wastes little, large enough
 /// that block tables and hashing cost little).
@@ -82,4 +82,26 @@ pub fn new_paged_kv(model: &Model, opts: &CacheOptions) -> Result<PagedKv, Strin
         opts.seed,
         model.fingerprint(opts.block_size),
     ))
+}
+
+/// Runs `tokens` as the next positions of sequence `seq` alone: reserves their blocks (applying
+/// any copy-on-write), runs the model, and commits them (full blocks become reusable). Returns
+/// the last token's logits, or `None` (and changes nothing) when the pool has no room.
+pub fn extend_sequence(
+    model: &Model,
+    kv: &mut PagedKv,
+    seq: SeqId,
+    tokens: &[u32],
+) -> Result<Option<Vec<f32>>, ModelError> {
+    if kv.reserve(seq, tokens.len()).is_err() {
+        return Ok(None);
+    }
+    let batch = [SeqBatch {
+        tokens,
+        start: kv.manager.num_tokens(seq),
+        blocks: kv.manager.block_table(seq),
+    }];
+    let logits = model.forward(&mut kv.storage, &batch)?;
+    kv.manager.commit(seq, tokens);
+    Ok(logits.into_iter().next())
 }

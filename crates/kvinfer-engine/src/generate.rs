@@ -1,11 +1,12 @@
 //! One sequence from prompt to finish: prefill, then decode token by token, with or without the
 //! KV cache (without it, every step recomputes the whole prefix: the quadratic baseline).
 
+use crate::cache::extend_sequence;
 use crate::sampler::{Sampler, SamplingParams};
 use crate::stop::TextStream;
 use crate::EngineError;
 use kvinfer_cache::{PagedKv, SeqId};
-use kvinfer_model::{Model, SeqBatch};
+use kvinfer_model::Model;
 use std::time::Instant;
 
 /// What to generate.
@@ -147,18 +148,7 @@ impl Run<'_> {
     /// Computes `tokens` after the cached ones of a fresh (or the current) sequence and returns
     /// the last logits. `None`: the cache has no room.
     fn step(&mut self, seq: SeqId, tokens: &[u32]) -> Result<Option<Vec<f32>>, EngineError> {
-        if self.kv.reserve(seq, tokens.len()).is_err() {
-            return Ok(None);
-        }
-        let start = self.kv.manager.num_tokens(seq);
-        let batch = [SeqBatch {
-            tokens,
-            start,
-            blocks: self.kv.manager.block_table(seq),
-        }];
-        let logits = self.model.forward(&mut self.kv.storage, &batch)?;
-        self.kv.manager.commit(seq, tokens);
-        Ok(logits.into_iter().next())
+        Ok(extend_sequence(self.model, self.kv, seq, tokens)?)
     }
 
     /// Starts a sequence for `ids` (reusing the cached prefix if asked) and runs the rest.

@@ -11,7 +11,9 @@ mod generate;
 mod sampler;
 mod stop;
 
-pub use cache::{default_kv_cache_mb, new_paged_kv, CacheOptions, DEFAULT_BLOCK_SIZE};
+pub use cache::{
+    default_kv_cache_mb, extend_sequence, new_paged_kv, CacheOptions, DEFAULT_BLOCK_SIZE,
+};
 pub use engine::{
     start as start_engine, EngineConfig, EngineHandle, EngineRequest, EngineStats, Event,
     Histogram, SubmitError, Usage, LATENCY_BUCKETS_S, MAX_N,

@@ -6,7 +6,7 @@ mod common;
 
 use common::tiny;
 use kvinfer_cache::{PagedKv, PolicyKind};
-use kvinfer_engine::{generate, FinishReason, GenerateRequest, SamplingParams};
+use kvinfer_engine::{extend_sequence, generate, FinishReason, GenerateRequest, SamplingParams};
 use kvinfer_model::testing::TinyArch;
 use kvinfer_model::{Model, ModelError, SeqBatch};
 
@@ -67,14 +67,7 @@ fn run_chunked(model: &Model, kv: &mut PagedKv, ids: &[u32], chunk: usize) -> Ve
     let (seq, _) = kv.manager.add_sequence(ids, false);
     let mut last = Vec::new();
     for c in ids.chunks(chunk) {
-        kv.reserve(seq, c.len()).unwrap();
-        let batch = [SeqBatch {
-            tokens: c,
-            start: kv.manager.num_tokens(seq),
-            blocks: kv.manager.block_table(seq),
-        }];
-        last = model.forward(&mut kv.storage, &batch).unwrap().remove(0);
-        kv.manager.commit(seq, c);
+        last = extend_sequence(model, kv, seq, c).unwrap().expect("room");
     }
     kv.manager.release(seq);
     last
@@ -318,27 +311,18 @@ fn forked_sequences_copy_the_shared_partial_block_on_write() {
     let (model, _) = tiny(TinyArch::Llama, 8);
     let prompt: Vec<u32> = (0..6).map(|i| i * 11 + 5).collect(); // 1.5 blocks of 4
     let mut kv = paged(&model, 4, 16, PolicyKind::Lru);
+    let step = |kv: &mut PagedKv, seq, tokens: &[u32]| {
+        extend_sequence(&model, kv, seq, tokens)
+            .unwrap()
+            .expect("room")
+    };
     let (a, _) = kv.manager.add_sequence(&prompt, true);
-    kv.reserve(a, prompt.len()).unwrap();
-    let batch = [SeqBatch {
-        tokens: &prompt,
-        start: 0,
-        blocks: kv.manager.block_table(a),
-    }];
-    model.forward(&mut kv.storage, &batch).unwrap();
-    kv.manager.commit(a, &prompt);
+    step(&mut kv, a, &prompt);
     let b = kv.manager.fork(a);
     assert_eq!(kv.manager.block_table(a), kv.manager.block_table(b));
     let mut got = Vec::new();
     for (seq, next) in [(a, 40u32), (b, 41u32)] {
-        kv.reserve(seq, 1).unwrap();
-        let batch = [SeqBatch {
-            tokens: &[next],
-            start: 6,
-            blocks: kv.manager.block_table(seq),
-        }];
-        got.push(model.forward(&mut kv.storage, &batch).unwrap().remove(0));
-        kv.manager.commit(seq, &[next]);
+        got.push(step(&mut kv, seq, &[next]));
     }
     assert_ne!(kv.manager.block_table(a)[1], kv.manager.block_table(b)[1]);
     assert_eq!(kv.manager.block_table(a)[0], kv.manager.block_table(b)[0]);
@@ -353,14 +337,7 @@ fn forked_sequences_copy_the_shared_partial_block_on_write() {
         );
     }
     // `a` reads its own position 6 again: `b`'s write must not have landed in it.
-    kv.reserve(a, 1).unwrap();
-    let batch = [SeqBatch {
-        tokens: &[50],
-        start: 7,
-        blocks: kv.manager.block_table(a),
-    }];
-    let again = model.forward(&mut kv.storage, &batch).unwrap().remove(0);
-    kv.manager.commit(a, &[50]);
+    let again = step(&mut kv, a, &[50]);
     let mut alone = prompt.clone();
     alone.extend([40, 50]);
     let mut fresh = paged(&model, 4, 16, PolicyKind::Lru);

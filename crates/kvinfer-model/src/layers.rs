@@ -264,8 +264,9 @@ pub fn attention(
         .with_min_len(min_len)
         .enumerate()
         .for_each_init(
-            || (Vec::new(), Vec::new(), Vec::new()),
-            |(qh, scores, half_buf): &mut (Vec<f32>, Vec<f32>, Vec<f16>), (idx, o)| {
+            || (Vec::new(), Vec::new(), Vec::new(), Vec::new()),
+            |(qh, scores, probs, half_buf): &mut (Vec<f32>, Vec<f32>, Vec<f32>, Vec<f16>),
+             (idx, o)| {
                 let (r, h) = (idx / n_heads, idx % n_heads);
                 let (si, pos) = row_pos[r];
                 let blocks = spans[si].blocks;
@@ -296,17 +297,13 @@ pub fn attention(
                 for s in scores.iter_mut() {
                     *s /= sum;
                 }
-                let probs: &[f32] = scores;
-                let mut rounded = std::mem::take(qh); // reuse a buffer: q is no longer needed
-                rounded.resize(probs.len(), 0.0);
-                round_to_f16(probs, &mut rounded, half_buf);
-                std::mem::swap(scores, &mut rounded);
-                *qh = rounded;
+                probs.resize(scores.len(), 0.0);
+                round_to_f16(scores, probs, half_buf);
                 o.fill(0.0);
                 for (bi, slots, at) in block_runs(first, pos, bs) {
                     let values = kv.values(blocks[bi], layer, kvh);
-                    let probs = &scores[at..at + slots.len()];
-                    axpy_f16_rows(probs, &values[slots.start * head_dim..], head_dim, o);
+                    let p = &probs[at..at + slots.len()];
+                    axpy_f16_rows(p, &values[slots.start * head_dim..], head_dim, o);
                 }
             },
         );

@@ -3,7 +3,7 @@
 //! receiver, which cancels the request in the engine and frees its blocks.
 
 use crate::error::ApiError;
-use crate::openai::{content_text, engine_request, parse, ChatRequest, CompletionRequest};
+use crate::openai::{content_text, engine_request, parse, ChatRequest, Common, CompletionRequest};
 use crate::AppState;
 use axum::body::Bytes;
 use axum::extract::rejection::BytesRejection;
@@ -78,12 +78,7 @@ pub async fn chat(
     })?;
     let ids = model.tokenizer.encode(&text, false, true);
     let er = engine_request(&req.common, ids, &st.engine, &st.served, usize::MAX)?;
-    let include_usage = req
-        .common
-        .stream_options
-        .as_ref()
-        .is_some_and(|o| o.include_usage);
-    run(st, Api::Chat, er, req.common.stream, include_usage).await
+    run(st, Api::Chat, er, &req.common).await
 }
 
 /// `POST /v1/completions`.
@@ -118,21 +113,19 @@ pub async fn completion(
     };
     // The legacy API's default output limit.
     let er = engine_request(&req.common, ids, &st.engine, &st.served, 16)?;
-    let include_usage = req
-        .common
-        .stream_options
-        .as_ref()
-        .is_some_and(|o| o.include_usage);
-    run(st, Api::Completion, er, req.common.stream, include_usage).await
+    run(st, Api::Completion, er, &req.common).await
 }
 
 async fn run(
     st: Arc<AppState>,
     api: Api,
     er: EngineRequest,
-    stream: bool,
-    include_usage: bool,
+    common: &Common,
 ) -> Result<Response, ApiError> {
+    let include_usage = common
+        .stream_options
+        .as_ref()
+        .is_some_and(|o| o.include_usage);
     let n = er.n;
     let rx = st.engine.submit(er).map_err(|e| match e {
         SubmitError::Invalid(m) => ApiError::invalid(m, None),
@@ -153,7 +146,7 @@ async fn run(
         model: st.served.clone(),
         api,
     };
-    if stream {
+    if common.stream {
         Ok(sse(meta, rx, n, include_usage).into_response())
     } else {
         collect(meta, rx, n).await

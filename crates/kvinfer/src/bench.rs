@@ -37,15 +37,8 @@ fn one_sequence(model: &Model, n: usize) -> (PagedKv, kvinfer_cache::SeqId) {
 
 /// Runs `ids` after the sequence's cached tokens.
 fn step(model: &Model, kv: &mut PagedKv, seq: kvinfer_cache::SeqId, ids: &[u32]) -> Result<()> {
-    kv.reserve(seq, ids.len())
-        .map_err(|e| anyhow::anyhow!("bench cache too small: {e:?}"))?;
-    let batch = [SeqBatch {
-        tokens: ids,
-        start: kv.manager.num_tokens(seq),
-        blocks: kv.manager.block_table(seq),
-    }];
-    model.forward(&mut kv.storage, &batch)?;
-    kv.manager.commit(seq, ids);
+    kvinfer_engine::extend_sequence(model, kv, seq, ids)?
+        .ok_or_else(|| anyhow::anyhow!("the bench's KV cache is too small"))?;
     Ok(())
 }
 

@@ -73,6 +73,12 @@ pub fn with_threads<R: Send>(
     threads: Option<usize>,
     f: impl FnOnce(usize) -> R + Send,
 ) -> Result<R> {
+    let (pool, n) = worker_pool(threads)?;
+    Ok(pool.install(|| f(n)))
+}
+
+/// The kernels' worker pool: `threads` workers (default: all cores), and how many.
+pub fn worker_pool(threads: Option<usize>) -> Result<(rayon::ThreadPool, usize)> {
     let n = threads
         .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()))
         .max(1);
@@ -81,7 +87,7 @@ pub fn with_threads<R: Send>(
         .thread_name(|i| format!("kvinfer-worker-{i}"))
         .build()
         .context("starting worker threads")?;
-    Ok(pool.install(|| f(n)))
+    Ok((pool, n))
 }
 
 /// Loads the model named by `args`, showing a spinner if it takes over a second.

@@ -2,17 +2,12 @@
 //! the HTTP server on a small tokio runtime.
 
 use crate::cli::ServeArgs;
-use crate::load::load_model;
+use crate::load::{load_model, worker_pool};
 use anyhow::{Context, Result};
 use kvinfer_engine::{start_engine, CacheOptions, EngineConfig};
 use kvinfer_server::ServerConfig;
 
 pub fn run(a: ServeArgs) -> Result<()> {
-    let threads = a
-        .model
-        .threads
-        .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()))
-        .max(1);
     anyhow::ensure!(a.max_running >= 1, "--max-running must be at least 1");
     let model = load_model(&a.model)?;
     let config = EngineConfig {
@@ -27,11 +22,7 @@ pub fn run(a: ServeArgs) -> Result<()> {
         max_running: a.max_running,
         ctx_size: a.model.ctx_size,
     };
-    let pool = rayon::ThreadPoolBuilder::new()
-        .num_threads(threads)
-        .thread_name(|i| format!("kvinfer-worker-{i}"))
-        .build()
-        .context("starting worker threads")?;
+    let (pool, threads) = worker_pool(a.model.threads)?;
     let (engine, engine_thread) =
         start_engine(model, config, move |f| pool.install(f)).map_err(anyhow::Error::msg)?;
     let stats = engine.stats();

@@ -7,7 +7,7 @@ mod common;
 use half::f16;
 use kvinfer_cache::{PagedKv, PolicyKind};
 use kvinfer_engine::{generate, GenerateRequest, SamplingParams};
-use kvinfer_model::{Model, SeqBatch};
+use kvinfer_model::Model;
 use serde_json::Value;
 
 /// Where llama.cpp's own top-2 margin is below this, a different choice is a near-tie, not a bug.
@@ -62,13 +62,9 @@ fn greedy(model: &Model, prompt: &[u32], n: usize, use_kv_cache: bool) -> Vec<u3
 fn first_logits(model: &Model, ids: &[u32]) -> Vec<f32> {
     let mut kv = fresh_kv(model);
     let (seq, _) = kv.manager.add_sequence(ids, false);
-    kv.reserve(seq, ids.len()).unwrap();
-    let batch = [SeqBatch {
-        tokens: ids,
-        start: 0,
-        blocks: kv.manager.block_table(seq),
-    }];
-    model.forward(&mut kv.storage, &batch).unwrap().remove(0)
+    kvinfer_engine::extend_sequence(model, &mut kv, seq, ids)
+        .unwrap()
+        .expect("512 positions hold the prompt")
 }
 
 fn top_k(logits: &[f32], k: usize) -> Vec<u32> {

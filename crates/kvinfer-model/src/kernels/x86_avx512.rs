@@ -469,7 +469,11 @@ unsafe fn decode_rows<B: Block32x2, const DR: usize>(
         r += DR;
     }
     while r < rows.end {
-        out.write(r, 0, dot_rows2::<B, 1, 1>(nb, [row(r)], pf, [yq], [yd], [ys])[0][0]);
+        out.write(
+            r,
+            0,
+            dot_rows2::<B, 1, 1>(nb, [row(r)], pf, [yq], [yd], [ys])[0][0],
+        );
         r += 1;
     }
 }
