@@ -10,7 +10,7 @@
 
 use crate::ids::{BlockHash, BlockId, ModelFingerprint, SeqId, TokenId};
 use crate::policy::PolicyKind;
-use crate::pool::BlockPool;
+use crate::pool::{BlockPool, PoolEvent};
 use std::collections::HashMap;
 
 /// How to build a [`KvCacheManager`].
@@ -45,6 +45,17 @@ pub struct OutOfBlocks {
     pub needed: usize,
     /// Blocks that could be had.
     pub available: usize,
+}
+
+/// Blocks being brought in from a tier, between [`KvCacheManager::import_begin`] and
+/// [`KvCacheManager::import_finish`]: the caller writes `hashes[i]`'s bytes into `fresh[i]`.
+#[derive(Debug)]
+pub struct Import {
+    prefix: Vec<BlockId>,
+    /// The blocks to fill, one per hash.
+    pub fresh: Vec<BlockId>,
+    /// Hashes of the imported blocks, in chain order.
+    pub hashes: Vec<BlockHash>,
 }
 
 /// The cached prefix of a prompt.
@@ -101,6 +112,9 @@ struct Sequence {
     tokens: Vec<TokenId>,
     /// Hashes of the full blocks, in order.
     hashes: Vec<BlockHash>,
+    /// Hashes of the prompt's full blocks, computed once when the request was accepted; commit
+    /// takes block `i`'s hash from here instead of hashing again.
+    planned: Vec<BlockHash>,
     /// Whether full blocks are registered for reuse.
     cache_prefix: bool,
 }
@@ -121,6 +135,9 @@ pub struct KvCacheManager {
     seqs: HashMap<SeqId, Sequence>,
     next_seq: u64,
     stats: PrefixStats,
+    /// `[num_blocks][block_size]`: the token ids a registered block holds (kept after eviction
+    /// until the block is registered again, so an eviction event can still name them).
+    block_tokens: Vec<TokenId>,
 }
 
 impl KvCacheManager {
@@ -134,6 +151,7 @@ impl KvCacheManager {
             seqs: HashMap::new(),
             next_seq: 0,
             stats: PrefixStats::default(),
+            block_tokens: vec![0; config.num_blocks * config.block_size],
         }
     }
 
@@ -187,19 +205,40 @@ impl KvCacheManager {
         self.seqs.len()
     }
 
+    /// The hashes of the full blocks of `tokens`, chained from the fingerprint's root. A request
+    /// computes these once and passes them to lookup, admission and commit.
+    pub fn hash_blocks(&self, tokens: &[TokenId]) -> Vec<BlockHash> {
+        let mut parent = self.root;
+        tokens
+            .chunks_exact(self.block_size)
+            .map(|chunk| {
+                parent = BlockHash::chain(&parent, chunk, &[]);
+                parent
+            })
+            .collect()
+    }
+
+    /// Full blocks a prompt of `prompt_len` tokens may take from a cache: all but the last token
+    /// must be covered, so the last one is always computed.
+    pub fn max_prefix_blocks(&self, prompt_len: usize) -> usize {
+        prompt_len.saturating_sub(1) / self.block_size
+    }
+
     /// The longest run of cached full blocks that starts `prompt`, leaving at least its last
     /// token to compute. Reads only.
     pub fn lookup(&self, prompt: &[TokenId]) -> PrefixMatch {
-        let max_blocks = prompt.len().saturating_sub(1) / self.block_size;
-        let mut parent = self.root;
+        self.lookup_hashed(&self.hash_blocks(prompt), prompt.len())
+    }
+
+    /// As [`Self::lookup`], for a prompt of `prompt_len` tokens whose block hashes are `hashes`.
+    pub fn lookup_hashed(&self, hashes: &[BlockHash], prompt_len: usize) -> PrefixMatch {
+        let max_blocks = self.max_prefix_blocks(prompt_len).min(hashes.len());
         let mut m = PrefixMatch::default();
-        for chunk in prompt.chunks_exact(self.block_size).take(max_blocks) {
-            let h = BlockHash::chain(&parent, chunk, &[]);
-            match self.pool.lookup(&h) {
+        for h in &hashes[..max_blocks] {
+            match self.pool.lookup(h) {
                 Some(b) => m.blocks.push(b),
                 None => break,
             }
-            parent = h;
         }
         m.num_tokens = m.blocks.len() * self.block_size;
         m
@@ -210,24 +249,44 @@ impl KvCacheManager {
     /// is up to the caller: `reserve`, run, `commit`. Returns the sequence and its cached
     /// tokens. With `reuse_prefix` false the sequence neither reads nor fills the prefix cache.
     pub fn add_sequence(&mut self, prompt: &[TokenId], reuse_prefix: bool) -> (SeqId, usize) {
+        let hashes = if reuse_prefix {
+            self.hash_blocks(prompt)
+        } else {
+            Vec::new()
+        };
+        self.add_sequence_hashed(prompt, hashes, reuse_prefix)
+    }
+
+    /// As [`Self::add_sequence`], with the prompt's block hashes already computed
+    /// ([`Self::hash_blocks`]; ignored without `reuse_prefix`).
+    pub fn add_sequence_hashed(
+        &mut self,
+        prompt: &[TokenId],
+        hashes: Vec<BlockHash>,
+        reuse_prefix: bool,
+    ) -> (SeqId, usize) {
+        debug_assert!(
+            !reuse_prefix || hashes == self.hash_blocks(prompt),
+            "hashes are not the prompt's"
+        );
         let id = SeqId(self.next_seq);
         self.next_seq += 1;
         let mut seq = Sequence {
             blocks: Vec::new(),
             tokens: Vec::new(),
             hashes: Vec::new(),
+            planned: Vec::new(),
             cache_prefix: reuse_prefix,
         };
         if reuse_prefix {
-            let m = self.lookup(prompt);
-            let mut parent = self.root;
-            for (b, chunk) in m.blocks.iter().zip(prompt.chunks_exact(self.block_size)) {
+            let m = self.lookup_hashed(&hashes, prompt.len());
+            for b in &m.blocks {
                 self.pool.acquire_cached(*b);
-                parent = BlockHash::chain(&parent, chunk, &[]);
-                seq.hashes.push(parent);
             }
+            seq.hashes = hashes[..m.blocks.len()].to_vec();
             seq.blocks = m.blocks;
             seq.tokens = prompt[..m.num_tokens].to_vec();
+            seq.planned = hashes;
             self.stats.queries += 1;
             self.stats.query_tokens += prompt.len() as u64;
             self.stats.hit_tokens += m.num_tokens as u64;
@@ -235,6 +294,89 @@ impl KvCacheManager {
         let cached = seq.tokens.len();
         self.seqs.insert(id, seq);
         (id, cached)
+    }
+
+    /// Hashes of the full blocks `seq` has computed (to re-admit it after a preemption without
+    /// hashing again).
+    pub fn sequence_hashes(&self, seq: SeqId) -> &[BlockHash] {
+        &self.seq(seq).hashes
+    }
+
+    /// First step of bringing blocks in from a tier: `hashes[..from]` must be registered here
+    /// (the pool's cached prefix, see [`Self::lookup_hashed`]) and `hashes[from..]` not. Takes a
+    /// reference on the prefix (so nothing evicts it meanwhile) and allocates one block per
+    /// hash to import. All or nothing: `None` (nothing changed) when the pool has no room.
+    /// The caller writes the bytes, then calls [`Self::import_finish`].
+    pub fn import_begin(&mut self, hashes: &[BlockHash], from: usize) -> Option<Import> {
+        let prefix: Vec<BlockId> = hashes[..from]
+            .iter()
+            .map(|h| self.pool.lookup(h))
+            .collect::<Option<_>>()?;
+        if hashes.len() - from > self.pool.num_available() {
+            return None;
+        }
+        for &b in &prefix {
+            self.pool.acquire_cached(b);
+        }
+        let Some(fresh) = self.pool.allocate(hashes.len() - from) else {
+            for &b in prefix.iter().rev() {
+                self.pool.release(b);
+            }
+            return None;
+        };
+        Some(Import {
+            prefix,
+            fresh,
+            hashes: hashes[from..].to_vec(),
+        })
+    }
+
+    /// Registers the imported blocks (their bytes are written) as a chain after the prefix and
+    /// lets go of every reference `import_begin` took: they stay cached, for the next
+    /// [`Self::add_sequence_hashed`] to take. Returns the blocks registered; stops at a hash
+    /// that got registered meanwhile (freeing the rest).
+    pub fn import_finish(&mut self, import: Import, tokens: &[TokenId]) -> usize {
+        let Import {
+            prefix,
+            fresh,
+            hashes,
+        } = import;
+        let bs = self.block_size;
+        debug_assert_eq!(tokens.len(), hashes.len() * bs, "tokens of every imported block");
+        let mut parent = prefix.last().copied();
+        let mut registered = 0;
+        let mut chain_ok = true;
+        for (&b, &h) in fresh.iter().zip(&hashes) {
+            chain_ok = chain_ok && self.pool.register(b, h, parent);
+            if chain_ok {
+                let i = registered;
+                self.block_tokens[b.index() * bs..(b.index() + 1) * bs]
+                    .copy_from_slice(&tokens[i * bs..(i + 1) * bs]);
+                registered += 1;
+                parent = Some(b);
+            }
+        }
+        for &b in fresh.iter().rev().chain(prefix.iter().rev()) {
+            self.pool.release(b);
+        }
+        registered
+    }
+
+    /// The token ids `block` holds (or last held, if it was evicted since): valid for
+    /// registered blocks and for the block of an eviction event until it is registered again.
+    pub fn block_tokens(&self, block: BlockId) -> &[TokenId] {
+        let bs = self.block_size;
+        &self.block_tokens[block.index() * bs..(block.index() + 1) * bs]
+    }
+
+    /// Turns pool event recording on (for a [`crate::PagedKv`] with a sink).
+    pub fn set_record_events(&mut self, on: bool) {
+        self.pool.set_record_events(on);
+    }
+
+    /// Pool events since the last call.
+    pub fn take_events(&mut self) -> Vec<PoolEvent> {
+        self.pool.take_events()
     }
 
     fn seq(&self, id: SeqId) -> &Sequence {
@@ -328,7 +470,10 @@ impl KvCacheManager {
         while s.hashes.len() < s.tokens.len() / bs {
             let i = s.hashes.len();
             let parent_hash = if i == 0 { root } else { s.hashes[i - 1] };
-            let h = BlockHash::chain(&parent_hash, &s.tokens[i * bs..(i + 1) * bs], &[]);
+            let h = match s.planned.get(i) {
+                Some(&h) => h,
+                None => BlockHash::chain(&parent_hash, &s.tokens[i * bs..(i + 1) * bs], &[]),
+            };
             s.hashes.push(h);
             // The parent must be this sequence's own registered block (the manager's invariant).
             let parent = if i == 0 {
@@ -353,7 +498,10 @@ impl KvCacheManager {
                     }
                 }
                 None => {
-                    self.pool.register(b, h, parent);
+                    if self.pool.register(b, h, parent) {
+                        self.block_tokens[b.index() * bs..(b.index() + 1) * bs]
+                            .copy_from_slice(&s.tokens[i * bs..(i + 1) * bs]);
+                    }
                 }
             }
         }

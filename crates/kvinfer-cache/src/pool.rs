@@ -17,6 +17,28 @@ use crate::ids::{BlockHash, BlockId};
 use crate::policy::{new_policy, EvictionPolicy, PolicyKind};
 use std::collections::HashMap;
 
+/// What happened to a block, as the pool reports it (when recording is on). The tiers and, later,
+/// a KV-aware router consume these: a registered block is write-through material, an evicted one
+/// write-back material. An evicted block's bytes stay readable in the storage until the block is
+/// next written: [`crate::PagedKv`] hands them to its sink before any write.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PoolEvent {
+    /// `block` now holds the content named `hash` and is in the prefix index.
+    Registered {
+        /// The content hash.
+        hash: BlockHash,
+        /// The block holding it.
+        block: BlockId,
+    },
+    /// A cached `block` holding `hash` was evicted (it is about to be reused).
+    Evicted {
+        /// The content hash it held.
+        hash: BlockHash,
+        /// The block, still holding the bytes.
+        block: BlockId,
+    },
+}
+
 #[derive(Debug, Clone, Default)]
 struct BlockMeta {
     /// Sequences whose block table holds this block.
@@ -49,6 +71,9 @@ pub struct BlockPool {
     /// Hashed blocks with ref count 0 (evictable now or after their children).
     num_cached: usize,
     evictions: u64,
+    /// Events since the last [`BlockPool::take_events`], when `record_events`.
+    events: Vec<PoolEvent>,
+    record_events: bool,
 }
 
 impl BlockPool {
@@ -61,7 +86,27 @@ impl BlockPool {
             policy: new_policy(policy, num_blocks, seed),
             num_cached: 0,
             evictions: 0,
+            events: Vec::new(),
+            record_events: false,
         }
+    }
+
+    /// Turns event recording on or off (off by default: nobody drains them).
+    pub fn set_record_events(&mut self, on: bool) {
+        self.record_events = on;
+        if !on {
+            self.events.clear();
+        }
+    }
+
+    /// The events since the last call, oldest first.
+    pub fn take_events(&mut self) -> Vec<PoolEvent> {
+        std::mem::take(&mut self.events)
+    }
+
+    /// Registered blocks (cached or in use).
+    pub fn num_registered(&self) -> usize {
+        self.index.len()
     }
 
     /// Blocks in the pool.
@@ -142,6 +187,9 @@ impl BlockPool {
         let parent = meta.parent.take();
         if let Some(h) = hash {
             self.index.remove(&h);
+            if self.record_events {
+                self.events.push(PoolEvent::Evicted { hash: h, block: b });
+            }
         }
         self.num_cached -= 1;
         self.evictions += 1;
@@ -206,6 +254,9 @@ impl BlockPool {
             return false;
         }
         self.index.insert(hash, block);
+        if self.record_events {
+            self.events.push(PoolEvent::Registered { hash, block });
+        }
         let meta = &mut self.blocks[block.index()];
         meta.hash = Some(hash);
         meta.parent = parent;

@@ -150,6 +150,19 @@ impl KvStorage {
         self.data.copy_within(s..s + n, d);
     }
 
+    /// One block's content as bytes (f16 little-endian, the layout above): what a tier stores.
+    pub fn block_bytes(&self, block: BlockId) -> &[u8] {
+        bytemuck::cast_slice(self.block_data(block))
+    }
+
+    /// Overwrites one block with `bytes` (from [`Self::block_bytes`] of a block of this layout).
+    pub fn set_block_bytes(&mut self, block: BlockId, bytes: &[u8]) {
+        let n = self.layout.block_elems();
+        assert_eq!(bytes.len(), n * 2, "a block of this layout is {} bytes", n * 2);
+        let dst = &mut self.data[block.index() * n..(block.index() + 1) * n];
+        bytemuck::cast_slice_mut::<u16, u8>(dst).copy_from_slice(bytes);
+    }
+
     /// One block's bytes, as stored (for tiers and tests).
     pub fn block_data(&self, block: BlockId) -> &[u16] {
         let n = self.layout.block_elems();
@@ -190,5 +203,9 @@ mod tests {
         assert!(s.block_data(BlockId(1)).iter().all(|&x| x == 0));
         s.copy_block(BlockId(2), BlockId(0));
         assert_eq!(s.block_data(BlockId(0)), s.block_data(BlockId(2)));
+        let bytes = s.block_bytes(BlockId(2)).to_vec();
+        s.set_block_bytes(BlockId(3), &bytes);
+        assert_eq!(s.block_data(BlockId(3)), s.block_data(BlockId(2)));
+        assert_eq!(s.keys(BlockId(3), 1, 1)[7].to_f32(), 7.0);
     }
 }

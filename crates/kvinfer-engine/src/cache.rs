@@ -96,12 +96,13 @@ pub fn extend_sequence(
     if kv.reserve(seq, tokens.len()).is_err() {
         return Ok(None);
     }
+    let (tables, storage) = kv.tables_and_storage();
     let batch = [SeqBatch {
         tokens,
-        start: kv.manager.num_tokens(seq),
-        blocks: kv.manager.block_table(seq),
+        start: tables.num_tokens(seq),
+        blocks: tables.block_table(seq),
     }];
-    let logits = model.forward(&mut kv.storage, &batch)?;
-    kv.manager.commit(seq, tokens);
+    let logits = model.forward(storage, &batch)?;
+    kv.commit(seq, tokens);
     Ok(logits.into_iter().next())
 }

@@ -2,6 +2,8 @@
 //! KV cache (without it, every step recomputes the whole prefix: the quadratic baseline).
 
 use crate::cache::extend_sequence;
+use crate::engine::SubmitError;
+use crate::request::{validate, FinishCheck, Limits, RequestShape};
 use crate::sampler::{Sampler, SamplingParams};
 use crate::stop::TextStream;
 use crate::EngineError;
@@ -103,20 +105,22 @@ pub fn generate(
     req: &GenerateRequest,
     on_text: impl FnMut(&str) -> bool,
 ) -> Result<GenerateOutput, EngineError> {
-    if req.prompt_ids.is_empty() {
-        return Err(EngineError::Invalid("the prompt is empty".into()));
-    }
-    if req.max_tokens == 0 {
-        return Err(EngineError::Invalid("max_tokens must be at least 1".into()));
-    }
-    req.sampling.validate().map_err(EngineError::Invalid)?;
     let ctx = context_limit(model, req);
-    if req.prompt_ids.len() >= ctx {
-        return Err(EngineError::Invalid(format!(
-            "the prompt has {} tokens; the context holds {ctx}",
-            req.prompt_ids.len()
-        )));
-    }
+    let limits = Limits {
+        ctx,
+        pool_tokens: kv.num_blocks() * kv.block_size(),
+        vocab: model.config.vocab_size,
+    };
+    let shape = RequestShape {
+        prompt_ids: &req.prompt_ids,
+        max_tokens: req.max_tokens,
+        n: 1,
+        sampling: &req.sampling,
+    };
+    validate(&shape, &limits).map_err(|e| match e {
+        SubmitError::TooLong(m) if m.contains("--kv-cache-mb") => EngineError::CacheFull(m),
+        e => EngineError::Invalid(e.to_string()),
+    })?;
     let mut run = Run {
         model,
         kv,
@@ -124,7 +128,7 @@ pub fn generate(
     };
     let out = run.generate(req, ctx, on_text);
     if let Some(seq) = run.seq.take() {
-        run.kv.manager.release(seq);
+        run.kv.release(seq);
     }
     out
 }
@@ -158,9 +162,9 @@ impl Run<'_> {
         reuse: bool,
     ) -> Result<(Option<Vec<f32>>, usize), EngineError> {
         if let Some(old) = self.seq.take() {
-            self.kv.manager.release(old);
+            self.kv.release(old);
         }
-        let (seq, cached) = self.kv.manager.add_sequence(ids, reuse);
+        let (seq, cached) = self.kv.add_sequence(ids, reuse);
         self.seq = Some(seq);
         Ok((self.step(seq, &ids[cached..])?, cached))
     }
@@ -189,8 +193,8 @@ impl Run<'_> {
             return Err(EngineError::CacheFull(format!(
                 "the KV cache ({} blocks of {} tokens) cannot hold a prompt of {} tokens; \
                  raise --kv-cache-mb",
-                self.kv.manager.num_blocks(),
-                self.kv.manager.block_size(),
+                self.kv.num_blocks(),
+                self.kv.block_size(),
                 req.prompt_ids.len()
             )));
         };
@@ -200,28 +204,27 @@ impl Run<'_> {
         out.timings.prefill_ms = t0.elapsed().as_secs_f64() * 1e3;
 
         let t1 = Instant::now();
+        let check = FinishCheck {
+            ignore_eos: req.ignore_eos,
+            max_tokens: req.max_tokens,
+            ctx,
+        };
         loop {
             out.ids.push(next);
             history.push(next);
-            if !req.ignore_eos && tok.is_eog(next) {
-                out.finish_reason = FinishReason::Stop;
-                break;
-            }
-            let step = text.push_token(tok.token_bytes(next));
+            let step = check.after_token(tok, &mut text, next, out.ids.len(), history.len());
             out.text.push_str(&step.emit);
             if !step.emit.is_empty() && !on_text(&step.emit) {
                 out.finish_reason = FinishReason::Cancelled;
+                let rest = text.finish();
+                if !rest.is_empty() {
+                    on_text(&rest);
+                }
+                out.text.push_str(&rest);
                 break;
             }
-            if step.stopped {
-                out.finish_reason = FinishReason::Stop;
-                break;
-            }
-            if out.ids.len() >= req.max_tokens {
-                break;
-            }
-            if history.len() > ctx {
-                out.finish_reason = FinishReason::ContextFull;
+            if let Some(reason) = step.end {
+                out.finish_reason = reason;
                 break;
             }
             let next_logits = if req.use_kv_cache {
@@ -232,6 +235,11 @@ impl Run<'_> {
             };
             let Some(l) = next_logits else {
                 out.finish_reason = FinishReason::ContextFull;
+                let rest = text.finish();
+                if !rest.is_empty() {
+                    on_text(&rest);
+                }
+                out.text.push_str(&rest);
                 break;
             };
             logits = l;
@@ -239,19 +247,6 @@ impl Run<'_> {
             next = sampler.sample(&logits, &history);
         }
         out.timings.decode_ms = t1.elapsed().as_secs_f64() * 1e3;
-        if out.finish_reason != FinishReason::Stop || stop_was_eog(&out, tok) {
-            let rest = text.finish();
-            if !rest.is_empty() {
-                on_text(&rest);
-            }
-            out.text.push_str(&rest);
-        }
         Ok(out)
     }
-}
-
-/// True when generation stopped on an end-of-generation token (not on a stop string), so held
-/// text must still be released.
-fn stop_was_eog(out: &GenerateOutput, tok: &kvinfer_model::tokenizer::Tokenizer) -> bool {
-    out.ids.last().is_some_and(|&t| tok.is_eog(t))
 }

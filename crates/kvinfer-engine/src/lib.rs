@@ -8,6 +8,7 @@
 mod cache;
 mod engine;
 mod generate;
+mod request;
 mod sampler;
 mod stop;
 

@@ -64,12 +64,12 @@ fn cached_and_uncached_generation_agree() {
 
 /// Runs `ids` through a fresh sequence of `kv` in chunks of `chunk` tokens; last logits.
 fn run_chunked(model: &Model, kv: &mut PagedKv, ids: &[u32], chunk: usize) -> Vec<f32> {
-    let (seq, _) = kv.manager.add_sequence(ids, false);
+    let (seq, _) = kv.add_sequence(ids, false);
     let mut last = Vec::new();
     for c in ids.chunks(chunk) {
         last = extend_sequence(model, kv, seq, c).unwrap().expect("room");
     }
-    kv.manager.release(seq);
+    kv.release(seq);
     last
 }
 
@@ -113,21 +113,22 @@ fn a_batch_of_sequences_equals_each_alone() {
         let seqs: Vec<_> = prompts
             .iter()
             .map(|p| {
-                let (s, _) = kv.manager.add_sequence(p, false);
+                let (s, _) = kv.add_sequence(p, false);
                 kv.reserve(s, p.len()).unwrap();
                 s
             })
             .collect();
+        let (tables, storage) = kv.tables_and_storage();
         let batch: Vec<SeqBatch> = prompts
             .iter()
             .zip(&seqs)
             .map(|(p, &s)| SeqBatch {
                 tokens: p,
                 start: 0,
-                blocks: kv.manager.block_table(s),
+                blocks: tables.block_table(s),
             })
             .collect();
-        let together = model.forward(&mut kv.storage, &batch).unwrap();
+        let together = model.forward(storage, &batch).unwrap();
         assert_eq!(together, alone, "{arch:?}");
     }
 }
@@ -174,13 +175,13 @@ fn prefix_reuse_equals_recompute_under_every_policy_with_evictions() {
                 let out = generate(&model, &mut kv, &request(p, 6), |_| true).unwrap();
                 assert_eq!(&out.ids, want, "{arch:?} {policy}: prompt {p:?}");
                 assert_eq!(
-                    kv.manager.usage().in_use,
+                    kv.usage().in_use,
                     0,
                     "{arch:?} {policy}: blocks leaked"
                 );
-                kv.manager.check_invariants().unwrap();
+                kv.check_invariants().unwrap();
             }
-            let (stats, usage) = (kv.manager.stats(), kv.manager.usage());
+            let (stats, usage) = (kv.stats(), kv.usage());
             assert!(
                 stats.hit_tokens > 0,
                 "{arch:?} {policy}: no prefix was reused"
@@ -197,13 +198,13 @@ fn prefix_reuse_equals_recompute_under_every_policy_with_evictions() {
 fn bad_input_is_an_error_not_a_panic() {
     let (model, path) = tiny(TinyArch::Llama, 4);
     let mut kv = paged(&model, 4, 4, PolicyKind::Lru);
-    let (seq, _) = kv.manager.add_sequence(&[5; 8], false);
+    let (seq, _) = kv.add_sequence(&[5; 8], false);
     kv.reserve(seq, 8).unwrap();
-    let blocks = kv.manager.block_table(seq).to_vec();
+    let blocks = kv.block_table(seq).to_vec();
     let run =
         |kv: &mut PagedKv, tokens: &[u32], start: usize, blocks: &[kvinfer_cache::BlockId]| {
             model.forward(
-                &mut kv.storage,
+                kv.tables_and_storage().1,
                 &[SeqBatch {
                     tokens,
                     start,
@@ -230,7 +231,7 @@ fn bad_input_is_an_error_not_a_panic() {
         run(&mut kv, &[5; 2], 255, &blocks),
         Err(ModelError::ContextFull { .. })
     ));
-    kv.manager.release(seq);
+    kv.release(seq);
 
     // A generation that runs into the end of the context stops cleanly, and so does one that
     // runs out of blocks.
@@ -246,7 +247,7 @@ fn bad_input_is_an_error_not_a_panic() {
     let out = generate(&model, &mut small, &request(&[5, 6, 7], 100), |_| true).unwrap();
     assert_eq!(out.finish_reason, FinishReason::ContextFull);
     assert_eq!(out.ids.len(), 8 - 3 + 1);
-    assert_eq!(small.manager.usage().in_use, 0);
+    assert_eq!(small.usage().in_use, 0);
     // A prompt as long as the context is refused up front; one the pool cannot hold too.
     let long = GenerateRequest {
         prompt_ids: vec![5; 8],
@@ -256,7 +257,7 @@ fn bad_input_is_an_error_not_a_panic() {
     let e = generate(&model, &mut small, &request(&[5; 12], 2), |_| true).unwrap_err();
     assert!(e.to_string().contains("--kv-cache-mb"), "{e}");
     assert_eq!(
-        small.manager.usage().in_use,
+        small.usage().in_use,
         0,
         "a refused request leaks nothing"
     );
@@ -301,7 +302,7 @@ fn stop_strings_and_cancellation() {
     let out = generate(&model, &mut kv, &request(&prompt, 30), |_| false).unwrap();
     assert_eq!(out.finish_reason, FinishReason::Cancelled);
     assert!(out.ids.len() < 30);
-    assert_eq!(kv.manager.usage().in_use, 0);
+    assert_eq!(kv.usage().in_use, 0);
 }
 
 /// Two samples of one prompt share its blocks; each writes its own next token into the shared
@@ -316,16 +317,16 @@ fn forked_sequences_copy_the_shared_partial_block_on_write() {
             .unwrap()
             .expect("room")
     };
-    let (a, _) = kv.manager.add_sequence(&prompt, true);
+    let (a, _) = kv.add_sequence(&prompt, true);
     step(&mut kv, a, &prompt);
-    let b = kv.manager.fork(a);
-    assert_eq!(kv.manager.block_table(a), kv.manager.block_table(b));
+    let b = kv.fork(a);
+    assert_eq!(kv.block_table(a), kv.block_table(b));
     let mut got = Vec::new();
     for (seq, next) in [(a, 40u32), (b, 41u32)] {
         got.push(step(&mut kv, seq, &[next]));
     }
-    assert_ne!(kv.manager.block_table(a)[1], kv.manager.block_table(b)[1]);
-    assert_eq!(kv.manager.block_table(a)[0], kv.manager.block_table(b)[0]);
+    assert_ne!(kv.block_table(a)[1], kv.block_table(b)[1]);
+    assert_eq!(kv.block_table(a)[0], kv.block_table(b)[0]);
     for (logits, next) in got.iter().zip([40u32, 41]) {
         let mut alone = prompt.clone();
         alone.push(next);
@@ -342,8 +343,8 @@ fn forked_sequences_copy_the_shared_partial_block_on_write() {
     alone.extend([40, 50]);
     let mut fresh = paged(&model, 4, 16, PolicyKind::Lru);
     assert_eq!(again, run_chunked(&model, &mut fresh, &alone, alone.len()));
-    kv.manager.release(a);
-    kv.manager.release(b);
-    kv.manager.check_invariants().unwrap();
-    assert_eq!(kv.manager.usage().in_use, 0);
+    kv.release(a);
+    kv.release(b);
+    kv.check_invariants().unwrap();
+    assert_eq!(kv.usage().in_use, 0);
 }

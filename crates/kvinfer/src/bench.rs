@@ -31,7 +31,7 @@ fn one_sequence(model: &Model, n: usize) -> (PagedKv, kvinfer_cache::SeqId) {
     let bs = kvinfer_engine::DEFAULT_BLOCK_SIZE;
     let layout = model.kv_layout(bs, n.div_ceil(bs));
     let mut kv = PagedKv::new(layout, PolicyKind::Lru, 0, model.fingerprint(bs));
-    let (seq, _) = kv.manager.add_sequence(&[], false);
+    let (seq, _) = kv.add_sequence(&[], false);
     (kv, seq)
 }
 
@@ -113,7 +113,7 @@ pub fn run_prefix(a: PrefixBenchArgs, threads: usize) -> Result<()> {
         "threads": threads,
         "prompt_tokens": a.prompt_tokens,
         "suffix_tokens": a.suffix_tokens,
-        "block_size": kv.manager.block_size(),
+        "block_size": kv.block_size(),
         "cold_ttft_ms": cold_ms,
         "warm_ttft_ms": warm_ms,
         "ratio": warm_ms / cold_ms,
@@ -239,7 +239,7 @@ pub fn run_batch(a: BatchBenchArgs, threads: usize) -> Result<()> {
         let mut kv = PagedKv::new(layout, PolicyKind::Lru, 0, model.fingerprint(bs));
         let mut seqs = Vec::new();
         for i in 0..b {
-            let (seq, _) = kv.manager.add_sequence(&[], false);
+            let (seq, _) = kv.add_sequence(&[], false);
             step(
                 &model,
                 &mut kv,
@@ -256,18 +256,19 @@ pub fn run_batch(a: BatchBenchArgs, threads: usize) -> Result<()> {
                     .map_err(|e| anyhow::anyhow!("bench cache too small: {e:?}"))?;
             }
             let ids = &next[s * b..(s + 1) * b];
+            let (tables, storage) = kv.tables_and_storage();
             let batch: Vec<SeqBatch> = seqs
                 .iter()
                 .zip(ids.chunks(1))
                 .map(|(&seq, id)| SeqBatch {
                     tokens: id,
-                    start: kv.manager.num_tokens(seq),
-                    blocks: kv.manager.block_table(seq),
+                    start: tables.num_tokens(seq),
+                    blocks: tables.block_table(seq),
                 })
                 .collect();
-            model.forward(&mut kv.storage, &batch)?;
+            model.forward(storage, &batch)?;
             for (&seq, id) in seqs.iter().zip(ids.chunks(1)) {
-                kv.manager.commit(seq, id);
+                kv.commit(seq, id);
             }
         }
         let step_ms = t.elapsed().as_secs_f64() * 1e3 / a.steps as f64;

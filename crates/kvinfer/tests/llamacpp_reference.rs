@@ -61,7 +61,7 @@ fn greedy(model: &Model, prompt: &[u32], n: usize, use_kv_cache: bool) -> Vec<u3
 /// Last-token logits of `ids` run as one batch on a fresh cache.
 fn first_logits(model: &Model, ids: &[u32]) -> Vec<f32> {
     let mut kv = fresh_kv(model);
-    let (seq, _) = kv.manager.add_sequence(ids, false);
+    let (seq, _) = kv.add_sequence(ids, false);
     kvinfer_engine::extend_sequence(model, &mut kv, seq, ids)
         .unwrap()
         .expect("512 positions hold the prompt")

@@ -14,6 +14,7 @@ mod scheduler;
 pub use metrics::{EngineStats, Histogram, LATENCY_BUCKETS_S};
 
 use crate::cache::{new_paged_kv, CacheOptions};
+use crate::request::{validate, Limits, RequestShape};
 use crate::sampler::SamplingParams;
 use crate::FinishReason;
 use kvinfer_model::Model;
@@ -123,8 +124,7 @@ pub struct EngineHandle {
     commands: mpsc::Sender<Command>,
     model: Arc<Model>,
     stats: Arc<Mutex<EngineStats>>,
-    ctx: usize,
-    pool_tokens: usize,
+    limits: Limits,
 }
 
 /// Most choices per request.
@@ -138,7 +138,7 @@ impl EngineHandle {
 
     /// Most positions per sequence.
     pub fn context_size(&self) -> usize {
-        self.ctx
+        self.limits.ctx
     }
 
     /// The latest snapshot of the engine.
@@ -149,37 +149,13 @@ impl EngineHandle {
     /// Checks `req` and queues it; its events arrive on the returned channel. Dropping the
     /// receiver cancels the request.
     pub fn submit(&self, req: EngineRequest) -> Result<UnboundedReceiver<Event>, SubmitError> {
-        let invalid = |m: String| Err(SubmitError::Invalid(m));
-        if req.prompt_ids.is_empty() {
-            return invalid("the prompt is empty".into());
-        }
-        if req.max_tokens == 0 {
-            return invalid("max_tokens must be at least 1".into());
-        }
-        if req.n == 0 || req.n > MAX_N {
-            return invalid(format!("n must be between 1 and {MAX_N}, got {}", req.n));
-        }
-        req.sampling.validate().map_err(SubmitError::Invalid)?;
-        let vocab = self.model.config.vocab_size;
-        if let Some(bad) = req.prompt_ids.iter().find(|&&t| t as usize >= vocab) {
-            return invalid(format!(
-                "token id {bad} is outside the vocabulary of {vocab}"
-            ));
-        }
-        let len = req.prompt_ids.len();
-        if len >= self.ctx {
-            return Err(SubmitError::TooLong(format!(
-                "the prompt has {len} tokens; the context holds {} (prompt + at least one \
-                 generated token)",
-                self.ctx
-            )));
-        }
-        if len + 1 > self.pool_tokens {
-            return Err(SubmitError::TooLong(format!(
-                "the prompt has {len} tokens; the KV cache holds {} (raise --kv-cache-mb)",
-                self.pool_tokens
-            )));
-        }
+        let shape = RequestShape {
+            prompt_ids: &req.prompt_ids,
+            max_tokens: req.max_tokens,
+            n: req.n,
+            sampling: &req.sampling,
+        };
+        validate(&shape, &self.limits)?;
         let (tx, rx) = unbounded_channel();
         self.commands
             .send(Command::Submit(req, tx))
@@ -208,15 +184,18 @@ pub fn start(
         0 => model.config.context_length,
         n => n.min(model.config.context_length),
     };
-    let pool_tokens = kv.manager.num_blocks() * kv.manager.block_size();
+    let limits = Limits {
+        ctx,
+        pool_tokens: kv.num_blocks() * kv.block_size(),
+        vocab: model.config.vocab_size,
+    };
     let stats = Arc::new(Mutex::new(EngineStats::default()));
     let (tx, rx) = mpsc::channel();
     let handle = EngineHandle {
         commands: tx,
         model: model.clone(),
         stats: stats.clone(),
-        ctx,
-        pool_tokens,
+        limits,
     };
     let mut sched = scheduler::Scheduler::new(model, kv, config, ctx, stats);
     let thread = std::thread::Builder::new()

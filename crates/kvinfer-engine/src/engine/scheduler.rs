@@ -15,10 +15,11 @@
 
 use super::metrics::EngineStats;
 use super::{Command, EngineConfig, EngineRequest, Event, Usage};
+use crate::request::FinishCheck;
 use crate::sampler::Sampler;
 use crate::stop::TextStream;
 use crate::FinishReason;
-use kvinfer_cache::{PagedKv, SeqId};
+use kvinfer_cache::{BlockHash, PagedKv, SeqId};
 use kvinfer_model::{Model, SeqBatch};
 use std::collections::{HashMap, VecDeque};
 use std::sync::{mpsc, Arc, Mutex};
@@ -29,6 +30,20 @@ use tokio::sync::mpsc::UnboundedSender;
 const PREFIX_ORDER_MIN_QUEUE: usize = 4;
 /// A waiting sequence passed over this many times is admitted next regardless of prefixes.
 const MAX_PASSED_OVER: u32 = 8;
+
+/// One step's work as plain data: which running sequence computes which token range. Built by
+/// `schedule` (blocks reserved), run by `execute` (one forward pass), applied by `apply`.
+#[derive(Debug, Default)]
+struct StepPlan {
+    chunks: Vec<Chunk>,
+}
+
+/// `len` tokens of `running[choice]`, from its first uncomputed position.
+#[derive(Debug, Clone, Copy)]
+struct Chunk {
+    choice: usize,
+    len: usize,
+}
 
 struct Request {
     events: UnboundedSender<Event>,
@@ -46,6 +61,9 @@ struct Choice {
     index: usize,
     /// Prompt, then generated tokens; the last one's K/V is computed next step.
     tokens: Vec<u32>,
+    /// Hashes of the full blocks of `tokens` as far as known (the prompt's, computed once when
+    /// the request was accepted; after a preemption, every full block computed).
+    hashes: Vec<BlockHash>,
     generated: usize,
     seq: Option<SeqId>,
     /// Tokens whose K/V is in the cache.
@@ -80,8 +98,8 @@ impl Scheduler {
     ) -> Self {
         let stats = EngineStats {
             model: model.name.clone(),
-            policy: kv.manager.policy().to_string(),
-            block_size: kv.manager.block_size(),
+            policy: kv.policy().to_string(),
+            block_size: kv.block_size(),
             ..EngineStats::default()
         };
         let mut s = Self {
@@ -143,6 +161,7 @@ impl Scheduler {
         let choice = Choice {
             req: id,
             index: 0,
+            hashes: self.kv.hash_blocks(&params.prompt_ids),
             tokens: params.prompt_ids.clone(),
             generated: 0,
             seq: None,
@@ -191,7 +210,7 @@ impl Scheduler {
                 return true;
             }
             if let Some(seq) = c.seq {
-                kv.manager.release(seq);
+                kv.release(seq);
             }
             false
         };
@@ -208,7 +227,11 @@ impl Scheduler {
     fn preempt(&mut self, i: usize) {
         let mut c = self.running.remove(i);
         if let Some(seq) = c.seq.take() {
-            self.kv.manager.release(seq);
+            let hashes = self.kv.sequence_hashes(seq);
+            if hashes.len() > c.hashes.len() {
+                c.hashes = hashes.to_vec();
+            }
+            self.kv.release(seq);
         }
         c.computed = 0;
         self.stats.preemptions_total += 1;
@@ -224,7 +247,7 @@ impl Scheduler {
         }
         let mut best = (0, 0);
         for (i, c) in self.waiting.iter().enumerate() {
-            let cached = self.kv.manager.lookup(&c.tokens).num_tokens;
+            let cached = self.kv.lookup_hashed(&c.hashes, c.tokens.len()).num_tokens;
             if cached > best.1 {
                 best = (i, cached);
             }
@@ -235,10 +258,10 @@ impl Scheduler {
         best.0
     }
 
-    /// Plans the step: (index in `running`, tokens to compute). Blocks are reserved.
-    fn schedule(&mut self) -> Vec<(usize, usize)> {
+    /// Plans the step (blocks are reserved for every chunk).
+    fn schedule(&mut self) -> StepPlan {
         let mut budget = self.config.max_batch_tokens;
-        let mut plan = Vec::new();
+        let mut plan = StepPlan::default();
         let mut i = 0;
         while i < self.running.len() {
             let c = &self.running[i];
@@ -249,7 +272,7 @@ impl Scheduler {
             }
             let seq = c.seq.expect("running choices hold a sequence");
             if self.kv.reserve(seq, n).is_ok() {
-                plan.push((i, n));
+                plan.chunks.push(Chunk { choice: i, len: n });
                 budget -= n;
                 i += 1;
             } else if self.running.len() == 1 {
@@ -265,17 +288,17 @@ impl Scheduler {
         {
             let w = self.pick_waiting();
             let c = &self.waiting[w];
-            let (seq, cached) = self.kv.manager.add_sequence(&c.tokens, true);
+            let (seq, cached) = self.kv.add_sequence_hashed(&c.tokens, c.hashes.clone(), true);
             let n = (c.tokens.len() - cached).min(budget);
             if self.kv.reserve(seq, n).is_err() {
-                self.kv.manager.release(seq);
+                self.kv.release(seq);
                 if self.running.is_empty() {
                     let c = self.waiting.remove(w).expect("picked");
                     let msg = format!(
                         "the KV cache ({} blocks of {} tokens) cannot hold this request's {} \
                          tokens; raise --kv-cache-mb",
-                        self.kv.manager.num_blocks(),
-                        self.kv.manager.block_size(),
+                        self.kv.num_blocks(),
+                        self.kv.block_size(),
                         c.tokens.len()
                     );
                     self.abort(c.req, Some(msg));
@@ -295,53 +318,68 @@ impl Scheduler {
             c.computed = cached;
             c.passed_over = 0;
             self.running.push(c);
-            plan.push((self.running.len() - 1, n));
+            plan.chunks.push(Chunk {
+                choice: self.running.len() - 1,
+                len: n,
+            });
             budget -= n;
         }
         plan
     }
 
+    /// One step: plan, run the plan's forward pass, apply its results.
     fn step(&mut self) {
         let plan = self.schedule();
-        if plan.is_empty() {
+        if plan.chunks.is_empty() {
             return;
         }
-        let PagedKv { manager, storage } = &mut self.kv;
-        let batch: Vec<SeqBatch> = plan
-            .iter()
-            .map(|&(i, n)| {
-                let c = &self.running[i];
-                SeqBatch {
-                    tokens: &c.tokens[c.computed..c.computed + n],
-                    start: c.computed,
-                    blocks: manager.block_table(c.seq.expect("planned")),
-                }
-            })
-            .collect();
-        let result = Some(self.model.forward(storage, &batch));
-        let n_tokens: usize = plan.iter().map(|p| p.1).sum();
-        self.stats.steps_total += 1;
-        self.stats.batch_tokens_total += n_tokens as u64;
-        let logits = match result {
-            Some(Ok(l)) => l,
-            Some(Err(e)) => {
-                let ids: Vec<u64> = plan.iter().map(|&(i, _)| self.running[i].req).collect();
+        match self.execute(&plan) {
+            Ok(logits) => self.apply(&plan, logits),
+            Err(e) => {
+                let ids: Vec<u64> = plan
+                    .chunks
+                    .iter()
+                    .map(|ch| self.running[ch.choice].req)
+                    .collect();
                 for id in ids {
                     self.abort(id, Some(format!("the model failed: {e}")));
                 }
-                return;
             }
-            None => return,
-        };
+        }
+    }
+
+    /// One forward pass over every chunk of the plan; each chunk's last-token logits.
+    fn execute(&mut self, plan: &StepPlan) -> Result<Vec<Vec<f32>>, kvinfer_model::ModelError> {
+        let (tables, storage) = self.kv.tables_and_storage();
+        let batch: Vec<SeqBatch> = plan
+            .chunks
+            .iter()
+            .map(|ch| {
+                let c = &self.running[ch.choice];
+                SeqBatch {
+                    tokens: &c.tokens[c.computed..c.computed + ch.len],
+                    start: c.computed,
+                    blocks: tables.block_table(c.seq.expect("planned")),
+                }
+            })
+            .collect();
+        let n_tokens: usize = plan.chunks.iter().map(|ch| ch.len).sum();
+        self.stats.steps_total += 1;
+        self.stats.batch_tokens_total += n_tokens as u64;
+        self.model.forward(storage, &batch)
+    }
+
+    /// Applies a step's results: commits the computed tokens (full blocks registered), samples
+    /// where a chunk reached its sequence's end, forks `n > 1` choices after prefill, finishes
+    /// the sequences that ended.
+    fn apply(&mut self, plan: &StepPlan, logits: Vec<Vec<f32>>) {
         let mut finished: Vec<(usize, FinishReason)> = Vec::new();
         let mut forks: Vec<(Choice, Option<FinishReason>)> = Vec::new();
-        for (&(i, n), logits) in plan.iter().zip(logits) {
-            let c = &mut self.running[i];
+        for (ch, logits) in plan.chunks.iter().zip(logits) {
+            let c = &mut self.running[ch.choice];
             let seq = c.seq.expect("planned");
-            self.kv
-                .manager
-                .commit(seq, &c.tokens[c.computed..c.computed + n]);
-            c.computed += n;
+            self.kv.commit(seq, &c.tokens[c.computed..c.computed + ch.len]);
+            c.computed += ch.len;
             if c.computed < c.tokens.len() {
                 continue; // mid-prefill: these logits are not needed
             }
@@ -357,8 +395,9 @@ impl Scheduler {
                         req: c.req,
                         index: j,
                         tokens: c.tokens.clone(),
+                        hashes: c.hashes.clone(),
                         generated: 0,
-                        seq: Some(self.kv.manager.fork(seq)),
+                        seq: Some(self.kv.fork(seq)),
                         computed: c.computed,
                         sampler: Sampler::new(sampling),
                         text: TextStream::new(&req.params.stop),
@@ -370,7 +409,7 @@ impl Scheduler {
                 }
             }
             if let Some(reason) = advance(c, req, &logits, &self.model, self.ctx, &mut self.stats) {
-                finished.push((i, reason));
+                finished.push((ch.choice, reason));
             }
         }
         // Highest index first, so the earlier indices stay valid.
@@ -391,7 +430,7 @@ impl Scheduler {
     /// closes the request when it was the last choice.
     fn finish(&mut self, mut c: Choice, reason: FinishReason, flush: bool) {
         if let Some(seq) = c.seq.take() {
-            self.kv.manager.release(seq);
+            self.kv.release(seq);
         }
         let Some(req) = self.requests.get_mut(&c.req) else {
             return;
@@ -421,8 +460,8 @@ impl Scheduler {
     fn publish(&mut self) {
         self.stats.running = self.running.len();
         self.stats.waiting = self.waiting.len();
-        self.stats.blocks = self.kv.manager.usage();
-        self.stats.prefix = self.kv.manager.stats();
+        self.stats.blocks = self.kv.usage();
+        self.stats.prefix = self.kv.stats();
         if let Ok(mut s) = self.shared.lock() {
             s.clone_from(&self.stats);
         }
@@ -457,36 +496,19 @@ fn advance(
         stats.tpot.observe((now - t).as_secs_f64());
     }
     c.last_token_at = Some(now);
-    let reason = if !req.params.ignore_eos && tok.is_eog(next) {
-        FinishReason::Stop
-    } else {
-        let step = c.text.push_token(tok.token_bytes(next));
-        if !step.emit.is_empty() {
-            let _ = req.events.send(Event::Text {
-                index: c.index,
-                text: step.emit,
-            });
-        }
-        if step.stopped {
-            // Cut at the stop string: nothing held back is shown.
-            return Some(FinishReason::Stop);
-        }
-        if c.generated >= req.params.max_tokens {
-            FinishReason::Length
-        } else if c.tokens.len() > ctx {
-            FinishReason::ContextFull
-        } else {
-            return None;
-        }
+    let check = FinishCheck {
+        ignore_eos: req.params.ignore_eos,
+        max_tokens: req.params.max_tokens,
+        ctx,
     };
-    let rest = c.text.finish();
-    if !rest.is_empty() {
+    let step = check.after_token(tok, &mut c.text, next, c.generated, c.tokens.len());
+    if !step.emit.is_empty() {
         let _ = req.events.send(Event::Text {
             index: c.index,
-            text: rest,
+            text: step.emit,
         });
     }
-    Some(reason)
+    step.end
 }
 
 #[cfg(test)]
@@ -581,7 +603,7 @@ mod tests {
         s.schedule();
         assert_eq!(s.running[0].tokens, head);
         run_until_idle(&mut s);
-        assert_eq!(s.kv.manager.usage().in_use, 0);
+        assert_eq!(s.kv.usage().in_use, 0);
     }
 
     #[test]
