@@ -1,0 +1,507 @@
+//! TieredStore: the tiers in lookup order (RAM -> disk -> Redis), background workers with
+//! bounded queues, and the write policy per tier.
+//!
+//! ```text
+//! engine loop ──request_load(hashes, tokens, reply)──> [load queue] ──> loader thread
+//!     ^                                                                   │ get_many per tier,
+//!     └──────── reply(LoadResult: verified payloads of the leading run) ──┘ verify, delete bad
+//! pool events ──write_registered / write_evicted──> [one queue per tier] ──> writer threads
+//!                 (non-blocking; a full queue drops the write and counts it)   (skip if held)
+//! ```
+//! Nothing here blocks the caller except [`TieredStore::load_blocking`] (for one-sequence
+//! commands) and [`TieredStore::flush`]. Dropping the store drains every write queue first.
+
+use crate::codec::Codec;
+use crate::stats::{TierCounters, TierStats};
+use crate::wire::{self, BlockSpec};
+use crate::{Tier, TierKey};
+use kvinfer_cache::BlockHash;
+use std::str::FromStr;
+use std::sync::mpsc::{sync_channel, Receiver, SyncSender, TrySendError};
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+/// When a tier takes a block.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum WriteMode {
+    /// When the pool evicts it (write-back): the RAM tier's default.
+    Back,
+    /// When it is registered (write-through, asynchronous): disk's and Redis's default, so a
+    /// restart or another instance finds it.
+    Through,
+    /// Never (read-only).
+    Off,
+}
+
+impl FromStr for WriteMode {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "back" => Ok(WriteMode::Back),
+            "through" => Ok(WriteMode::Through),
+            "off" => Ok(WriteMode::Off),
+            _ => Err(format!("unknown write mode {s:?}; use back, through or off")),
+        }
+    }
+}
+
+/// One tier in the store.
+pub struct TierSpec {
+    /// The tier.
+    pub tier: Arc<dyn Tier>,
+    /// When it is written.
+    pub write: WriteMode,
+    /// How payloads are compressed for it.
+    pub codec: Codec,
+}
+
+/// How the store runs.
+#[derive(Debug, Clone)]
+pub struct TieredStoreConfig {
+    /// The blocks this store reads and writes (model, group, dtype, shape).
+    pub block: BlockSpec,
+    /// Most blocks waiting to be written, per tier.
+    pub write_queue_blocks: usize,
+    /// Most loads waiting.
+    pub load_queue: usize,
+}
+
+/// Blocks to fetch: `hashes` in chain order, `tokens` their token ids (`block_size` each).
+#[derive(Debug, Clone)]
+pub struct LoadRequest {
+    /// Content hashes, in chain order.
+    pub hashes: Vec<BlockHash>,
+    /// `block_size` token ids per hash.
+    pub tokens: Vec<u32>,
+}
+
+/// What a load found: the verified payloads of the longest leading run of `hashes`.
+#[derive(Debug, Clone, Default)]
+pub struct LoadResult {
+    /// One block each, in chain order, from `hashes[0]` on.
+    pub payloads: Vec<Vec<u8>>,
+    /// Blocks of the run each tier served, in tier order.
+    pub per_tier: Vec<usize>,
+    /// Time the load took.
+    pub elapsed: Duration,
+}
+
+/// Called with a load's result, on the loader thread.
+pub type LoadReply = Box<dyn FnOnce(LoadResult) + Send>;
+
+enum WriteJob {
+    Put {
+        hash: BlockHash,
+        tokens: Arc<[u32]>,
+        raw: Arc<[u8]>,
+    },
+    Flush(SyncSender<()>),
+}
+
+struct Inner {
+    spec: BlockSpec,
+    tiers: Vec<TierSpec>,
+}
+
+/// The tiers behind the pool. See the module docs.
+pub struct TieredStore {
+    inner: Arc<Inner>,
+    writers: Vec<Option<SyncSender<WriteJob>>>,
+    loader: Option<SyncSender<(LoadRequest, LoadReply)>>,
+    threads: Mutex<Vec<JoinHandle<()>>>,
+}
+
+/// Blocks one writer batch holds at most.
+const WRITE_BATCH: usize = 16;
+
+impl TieredStore {
+    /// Starts the workers: one loader, one writer per writable tier.
+    pub fn new(config: TieredStoreConfig, tiers: Vec<TierSpec>) -> Self {
+        let inner = Arc::new(Inner {
+            spec: config.block,
+            tiers,
+        });
+        let mut threads = Vec::new();
+        let mut writers = Vec::new();
+        for i in 0..inner.tiers.len() {
+            if inner.tiers[i].write == WriteMode::Off {
+                writers.push(None);
+                continue;
+            }
+            let (tx, rx) = sync_channel(config.write_queue_blocks.max(1));
+            let inner = inner.clone();
+            let name = format!("kvinfer-tier-{}", inner.tiers[i].tier.name());
+            match std::thread::Builder::new()
+                .name(name)
+                .spawn(move || write_loop(&inner, i, rx))
+            {
+                Ok(t) => {
+                    threads.push(t);
+                    writers.push(Some(tx));
+                }
+                Err(_) => writers.push(None),
+            }
+        }
+        let (ltx, lrx) = sync_channel::<(LoadRequest, LoadReply)>(config.load_queue.max(1));
+        let loader_inner = inner.clone();
+        let loader = std::thread::Builder::new()
+            .name("kvinfer-tier-load".into())
+            .spawn(move || {
+                for (req, reply) in lrx {
+                    reply(load(&loader_inner, &req));
+                }
+            })
+            .ok()
+            .map(|t| {
+                threads.push(t);
+                ltx
+            });
+        Self {
+            inner,
+            writers,
+            loader,
+            threads: Mutex::new(threads),
+        }
+    }
+
+    /// The blocks this store handles.
+    pub fn spec(&self) -> &BlockSpec {
+        &self.inner.spec
+    }
+
+    /// Names of the tiers, in lookup order.
+    pub fn tier_names(&self) -> Vec<&'static str> {
+        self.inner.tiers.iter().map(|t| t.tier.name()).collect()
+    }
+
+    /// Queues a load; `reply` gets the result on the loader thread. `Err` (the request back)
+    /// when the load queue is full: the caller treats it as a miss.
+    pub fn request_load(&self, req: LoadRequest, reply: LoadReply) -> Result<(), LoadRequest> {
+        match &self.loader {
+            Some(tx) => tx.try_send((req, reply)).map_err(|e| match e {
+                TrySendError::Full((r, _)) | TrySendError::Disconnected((r, _)) => r,
+            }),
+            None => Err(req),
+        }
+    }
+
+    /// Runs a load on the caller's thread (one-sequence commands: chat, generate).
+    pub fn load_blocking(&self, req: &LoadRequest) -> LoadResult {
+        load(&self.inner, req)
+    }
+
+    /// A block was registered in the pool: write-through tiers take it (asynchronously).
+    pub fn write_registered(&self, hash: BlockHash, tokens: &[u32], raw: &[u8]) {
+        self.enqueue(WriteMode::Through, hash, tokens, raw);
+    }
+
+    /// A block was evicted from the pool: write-back tiers take it (asynchronously).
+    pub fn write_evicted(&self, hash: BlockHash, tokens: &[u32], raw: &[u8]) {
+        self.enqueue(WriteMode::Back, hash, tokens, raw);
+    }
+
+    /// Whether any tier takes blocks in `mode`.
+    pub fn writes(&self, mode: WriteMode) -> bool {
+        self.inner.tiers.iter().any(|t| t.write == mode)
+    }
+
+    fn enqueue(&self, mode: WriteMode, hash: BlockHash, tokens: &[u32], raw: &[u8]) {
+        let mut shared: Option<(Arc<[u32]>, Arc<[u8]>)> = None;
+        for (t, w) in self.inner.tiers.iter().zip(&self.writers) {
+            let (Some(w), true) = (w, t.write == mode) else {
+                continue;
+            };
+            let (tokens, raw) = shared
+                .get_or_insert_with(|| (Arc::from(tokens), Arc::from(raw)))
+                .clone();
+            if w.try_send(WriteJob::Put { hash, tokens, raw }).is_err() {
+                TierCounters::add(&t.tier.counters().put_dropped, 1);
+            }
+        }
+    }
+
+    /// Waits until every write queued so far is done.
+    pub fn flush(&self) {
+        let acks: Vec<Receiver<()>> = self
+            .writers
+            .iter()
+            .flatten()
+            .filter_map(|w| {
+                let (tx, rx) = sync_channel(1);
+                w.send(WriteJob::Flush(tx)).ok().map(|_| rx)
+            })
+            .collect();
+        for rx in acks {
+            let _ = rx.recv();
+        }
+    }
+
+    /// Every tier's counters, in lookup order.
+    pub fn stats(&self) -> Vec<TierStats> {
+        self.inner.tiers.iter().map(|t| t.tier.stats()).collect()
+    }
+
+    /// Deletes this model's blocks from every tier (pending writes first); returns how many
+    /// were deleted per tier, or the first error's message.
+    pub fn clear(&self) -> Vec<(&'static str, Result<u64, String>)> {
+        self.flush();
+        let fp = self.inner.spec.fingerprint;
+        self.inner
+            .tiers
+            .iter()
+            .map(|t| (t.tier.name(), t.tier.clear(Some(&fp)).map_err(|e| e.to_string())))
+            .collect()
+    }
+}
+
+impl Drop for TieredStore {
+    /// Drains the write queues (a clean shutdown keeps what was pending) and stops the workers.
+    fn drop(&mut self) {
+        self.writers.clear();
+        self.loader = None;
+        let threads = std::mem::take(&mut *self.threads.lock().unwrap_or_else(|e| e.into_inner()));
+        for t in threads {
+            let _ = t.join();
+        }
+    }
+}
+
+/// The longest leading run of `req.hashes` that some tier holds, verified. Each tier is asked
+/// (in one batch) for the blocks the tiers before it did not have; a block failing any check is
+/// deleted from its tier, counted, and treated as missing.
+fn load(inner: &Inner, req: &LoadRequest) -> LoadResult {
+    let t0 = Instant::now();
+    let spec = &inner.spec;
+    let bs = spec.block_size as usize;
+    let n = req.hashes.len().min(req.tokens.len() / bs.max(1));
+    let mut got: Vec<Option<(Vec<u8>, usize)>> = vec![None; n];
+    for (ti, t) in inner.tiers.iter().enumerate() {
+        // Only what could still extend the run: positions before the first one no tier so far
+        // had are all found, so ask for every missing position (a later tier may fill a gap).
+        let want: Vec<usize> = (0..n).filter(|&i| got[i].is_none()).collect();
+        if want.is_empty() {
+            break;
+        }
+        let keys: Vec<TierKey> = want.iter().map(|&i| spec.key(req.hashes[i])).collect();
+        let c = t.tier.counters();
+        let r0 = Instant::now();
+        let Ok(values) = t.tier.get_many(&keys) else {
+            continue; // the tier counted its error; a failed tier is a miss
+        };
+        c.read_latency.observe(r0.elapsed().as_secs_f64());
+        for ((&i, key), v) in want.iter().zip(&keys).zip(values) {
+            let Some(bytes) = v else {
+                TierCounters::add(&c.misses, 1);
+                continue;
+            };
+            TierCounters::add(&c.bytes_read, bytes.len() as u64);
+            let tokens = &req.tokens[i * bs..(i + 1) * bs];
+            match wire::decode(spec, &req.hashes[i], tokens, &bytes) {
+                Ok(payload) => {
+                    TierCounters::add(&c.hits, 1);
+                    got[i] = Some((payload, ti));
+                }
+                Err(e) => {
+                    TierCounters::add(&c.corrupt, 1);
+                    tracing::warn!("{} tier: block {} refused ({e}); deleted", t.tier.name(), key.hash_hex());
+                    let _ = t.tier.delete(key);
+                }
+            }
+        }
+    }
+    let mut out = LoadResult {
+        per_tier: vec![0; inner.tiers.len()],
+        ..LoadResult::default()
+    };
+    for (payload, ti) in got.into_iter().map_while(|g| g) {
+        out.per_tier[ti] += 1;
+        out.payloads.push(payload);
+    }
+    out.elapsed = t0.elapsed();
+    out
+}
+
+/// A writer: takes blocks off its queue in batches, skips the ones its tier holds, encodes the
+/// rest with the tier's codec and stores them.
+fn write_loop(inner: &Inner, i: usize, rx: Receiver<WriteJob>) {
+    let t = &inner.tiers[i];
+    let c = t.tier.counters();
+    while let Ok(first) = rx.recv() {
+        let mut batch = vec![first];
+        while batch.len() < WRITE_BATCH {
+            match rx.try_recv() {
+                Ok(j) => batch.push(j),
+                Err(_) => break,
+            }
+        }
+        let mut entries = Vec::new();
+        let mut acks = Vec::new();
+        for job in batch {
+            match job {
+                WriteJob::Flush(ack) => acks.push(ack),
+                WriteJob::Put { hash, tokens, raw } => {
+                    let key = inner.spec.key(hash);
+                    if t.tier.contains(&key).unwrap_or(false) {
+                        TierCounters::add(&c.put_skipped, 1);
+                        continue;
+                    }
+                    let bytes = wire::encode(&inner.spec, &hash, &tokens, &raw, t.codec);
+                    entries.push((key, bytes));
+                }
+            }
+        }
+        if !entries.is_empty() {
+            let w0 = Instant::now();
+            let n = entries.len() as u64;
+            let total: u64 = entries.iter().map(|e| e.1.len() as u64).sum();
+            match t.tier.put_many(&entries) {
+                Ok(()) => {
+                    TierCounters::add(&c.puts, n);
+                    TierCounters::add(&c.bytes_written, total);
+                    let per = w0.elapsed().as_secs_f64() / n as f64;
+                    for _ in 0..n {
+                        c.write_latency.observe(per);
+                    }
+                }
+                Err(e) => {
+                    TierCounters::add(&c.errors, 1);
+                    tracing::debug!("{} tier: write failed: {e}", t.tier.name());
+                }
+            }
+        }
+        for a in acks {
+            let _ = a.send(());
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::{DiskTier, DiskTierConfig, RamTier};
+    use kvinfer_cache::{ModelFingerprint, PolicyKind};
+
+    fn spec() -> BlockSpec {
+        BlockSpec {
+            fingerprint: ModelFingerprint([4; 32]),
+            group: 0,
+            dtype: 0,
+            n_layers: 1,
+            n_kv_heads: 1,
+            head_dim: 8,
+            block_size: 2,
+        }
+    }
+
+    fn block(i: u8) -> (BlockHash, Vec<u32>, Vec<u8>) {
+        let raw: Vec<u8> = (0..spec().payload_bytes()).map(|j| (j as u8) ^ i).collect();
+        (BlockHash([i; 16]), vec![i as u32, 100 + i as u32], raw)
+    }
+
+    fn store(dir: &std::path::Path, ram_mode: WriteMode) -> (TieredStore, Arc<DiskTier>) {
+        let disk = Arc::new(
+            DiskTier::open(&DiskTierConfig {
+                dir: dir.to_path_buf(),
+                budget_bytes: 1 << 20,
+                ttl: None,
+            })
+            .unwrap(),
+        );
+        let tiers = vec![
+            TierSpec {
+                tier: Arc::new(RamTier::new(1 << 20, PolicyKind::Lru)),
+                write: ram_mode,
+                codec: Codec::ShuffleLz4,
+            },
+            TierSpec {
+                tier: disk.clone(),
+                write: WriteMode::Through,
+                codec: Codec::None,
+            },
+        ];
+        let cfg = TieredStoreConfig {
+            block: spec(),
+            write_queue_blocks: 64,
+            load_queue: 4,
+        };
+        (TieredStore::new(cfg, tiers), disk)
+    }
+
+    fn request(ids: &[u8]) -> LoadRequest {
+        LoadRequest {
+            hashes: ids.iter().map(|&i| block(i).0).collect(),
+            tokens: ids.iter().flat_map(|&i| block(i).1).collect(),
+        }
+    }
+
+    #[test]
+    fn write_modes_lookup_order_and_a_corrupt_block_ends_the_run() {
+        let dir = std::env::temp_dir().join(format!("kvinfer-store-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        let (s, disk) = store(&dir, WriteMode::Back);
+        for i in 0..4 {
+            let (h, t, raw) = block(i);
+            s.write_registered(h, &t, &raw); // disk only
+        }
+        let (h, t, raw) = block(0);
+        s.write_evicted(h, &t, &raw); // RAM only
+        s.flush();
+        let st = s.stats();
+        assert_eq!((st[0].entries, st[1].entries), (1, 4));
+        let r = s.load_blocking(&request(&[0, 1, 2, 3]));
+        assert_eq!(r.payloads.len(), 4);
+        assert_eq!(r.per_tier, vec![1, 3], "RAM first, disk for the rest");
+        for (i, p) in r.payloads.iter().enumerate() {
+            assert_eq!(p, &block(i as u8).2);
+        }
+        // Asking with other tokens than the block holds is refused (the block is deleted).
+        let mut wrong = request(&[0, 1]);
+        wrong.tokens[2] = 999;
+        let r = s.load_blocking(&wrong);
+        assert_eq!(r.payloads.len(), 1);
+        assert_eq!(s.stats()[1].corrupt, 1);
+        // A flipped bit on disk: block 2 is refused, deleted, counted; the run stops before it.
+        let p = disk.path(&spec().key(block(2).0));
+        let mut bytes = std::fs::read(&p).unwrap();
+        let last = bytes.len() - 1;
+        bytes[last] ^= 1;
+        std::fs::write(&p, bytes).unwrap();
+        let r = s.load_blocking(&request(&[0, 2, 3]));
+        assert_eq!(r.payloads.len(), 1);
+        assert!(!p.exists(), "the corrupt file is deleted");
+        assert_eq!(s.stats()[1].corrupt, 2);
+        // A repeated write of a block the tier holds is skipped.
+        let (h, t, raw) = block(3);
+        s.write_registered(h, &t, &raw);
+        s.flush();
+        assert_eq!(s.stats()[1].put_skipped, 1);
+        // Asynchronous loads reply on the loader thread.
+        let (tx, rx) = std::sync::mpsc::channel();
+        s.request_load(request(&[0]), Box::new(move |r| tx.send(r).unwrap()))
+            .unwrap();
+        assert_eq!(rx.recv().unwrap().payloads.len(), 1);
+        let cleared = s.clear();
+        assert_eq!(cleared[1], ("disk", Ok(2)));
+        drop(s);
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn dropping_the_store_flushes_pending_writes() {
+        let dir = std::env::temp_dir().join(format!("kvinfer-store-drop-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        let (s, _) = store(&dir, WriteMode::Off);
+        for i in 0..20 {
+            let (h, t, raw) = block(i);
+            s.write_registered(h, &t, &raw);
+        }
+        drop(s);
+        let (s, _) = store(&dir, WriteMode::Off);
+        let ids: Vec<u8> = (0..20).collect();
+        assert_eq!(s.load_blocking(&request(&ids)).payloads.len(), 20);
+        drop(s);
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+}
