@@ -369,6 +369,11 @@ impl KvCacheManager {
         &self.block_tokens[block.index() * bs..(block.index() + 1) * bs]
     }
 
+    /// Drops every cached block no sequence uses (see [`BlockPool::drop_cached`]).
+    pub fn drop_cached(&mut self) -> usize {
+        self.pool.drop_cached()
+    }
+
     /// Turns pool event recording on (for a [`crate::PagedKv`] with a sink).
     pub fn set_record_events(&mut self, on: bool) {
         self.pool.set_record_events(on);

@@ -262,6 +262,12 @@ impl PagedKv {
         n
     }
 
+    /// Empties the prefix cache: every cached block no sequence uses is freed (not reported to
+    /// the sink). Returns how many.
+    pub fn clear_cached(&mut self) -> usize {
+        self.manager.drop_cached()
+    }
+
     /// Checks the manager's and pool's invariants.
     pub fn check_invariants(&self) -> Result<(), String> {
         self.manager.check_invariants()
@@ -341,6 +347,12 @@ mod tests {
         assert_eq!(evicted[0].2, regs[1].2, "the leaf's bytes as registered");
         assert_eq!(evicted[1].2, regs[0].2);
         kv.release(b);
+        kv.check_invariants().unwrap();
+        // A clear frees every cached block and reports nothing.
+        assert_eq!(kv.usage().cached, 1);
+        assert_eq!(kv.clear_cached(), 1);
+        assert_eq!(kv.usage().free, 2);
+        assert!(log.lock().unwrap().is_empty());
         kv.check_invariants().unwrap();
     }
 

@@ -200,6 +200,19 @@ impl BlockPool {
         Some(b)
     }
 
+    /// Evicts every cached block no sequence uses (leaf first), without recording events: a
+    /// deliberate clear, not eviction pressure. Returns how many were dropped.
+    pub fn drop_cached(&mut self) -> usize {
+        let record = std::mem::replace(&mut self.record_events, false);
+        let mut n = 0;
+        while let Some(b) = self.evict_one() {
+            self.free.push(b);
+            n += 1;
+        }
+        self.record_events = record;
+        n
+    }
+
     /// A lookup hit on a registered block: one more reference, and the policy hears of the hit.
     pub fn acquire_cached(&mut self, block: BlockId) {
         let meta = &mut self.blocks[block.index()];

@@ -1,7 +1,10 @@
 //! Building the paged KV cache for a model: its memory budget and block geometry.
 
+use crate::tiers::{block_spec, build_store, TierOptions, TierSink};
 use kvinfer_cache::{PagedKv, PolicyKind, SeqId};
 use kvinfer_model::{Model, ModelError, SeqBatch};
+use kvinfer_tier::TieredStore;
+use std::sync::Arc;
 
 /// Default tokens per block (vLLM's figure: small enough that paging wastes little, large enough
 /// that block tables and hashing cost little).
@@ -25,6 +28,8 @@ pub struct CacheOptions {
     pub seed: u64,
     /// Exactly this many blocks, overriding `kv_cache_mb` (tests and experiments).
     pub num_blocks: Option<usize>,
+    /// Tiers below the pool (none by default).
+    pub tiers: TierOptions,
 }
 
 impl Default for CacheOptions {
@@ -35,6 +40,7 @@ impl Default for CacheOptions {
             policy: PolicyKind::Lru,
             seed: 0,
             num_blocks: None,
+            tiers: TierOptions::default(),
         }
     }
 }
@@ -82,6 +88,20 @@ pub fn new_paged_kv(model: &Model, opts: &CacheOptions) -> Result<PagedKv, Strin
         opts.seed,
         model.fingerprint(opts.block_size),
     ))
+}
+
+/// The pool and, when the options ask for tiers, the store behind it (the pool's events wired
+/// to it).
+pub fn new_kv_cache(
+    model: &Model,
+    opts: &CacheOptions,
+) -> Result<(PagedKv, Option<Arc<TieredStore>>), String> {
+    let mut kv = new_paged_kv(model, opts)?;
+    let store = build_store(block_spec(model, opts.block_size), &opts.tiers, opts.policy)?;
+    if let Some(s) = &store {
+        kv.set_sink(Box::new(TierSink::new(s.clone())));
+    }
+    Ok((kv, store))
 }
 
 /// Runs `tokens` as the next positions of sequence `seq` alone: reserves their blocks (applying

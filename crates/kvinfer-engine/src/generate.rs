@@ -4,6 +4,8 @@
 use crate::cache::extend_sequence;
 use crate::engine::SubmitError;
 use crate::request::{validate, FinishCheck, Limits, RequestShape};
+use crate::tiers::{import_loaded, load_request};
+use kvinfer_tier::TieredStore;
 use crate::sampler::{Sampler, SamplingParams};
 use crate::stop::TextStream;
 use crate::EngineError;
@@ -50,8 +52,12 @@ pub enum FinishReason {
 /// Wall-clock split of one generation.
 #[derive(Debug, Clone, Default, serde::Serialize)]
 pub struct Timings {
-    /// Prompt tokens served from the prefix cache.
+    /// Prompt tokens served from the prefix cache (the pool, or a tier).
     pub cached_tokens: usize,
+    /// Of those, tokens brought in from a tier (RAM, disk, Redis).
+    pub tier_tokens: usize,
+    /// Time spent loading them (part of `prefill_ms`).
+    pub tier_load_ms: f64,
     /// Prompt tokens actually computed (cached ones are skipped).
     pub prefill_tokens: usize,
     /// Time to run them and sample the first token: the time to first token.
@@ -105,6 +111,18 @@ pub fn generate(
     req: &GenerateRequest,
     on_text: impl FnMut(&str) -> bool,
 ) -> Result<GenerateOutput, EngineError> {
+    generate_tiered(model, kv, None, req, on_text)
+}
+
+/// As [`generate`], with the tiers behind the pool: a prefix the pool lacks is looked up in
+/// `tiers` (on this thread) and imported before prefill.
+pub fn generate_tiered(
+    model: &Model,
+    kv: &mut PagedKv,
+    tiers: Option<&TieredStore>,
+    req: &GenerateRequest,
+    on_text: impl FnMut(&str) -> bool,
+) -> Result<GenerateOutput, EngineError> {
     let ctx = context_limit(model, req);
     let limits = Limits {
         ctx,
@@ -124,7 +142,10 @@ pub fn generate(
     let mut run = Run {
         model,
         kv,
+        tiers,
         seq: None,
+        tier_tokens: 0,
+        tier_load_ms: 0.0,
     };
     let out = run.generate(req, ctx, on_text);
     if let Some(seq) = run.seq.take() {
@@ -145,7 +166,10 @@ fn context_limit(model: &Model, req: &GenerateRequest) -> usize {
 struct Run<'a> {
     model: &'a Model,
     kv: &'a mut PagedKv,
+    tiers: Option<&'a TieredStore>,
     seq: Option<SeqId>,
+    tier_tokens: usize,
+    tier_load_ms: f64,
 }
 
 impl Run<'_> {
@@ -164,7 +188,21 @@ impl Run<'_> {
         if let Some(old) = self.seq.take() {
             self.kv.release(old);
         }
-        let (seq, cached) = self.kv.add_sequence(ids, reuse);
+        let hashes = if reuse {
+            self.kv.hash_blocks(ids)
+        } else {
+            Vec::new()
+        };
+        if let (true, Some(tiers)) = (reuse, self.tiers) {
+            if let Some((from, lr)) = load_request(self.kv, &hashes, ids) {
+                let t0 = Instant::now();
+                let result = tiers.load_blocking(&lr);
+                let n = import_loaded(self.kv, &hashes, ids, from, &result);
+                self.tier_tokens = n * self.kv.block_size();
+                self.tier_load_ms = t0.elapsed().as_secs_f64() * 1e3;
+            }
+        }
+        let (seq, cached) = self.kv.add_sequence_hashed(ids, hashes, reuse);
         self.seq = Some(seq);
         Ok((self.step(seq, &ids[cached..])?, cached))
     }
@@ -199,6 +237,8 @@ impl Run<'_> {
             )));
         };
         out.timings.cached_tokens = cached;
+        out.timings.tier_tokens = self.tier_tokens.min(cached);
+        out.timings.tier_load_ms = self.tier_load_ms;
         out.timings.prefill_tokens = req.prompt_ids.len() - cached;
         let mut next = sampler.sample(&logits, &history);
         out.timings.prefill_ms = t0.elapsed().as_secs_f64() * 1e3;

@@ -11,15 +11,19 @@ mod generate;
 mod request;
 mod sampler;
 mod stop;
+mod tiers;
 
 pub use cache::{
-    default_kv_cache_mb, extend_sequence, new_paged_kv, CacheOptions, DEFAULT_BLOCK_SIZE,
+    default_kv_cache_mb, extend_sequence, new_kv_cache, new_paged_kv, CacheOptions,
+    DEFAULT_BLOCK_SIZE,
 };
+pub use kvinfer_tier::{Codec, TierStats, TieredStore, WriteMode};
+pub use tiers::{block_spec, build_store, TierOptions, TierSink, TierWrite, DEFAULT_CODEC};
 pub use engine::{
-    start as start_engine, EngineConfig, EngineHandle, EngineRequest, EngineStats, Event,
+    start as start_engine, ClearReport, EngineConfig, TierCleared, EngineHandle, EngineRequest, EngineStats, Event,
     Histogram, SubmitError, Usage, LATENCY_BUCKETS_S, MAX_N,
 };
-pub use generate::{generate, FinishReason, GenerateOutput, GenerateRequest, Timings};
+pub use generate::{generate, generate_tiered, FinishReason, GenerateOutput, GenerateRequest, Timings};
 /// The chat message type of the model's template (for servers building prompts).
 pub use kvinfer_model::chat::ChatMessage;
 pub use sampler::{Sampler, SamplingParams};

@@ -6,7 +6,7 @@ use crate::cli::{BatchBenchArgs, BenchArgs, PrefixBenchArgs};
 use crate::load::{kv_cache, load_model};
 use anyhow::Result;
 use kvinfer_cache::{PagedKv, PolicyKind};
-use kvinfer_engine::{generate, GenerateRequest, SamplingParams};
+use kvinfer_engine::{generate, generate_tiered, GenerateRequest, SamplingParams};
 use kvinfer_model::{Model, SeqBatch};
 use std::io::Write;
 use std::time::Instant;
@@ -97,15 +97,19 @@ pub fn run_prefix(a: PrefixBenchArgs, threads: usize) -> Result<()> {
         prefix_cache,
         ctx_size: ctx,
     };
-    let mut kv = kv_cache(&model, &a.model)?;
-    let cold = generate(
+    let (mut kv, tiers) = kv_cache(&model, &a.model)?;
+    let tiers = tiers.as_deref();
+    let cold = generate_tiered(
         &model,
         &mut kv,
+        tiers,
         &request(&all[..a.prompt_tokens], true),
         |_| true,
     )?;
-    let warm = generate(&model, &mut kv, &request(&all, true), |_| true)?;
-    let mut fresh = kv_cache(&model, &a.model)?;
+    let warm = generate_tiered(&model, &mut kv, tiers, &request(&all, true), |_| true)?;
+    // The reference runs on a pool of its own, with no tier behind it.
+    let mut fresh = kvinfer_engine::new_paged_kv(&model, &crate::load::cache_options(&a.model))
+        .map_err(anyhow::Error::msg)?;
     let reference = generate(&model, &mut fresh, &request(&all, false), |_| true)?;
     let (cold_ms, warm_ms) = (cold.timings.prefill_ms, warm.timings.prefill_ms);
     let j = serde_json::json!({

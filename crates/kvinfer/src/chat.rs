@@ -4,7 +4,7 @@
 use crate::cli::ChatArgs;
 use crate::load::{kv_cache, load_model, sampling};
 use anyhow::{Context, Result};
-use kvinfer_engine::{generate, GenerateRequest};
+use kvinfer_engine::{generate_tiered, GenerateRequest};
 use kvinfer_model::chat::ChatMessage;
 use std::io::{BufRead, IsTerminal, Write};
 
@@ -15,7 +15,7 @@ pub fn run(a: ChatArgs) -> Result<()> {
     )?;
     let tok = &model.tokenizer;
     // Earlier turns stay in the prefix cache: each turn's prompt reuses their full blocks.
-    let mut kv = kv_cache(&model, &a.model)?;
+    let (mut kv, tiers) = kv_cache(&model, &a.model)?;
     let ctx = a.model.ctx_size.min(model.config.context_length);
     let mut messages: Vec<ChatMessage> = Vec::new();
     if let Some(s) = &a.system {
@@ -85,7 +85,7 @@ pub fn run(a: ChatArgs) -> Result<()> {
             ctx_size: ctx,
         };
         let stdout = std::io::stdout();
-        let out = match generate(&model, &mut kv, &req, |t| {
+        let out = match generate_tiered(&model, &mut kv, tiers.as_deref(), &req, |t| {
             let mut s = stdout.lock();
             let _ = s.write_all(t.as_bytes());
             let _ = s.flush();
@@ -102,10 +102,14 @@ pub fn run(a: ChatArgs) -> Result<()> {
         writeln!(std::io::stdout())?;
         let reused = out.timings.cached_tokens;
         if a.stats || interactive {
+            let from_tiers = match out.timings.tier_tokens {
+                0 => String::new(),
+                n => format!(" ({n} of them loaded from the tiers)"),
+            };
             eprintln!(
                 "{}",
                 dim(&format!(
-                    "prompt {} tokens, reused {} from cache, TTFT {:.0} ms, {} tokens at {:.1} tok/s",
+                    "prompt {} tokens, reused {} from cache, TTFT {:.0} ms, {} tokens at {:.1} tok/s{from_tiers}",
                     prompt_ids.len(),
                     reused,
                     out.timings.prefill_ms,

@@ -53,6 +53,63 @@ pub struct ModelArgs {
     /// Eviction policy of the prefix cache: lru, lfu, fifo, random, s3fifo.
     #[arg(long, env = "KVINFER_EVICT", default_value = "lru")]
     pub evict: kvinfer_cache::PolicyKind,
+    #[command(flatten)]
+    pub tiers: TierArgs,
+}
+
+/// Tiers below the block pool: where evicted and registered KV blocks go, and where a prefix
+/// the pool lacks is looked up (RAM, then disk, then Redis).
+#[derive(Args, Clone, Default)]
+pub struct TierArgs {
+    /// RAM tier budget in MiB (compressed blocks the pool evicted); 0 turns it off.
+    #[arg(long, env = "KVINFER_RAM_TIER_MB", default_value_t = 0)]
+    pub ram_tier_mb: usize,
+    /// Disk tier directory: blocks survive restart and are shared by processes on this machine.
+    #[arg(long, env = "KVINFER_DISK_TIER")]
+    pub disk_tier: Option<PathBuf>,
+    /// Disk tier size cap in MiB (least recently used blocks are deleted past it).
+    #[arg(long, env = "KVINFER_DISK_TIER_MB", default_value_t = 4096)]
+    pub disk_tier_mb: usize,
+    /// Disk blocks older than this many seconds are expired (default: kept until the cap).
+    #[arg(long, env = "KVINFER_DISK_TIER_TTL")]
+    pub disk_tier_ttl: Option<u64>,
+    /// Redis tier on one server, shared by every instance using it: redis://HOST:PORT[/DB].
+    #[arg(long, env = "KVINFER_REDIS", conflicts_with = "redis_cluster")]
+    pub redis: Option<String>,
+    /// Redis tier on a Redis Cluster: HOST:PORT[,HOST:PORT...] (some of its nodes).
+    #[arg(long, env = "KVINFER_REDIS_CLUSTER", value_delimiter = ',')]
+    pub redis_cluster: Vec<String>,
+    /// Lifetime of a block in Redis, in seconds (each block gets +-10% jitter).
+    #[arg(long, env = "KVINFER_REDIS_TTL", default_value_t = 86400)]
+    pub redis_ttl: u64,
+    /// Deadline of one Redis read in milliseconds: a slower Redis is a miss.
+    #[arg(long, env = "KVINFER_REDIS_TIMEOUT_MS", default_value_t = 100)]
+    pub redis_timeout_ms: u64,
+    /// When each tier takes blocks: back (when the pool evicts), through (when registered),
+    /// off (read-only).
+    #[arg(long, env = "KVINFER_TIER_WRITE", default_value = "ram=back,disk=through,redis=through")]
+    pub tier_write: kvinfer_engine::TierWrite,
+    /// Compression of tier blocks: none, lz4, shuffle-lz4, zstd, shuffle-zstd.
+    #[arg(long, env = "KVINFER_TIER_CODEC", default_value = "shuffle-lz4")]
+    pub tier_codec: kvinfer_engine::Codec,
+}
+
+impl TierArgs {
+    /// The engine's options.
+    pub fn options(&self) -> kvinfer_engine::TierOptions {
+        kvinfer_engine::TierOptions {
+            ram_tier_mb: self.ram_tier_mb,
+            codec: self.tier_codec,
+            disk_dir: self.disk_tier.clone(),
+            disk_tier_mb: self.disk_tier_mb,
+            disk_ttl: self.disk_tier_ttl.map(std::time::Duration::from_secs),
+            redis_url: self.redis.clone(),
+            redis_cluster: self.redis_cluster.clone(),
+            redis_ttl: std::time::Duration::from_secs(self.redis_ttl),
+            redis_timeout: std::time::Duration::from_millis(self.redis_timeout_ms.max(1)),
+            write: self.tier_write,
+        }
+    }
 }
 
 /// Sampling flags shared by generate and chat.

@@ -3,7 +3,7 @@
 use crate::cli::GenerateArgs;
 use crate::load::{kv_cache, load_model, sampling};
 use anyhow::Result;
-use kvinfer_engine::{generate, GenerateRequest};
+use kvinfer_engine::{generate_tiered, GenerateRequest};
 use std::io::Write;
 
 pub fn run(a: GenerateArgs, threads: usize) -> Result<()> {
@@ -16,7 +16,7 @@ pub fn run(a: GenerateArgs, threads: usize) -> Result<()> {
     if prompt_ids.is_empty() {
         anyhow::bail!("the prompt is empty after tokenization; give some text with --prompt");
     }
-    let mut kv = kv_cache(&model, &a.model)?;
+    let (mut kv, tiers) = kv_cache(&model, &a.model)?;
     let req = GenerateRequest {
         prompt_ids: prompt_ids.clone(),
         max_tokens: a.max_tokens,
@@ -34,10 +34,10 @@ pub fn run(a: GenerateArgs, threads: usize) -> Result<()> {
     anyhow::ensure!(req.max_tokens > 0, "--max-tokens must be at least 1");
     let stdout = std::io::stdout();
     let out = if a.json {
-        generate(&model, &mut kv, &req, |_| true)?
+        generate_tiered(&model, &mut kv, tiers.as_deref(), &req, |_| true)?
     } else {
         print!("{}", a.prompt);
-        let o = generate(&model, &mut kv, &req, |t| {
+        let o = generate_tiered(&model, &mut kv, tiers.as_deref(), &req, |t| {
             let mut s = stdout.lock();
             let _ = s.write_all(t.as_bytes());
             let _ = s.flush();
@@ -63,6 +63,9 @@ pub fn run(a: GenerateArgs, threads: usize) -> Result<()> {
             "text": out.text,
             "finish_reason": out.finish_reason,
             "timings": {
+                "cached_tokens": t.cached_tokens,
+                "tier_tokens": t.tier_tokens,
+                "tier_load_ms": t.tier_load_ms,
                 "prefill_tokens": t.prefill_tokens,
                 "prefill_ms": t.prefill_ms,
                 "prefill_tok_s": t.prefill_tok_s(),

@@ -127,14 +127,22 @@ pub fn sampling(a: &SamplingArgs) -> SamplingParams {
     }
 }
 
-/// The paged KV cache the flags ask for.
-pub fn kv_cache(model: &Model, args: &ModelArgs) -> Result<kvinfer_cache::PagedKv> {
-    let opts = kvinfer_engine::CacheOptions {
+/// The cache options the flags ask for (pool and tiers).
+pub fn cache_options(args: &ModelArgs) -> kvinfer_engine::CacheOptions {
+    kvinfer_engine::CacheOptions {
         kv_cache_mb: args.kv_cache_mb,
         block_size: args.block_size,
         policy: args.evict,
         seed: 0,
         num_blocks: None,
-    };
-    kvinfer_engine::new_paged_kv(model, &opts).map_err(anyhow::Error::msg)
+        tiers: args.tiers.options(),
+    }
+}
+
+/// The paged KV cache the flags ask for, and the tiers behind it.
+pub type Cache = (kvinfer_cache::PagedKv, Option<std::sync::Arc<kvinfer_engine::TieredStore>>);
+
+/// Builds the cache the flags ask for.
+pub fn kv_cache(model: &Model, args: &ModelArgs) -> Result<Cache> {
+    kvinfer_engine::new_kv_cache(model, &cache_options(args)).map_err(anyhow::Error::msg)
 }

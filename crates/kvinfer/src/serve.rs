@@ -2,22 +2,16 @@
 //! the HTTP server on a small tokio runtime.
 
 use crate::cli::ServeArgs;
-use crate::load::{load_model, worker_pool};
+use crate::load::{cache_options, load_model, worker_pool};
 use anyhow::{Context, Result};
-use kvinfer_engine::{start_engine, CacheOptions, EngineConfig};
+use kvinfer_engine::{start_engine, EngineConfig};
 use kvinfer_server::ServerConfig;
 
 pub fn run(a: ServeArgs) -> Result<()> {
     anyhow::ensure!(a.max_running >= 1, "--max-running must be at least 1");
     let model = load_model(&a.model)?;
     let config = EngineConfig {
-        cache: CacheOptions {
-            kv_cache_mb: a.model.kv_cache_mb,
-            block_size: a.model.block_size,
-            policy: a.model.evict,
-            seed: 0,
-            num_blocks: None,
-        },
+        cache: cache_options(&a.model),
         max_batch_tokens: a.max_batch_tokens,
         max_running: a.max_running,
         ctx_size: a.model.ctx_size,
@@ -35,6 +29,10 @@ pub fn run(a: ServeArgs) -> Result<()> {
         stats.policy,
         engine.context_size()
     );
+    if !stats.tiers.is_empty() {
+        let names: Vec<&str> = stats.tiers.iter().map(|t| t.name).collect();
+        eprintln!("kvinfer: KV tiers below the pool: {}", names.join(" -> "));
+    }
     let server = ServerConfig {
         host: a.host,
         port: a.port,

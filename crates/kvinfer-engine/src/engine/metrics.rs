@@ -2,6 +2,7 @@
 //! publishes a snapshot after every step; the server renders it (Prometheus text, JSON).
 
 use kvinfer_cache::{BlockUsage, PrefixStats};
+use kvinfer_tier::TierStats;
 use serde::Serialize;
 
 /// Upper bounds (seconds) of the latency histogram buckets; a last `+Inf` bucket is implied.
@@ -55,6 +56,12 @@ pub struct EngineStats {
     pub running: usize,
     /// Sequences waiting for admission (new or preempted).
     pub waiting: usize,
+    /// Sequences waiting for their prefix from a tier.
+    pub loading: usize,
+    /// Tier loads completed.
+    pub tier_loads_total: u64,
+    /// Prompt tokens brought into the pool from a tier.
+    pub tier_hit_tokens_total: u64,
     /// Prompt tokens of accepted requests.
     pub prompt_tokens_total: u64,
     /// Tokens generated.
@@ -75,4 +82,6 @@ pub struct EngineStats {
     pub blocks: BlockUsage,
     /// Prefix cache counters.
     pub prefix: PrefixStats,
+    /// Each tier below the pool, in lookup order (read when the snapshot is taken).
+    pub tiers: Vec<TierStats>,
 }

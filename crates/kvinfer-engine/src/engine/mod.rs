@@ -13,7 +13,7 @@ mod scheduler;
 
 pub use metrics::{EngineStats, Histogram, LATENCY_BUCKETS_S};
 
-use crate::cache::{new_paged_kv, CacheOptions};
+use crate::cache::{new_kv_cache, CacheOptions};
 use crate::request::{validate, Limits, RequestShape};
 use crate::sampler::SamplingParams;
 use crate::FinishReason;
@@ -115,6 +115,27 @@ pub enum SubmitError {
 
 enum Command {
     Submit(EngineRequest, UnboundedSender<Event>),
+    ClearCache(tokio::sync::oneshot::Sender<ClearReport>),
+}
+
+/// What a cache clear removed.
+#[derive(Debug, Clone, Serialize)]
+pub struct ClearReport {
+    /// Cached blocks freed in the pool.
+    pub pool_blocks: usize,
+    /// Per tier, in lookup order.
+    pub tiers: Vec<TierCleared>,
+}
+
+/// One tier's part of a clear.
+#[derive(Debug, Clone, Serialize)]
+pub struct TierCleared {
+    /// Tier name.
+    pub tier: &'static str,
+    /// Blocks deleted (None when it failed).
+    pub deleted: Option<u64>,
+    /// Why it failed.
+    pub error: Option<String>,
 }
 
 /// The only way into the engine. Cheap to clone; the engine thread ends when every handle is
@@ -125,6 +146,7 @@ pub struct EngineHandle {
     model: Arc<Model>,
     stats: Arc<Mutex<EngineStats>>,
     limits: Limits,
+    tiers: Option<Arc<kvinfer_tier::TieredStore>>,
 }
 
 /// Most choices per request.
@@ -141,9 +163,24 @@ impl EngineHandle {
         self.limits.ctx
     }
 
-    /// The latest snapshot of the engine.
+    /// The latest snapshot of the engine, with the tiers' counters read now (they change on
+    /// their own threads, while the engine loop may be idle).
     pub fn stats(&self) -> EngineStats {
-        self.stats.lock().map(|s| s.clone()).unwrap_or_default()
+        let mut s = self.stats.lock().map(|s| s.clone()).unwrap_or_default();
+        if let Some(t) = &self.tiers {
+            s.tiers = t.stats();
+        }
+        s
+    }
+
+    /// Empties the prefix cache: the pool's cached blocks and this model's blocks on every tier.
+    /// Requests in flight keep their blocks.
+    pub async fn clear_cache(&self) -> Result<ClearReport, SubmitError> {
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        self.commands
+            .send(Command::ClearCache(tx))
+            .map_err(|_| SubmitError::ShuttingDown)?;
+        rx.await.map_err(|_| SubmitError::ShuttingDown)
     }
 
     /// Checks `req` and queues it; its events arrive on the returned channel. Dropping the
@@ -178,7 +215,7 @@ pub fn start(
             config.max_batch_tokens, config.max_running
         ));
     }
-    let kv = new_paged_kv(&model, &config.cache)?;
+    let (kv, tiers) = new_kv_cache(&model, &config.cache)?;
     let model = Arc::new(model);
     let ctx = match config.ctx_size {
         0 => model.config.context_length,
@@ -196,8 +233,9 @@ pub fn start(
         model: model.clone(),
         stats: stats.clone(),
         limits,
+        tiers: tiers.clone(),
     };
-    let mut sched = scheduler::Scheduler::new(model, kv, config, ctx, stats);
+    let mut sched = scheduler::Scheduler::new(model, kv, config, ctx, stats, tiers);
     let thread = std::thread::Builder::new()
         .name("kvinfer-engine".into())
         .spawn(move || {

@@ -16,6 +16,8 @@
 use super::metrics::EngineStats;
 use super::{Command, EngineConfig, EngineRequest, Event, Usage};
 use crate::request::FinishCheck;
+use crate::tiers::{import_loaded, load_request};
+use kvinfer_tier::{LoadResult, TieredStore};
 use crate::sampler::Sampler;
 use crate::stop::TextStream;
 use crate::FinishReason;
@@ -23,8 +25,11 @@ use kvinfer_cache::{BlockHash, PagedKv, SeqId};
 use kvinfer_model::{Model, SeqBatch};
 use std::collections::{HashMap, VecDeque};
 use std::sync::{mpsc, Arc, Mutex};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 use tokio::sync::mpsc::UnboundedSender;
+
+/// How long an idle loop waits for a tier load before looking at new commands again.
+const LOAD_POLL: Duration = Duration::from_millis(2);
 
 /// Below this queue length admission is first come, first served.
 const PREFIX_ORDER_MIN_QUEUE: usize = 4;
@@ -72,6 +77,16 @@ struct Choice {
     text: TextStream,
     passed_over: u32,
     last_token_at: Option<Instant>,
+    /// The tiers were asked for this choice's prefix (once per request).
+    tier_checked: bool,
+}
+
+/// A choice waiting for its blocks from a tier (between waiting and running): it holds no
+/// pool block and does not hold up the running batch.
+struct Loading {
+    choice: Choice,
+    /// The first block the load covers.
+    from: usize,
 }
 
 pub(super) struct Scheduler {
@@ -86,6 +101,11 @@ pub(super) struct Scheduler {
     /// In admission order (the last is preempted first).
     running: Vec<Choice>,
     waiting: VecDeque<Choice>,
+    tiers: Option<Arc<TieredStore>>,
+    loading: HashMap<u64, Loading>,
+    next_load: u64,
+    loads_tx: mpsc::Sender<(u64, LoadResult)>,
+    loads_rx: mpsc::Receiver<(u64, LoadResult)>,
 }
 
 impl Scheduler {
@@ -95,7 +115,9 @@ impl Scheduler {
         config: EngineConfig,
         ctx: usize,
         shared: Arc<Mutex<EngineStats>>,
+        tiers: Option<Arc<TieredStore>>,
     ) -> Self {
+        let (loads_tx, loads_rx) = mpsc::channel();
         let stats = EngineStats {
             model: model.name.clone(),
             policy: kv.policy().to_string(),
@@ -113,6 +135,11 @@ impl Scheduler {
             next_req: 0,
             running: Vec::new(),
             waiting: VecDeque::new(),
+            tiers,
+            loading: HashMap::new(),
+            next_load: 0,
+            loads_tx,
+            loads_rx,
         };
         s.publish();
         s
@@ -127,12 +154,16 @@ impl Scheduler {
         let mut open = true;
         loop {
             if self.idle() {
-                if !open {
-                    break;
-                }
-                match rx.recv() {
-                    Ok(c) => self.accept(c),
-                    Err(_) => break,
+                if self.loading.is_empty() {
+                    if !open {
+                        break;
+                    }
+                    match rx.recv() {
+                        Ok(c) => self.accept(c),
+                        Err(_) => break,
+                    }
+                } else if let Ok(r) = self.loads_rx.recv_timeout(LOAD_POLL) {
+                    self.on_loaded(r);
                 }
             }
             loop {
@@ -145,6 +176,9 @@ impl Scheduler {
                     }
                 }
             }
+            while let Ok(r) = self.loads_rx.try_recv() {
+                self.on_loaded(r);
+            }
             self.reap_cancelled();
             self.step();
             self.publish();
@@ -152,8 +186,74 @@ impl Scheduler {
         self.publish();
     }
 
+    /// A tier load came back: its verified blocks go into the pool (registered, cached) and the
+    /// choice waits at the head of the queue, to be admitted with them as a prefix hit.
+    fn on_loaded(&mut self, (id, result): (u64, LoadResult)) {
+        let Some(Loading { choice, from }) = self.loading.remove(&id) else {
+            return; // its request was cancelled meanwhile
+        };
+        let n = import_loaded(&mut self.kv, &choice.hashes, &choice.tokens, from, &result);
+        self.stats.tier_loads_total += 1;
+        self.stats.tier_hit_tokens_total += (n * self.kv.block_size()) as u64;
+        self.waiting.push_front(choice);
+    }
+
+    /// Sends waiting choice `w` to the tiers when they may hold more of its prefix than the
+    /// pool does. True when it left the queue for `loading`.
+    fn start_load(&mut self, w: usize) -> bool {
+        let Some(tiers) = &self.tiers else {
+            return false;
+        };
+        let c = &mut self.waiting[w];
+        if std::mem::replace(&mut c.tier_checked, true) {
+            return false;
+        }
+        let Some((from, lr)) = load_request(&self.kv, &c.hashes, &c.tokens) else {
+            return false;
+        };
+        let id = self.next_load;
+        let tx = self.loads_tx.clone();
+        let reply = Box::new(move |r: LoadResult| {
+            let _ = tx.send((id, r));
+        });
+        if tiers.request_load(lr, reply).is_err() {
+            return false; // the load queue is full: compute instead
+        }
+        self.next_load += 1;
+        let choice = self.waiting.remove(w).expect("picked");
+        self.loading.insert(id, Loading { choice, from });
+        true
+    }
+
+    /// Empties the prefix cache: the pool's cached blocks now, the tiers' blocks of this model
+    /// on a thread of their own (the loop never waits on I/O); `reply` gets the report.
+    fn clear_cache(&mut self, reply: tokio::sync::oneshot::Sender<super::ClearReport>) {
+        let pool_blocks = self.kv.clear_cached();
+        let tiers = self.tiers.clone();
+        let _ = std::thread::Builder::new()
+            .name("kvinfer-cache-clear".into())
+            .spawn(move || {
+                let tiers = tiers
+                    .map(|t| {
+                        t.clear()
+                            .into_iter()
+                            .map(|(name, r)| super::TierCleared {
+                                tier: name,
+                                deleted: r.as_ref().ok().copied(),
+                                error: r.err(),
+                            })
+                            .collect()
+                    })
+                    .unwrap_or_default();
+                let _ = reply.send(super::ClearReport { pool_blocks, tiers });
+            });
+    }
+
     fn accept(&mut self, c: Command) {
-        let Command::Submit(params, events) = c;
+        let (params, events) = match c {
+            Command::Submit(params, events) => (params, events),
+            Command::ClearCache(reply) => return self.clear_cache(reply),
+        };
         let id = self.next_req;
         self.next_req += 1;
         self.stats.requests_total += 1;
@@ -170,6 +270,7 @@ impl Scheduler {
             text: TextStream::new(&params.stop),
             passed_over: 0,
             last_token_at: None,
+            tier_checked: false,
         };
         let usage = Usage {
             prompt_tokens: params.prompt_ids.len(),
@@ -216,6 +317,7 @@ impl Scheduler {
         };
         self.running.retain(&mut drop_choice);
         self.waiting.retain(drop_choice);
+        self.loading.retain(|_, l| l.choice.req != id);
         if let Some(r) = self.requests.remove(&id) {
             if let Some(e) = error {
                 let _ = r.events.send(Event::Error(e));
@@ -287,6 +389,9 @@ impl Scheduler {
         while budget > 0 && self.running.len() < self.config.max_running && !self.waiting.is_empty()
         {
             let w = self.pick_waiting();
+            if self.start_load(w) {
+                continue;
+            }
             let c = &self.waiting[w];
             let (seq, cached) = self.kv.add_sequence_hashed(&c.tokens, c.hashes.clone(), true);
             let n = (c.tokens.len() - cached).min(budget);
@@ -403,6 +508,7 @@ impl Scheduler {
                         text: TextStream::new(&req.params.stop),
                         passed_over: 0,
                         last_token_at: None,
+                        tier_checked: true,
                     };
                     let end = advance(&mut f, req, &logits, &self.model, self.ctx, &mut self.stats);
                     forks.push((f, end));
@@ -460,8 +566,10 @@ impl Scheduler {
     fn publish(&mut self) {
         self.stats.running = self.running.len();
         self.stats.waiting = self.waiting.len();
+        self.stats.loading = self.loading.len();
         self.stats.blocks = self.kv.usage();
         self.stats.prefix = self.kv.stats();
+
         if let Ok(mut s) = self.shared.lock() {
             s.clone_from(&self.stats);
         }
@@ -542,7 +650,7 @@ mod tests {
         };
         let ctx = model.config.context_length;
         let stats = Arc::new(Mutex::new(EngineStats::default()));
-        Scheduler::new(Arc::new(model), kv, config, ctx, stats)
+        Scheduler::new(Arc::new(model), kv, config, ctx, stats, None)
     }
 
     fn submit(s: &mut Scheduler, prompt: Vec<u32>, max_tokens: usize) -> UnboundedReceiver<Event> {

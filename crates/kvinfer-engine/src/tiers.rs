@@ -1,0 +1,260 @@
+//! The tiers behind the pool, from the engine's side: building the [`TieredStore`] the flags ask
+//! for, the sink that turns pool events into tier writes, and the two halves of a tier hit
+//! (what to ask for; importing what came back). `generate()` loads on its own thread; the engine
+//! loop sends the request to the store's loader and admits the sequence when the reply comes.
+
+use kvinfer_cache::{BlockHash, KvEventSink, PagedKv, PoolEvent, TokenId};
+use kvinfer_model::Model;
+use kvinfer_tier::{
+    BlockSpec, Codec, DiskTier, DiskTierConfig, LoadRequest, LoadResult, RamTier, RedisTarget,
+    RedisTier, RedisTierConfig, TierSpec, TieredStore, TieredStoreConfig, WriteMode,
+};
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+/// The codec chosen by measurement (`kvinfer bench tiers`, docs/BENCHMARKS.md).
+pub const DEFAULT_CODEC: Codec = Codec::ShuffleLz4;
+
+/// When each tier takes blocks (`--tier-write ram=back,disk=through,redis=through`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct TierWrite {
+    /// The RAM tier.
+    pub ram: WriteMode,
+    /// The disk tier.
+    pub disk: WriteMode,
+    /// The Redis tier.
+    pub redis: WriteMode,
+}
+
+impl Default for TierWrite {
+    fn default() -> Self {
+        Self {
+            ram: WriteMode::Back,
+            disk: WriteMode::Through,
+            redis: WriteMode::Through,
+        }
+    }
+}
+
+impl std::str::FromStr for TierWrite {
+    type Err = String;
+    /// `tier=mode` pairs, comma-separated; tiers not named keep their default.
+    fn from_str(s: &str) -> Result<Self, String> {
+        let mut w = TierWrite::default();
+        for part in s.split(',').map(str::trim).filter(|p| !p.is_empty()) {
+            let (tier, mode) = part
+                .split_once('=')
+                .ok_or_else(|| format!("--tier-write wants tier=mode pairs, got {part:?}"))?;
+            let mode: WriteMode = mode.parse()?;
+            match tier {
+                "ram" => w.ram = mode,
+                "disk" => w.disk = mode,
+                "redis" => w.redis = mode,
+                _ => return Err(format!("unknown tier {tier:?} in --tier-write; use ram, disk or redis")),
+            }
+        }
+        Ok(w)
+    }
+}
+
+/// Which tiers to run below the pool, and how.
+#[derive(Debug, Clone)]
+pub struct TierOptions {
+    /// RAM tier budget in MiB (0: no RAM tier).
+    pub ram_tier_mb: usize,
+    /// Compression of RAM and disk blocks.
+    pub codec: Codec,
+    /// Disk tier directory.
+    pub disk_dir: Option<PathBuf>,
+    /// Disk tier size cap in MiB.
+    pub disk_tier_mb: usize,
+    /// Disk block lifetime (none: until evicted by the cap).
+    pub disk_ttl: Option<Duration>,
+    /// One redis-server.
+    pub redis_url: Option<String>,
+    /// A Redis Cluster's nodes.
+    pub redis_cluster: Vec<String>,
+    /// Redis block lifetime (jittered +-10%).
+    pub redis_ttl: Duration,
+    /// Deadline of one Redis read.
+    pub redis_timeout: Duration,
+    /// When each tier is written.
+    pub write: TierWrite,
+}
+
+impl Default for TierOptions {
+    fn default() -> Self {
+        Self {
+            ram_tier_mb: 0,
+            codec: DEFAULT_CODEC,
+            disk_dir: None,
+            disk_tier_mb: 4096,
+            disk_ttl: None,
+            redis_url: None,
+            redis_cluster: Vec::new(),
+            redis_ttl: Duration::from_secs(24 * 3600),
+            redis_timeout: Duration::from_millis(100),
+            write: TierWrite::default(),
+        }
+    }
+}
+
+impl TierOptions {
+    /// Whether any tier is asked for.
+    pub fn any(&self) -> bool {
+        self.ram_tier_mb > 0
+            || self.disk_dir.is_some()
+            || self.redis_url.is_some()
+            || !self.redis_cluster.is_empty()
+    }
+}
+
+/// What a block of `model` looks like on the tiers.
+pub fn block_spec(model: &Model, block_size: usize) -> BlockSpec {
+    let l = model.kv_layout(block_size, 1);
+    BlockSpec {
+        fingerprint: model.fingerprint(block_size),
+        group: 0,
+        dtype: 0,
+        n_layers: l.n_layers as u16,
+        n_kv_heads: l.n_kv_heads as u16,
+        head_dim: l.head_dim as u16,
+        block_size: block_size as u16,
+    }
+}
+
+/// The store the options ask for (None when they ask for no tier). Errors name the flag.
+pub fn build_store(
+    spec: BlockSpec,
+    opts: &TierOptions,
+    policy: kvinfer_cache::PolicyKind,
+) -> Result<Option<Arc<TieredStore>>, String> {
+    if !opts.any() {
+        return Ok(None);
+    }
+    let mut tiers = Vec::new();
+    if opts.ram_tier_mb > 0 {
+        tiers.push(TierSpec {
+            tier: Arc::new(RamTier::new((opts.ram_tier_mb as u64) << 20, policy)),
+            write: opts.write.ram,
+            codec: opts.codec,
+        });
+    }
+    if let Some(dir) = &opts.disk_dir {
+        let disk = DiskTier::open(&DiskTierConfig {
+            dir: dir.clone(),
+            budget_bytes: (opts.disk_tier_mb as u64) << 20,
+            ttl: opts.disk_ttl,
+        })
+        .map_err(|e| format!("--disk-tier {}: {e}", dir.display()))?;
+        tiers.push(TierSpec {
+            tier: Arc::new(disk),
+            write: opts.write.disk,
+            codec: opts.codec,
+        });
+    }
+    let target = match (&opts.redis_url, opts.redis_cluster.is_empty()) {
+        (Some(_), false) => return Err("give --redis or --redis-cluster, not both".into()),
+        (Some(url), true) => Some(RedisTarget::Single(url.clone())),
+        (None, false) => Some(RedisTarget::Cluster(opts.redis_cluster.clone())),
+        (None, true) => None,
+    };
+    if let Some(target) = target {
+        let redis = RedisTier::new(RedisTierConfig {
+            target,
+            ttl: opts.redis_ttl,
+            read_timeout: opts.redis_timeout,
+            write_timeout: opts.redis_timeout.max(Duration::from_secs(1)),
+        })
+        .map_err(|e| format!("--redis: {e}"))?;
+        tiers.push(TierSpec {
+            tier: Arc::new(redis),
+            write: opts.write.redis,
+            // Network bytes cost more than CPU here; every instance reads the header's codec.
+            codec: opts.codec,
+        });
+    }
+    let config = TieredStoreConfig {
+        block: spec,
+        write_queue_blocks: 256,
+        load_queue: 64,
+    };
+    Ok(Some(Arc::new(TieredStore::new(config, tiers))))
+}
+
+/// Pool events to tier writes: registered blocks to the write-through tiers, evicted ones to the
+/// write-back tiers. Only copies a block when some tier takes it; never blocks.
+pub struct TierSink {
+    store: Arc<TieredStore>,
+    through: bool,
+    back: bool,
+}
+
+impl TierSink {
+    /// A sink writing to `store`.
+    pub fn new(store: Arc<TieredStore>) -> Self {
+        Self {
+            through: store.writes(WriteMode::Through),
+            back: store.writes(WriteMode::Back),
+            store,
+        }
+    }
+}
+
+impl KvEventSink for TierSink {
+    fn on_event(&mut self, event: &PoolEvent, tokens: &[TokenId], bytes: &[u8]) {
+        match *event {
+            PoolEvent::Registered { hash, .. } if self.through => {
+                self.store.write_registered(hash, tokens, bytes)
+            }
+            PoolEvent::Evicted { hash, .. } if self.back => {
+                self.store.write_evicted(hash, tokens, bytes)
+            }
+            _ => {}
+        }
+    }
+}
+
+/// What to ask the tiers for a prompt: the blocks after the pool's cached prefix that a prefix
+/// hit may use. `None` when the pool already has them all. Returns (first block to load, the
+/// request).
+pub(crate) fn load_request(
+    kv: &PagedKv,
+    hashes: &[BlockHash],
+    prompt: &[TokenId],
+) -> Option<(usize, LoadRequest)> {
+    let max = kv.max_prefix_blocks(prompt.len()).min(hashes.len());
+    let from = kv.lookup_hashed(hashes, prompt.len()).blocks.len();
+    if from >= max {
+        return None;
+    }
+    let bs = kv.block_size();
+    Some((
+        from,
+        LoadRequest {
+            hashes: hashes[from..max].to_vec(),
+            tokens: prompt[from * bs..max * bs].to_vec(),
+        },
+    ))
+}
+
+/// Imports a load's verified blocks (they start at block `from`) into the pool. The pool may
+/// have changed meanwhile: blocks it now has are skipped; if it lost part of the prefix before
+/// `from`, the loaded blocks cannot chain and are dropped (a miss). Returns blocks imported.
+pub(crate) fn import_loaded(
+    kv: &mut PagedKv,
+    hashes: &[BlockHash],
+    prompt: &[TokenId],
+    from: usize,
+    result: &LoadResult,
+) -> usize {
+    let end = from + result.payloads.len();
+    let have = kv.lookup_hashed(&hashes[..end], prompt.len()).blocks.len();
+    if have < from || have >= end {
+        return 0;
+    }
+    let bs = kv.block_size();
+    let payloads: Vec<&[u8]> = result.payloads[have - from..].iter().map(|p| &p[..]).collect();
+    kv.import(&hashes[..end], have, &payloads, &prompt[have * bs..end * bs])
+}
