@@ -17,7 +17,7 @@ pub use cache::{
     default_kv_cache_mb, extend_sequence, new_kv_cache, new_paged_kv, CacheOptions,
     DEFAULT_BLOCK_SIZE,
 };
-pub use kvinfer_tier::{Codec, TierStats, TieredStore, WriteMode};
+pub use kvinfer_tier::{Codec, TierStats, TieredStore, WriteMode, TIER_LATENCY_BUCKETS_S};
 pub use tiers::{block_spec, build_store, TierOptions, TierSink, TierWrite, DEFAULT_CODEC};
 pub use engine::{
     start as start_engine, ClearReport, EngineConfig, TierCleared, EngineHandle, EngineRequest, EngineStats, Event,

@@ -359,6 +359,15 @@ pub async fn models(State(st): State<Arc<AppState>>) -> Json<Value> {
     }))
 }
 
+/// `POST /v1/cache/clear` (behind the API key): empties the pool's prefix cache and deletes
+/// this model's blocks from every tier. Requests in flight keep their blocks.
+pub async fn clear_cache(State(st): State<Arc<AppState>>) -> Result<Json<Value>, ApiError> {
+    let report = st.engine.clear_cache().await.map_err(|e| {
+        ApiError::invalid(e.to_string(), None).status(StatusCode::SERVICE_UNAVAILABLE)
+    })?;
+    Ok(Json(serde_json::to_value(&report).unwrap_or_else(|_| json!({}))))
+}
+
 /// `GET /health`.
 pub async fn health() -> Json<Value> {
     Json(json!({"status": "ok"}))

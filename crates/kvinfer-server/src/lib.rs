@@ -80,6 +80,7 @@ pub fn router(engine: EngineHandle, config: &ServerConfig) -> Router {
         .route("/v1/chat/completions", post(handlers::chat))
         .route("/v1/completions", post(handlers::completion))
         .route("/v1/models", get(handlers::models))
+        .route("/v1/cache/clear", post(handlers::clear_cache))
         .route_layer(middleware::from_fn_with_state(state.clone(), auth));
     Router::new()
         .merge(api)

@@ -273,3 +273,26 @@ async fn api_key_guards_v1() {
     let (s, _) = call(&app, "GET", "/health", Body::empty(), None).await;
     assert_eq!(s, StatusCode::OK, "health stays open for probes");
 }
+
+#[tokio::test]
+async fn cache_clear_needs_the_key_and_empties_the_prefix_cache() {
+    let app = app(Some("sesame"));
+    let body = || Body::from(chat(json!(2)).to_string());
+    let (s, b) = call(&app, "POST", "/v1/chat/completions", body(), Some("sesame")).await;
+    assert_eq!(s, StatusCode::OK, "{b}");
+    let stats = |b: String| serde_json::from_str::<Value>(&b).unwrap();
+    let (_, b) = call(&app, "GET", "/v1/stats", Body::empty(), None).await;
+    let cached = stats(b)["blocks"]["cached"].as_u64().unwrap();
+    assert!(cached > 0, "the chat left cached blocks");
+    let (s, _) = call(&app, "POST", "/v1/cache/clear", Body::empty(), None).await;
+    assert_eq!(s, StatusCode::UNAUTHORIZED);
+    let (s, b) = call(&app, "POST", "/v1/cache/clear", Body::empty(), Some("sesame")).await;
+    assert_eq!(s, StatusCode::OK, "{b}");
+    let v = stats(b);
+    assert_eq!(v["pool_blocks"].as_u64(), Some(cached), "{v}");
+    assert_eq!(v["tiers"], json!([]));
+    let (_, b) = call(&app, "GET", "/v1/stats", Body::empty(), None).await;
+    assert_eq!(stats(b)["blocks"]["cached"], json!(0));
+    let (s, _) = call(&app, "POST", "/v1/chat/completions", body(), Some("sesame")).await;
+    assert_eq!(s, StatusCode::OK, "serving goes on after a clear");
+}
