@@ -52,7 +52,48 @@ pub struct DiskTier {
 
 const LAYOUT_DIR: &str = "kvinfer-v1";
 
+/// What a disk tier directory holds, read without changing anything (for `kvinfer cache stats`
+/// while a server may be writing to it).
+#[derive(Debug, Clone, Default, serde::Serialize)]
+pub struct DiskScan {
+    /// Per model namespace (the fingerprint's first 16 bytes, hex): blocks and bytes.
+    pub models: Vec<(String, u64, u64)>,
+    /// Temp files (writes in flight, or left by a crash).
+    pub temp_files: u64,
+}
+
 impl DiskTier {
+    /// Reads what `dir` holds without sweeping, expiring or trimming anything.
+    pub fn scan(dir: &Path) -> Result<DiskScan, TierError> {
+        let root = dir.join(LAYOUT_DIR);
+        let mut out = DiskScan::default();
+        if !root.is_dir() {
+            return Ok(out);
+        }
+        for model_dir in read_dirs(&root)? {
+            let name = model_dir.file_name().map(|n| n.to_string_lossy().into_owned());
+            let Some(name) = name.filter(|n| unhex::<16>(n).is_some()) else {
+                continue;
+            };
+            let (mut n, mut bytes) = (0, 0);
+            for shard in read_dirs(&model_dir)? {
+                for e in std::fs::read_dir(&shard)?.flatten() {
+                    let f = e.file_name();
+                    let f = f.to_string_lossy();
+                    if f.ends_with(".tmp") {
+                        out.temp_files += 1;
+                    } else if f.ends_with(".kvb") {
+                        n += 1;
+                        bytes += e.metadata().map(|m| m.len()).unwrap_or(0);
+                    }
+                }
+            }
+            out.models.push((name, n, bytes));
+        }
+        out.models.sort();
+        Ok(out)
+    }
+
     /// Opens (or creates) the tier: sweeps leftover temp files, expires old files, rebuilds the
     /// index, and trims to the budget.
     pub fn open(config: &DiskTierConfig) -> Result<Self, TierError> {

@@ -28,7 +28,7 @@ pub mod testing;
 pub mod wire;
 
 pub use codec::Codec;
-pub use disk::{DiskTier, DiskTierConfig};
+pub use disk::{DiskScan, DiskTier, DiskTierConfig};
 pub use ram::RamTier;
 pub use redis_tier::{RedisTarget, RedisTier, RedisTierConfig};
 pub use stats::{LatencyHistogram, TierCounters, TierStats, TIER_LATENCY_BUCKETS_S};

@@ -1,4 +1,4 @@
-//! `kvinfer cache simulate`: replays a request trace against eviction policies at several
+//! `kvinfer cache simulate` (`cache stats` and `cache clear` are in cache_admin.rs): replays a request trace against eviction policies at several
 //! capacities (the simulator lives in `kvinfer_cache::simulate`; this file reads the trace and
 //! prints, serialises or plots the results).
 
@@ -13,6 +13,8 @@ use std::path::Path;
 pub fn run(cmd: CacheCommand) -> Result<()> {
     match cmd {
         CacheCommand::Simulate(a) => run_simulate(a),
+        CacheCommand::Stats(a) => crate::cache_admin::stats(a),
+        CacheCommand::Clear(a) => crate::cache_admin::clear(a),
     }
 }
 

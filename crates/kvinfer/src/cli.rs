@@ -265,6 +265,27 @@ pub struct PrefixBenchArgs {
 pub enum CacheCommand {
     /// Replay a request trace against eviction policies at several capacities; report hit rates.
     Simulate(SimulateArgs),
+    /// What a disk tier directory or a Redis holds: blocks and bytes per model.
+    Stats(CacheStoreArgs),
+    /// Delete every kvinfer block from a disk tier directory or a Redis.
+    Clear(CacheStoreArgs),
+}
+
+/// Which tier stores `cache stats` / `cache clear` look at (at least one).
+#[derive(Args)]
+pub struct CacheStoreArgs {
+    /// A disk tier directory.
+    #[arg(long, env = "KVINFER_DISK_TIER")]
+    pub disk_tier: Option<PathBuf>,
+    /// A Redis server: redis://HOST:PORT[/DB].
+    #[arg(long, env = "KVINFER_REDIS", conflicts_with = "redis_cluster")]
+    pub redis: Option<String>,
+    /// A Redis Cluster: HOST:PORT[,HOST:PORT...].
+    #[arg(long, env = "KVINFER_REDIS_CLUSTER", value_delimiter = ',')]
+    pub redis_cluster: Vec<String>,
+    /// Print JSON.
+    #[arg(long)]
+    pub json: bool,
 }
 
 #[derive(Args)]

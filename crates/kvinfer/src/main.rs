@@ -1,6 +1,7 @@
 //! `kvinfer`: the command line of the kvinfer inference engine.
 
 mod bench;
+mod cache_admin;
 mod cache_cmd;
 mod chat;
 mod cli;
