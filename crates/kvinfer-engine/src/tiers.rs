@@ -14,7 +14,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 /// The codec chosen by measurement (`kvinfer bench tiers`, docs/BENCHMARKS.md).
-pub const DEFAULT_CODEC: Codec = Codec::ShuffleLz4;
+pub const DEFAULT_CODEC: Codec = Codec::ShuffleZstd;
 
 /// When each tier takes blocks (`--tier-write ram=back,disk=through,redis=through`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -11,7 +11,7 @@ use kvinfer_model::{Model, SeqBatch};
 use std::io::Write;
 use std::time::Instant;
 
-fn tokens(model: &Model, n: usize, seed: u64) -> Vec<u32> {
+pub(crate) fn tokens(model: &Model, n: usize, seed: u64) -> Vec<u32> {
     // xorshift: deterministic ids without pulling a generator into the measurement.
     let mut s = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
     let vocab = model.config.vocab_size as u64;
@@ -42,7 +42,7 @@ fn step(model: &Model, kv: &mut PagedKv, seq: kvinfer_cache::SeqId, ids: &[u32])
     Ok(())
 }
 
-fn pp(model: &Model, n: usize, seed: u64) -> Result<f64> {
+pub(crate) fn pp(model: &Model, n: usize, seed: u64) -> Result<f64> {
     let ids = tokens(model, n, seed);
     let (mut kv, seq) = one_sequence(model, n);
     let t = Instant::now();
@@ -60,7 +60,7 @@ fn tg(model: &Model, n: usize, seed: u64) -> Result<f64> {
     Ok(n as f64 / t.elapsed().as_secs_f64())
 }
 
-fn warm_up(model: &Model, seconds: f64) -> Result<()> {
+pub(crate) fn warm_up(model: &Model, seconds: f64) -> Result<()> {
     let t = Instant::now();
     let mut i = 0;
     while t.elapsed().as_secs_f64() < seconds {

@@ -90,7 +90,7 @@ pub struct TierArgs {
     #[arg(long, env = "KVINFER_TIER_WRITE", default_value = "ram=back,disk=through,redis=through")]
     pub tier_write: kvinfer_engine::TierWrite,
     /// Compression of tier blocks: none, lz4, shuffle-lz4, zstd, shuffle-zstd.
-    #[arg(long, env = "KVINFER_TIER_CODEC", default_value = "shuffle-lz4")]
+    #[arg(long, env = "KVINFER_TIER_CODEC", default_value = "shuffle-zstd")]
     pub tier_codec: kvinfer_engine::Codec,
 }
 
@@ -217,6 +217,73 @@ pub enum BenchCommand {
     /// Decode step time for B sequences in one batched forward vs one sequence: what continuous
     /// batching saves (the weights are read once per step).
     Batch(BatchBenchArgs),
+    /// Time to first token of a long prompt plus a new suffix: cold, pool hit, and a hit from
+    /// each tier (RAM, disk, Redis, Redis Cluster; Redis servers are started unless given);
+    /// tier I/O rates and the codecs on real KV blocks.
+    Tiers(TierBenchArgs),
+    /// A multi-turn chat workload with a pool too small for it, with and without RAM + disk
+    /// tiers, against an unlimited pool: prefix hit rate and throughput.
+    SmallPool(SmallPoolBenchArgs),
+}
+
+#[derive(Args)]
+pub struct TierBenchArgs {
+    #[command(flatten)]
+    pub model: ModelArgs,
+    /// Tokens of the cached prompt.
+    #[arg(long, default_value_t = 1500)]
+    pub prompt_tokens: usize,
+    /// New tokens after it.
+    #[arg(long, default_value_t = 16)]
+    pub suffix_tokens: usize,
+    /// Tokens generated per request (greedy), compared with the cold run.
+    #[arg(long, default_value_t = 8)]
+    pub gen_tokens: usize,
+    /// Repetitions of each case (the median is reported).
+    #[arg(long, short = 'r', default_value_t = 3)]
+    pub repetitions: usize,
+    /// Seconds of CPU warm-up before timing.
+    #[arg(long, default_value_t = 0.0)]
+    pub warmup_s: f64,
+    /// Skip the Redis and Redis Cluster cases.
+    #[arg(long)]
+    pub no_redis: bool,
+    /// Draw the TTFT of each case into this SVG file.
+    #[arg(long)]
+    pub plot: Option<PathBuf>,
+    /// Print JSON.
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Args)]
+pub struct SmallPoolBenchArgs {
+    #[command(flatten)]
+    pub model: ModelArgs,
+    /// Conversations, taken turn by turn round robin (all turn 1s, then all turn 2s...).
+    #[arg(long, default_value_t = 24)]
+    pub conversations: usize,
+    /// Turns per conversation.
+    #[arg(long, default_value_t = 3)]
+    pub turns: usize,
+    /// New user tokens per turn.
+    #[arg(long, default_value_t = 96)]
+    pub turn_tokens: usize,
+    /// Tokens generated per turn (greedy; they join the next turn's prompt).
+    #[arg(long, default_value_t = 8)]
+    pub gen_tokens: usize,
+    /// The small pool as a fraction of the working set (all conversations' final prompts).
+    #[arg(long, default_value_t = 0.1)]
+    pub pool_fraction: f64,
+    /// RAM tier of the tiered run, in MiB.
+    #[arg(long, default_value_t = 64)]
+    pub ram_mb: usize,
+    /// Seconds of CPU warm-up before timing.
+    #[arg(long, default_value_t = 0.0)]
+    pub warmup_s: f64,
+    /// Print JSON.
+    #[arg(long)]
+    pub json: bool,
 }
 
 #[derive(Args)]

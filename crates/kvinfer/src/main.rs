@@ -1,6 +1,7 @@
 //! `kvinfer`: the command line of the kvinfer inference engine.
 
 mod bench;
+mod bench_tiers;
 mod cache_admin;
 mod cache_cmd;
 mod chat;
@@ -26,6 +27,8 @@ fn main() {
         cli::Command::Bench(a) => match &a.sub {
             Some(cli::BenchCommand::Prefix(p)) => p.model.threads,
             Some(cli::BenchCommand::Batch(b)) => b.model.threads,
+            Some(cli::BenchCommand::Tiers(b)) => b.model.threads,
+            Some(cli::BenchCommand::SmallPool(b)) => b.model.threads,
             None => a.model.threads,
         },
         cli::Command::Cache(_) => None,
@@ -44,6 +47,8 @@ fn main() {
         cli::Command::Bench(a) => match a.sub {
             Some(cli::BenchCommand::Prefix(p)) => bench::run_prefix(p, n),
             Some(cli::BenchCommand::Batch(b)) => bench::run_batch(b, n),
+            Some(cli::BenchCommand::Tiers(b)) => bench_tiers::run(b, n),
+            Some(cli::BenchCommand::SmallPool(b)) => bench_tiers::run_small_pool(b, n),
             None => bench::run(a, n),
         },
         cli::Command::Cache(c) => cache_cmd::run(c),
