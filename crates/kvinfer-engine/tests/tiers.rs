@@ -393,3 +393,97 @@ fn redis_killed_mid_run_fails_no_request_and_the_tier_recovers() {
     assert!(e.0.stats().tiers[0].healthy || t.elapsed() < Duration::from_secs(15));
     stop(e);
 }
+
+/// LMCache #4385 served one request's KV to another from its disk tier. Here two prompts' block
+/// files are swapped on disk: each name now holds the other prompt's valid block. Both are
+/// refused (hash and token ids are checked), counted, and both answers stay exact.
+#[test]
+fn another_requests_block_under_this_name_is_refused() {
+    let (model, path) = tiny(TinyArch::Llama, 9);
+    let dir = temp_dir("swap");
+    let (a, b) = (prompt(30, 41), prompt(31, 41));
+    let e = engine(Model::load(&path).unwrap(), 64, disk(&dir));
+    run(&e.0, &a, 6);
+    run(&e.0, &b, 6);
+    stop(e);
+    let spec = block_spec(&model, BS);
+    let kv = PagedKv::new(model.kv_layout(BS, 1), PolicyKind::Lru, 0, model.fingerprint(BS));
+    let file = |h| {
+        let key = spec.key(h);
+        let hx = key.hash_hex();
+        dir.join("kvinfer-v1").join(key.model_hex()).join(&hx[..2]).join(format!("{hx}-g0.kvb"))
+    };
+    let (fa, fb) = (file(kv.hash_blocks(&a)[0]), file(kv.hash_blocks(&b)[0]));
+    let (ba, bb) = (std::fs::read(&fa).unwrap(), std::fs::read(&fb).unwrap());
+    std::fs::write(&fa, &bb).unwrap();
+    std::fs::write(&fb, &ba).unwrap();
+    let e = engine(Model::load(&path).unwrap(), 64, disk(&dir));
+    for p in [&a, &b] {
+        let (_, text, usage) = run(&e.0, p, 6);
+        assert_eq!(text, alone(&model, p, 6));
+        assert_eq!(usage.cached_tokens, 0, "the chain stops at the foreign first block");
+    }
+    let s = wait_idle(&e.0);
+    assert_eq!(s.tiers[0].corrupt, 2);
+    assert_eq!(s.tier_hit_tokens_total, 0);
+    stop(e);
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// A Redis that stalls (DEBUG SLEEP) while a request waits for its blocks: the load runs on the
+/// tier's thread, so a running generation keeps producing tokens meanwhile; the stalled
+/// request is answered exactly once the deadline turns the read into a miss.
+#[test]
+fn a_stalled_tier_never_blocks_the_running_batch() {
+    let server = RedisServer::start().expect("redis-server");
+    let (model, path) = tiny(TinyArch::Llama, 9);
+    let opts = TierOptions {
+        redis_url: Some(server.url()),
+        redis_timeout: Duration::from_millis(1500),
+        ..TierOptions::default()
+    };
+    let e = engine(Model::load(&path).unwrap(), 256, opts);
+    let long = prompt(40, 9);
+    let req = EngineRequest {
+        prompt_ids: long.clone(),
+        max_tokens: 200,
+        sampling: SamplingParams::greedy(),
+        stop: vec![],
+        n: 1,
+        ignore_eos: true,
+    };
+    let mut rx = e.0.submit(req).unwrap();
+    // Wait until it is decoding.
+    while !matches!(rx.blocking_recv(), Some(Event::Text { .. })) {}
+    let port = server.port.to_string();
+    let sleeper = std::thread::spawn(move || {
+        std::process::Command::new("redis-cli")
+            .args(["-p", &port, "DEBUG", "SLEEP", "1"])
+            .output()
+    });
+    std::thread::sleep(Duration::from_millis(100));
+    let h = e.0.clone();
+    let q = prompt(41, 41);
+    let want = alone(&model, &q, 4);
+    let stalled = std::thread::spawn(move || {
+        let t0 = Instant::now();
+        let (_, text, _) = run(&h, &q, 4);
+        (text, t0.elapsed())
+    });
+    // While the second request waits on Redis, the first keeps streaming.
+    let t0 = Instant::now();
+    let mut tokens_meanwhile = 0;
+    while t0.elapsed() < Duration::from_millis(600) {
+        match rx.blocking_recv() {
+            Some(Event::Text { .. }) => tokens_meanwhile += 1,
+            Some(_) | None => break,
+        }
+    }
+    let (text, took) = stalled.join().unwrap();
+    assert_eq!(text, want);
+    assert!(took >= Duration::from_millis(300), "the second request did wait on Redis: {took:?}");
+    assert!(tokens_meanwhile >= 10, "the running batch stalled: {tokens_meanwhile} tokens");
+    sleeper.join().unwrap().unwrap();
+    drop(rx);
+    stop(e);
+}

@@ -198,3 +198,59 @@ fn chat_reuses_previous_turns() {
         stats[1]
     );
 }
+
+/// `kvinfer generate` run twice on one --disk-tier: the second process loads the prompt's
+/// blocks from disk and prints the same tokens; `cache stats` sees them, `cache clear` empties
+/// the directory; a bad tier flag is a clear error.
+#[test]
+fn a_second_process_on_the_same_disk_tier_reuses_the_first_ones_prefix() {
+    let m = tiny(TinyArch::Llama);
+    let dir = std::env::temp_dir().join(format!("kvinfer-cli-disk-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    let d = dir.to_str().unwrap();
+    let prompt = "the tin hen sat on the mat and the red fox ran to the den by the sea";
+    let run = |extra: &[&str]| {
+        let mut args = vec![
+            "generate", "--model", m.to_str().unwrap(), "--prompt", prompt, "--max-tokens", "8",
+            "--temperature", "0", "--ignore-eos", "--json", "--threads", "1", "--block-size", "4",
+        ];
+        args.extend_from_slice(extra);
+        let out = kvinfer(&args);
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        serde_json::from_slice::<Value>(&out.stdout).unwrap()
+    };
+    let plain = run(&[]);
+    let first = run(&["--disk-tier", d]);
+    assert_eq!(first["timings"]["tier_tokens"], 0);
+    let second = run(&["--disk-tier", d]);
+    assert!(second["timings"]["tier_tokens"].as_u64().unwrap() > 0, "{second}");
+    assert_eq!(second["timings"]["cached_tokens"], second["timings"]["tier_tokens"]);
+    assert_eq!(second["ids"], plain["ids"], "a disk hit changes nothing");
+    assert_eq!(first["ids"], plain["ids"]);
+
+    let stats = kvinfer(&["cache", "stats", "--disk-tier", d, "--json"]);
+    assert!(stats.status.success(), "{}", String::from_utf8_lossy(&stats.stderr));
+    let s: Value = serde_json::from_slice(&stats.stdout).unwrap();
+    assert!(s["disk"]["blocks"].as_u64().unwrap() > 0, "{s}");
+    assert_eq!(s["disk"]["models"].as_array().unwrap().len(), 1);
+    let clear = kvinfer(&["cache", "clear", "--disk-tier", d, "--json"]);
+    assert!(clear.status.success());
+    let c: Value = serde_json::from_slice(&clear.stdout).unwrap();
+    assert_eq!(c["disk"]["deleted"], s["disk"]["blocks"]);
+    let after = run(&["--disk-tier", d]);
+    assert_eq!(after["timings"]["tier_tokens"], 0, "cleared");
+
+    for (args, needle) in [
+        (vec!["cache", "stats"], "--disk-tier"),
+        (vec!["cache", "stats", "--disk-tier", "/nonexistent/kvinfer"], "not a directory"),
+        (vec!["generate", "--model", m.to_str().unwrap(), "--prompt", "x", "--tier-write", "ram=sideways"], "unknown write mode"),
+        (vec!["generate", "--model", m.to_str().unwrap(), "--prompt", "x", "--tier-codec", "gzip"], "unknown codec"),
+    ] {
+        let out = kvinfer(&args);
+        assert!(!out.status.success(), "{args:?} should fail");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(err.contains(needle), "{args:?}: {err}");
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+}
