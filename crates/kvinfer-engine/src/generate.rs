@@ -35,6 +35,23 @@ pub struct GenerateRequest {
     pub ctx_size: usize,
 }
 
+impl GenerateRequest {
+    /// Greedy decoding of exactly `max_tokens` tokens (past end-of-generation tokens) with the
+    /// KV and prefix caches on: what benchmarks and equality tests run.
+    pub fn greedy(prompt_ids: &[u32], max_tokens: usize) -> Self {
+        Self {
+            prompt_ids: prompt_ids.to_vec(),
+            max_tokens,
+            sampling: SamplingParams::greedy(),
+            stop: Vec::new(),
+            ignore_eos: true,
+            use_kv_cache: true,
+            prefix_cache: true,
+            ctx_size: 0,
+        }
+    }
+}
+
 /// Why generation ended.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
 #[serde(rename_all = "snake_case")]

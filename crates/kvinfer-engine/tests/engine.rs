@@ -85,14 +85,8 @@ fn alone(model: &Model, prompt: &[u32], max_tokens: usize) -> String {
         model.fingerprint(16),
     );
     let req = GenerateRequest {
-        prompt_ids: prompt.to_vec(),
-        max_tokens,
-        sampling: SamplingParams::greedy(),
-        stop: vec![],
-        ignore_eos: true,
-        use_kv_cache: true,
         prefix_cache: false,
-        ctx_size: 0,
+        ..GenerateRequest::greedy(prompt, max_tokens)
     };
     generate(model, &mut kv, &req, |_| true).unwrap().text
 }

@@ -70,14 +70,8 @@ fn run(h: &EngineHandle, prompt: &[u32], max_tokens: usize) -> (Vec<u32>, String
 fn alone(model: &Model, prompt: &[u32], max_tokens: usize) -> String {
     let mut kv = PagedKv::new(model.kv_layout(BS, 128), PolicyKind::Lru, 0, model.fingerprint(BS));
     let req = GenerateRequest {
-        prompt_ids: prompt.to_vec(),
-        max_tokens,
-        sampling: SamplingParams::greedy(),
-        stop: vec![],
-        ignore_eos: true,
-        use_kv_cache: true,
         prefix_cache: false,
-        ctx_size: 0,
+        ..GenerateRequest::greedy(prompt, max_tokens)
     };
     generate(model, &mut kv, &req, |_| true).unwrap().text
 }

@@ -117,9 +117,10 @@ impl FromStr for Codec {
 fn shuffle2(raw: &[u8]) -> Vec<u8> {
     let n = raw.len() / 2;
     let mut out = vec![0u8; raw.len()];
-    for i in 0..n {
-        out[i] = raw[2 * i];
-        out[n + i] = raw[2 * i + 1];
+    let (lo, rest) = out.split_at_mut(n);
+    for ((pair, l), h) in raw.chunks_exact(2).zip(lo.iter_mut()).zip(rest.iter_mut()) {
+        *l = pair[0];
+        *h = pair[1];
     }
     if raw.len() % 2 == 1 {
         out[2 * n] = raw[2 * n];
@@ -130,9 +131,10 @@ fn shuffle2(raw: &[u8]) -> Vec<u8> {
 fn unshuffle2(s: &[u8]) -> Vec<u8> {
     let n = s.len() / 2;
     let mut out = vec![0u8; s.len()];
-    for i in 0..n {
-        out[2 * i] = s[i];
-        out[2 * i + 1] = s[n + i];
+    let (lo, hi) = (&s[..n], &s[n..2 * n]);
+    for ((pair, &l), &h) in out.chunks_exact_mut(2).zip(lo).zip(hi) {
+        pair[0] = l;
+        pair[1] = h;
     }
     if s.len() % 2 == 1 {
         out[2 * n] = s[2 * n];

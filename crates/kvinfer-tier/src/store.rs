@@ -291,17 +291,22 @@ fn load(inner: &Inner, req: &LoadRequest) -> LoadResult {
             continue; // the tier counted its error; a failed tier is a miss
         };
         c.read_latency.observe(r0.elapsed().as_secs_f64());
+        let mut fetched = Vec::new();
         for ((&i, key), v) in want.iter().zip(&keys).zip(values) {
-            let Some(bytes) = v else {
-                TierCounters::add(&c.misses, 1);
-                continue;
-            };
-            TierCounters::add(&c.bytes_read, bytes.len() as u64);
-            let tokens = &req.tokens[i * bs..(i + 1) * bs];
-            match wire::decode(spec, &req.hashes[i], tokens, &bytes) {
+            match v {
+                Some(bytes) => {
+                    TierCounters::add(&c.bytes_read, bytes.len() as u64);
+                    fetched.push((i, key, bytes));
+                }
+                None => TierCounters::add(&c.misses, 1),
+            }
+        }
+        let checked = verify_all(spec, req, &fetched);
+        for ((i, key, _), result) in fetched.iter().zip(checked) {
+            match result {
                 Ok(payload) => {
                     TierCounters::add(&c.hits, 1);
-                    got[i] = Some((payload, ti));
+                    got[*i] = Some((payload, ti));
                 }
                 Err(e) => {
                     TierCounters::add(&c.corrupt, 1);
@@ -321,6 +326,37 @@ fn load(inner: &Inner, req: &LoadRequest) -> LoadResult {
     }
     out.elapsed = t0.elapsed();
     out
+}
+
+/// Checks and decodes fetched blocks, on up to 4 threads: decompression and checksums are the
+/// CPU cost of a tier hit, and a prefix is many independent blocks.
+fn verify_all(
+    spec: &BlockSpec,
+    req: &LoadRequest,
+    fetched: &[(usize, &TierKey, Vec<u8>)],
+) -> Vec<Result<Vec<u8>, wire::WireError>> {
+    let bs = spec.block_size as usize;
+    let one = |(i, _, bytes): &(usize, &TierKey, Vec<u8>)| {
+        wire::decode(spec, &req.hashes[*i], &req.tokens[i * bs..(i + 1) * bs], bytes)
+    };
+    let workers = std::thread::available_parallelism()
+        .map_or(1, |n| n.get())
+        .min(4)
+        .min(fetched.len().div_ceil(4).max(1));
+    if workers <= 1 {
+        return fetched.iter().map(one).collect();
+    }
+    let per = fetched.len().div_ceil(workers);
+    std::thread::scope(|s| {
+        let handles: Vec<_> = fetched
+            .chunks(per)
+            .map(|chunk| s.spawn(move || chunk.iter().map(one).collect::<Vec<_>>()))
+            .collect();
+        handles
+            .into_iter()
+            .flat_map(|h| h.join().unwrap_or_default())
+            .collect()
+    })
 }
 
 /// A writer: takes blocks off its queue in batches, skips the ones its tier holds, encodes the

@@ -6,7 +6,7 @@ use crate::cli::{BatchBenchArgs, BenchArgs, PrefixBenchArgs};
 use crate::load::{kv_cache, load_model};
 use anyhow::Result;
 use kvinfer_cache::{PagedKv, PolicyKind};
-use kvinfer_engine::{generate, generate_tiered, GenerateRequest, SamplingParams};
+use kvinfer_engine::{generate, generate_tiered, GenerateRequest};
 use kvinfer_model::{Model, SeqBatch};
 use std::io::Write;
 use std::time::Instant;
@@ -88,14 +88,9 @@ pub fn run_prefix(a: PrefixBenchArgs, threads: usize) -> Result<()> {
     pp(&model, 64, 7)?; // page the weights in
     let all = tokens(&model, a.prompt_tokens + a.suffix_tokens, 42);
     let request = |ids: &[u32], prefix_cache: bool| GenerateRequest {
-        prompt_ids: ids.to_vec(),
-        max_tokens: a.gen_tokens,
-        sampling: SamplingParams::greedy(),
-        stop: vec![],
-        ignore_eos: true,
-        use_kv_cache: true,
         prefix_cache,
         ctx_size: ctx,
+        ..GenerateRequest::greedy(ids, a.gen_tokens)
     };
     let (mut kv, tiers) = kv_cache(&model, &a.model)?;
     let tiers = tiers.as_deref();

@@ -14,7 +14,7 @@ use crate::load::{cache_options, load_model};
 use anyhow::{anyhow, ensure, Result};
 use kvinfer_engine::{
     block_spec, generate, generate_tiered, new_kv_cache, new_paged_kv, CacheOptions, Codec,
-    GenerateRequest, SamplingParams, TierOptions, TierSink, TieredStore,
+    GenerateRequest, TierOptions, TierSink, TieredStore,
 };
 use kvinfer_model::Model;
 use kvinfer_tier::testing::{RedisCluster, RedisServer};
@@ -30,14 +30,9 @@ use std::time::{Duration, Instant};
 
 fn greedy(ids: &[u32], max_tokens: usize, ctx: usize, prefix_cache: bool) -> GenerateRequest {
     GenerateRequest {
-        prompt_ids: ids.to_vec(),
-        max_tokens,
-        sampling: SamplingParams::greedy(),
-        stop: vec![],
-        ignore_eos: true,
-        use_kv_cache: true,
         prefix_cache,
         ctx_size: ctx,
+        ..GenerateRequest::greedy(ids, max_tokens)
     }
 }
 
@@ -200,11 +195,12 @@ pub fn run(a: TierBenchArgs, threads: usize) -> Result<()> {
     let _ = std::fs::remove_dir_all(&dir);
     let (cases, _servers) = cases(&a, &dir)?;
     let spec = block_spec(&model, bs);
-    let codec = a.model.tiers.tier_codec;
+    let codec_of = |_: &Case| a.model.tiers.tier_codec.unwrap_or(kvinfer_engine::DEFAULT_CODEC);
     let mut page_cache_dropped = None;
     let mut io = Vec::new();
     let mut payloads: Vec<Vec<u8>> = Vec::new();
     for case in &cases {
+        let codec = codec_of(case);
         let store = store_of(spec, case.tier.clone(), codec);
         // Populate: the prefix computed once on a pool that writes through to this tier.
         let mut kv = fresh()?;
@@ -214,6 +210,7 @@ pub fn run(a: TierBenchArgs, threads: usize) -> Result<()> {
         let hashes = kv.hash_blocks(prefix);
         drop(kv);
         let (mut times, mut equal, mut cached, mut tier_tokens) = (Vec::new(), true, 0, 0);
+        let mut load_ms = Vec::new();
         for _ in 0..a.repetitions {
             if case.disk {
                 page_cache_dropped = Some(drop_page_cache());
@@ -225,11 +222,13 @@ pub fn run(a: TierBenchArgs, threads: usize) -> Result<()> {
             equal &= o.ids == reference;
             cached = o.timings.cached_tokens;
             tier_tokens = o.timings.tier_tokens;
+            load_ms.push(o.timings.tier_load_ms);
         }
         let t = median(&mut times);
         progress(&format!("{} hit {t:.1} ms ({tier_tokens} tokens from the tier)", case.name));
         rows.push(json!({"case": case.name, "ttft_ms": t, "ttft_ms_all": times,
-            "cached_tokens": cached, "tier_tokens": tier_tokens, "outputs_equal": equal}));
+            "tier_load_ms": median(&mut load_ms), "cached_tokens": cached,
+            "tier_tokens": tier_tokens, "outputs_equal": equal}));
         // The prompt's verified blocks, for the I/O and codec measurements.
         if payloads.is_empty() {
             let lr = LoadRequest {
@@ -255,7 +254,7 @@ pub fn run(a: TierBenchArgs, threads: usize) -> Result<()> {
         "suffix_tokens": a.suffix_tokens,
         "block_size": bs,
         "block_bytes": spec.payload_bytes(),
-        "codec": codec.to_string(),
+        "codecs_used": cases.iter().map(|c| json!({"tier": c.name, "codec": codec_of(c).to_string()})).collect::<Vec<_>>(),
         "repetitions": a.repetitions,
         "page_cache_dropped": page_cache_dropped,
         "cases": rows,
@@ -278,10 +277,10 @@ pub fn run(a: TierBenchArgs, threads: usize) -> Result<()> {
                 r["ttft_ms"].as_f64().unwrap_or(0.0), r["ratio_vs_cold"].as_f64().unwrap_or(0.0),
                 r["ratio_vs_pool"].as_f64().unwrap_or(0.0), r["cached_tokens"], r["outputs_equal"])?;
         }
-        writeln!(out, "\ntier I/O ({codec}):")?;
+        writeln!(out, "\ntier I/O (codec per tier as in the TTFT runs):")?;
         for r in &io {
-            writeln!(out, "{:<14} write {:>8.1} MB/s {:>8.0} blocks/s   read {:>8.1} MB/s {:>8.0} blocks/s",
-                r["tier"].as_str().unwrap_or(""), r["write_mb_s"].as_f64().unwrap_or(0.0),
+            writeln!(out, "{:<14} {:<13} write {:>8.1} MB/s {:>8.0} blocks/s   read {:>8.1} MB/s {:>8.0} blocks/s",
+                r["tier"].as_str().unwrap_or(""), r["codec"].as_str().unwrap_or(""), r["write_mb_s"].as_f64().unwrap_or(0.0),
                 r["write_blocks_s"].as_f64().unwrap_or(0.0), r["read_mb_s"].as_f64().unwrap_or(0.0),
                 r["read_blocks_s"].as_f64().unwrap_or(0.0))?;
         }
@@ -339,6 +338,7 @@ fn tier_io(case: &Case, spec: &BlockSpec, hashes: &[kvinfer_cache::BlockHash], p
     let n = payloads.len() as f64;
     Ok(json!({
         "tier": case.name,
+        "codec": codec.to_string(),
         "blocks": payloads.len(),
         "wire_bytes_per_block": wire_bytes / payloads.len().max(1),
         "write_mb_s": mb_s(raw_bytes, write_s),

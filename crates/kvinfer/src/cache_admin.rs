@@ -31,6 +31,19 @@ fn need_one(a: &CacheStoreArgs) -> Result<()> {
     Ok(())
 }
 
+/// Prints `out` as JSON, or `lines` as text.
+fn report(json: bool, out: &serde_json::Map<String, serde_json::Value>, lines: &[String]) -> Result<()> {
+    let mut stdout = std::io::stdout();
+    if json {
+        writeln!(stdout, "{}", serde_json::to_string_pretty(out)?)?;
+    } else {
+        for l in lines {
+            writeln!(stdout, "{l}")?;
+        }
+    }
+    Ok(())
+}
+
 /// `kvinfer cache stats`.
 pub fn stats(a: CacheStoreArgs) -> Result<()> {
     need_one(&a)?;
@@ -68,15 +81,7 @@ pub fn stats(a: CacheStoreArgs) -> Result<()> {
         lines.push(format!("{}: {n} blocks, {:.1} MiB", r.name(), bytes as f64 / 1048576.0));
         out.insert(r.name().into(), json!({"blocks": n, "bytes": bytes}));
     }
-    let mut stdout = std::io::stdout();
-    if a.json {
-        writeln!(stdout, "{}", serde_json::to_string_pretty(&out)?)?;
-    } else {
-        for l in lines {
-            writeln!(stdout, "{l}")?;
-        }
-    }
-    Ok(())
+    report(a.json, &out, &lines)
 }
 
 /// `kvinfer cache clear`.
@@ -102,13 +107,5 @@ pub fn clear(a: CacheStoreArgs) -> Result<()> {
         lines.push(format!("{}: deleted {n} blocks", r.name()));
         out.insert(r.name().into(), json!({"deleted": n}));
     }
-    let mut stdout = std::io::stdout();
-    if a.json {
-        writeln!(stdout, "{}", serde_json::to_string_pretty(&out)?)?;
-    } else {
-        for l in lines {
-            writeln!(stdout, "{l}")?;
-        }
-    }
-    Ok(())
+    report(a.json, &out, &lines)
 }

@@ -89,9 +89,10 @@ pub struct TierArgs {
     /// off (read-only).
     #[arg(long, env = "KVINFER_TIER_WRITE", default_value = "ram=back,disk=through,redis=through")]
     pub tier_write: kvinfer_engine::TierWrite,
-    /// Compression of tier blocks: none, lz4, shuffle-lz4, zstd, shuffle-zstd.
-    #[arg(long, env = "KVINFER_TIER_CODEC", default_value = "shuffle-zstd")]
-    pub tier_codec: kvinfer_engine::Codec,
+    /// Compression of tier blocks: none, lz4, shuffle-lz4, zstd, shuffle-zstd (default
+    /// shuffle-zstd, the one that gains on f16 KV: docs/BENCHMARKS.md).
+    #[arg(long, env = "KVINFER_TIER_CODEC")]
+    pub tier_codec: Option<kvinfer_engine::Codec>,
 }
 
 impl TierArgs {
