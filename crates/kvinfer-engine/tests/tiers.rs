@@ -362,17 +362,23 @@ fn redis_killed_mid_run_fails_no_request_and_the_tier_recovers() {
     let e = engine(Model::load(&path).unwrap(), 256, redis(server.url()));
     let prompts: Vec<Vec<u32>> = (0..12).map(|s| prompt(20 + s, 33)).collect();
     let wants: Vec<String> = prompts.iter().map(|p| alone(&model, p, 4)).collect();
+    let mut misses_before = 0;
     for (i, (p, want)) in prompts.iter().zip(&wants).enumerate() {
         if i == 3 {
+            misses_before = e.0.stats().tiers[0].misses;
             server.kill();
         }
         if i == 8 {
+            // Five requests of 8 full blocks each looked up during the outage: 40 misses.
+            let m = e.0.stats().tiers[0].misses - misses_before;
+            assert!(m >= 40, "lookups during the outage are misses: {m}");
             server.restart().unwrap();
         }
         assert_eq!(&run(&e.0, p, 4).1, want, "request {i}");
     }
     let s = wait_idle(&e.0);
     assert!(s.tiers[0].errors > 0, "the outage was counted: {:?}", s.tiers[0]);
+
     // It recovers: after the breaker's backoff, blocks reach the new Redis again.
     let t = Instant::now();
     for k in 0.. {

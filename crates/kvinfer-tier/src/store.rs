@@ -288,7 +288,9 @@ fn load(inner: &Inner, req: &LoadRequest) -> LoadResult {
         let c = t.tier.counters();
         let r0 = Instant::now();
         let Ok(values) = t.tier.get_many(&keys) else {
-            continue; // the tier counted its error; a failed tier is a miss
+            // The tier counted its error; every block asked of it is a miss.
+            TierCounters::add(&c.misses, keys.len() as u64);
+            continue;
         };
         c.read_latency.observe(r0.elapsed().as_secs_f64());
         let mut fetched = Vec::new();
