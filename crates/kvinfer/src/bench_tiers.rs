@@ -144,6 +144,11 @@ fn time_per_call(min_s: f64, mut f: impl FnMut()) -> f64 {
 pub fn run(a: TierBenchArgs, threads: usize) -> Result<()> {
     ensure!(a.prompt_tokens >= a.model.block_size, "--prompt-tokens must cover a block");
     ensure!(a.repetitions >= 1, "--repetitions must be at least 1");
+    ensure!(
+        a.model.tiers.ram_tier_mb == 0 && a.model.tiers.disk_tier.is_none(),
+        "`kvinfer bench tiers` builds each tier itself (RAM, a temp disk dir); only --redis, \
+         --redis-cluster and --tier-codec choose what it measures"
+    );
     let model = load_model(&a.model)?;
     let ctx = a.model.ctx_size.min(model.config.context_length);
     ensure!(
@@ -446,6 +451,7 @@ fn replay(model: &Model, a: &SmallPoolBenchArgs, opts: &CacheOptions, ctx: usize
 pub fn run_small_pool(a: SmallPoolBenchArgs, threads: usize) -> Result<()> {
     ensure!(a.conversations >= 1 && a.turns >= 2, "give at least 1 conversation and 2 turns");
     ensure!(a.pool_fraction > 0.0 && a.pool_fraction < 1.0, "--pool-fraction is in (0, 1)");
+    crate::bench::no_tier_flags(&a.model, "bench small-pool", "it builds its own RAM and disk tiers (--ram-mb)")?;
     let model = load_model(&a.model)?;
     let ctx = a.model.ctx_size.min(model.config.context_length);
     let bs = a.model.block_size;
