@@ -1,5 +1,6 @@
-//! Token sampling: repetition penalty, then top-k, top-p, min-p, temperature, and a seeded draw
-//! (the order llama.cpp's default chain applies them). Temperature 0 is greedy argmax.
+//! Token sampling: logit bias and banned tokens, then the penalties (repetition, presence,
+//! frequency), then top-k, top-p, min-p, temperature, and a seeded draw (the order llama.cpp's
+//! default chain applies them). Temperature 0 is greedy argmax.
 
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
@@ -17,8 +18,15 @@ pub struct SamplingParams {
     pub min_p: f32,
     /// Divide positive logits (multiply negative ones) of recent tokens; 1.0 disables.
     pub repeat_penalty: f32,
-    /// How many recent tokens the penalty looks at.
+    /// How many recent tokens the penalties look at.
     pub repeat_last_n: usize,
+    /// Subtracted once from the logit of every token among the recent ones (OpenAI's
+    /// `presence_penalty`, -2..=2); 0 disables.
+    pub presence_penalty: f32,
+    /// Subtracted per occurrence among the recent tokens (`frequency_penalty`, -2..=2).
+    pub frequency_penalty: f32,
+    /// Added to a token's logit before anything else (`logit_bias`, -100..=100; -100 bans it).
+    pub logit_bias: Vec<(u32, f32)>,
     /// Seed of the random draw.
     pub seed: u64,
 }
@@ -32,6 +40,9 @@ impl Default for SamplingParams {
             min_p: 0.05,
             repeat_penalty: 1.0,
             repeat_last_n: 64,
+            presence_penalty: 0.0,
+            frequency_penalty: 0.0,
+            logit_bias: Vec::new(),
             seed: 0,
         }
     }
@@ -66,6 +77,17 @@ impl SamplingParams {
                 self.repeat_penalty
             ));
         }
+        for (name, v) in [
+            ("presence_penalty", self.presence_penalty),
+            ("frequency_penalty", self.frequency_penalty),
+        ] {
+            if !(-2.0..=2.0).contains(&v) {
+                return Err(format!("{name} must be between -2 and 2, got {v}"));
+            }
+        }
+        if let Some((t, b)) = self.logit_bias.iter().find(|(_, b)| !(-100.0..=100.0).contains(b)) {
+            return Err(format!("logit_bias of token {t} must be between -100 and 100, got {b}"));
+        }
         Ok(())
     }
 }
@@ -94,12 +116,47 @@ impl Sampler {
         Self { params, rng }
     }
 
+    /// The parameters.
+    pub fn params(&self) -> &SamplingParams {
+        &self.params
+    }
+
     /// Picks the next token from `logits` given the tokens so far (`history`, for the penalty).
     pub fn sample(&mut self, logits: &[f32], history: &[u32]) -> u32 {
+        self.sample_masked(logits, history, &[])
+    }
+
+    /// As [`Self::sample`], never choosing a token of `banned` (unless every token is banned).
+    pub fn sample_masked(&mut self, logits: &[f32], history: &[u32], banned: &[u32]) -> u32 {
         let p = &self.params;
         let mut logits = logits.to_vec();
+        for &(t, b) in &p.logit_bias {
+            if let Some(l) = logits.get_mut(t as usize) {
+                // OpenAI: -100 or 100 should ban or force the token.
+                *l = if b <= -100.0 { f32::NEG_INFINITY } else { *l + b };
+            }
+        }
+        for &t in banned {
+            if let Some(l) = logits.get_mut(t as usize) {
+                *l = f32::NEG_INFINITY;
+            }
+        }
+        if logits.iter().all(|l| *l == f32::NEG_INFINITY) {
+            logits = vec![0.0; logits.len()]; // nothing allowed: fall back to any token
+        }
+        let recent = &history[history.len().saturating_sub(p.repeat_last_n)..];
+        if p.presence_penalty != 0.0 || p.frequency_penalty != 0.0 {
+            let mut counts: std::collections::HashMap<u32, u32> = Default::default();
+            for &t in recent {
+                *counts.entry(t).or_default() += 1;
+            }
+            for (t, n) in counts {
+                if let Some(l) = logits.get_mut(t as usize) {
+                    *l -= p.presence_penalty + p.frequency_penalty * n as f32;
+                }
+            }
+        }
         if p.repeat_penalty != 1.0 {
-            let recent = &history[history.len().saturating_sub(p.repeat_last_n)..];
             let mut seen = std::collections::HashSet::new();
             for &t in recent {
                 if let Some(l) = logits.get_mut(t as usize) {
@@ -253,7 +310,45 @@ mod tests {
     }
 
     #[test]
+    fn logit_bias_bans_and_favours_and_penalties_count_occurrences() {
+        let logits = [1.0, 3.0, 2.0, 0.0];
+        let mut s = Sampler::new(SamplingParams {
+            logit_bias: vec![(1, -100.0)],
+            ..SamplingParams::greedy()
+        });
+        assert_eq!(s.sample(&logits, &[]), 2, "-100 bans the greedy token");
+        let mut s = Sampler::new(SamplingParams {
+            logit_bias: vec![(3, 5.0)],
+            ..SamplingParams::greedy()
+        });
+        assert_eq!(s.sample(&logits, &[]), 3);
+        // Presence: 1.5 off token 1 once (3 -> 1.5 < 2).
+        let mut s = Sampler::new(SamplingParams {
+            presence_penalty: 1.5,
+            ..SamplingParams::greedy()
+        });
+        assert_eq!(s.sample(&logits, &[1]), 2);
+        // Frequency: 0.4 per occurrence; 3 occurrences take token 1 to 1.8 < 2.
+        let mut s = Sampler::new(SamplingParams {
+            frequency_penalty: 0.4,
+            ..SamplingParams::greedy()
+        });
+        assert_eq!(s.sample(&logits, &[1, 1]), 1);
+        assert_eq!(s.sample(&logits, &[1, 1, 1]), 2);
+        let mut s = Sampler::new(SamplingParams::greedy());
+        assert_eq!(s.sample_masked(&logits, &[], &[1, 2]), 0);
+        assert_eq!(s.sample_masked(&logits, &[], &[0, 1, 2, 3]), 0, "all banned: any token");
+    }
+
+    #[test]
     fn validate_names_the_field() {
+        for (p, field) in [
+            (SamplingParams { presence_penalty: 2.5, ..SamplingParams::default() }, "presence_penalty"),
+            (SamplingParams { frequency_penalty: -3.0, ..SamplingParams::default() }, "frequency_penalty"),
+            (SamplingParams { logit_bias: vec![(5, 101.0)], ..SamplingParams::default() }, "logit_bias"),
+        ] {
+            assert!(p.validate().unwrap_err().contains(field));
+        }
         let p = SamplingParams {
             top_p: 0.0,
             ..SamplingParams::default()

@@ -29,6 +29,7 @@ fn engine(
         max_batch_tokens,
         max_running: 8,
         ctx_size: 0,
+        max_waiting: 256,
     };
     start_engine(model, config, |f| f()).unwrap().0
 }
@@ -41,6 +42,7 @@ fn request(prompt: &[u32], max_tokens: usize, n: usize) -> EngineRequest {
         stop: vec![],
         n,
         ignore_eos: true,
+        min_tokens: 0,
     }
 }
 
@@ -262,4 +264,69 @@ fn bad_submissions_are_refused_with_reasons() {
     // Still serving.
     let o = collect(h.submit(request(&[5, 6], 3, 1)).unwrap(), 1);
     assert_eq!(o.usage.unwrap().completion_tokens, 3);
+}
+
+#[test]
+fn min_tokens_holds_off_end_of_generation_and_logit_bias_forces_or_bans() {
+    let (model, path) = tiny(TinyArch::Llama, 5);
+    let eog = model.tokenizer.eog_ids()[0];
+    let h = engine(Model::load(&path).unwrap(), 64, 4, 64);
+    let p = [5u32, 6, 7, 8, 9];
+    let forced = |min_tokens: usize| {
+        let mut r = request(&p, 12, 1);
+        r.ignore_eos = false;
+        r.min_tokens = min_tokens;
+        r.sampling.logit_bias = vec![(eog, 100.0)];
+        collect(h.submit(r).unwrap(), 1)
+    };
+    // EOG forced by +100: the choice stops at once, unless min_tokens holds it off.
+    let o = forced(0);
+    assert_eq!((o.usage.unwrap().completion_tokens, o.reasons[0]), (1, Some(FinishReason::Stop)));
+    let o = forced(5);
+    assert_eq!(o.usage.unwrap().completion_tokens, 6, "5 tokens, then the forced EOG");
+    // -100 on the greedy first token: another token comes first.
+    let first = |bias: Vec<(u32, f32)>| {
+        let mut kv = PagedKv::new(model.kv_layout(16, 64), PolicyKind::Lru, 0, model.fingerprint(16));
+        let mut req = GenerateRequest::greedy(&p, 1);
+        req.sampling.logit_bias = bias;
+        generate(&model, &mut kv, &req, |_| true).unwrap().ids[0]
+    };
+    let greedy = first(vec![]);
+    assert_ne!(first(vec![(greedy, -100.0)]), greedy);
+    wait_idle(&h);
+}
+
+#[test]
+fn past_max_waiting_submissions_are_refused_as_overloaded_until_the_queue_drains() {
+    let (_, path) = tiny(TinyArch::Llama, 9);
+    let config = EngineConfig {
+        cache: CacheOptions {
+            num_blocks: Some(256),
+            block_size: 16,
+            ..CacheOptions::default()
+        },
+        max_batch_tokens: 64,
+        max_running: 1,
+        ctx_size: 0,
+        max_waiting: 3,
+    };
+    let h = start_engine(Model::load(&path).unwrap(), config, |f| f()).unwrap().0;
+    let mut accepted = Vec::new();
+    let mut refused = 0;
+    for i in 0..10 {
+        match h.submit(request(&[5, 6, 7 + i], 200, 1)) {
+            Ok(rx) => accepted.push(rx),
+            Err(SubmitError::Overloaded(m)) => {
+                assert!(m.contains("--max-waiting"), "{m}");
+                refused += 1
+            }
+            Err(e) => panic!("{e}"),
+        }
+    }
+    assert!(refused >= 5, "only {} accepted of 10 with one running and 3 waiting", accepted.len());
+    for rx in accepted {
+        assert!(collect(rx, 1).error.is_none());
+    }
+    wait_idle(&h);
+    assert!(h.submit(request(&[5, 6], 2, 1)).is_ok(), "the queue drained");
 }

@@ -34,6 +34,7 @@ fn engine(model: Model, num_blocks: usize, tiers: TierOptions) -> (EngineHandle,
         max_batch_tokens: 64,
         max_running: 4,
         ctx_size: 0,
+        max_waiting: 256,
     };
     start_engine(model, config, |f| f()).unwrap()
 }
@@ -52,6 +53,7 @@ fn run(h: &EngineHandle, prompt: &[u32], max_tokens: usize) -> (Vec<u32>, String
         stop: vec![],
         n: 1,
         ignore_eos: true,
+        min_tokens: 0,
     };
     let mut rx = h.submit(req).unwrap();
     let (mut text, mut usage) = (String::new(), None);
@@ -451,6 +453,7 @@ fn a_stalled_tier_never_blocks_the_running_batch() {
         stop: vec![],
         n: 1,
         ignore_eos: true,
+        min_tokens: 0,
     };
     let mut rx = e.0.submit(req).unwrap();
     // Wait until it is decoding.

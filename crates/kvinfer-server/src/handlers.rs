@@ -45,7 +45,7 @@ pub async fn chat(
     State(st): State<Arc<AppState>>,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Response, ApiError> {
-    let req: ChatRequest = parse(&body_bytes(body)?)?;
+    let req: ChatRequest = parse(&body_bytes(body)?, &["messages"])?;
     if req.messages.is_empty() {
         return Err(ApiError::invalid(
             "messages must not be empty",
@@ -86,7 +86,7 @@ pub async fn completion(
     State(st): State<Arc<AppState>>,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Response, ApiError> {
-    let req: CompletionRequest = parse(&body_bytes(body)?)?;
+    let req: CompletionRequest = parse(&body_bytes(body)?, &["prompt"])?;
     let model = st.engine.model();
     let bad = || {
         ApiError::invalid(
@@ -127,6 +127,10 @@ async fn run(
         .as_ref()
         .is_some_and(|o| o.include_usage);
     let n = er.n;
+    let seed = er.sampling.seed;
+    if let Some(u) = &common.user {
+        tracing::info!(user = %crate::openai::short(u), "request");
+    }
     let rx = st.engine.submit(er).map_err(|e| match e {
         SubmitError::Invalid(m) => ApiError::invalid(m, None),
         SubmitError::TooLong(m) => {
@@ -134,17 +138,23 @@ async fn run(
         }
         SubmitError::ShuttingDown => ApiError::invalid("the server is shutting down", None)
             .status(StatusCode::SERVICE_UNAVAILABLE),
+        SubmitError::Overloaded(m) => ApiError::invalid(m, None)
+            .status(StatusCode::SERVICE_UNAVAILABLE)
+            .code("overloaded")
+            .retry_after(1),
     })?;
+    st.next_id.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     let meta = Meta {
         id: format!(
-            "{}-{}",
+            "{}-{:024x}",
             if api == Api::Chat { "chatcmpl" } else { "cmpl" },
-            st.next_id
-                .fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+            rand::random::<u128>() >> 32
         ),
         created: now_s(),
         model: st.served.clone(),
         api,
+        seed,
+        fingerprint: st.fingerprint.clone(),
     };
     if common.stream {
         Ok(sse(meta, rx, n, include_usage).into_response())
@@ -165,6 +175,10 @@ struct Meta {
     created: u64,
     model: String,
     api: Api,
+    /// The sampler's seed (given or drawn), so a run can be reproduced.
+    seed: u64,
+    /// `system_fingerprint`: kvinfer's version and the model's KV fingerprint.
+    fingerprint: String,
 }
 
 fn reason(r: FinishReason) -> &'static str {
@@ -207,6 +221,7 @@ async fn collect(
                     kind: "server_error",
                     param: None,
                     code: None,
+                    retry_after: None,
                 })
             }
         }
@@ -238,6 +253,8 @@ async fn collect(
         "object": object,
         "created": meta.created,
         "model": meta.model,
+        "system_fingerprint": meta.fingerprint,
+        "seed": meta.seed,
         "choices": choices,
         "usage": usage_json(&usage),
     }))
@@ -256,6 +273,8 @@ impl Meta {
             "object": object,
             "created": self.created,
             "model": self.model,
+            "system_fingerprint": self.fingerprint,
+            "seed": self.seed,
             "choices": choices,
         });
         if let Some(u) = usage {
@@ -337,6 +356,7 @@ fn sse(
                             kind: "server_error",
                             param: None,
                             code: None,
+                            retry_after: None,
                         };
                         queue.push_back(SseEvent::default().data(err.body().to_string()));
                     }

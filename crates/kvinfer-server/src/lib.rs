@@ -60,11 +60,19 @@ pub struct AppState {
     started: u64,
     next_id: AtomicU64,
     http_errors: AtomicU64,
+    /// `system_fingerprint` of every answer.
+    fingerprint: String,
 }
 
 /// The application: routes, auth, body limit, error counting.
 pub fn router(engine: EngineHandle, config: &ServerConfig) -> Router {
     let served = served_name(&engine);
+    let fp = engine.model().fingerprint(engine.stats().block_size.max(1));
+    let fingerprint = format!(
+        "kvinfer-{}-{}",
+        env!("CARGO_PKG_VERSION"),
+        fp.0[..4].iter().map(|b| format!("{b:02x}")).collect::<String>()
+    );
     let state = Arc::new(AppState {
         engine,
         served,
@@ -75,16 +83,17 @@ pub fn router(engine: EngineHandle, config: &ServerConfig) -> Router {
             .unwrap_or(0),
         next_id: AtomicU64::new(0),
         http_errors: AtomicU64::new(0),
+        fingerprint: fingerprint.clone(),
     });
     let api = Router::new()
         .route("/v1/chat/completions", post(handlers::chat))
         .route("/v1/completions", post(handlers::completion))
         .route("/v1/models", get(handlers::models))
         .route("/v1/cache/clear", post(handlers::clear_cache))
+        .route("/v1/stats", get(handlers::stats))
         .route_layer(middleware::from_fn_with_state(state.clone(), auth));
     Router::new()
         .merge(api)
-        .route("/v1/stats", get(handlers::stats))
         .route("/health", get(handlers::health))
         .route("/metrics", get(handlers::metrics))
         .route("/", get(handlers::index))
@@ -108,7 +117,12 @@ async fn auth(State(st): State<Arc<AppState>>, req: Request, next: Next) -> Resp
             .get(header::AUTHORIZATION)
             .and_then(|v| v.to_str().ok())
             .and_then(|v| v.strip_prefix("Bearer "));
-        if given != Some(key.as_str()) {
+        // Constant time: the comparison takes as long whatever prefix of the key is right.
+        let ok = given.is_some_and(|g| {
+            use subtle::ConstantTimeEq;
+            g.len() == key.len() && bool::from(g.as_bytes().ct_eq(key.as_bytes()))
+        });
+        if !ok {
             let mut e = ApiError::invalid(
                 "missing or wrong API key: send `Authorization: Bearer <key>`",
                 None,

@@ -33,6 +33,88 @@ pub struct Common {
     pub stream: bool,
     /// `{"include_usage": true}` adds a usage chunk at the end of a stream.
     pub stream_options: Option<StreamOptions>,
+    /// Keep the k most likely tokens (0 or absent: all).
+    pub top_k: Option<i64>,
+    /// Drop tokens below min_p times the best one's probability, [0, 1].
+    pub min_p: Option<f64>,
+    /// llama.cpp's repetition penalty over the last 64 tokens, > 0 (1: off).
+    pub repetition_penalty: Option<f64>,
+    /// OpenAI's presence penalty, -2..=2.
+    pub presence_penalty: Option<f64>,
+    /// OpenAI's frequency penalty, -2..=2.
+    pub frequency_penalty: Option<f64>,
+    /// Token id (as a string) -> bias, -100..=100.
+    pub logit_bias: Option<std::collections::HashMap<String, f64>>,
+    /// Keep generating past end-of-generation tokens.
+    #[serde(default)]
+    pub ignore_eos: bool,
+    /// No end-of-generation token before this many tokens.
+    pub min_tokens: Option<i64>,
+    /// The caller's end-user id (logged, never used for output).
+    pub user: Option<String>,
+}
+
+/// Fields both endpoints take and honour.
+const COMMON_FIELDS: &[&str] = &[
+    "model", "max_tokens", "max_completion_tokens", "temperature", "top_p", "seed", "stop", "n",
+    "stream", "stream_options", "top_k", "min_p", "repetition_penalty", "presence_penalty",
+    "frequency_penalty", "logit_bias", "ignore_eos", "min_tokens", "user",
+];
+
+/// OpenAI fields this server does not do yet: accepted only at their "off" value, otherwise a
+/// 400 naming them (never a 200 that quietly ignores them).
+fn off_value_only(field: &str, v: &Value) -> Option<bool> {
+    let off = match field {
+        "logprobs" | "echo" | "store" => v.is_null() || v == &Value::Bool(false),
+        "top_logprobs" => v.is_null() || v.as_i64() == Some(0),
+        "best_of" => v.is_null() || v.as_i64() == Some(1),
+        "suffix" | "metadata" => v.is_null(),
+        "tools" | "functions" => v.is_null() || v.as_array().is_some_and(|a| a.is_empty()),
+        "tool_choice" | "function_call" => v.is_null() || v.as_str() == Some("none") || v.as_str() == Some("auto"),
+        "parallel_tool_calls" => true,
+        "response_format" => v.is_null() || v.get("type").and_then(Value::as_str) == Some("text"),
+        "service_tier" => v.is_null() || v.as_str() == Some("auto") || v.as_str() == Some("default"),
+        _ => return None,
+    };
+    Some(off)
+}
+
+/// Refuses any field that is neither honoured (`COMMON_FIELDS` plus `own`) nor at the off value
+/// of a field not done yet.
+pub fn check_fields(body: &Value, own: &[&str]) -> Result<(), ApiError> {
+    let Some(obj) = body.as_object() else {
+        return Ok(());
+    };
+    for (k, v) in obj {
+        if COMMON_FIELDS.contains(&k.as_str()) || own.contains(&k.as_str()) {
+            continue;
+        }
+        let key = short(k);
+        match off_value_only(k, v) {
+            Some(true) => {}
+            Some(false) => {
+                return Err(ApiError::invalid(
+                    format!("{key} is not supported by this server yet; leave it out"),
+                    Some(&key),
+                )
+                .code("unsupported_parameter"))
+            }
+            None => {
+                return Err(ApiError::invalid(format!("unknown field {key}"), Some(&key))
+                    .code("unknown_parameter"))
+            }
+        }
+    }
+    Ok(())
+}
+
+/// At most 64 characters of what a client sent, escaped, for error messages.
+pub fn short(s: &str) -> String {
+    let mut out: String = s.chars().take(64).flat_map(char::escape_default).collect();
+    if s.chars().count() > 64 {
+        out.push('…');
+    }
+    out
 }
 
 /// Stream options.
@@ -72,15 +154,18 @@ pub struct CompletionRequest {
     pub common: Common,
 }
 
-/// Parses a JSON body into `T`, with OpenAI-shaped errors.
-pub fn parse<T: serde::de::DeserializeOwned>(body: &[u8]) -> Result<T, ApiError> {
+/// Parses a JSON body into `T`, with OpenAI-shaped errors; refuses fields it would not honour
+/// (`own`: the endpoint's fields beyond the common ones).
+pub fn parse<T: serde::de::DeserializeOwned>(body: &[u8], own: &[&str]) -> Result<T, ApiError> {
     let value: Value = serde_json::from_slice(body)
         .map_err(|e| ApiError::invalid(format!("the body is not valid JSON: {e}"), None))?;
     if !value.is_object() {
         return Err(ApiError::invalid("the body must be a JSON object", None));
     }
-    serde_json::from_value(value)
-        .map_err(|e| ApiError::invalid(format!("bad request body: {e}"), None))
+    check_fields(&value, own)?;
+    serde_json::from_value(value).map_err(|e| {
+        ApiError::invalid(format!("bad request body: {}", short(&e.to_string())), None)
+    })
 }
 
 /// Text of a message's content.
@@ -211,14 +296,69 @@ pub fn engine_request(
             Some("n"),
         ));
     }
+    let in_range = |name: &str, v: Option<f64>, lo: f64, hi: f64, default: f64| match v {
+        None => Ok(default),
+        Some(x) if (lo..=hi).contains(&x) => Ok(x),
+        Some(x) => Err(ApiError::invalid(
+            format!("{name} must be between {lo} and {hi}, got {x}"),
+            Some(name),
+        )),
+    };
+    let top_k = match c.top_k {
+        None => 0,
+        Some(k) if k >= 0 => k as usize,
+        Some(k) => {
+            return Err(ApiError::invalid(format!("top_k must be >= 0, got {k}"), Some("top_k")))
+        }
+    };
+    let min_p = in_range("min_p", c.min_p, 0.0, 1.0, 0.0)?;
+    let repetition_penalty = in_range("repetition_penalty", c.repetition_penalty, 1e-3, 10.0, 1.0)?;
+    let presence_penalty = in_range("presence_penalty", c.presence_penalty, -2.0, 2.0, 0.0)?;
+    let frequency_penalty = in_range("frequency_penalty", c.frequency_penalty, -2.0, 2.0, 0.0)?;
+    let vocab = handle.model().config.vocab_size;
+    let mut logit_bias = Vec::new();
+    for (k, &b) in c.logit_bias.iter().flatten() {
+        let id = k.parse::<u32>().ok().filter(|&t| (t as usize) < vocab).ok_or_else(|| {
+            ApiError::invalid(
+                format!("logit_bias keys are token ids below {vocab}, got {:?}", short(k)),
+                Some("logit_bias"),
+            )
+        })?;
+        if !(-100.0..=100.0).contains(&b) {
+            return Err(ApiError::invalid(
+                format!("logit_bias values are between -100 and 100, got {b}"),
+                Some("logit_bias"),
+            ));
+        }
+        logit_bias.push((id, b as f32));
+    }
+    logit_bias.sort_by_key(|b| b.0);
+    let min_tokens = match c.min_tokens {
+        None => 0,
+        Some(m) if m >= 0 && (m as u64) <= max_tokens as u64 => m as usize,
+        Some(m) => {
+            return Err(ApiError::invalid(
+                format!("min_tokens must be between 0 and max_tokens ({max_tokens}), got {m}"),
+                Some("min_tokens"),
+            ))
+        }
+    };
+    // No seed given: a random one, reported back in the response so the run can be repeated.
+    let seed = match c.seed {
+        Some(s) => s as u64,
+        None => rand::random::<u32>() as u64,
+    };
     let sampling = SamplingParams {
         temperature: temperature as f32,
-        top_k: 0,
+        top_k,
         top_p: top_p as f32,
-        min_p: 0.0,
-        repeat_penalty: 1.0,
+        min_p: min_p as f32,
+        repeat_penalty: repetition_penalty as f32,
         repeat_last_n: 64,
-        seed: c.seed.unwrap_or(0) as u64,
+        presence_penalty: presence_penalty as f32,
+        frequency_penalty: frequency_penalty as f32,
+        logit_bias,
+        seed,
     };
     Ok(EngineRequest {
         prompt_ids,
@@ -226,6 +366,7 @@ pub fn engine_request(
         sampling,
         stop: stops(&c.stop)?,
         n: n as usize,
-        ignore_eos: false,
+        ignore_eos: c.ignore_eos,
+        min_tokens,
     })
 }

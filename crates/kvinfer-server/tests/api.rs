@@ -179,7 +179,15 @@ async fn bad_inputs_get_4xx_in_openai_shape_and_serving_continues() {
     assert_eq!(s, StatusCode::NOT_FOUND, "{b}");
     still_serving(&app).await;
     // Every 4xx was counted, and no block is left in use.
-    let (_, m) = call(&app, "GET", "/metrics", Body::empty(), None).await;
+    // (The engine publishes its snapshot after the step that answered: wait for it.)
+    let mut m = String::new();
+    for _ in 0..200 {
+        m = call(&app, "GET", "/metrics", Body::empty(), None).await.1;
+        if m.contains("kvinfer_kv_blocks_used 0\n") {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    }
     let errors = format!("kvinfer_http_errors_total {}\n", n_cases + 3);
     assert!(m.contains(&errors), "want {errors} in {m}");
     assert!(m.contains("kvinfer_kv_blocks_used 0\n"), "{m}");
@@ -272,6 +280,81 @@ async fn api_key_guards_v1() {
     assert_eq!(s, StatusCode::OK, "{b}");
     let (s, _) = call(&app, "GET", "/health", Body::empty(), None).await;
     assert_eq!(s, StatusCode::OK, "health stays open for probes");
+    // Every /v1/* path needs the key, /v1/stats included; a key of the right length but
+    // wrong bytes is refused too.
+    let (s, _) = call(&app, "GET", "/v1/stats", Body::empty(), None).await;
+    assert_eq!(s, StatusCode::UNAUTHORIZED);
+    let (s, _) = call(&app, "GET", "/v1/stats", Body::empty(), Some("sesamE")).await;
+    assert_eq!(s, StatusCode::UNAUTHORIZED);
+    let (s, _) = call(&app, "GET", "/v1/stats", Body::empty(), Some("sesame")).await;
+    assert_eq!(s, StatusCode::OK);
+}
+
+#[tokio::test]
+async fn fields_not_honoured_are_refused_by_name_and_supported_ones_take_effect() {
+    let app = app(None);
+    for (extra, param, code) in [
+        (json!({"frobnicate": 1}), "frobnicate", "unknown_parameter"),
+        (json!({"logprobs": true}), "logprobs", "unsupported_parameter"),
+        (json!({"top_logprobs": 3}), "top_logprobs", "unsupported_parameter"),
+        (json!({"response_format": {"type": "json_object"}}), "response_format", "unsupported_parameter"),
+        (json!({"tools": [{"type": "function", "function": {"name": "f"}}]}), "tools", "unsupported_parameter"),
+        (json!({"presence_penalty": 3}), "presence_penalty", ""),
+        (json!({"frequency_penalty": -2.5}), "frequency_penalty", ""),
+        (json!({"logit_bias": {"x": 1}}), "logit_bias", ""),
+        (json!({"logit_bias": {"5": 200}}), "logit_bias", ""),
+        (json!({"top_k": -1}), "top_k", ""),
+        (json!({"min_p": 1.5}), "min_p", ""),
+        (json!({"min_tokens": 99, "max_tokens": 4}), "min_tokens", ""),
+    ] {
+        let (s, b) = call(&app, "POST", "/v1/chat/completions", user(extra.clone()), None).await;
+        assert_eq!(s, StatusCode::BAD_REQUEST, "{extra}: {b}");
+        let v: Value = serde_json::from_str(&b).unwrap();
+        assert_error_shape(&v);
+        assert_eq!(v["error"]["param"], json!(param), "{extra}: {b}");
+        if !code.is_empty() {
+            assert_eq!(v["error"]["code"], json!(code), "{extra}");
+        }
+    }
+    // A huge unknown field name is quoted short.
+    let long = "z".repeat(20_000);
+    let (s, b) = call(&app, "POST", "/v1/chat/completions", user(json!({ long.clone(): 1 })), None).await;
+    assert_eq!(s, StatusCode::BAD_REQUEST);
+    assert!(b.len() < 1000, "the error echoes {} bytes", b.len());
+    // The "off" values of fields not done yet are fine.
+    let off = json!({"logprobs": false, "response_format": {"type": "text"}, "tools": [],
+        "tool_choice": "none", "user": "u1", "max_tokens": 2});
+    let (s, b) = call(&app, "POST", "/v1/chat/completions", user(off), None).await;
+    assert_eq!(s, StatusCode::OK, "{b}");
+    // No seed: a random one, reported; the same seed reproduces a sampled answer.
+    let sample = |seed: Option<u64>| {
+        let mut v = json!({"max_tokens": 12, "temperature": 1.5, "ignore_eos": true});
+        if let Some(s) = seed {
+            v["seed"] = json!(s);
+        }
+        v
+    };
+    let mut seeds = std::collections::HashSet::new();
+    let mut ids = std::collections::HashSet::new();
+    let mut texts = Vec::new();
+    for _ in 0..4 {
+        let (s, b) = call(&app, "POST", "/v1/chat/completions", user(sample(None)), None).await;
+        assert_eq!(s, StatusCode::OK, "{b}");
+        let v: Value = serde_json::from_str(&b).unwrap();
+        seeds.insert(v["seed"].as_u64().expect("seed reported"));
+        let id = v["id"].as_str().unwrap().to_string();
+        assert!(id.starts_with("chatcmpl-") && id.len() == 9 + 24, "{id}");
+        ids.insert(id);
+        assert!(v["system_fingerprint"].as_str().unwrap().starts_with("kvinfer-"));
+        texts.push((v["seed"].as_u64().unwrap(), v["choices"][0]["message"]["content"].clone()));
+    }
+    assert!(seeds.len() >= 3, "random seeds: {seeds:?}");
+    assert_eq!(ids.len(), 4, "random ids");
+    let (seed, text) = texts[0].clone();
+    let (_, b) = call(&app, "POST", "/v1/chat/completions", user(sample(Some(seed))), None).await;
+    let v: Value = serde_json::from_str(&b).unwrap();
+    assert_eq!(v["choices"][0]["message"]["content"], text, "the reported seed reproduces it");
+    assert_eq!(v["seed"], json!(seed));
 }
 
 #[tokio::test]
@@ -281,8 +364,16 @@ async fn cache_clear_needs_the_key_and_empties_the_prefix_cache() {
     let (s, b) = call(&app, "POST", "/v1/chat/completions", body(), Some("sesame")).await;
     assert_eq!(s, StatusCode::OK, "{b}");
     let stats = |b: String| serde_json::from_str::<Value>(&b).unwrap();
-    let (_, b) = call(&app, "GET", "/v1/stats", Body::empty(), None).await;
-    let cached = stats(b)["blocks"]["cached"].as_u64().unwrap();
+    // The snapshot is published after the step that answered: wait for it.
+    let mut cached = 0;
+    for _ in 0..200 {
+        let (_, b) = call(&app, "GET", "/v1/stats", Body::empty(), Some("sesame")).await;
+        cached = stats(b)["blocks"]["cached"].as_u64().unwrap();
+        if cached > 0 {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    }
     assert!(cached > 0, "the chat left cached blocks");
     let (s, _) = call(&app, "POST", "/v1/cache/clear", Body::empty(), None).await;
     assert_eq!(s, StatusCode::UNAUTHORIZED);
@@ -291,7 +382,7 @@ async fn cache_clear_needs_the_key_and_empties_the_prefix_cache() {
     let v = stats(b);
     assert_eq!(v["pool_blocks"].as_u64(), Some(cached), "{v}");
     assert_eq!(v["tiers"], json!([]));
-    let (_, b) = call(&app, "GET", "/v1/stats", Body::empty(), None).await;
+    let (_, b) = call(&app, "GET", "/v1/stats", Body::empty(), Some("sesame")).await;
     assert_eq!(stats(b)["blocks"]["cached"], json!(0));
     let (s, _) = call(&app, "POST", "/v1/chat/completions", body(), Some("sesame")).await;
     assert_eq!(s, StatusCode::OK, "serving goes on after a clear");

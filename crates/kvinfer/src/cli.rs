@@ -404,4 +404,7 @@ pub struct ServeArgs {
     /// Most sequences in the running batch.
     #[arg(long, default_value_t = 64)]
     pub max_running: usize,
+    /// Most requests waiting for admission; past it the server answers 503 with Retry-After.
+    #[arg(long, env = "KVINFER_MAX_WAITING", default_value_t = 256)]
+    pub max_waiting: usize,
 }

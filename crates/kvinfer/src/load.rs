@@ -124,6 +124,7 @@ pub fn sampling(a: &SamplingArgs) -> SamplingParams {
         repeat_penalty: a.repeat_penalty,
         repeat_last_n: 64,
         seed: a.seed,
+        ..SamplingParams::default()
     }
 }
 

@@ -15,6 +15,7 @@ pub fn run(a: ServeArgs) -> Result<()> {
         max_batch_tokens: a.max_batch_tokens,
         max_running: a.max_running,
         ctx_size: a.model.ctx_size,
+        max_waiting: a.max_waiting,
     };
     let (pool, threads) = worker_pool(a.model.threads)?;
     let (engine, engine_thread) =

@@ -34,6 +34,8 @@ pub struct EngineConfig {
     pub max_running: usize,
     /// Most positions per sequence (prompt + output); 0 means the model's context length.
     pub ctx_size: usize,
+    /// Most requests accepted but not yet running; past it `submit` answers `Overloaded`.
+    pub max_waiting: usize,
 }
 
 impl Default for EngineConfig {
@@ -43,6 +45,7 @@ impl Default for EngineConfig {
             max_batch_tokens: 512,
             max_running: 64,
             ctx_size: 0,
+            max_waiting: 256,
         }
     }
 }
@@ -62,6 +65,9 @@ pub struct EngineRequest {
     pub n: usize,
     /// Keep going past end-of-generation tokens.
     pub ignore_eos: bool,
+    /// End-of-generation tokens are not sampled before this many tokens (stop strings still end
+    /// a choice).
+    pub min_tokens: usize,
 }
 
 /// Token accounting of a finished request (OpenAI's `usage`).
@@ -111,6 +117,9 @@ pub enum SubmitError {
     /// The engine has stopped.
     #[error("the engine is shutting down")]
     ShuttingDown,
+    /// Too many requests wait already (`max_waiting`); try again shortly.
+    #[error("{0}")]
+    Overloaded(String),
 }
 
 enum Command {
@@ -147,6 +156,9 @@ pub struct EngineHandle {
     stats: Arc<Mutex<EngineStats>>,
     limits: Limits,
     tiers: Option<Arc<kvinfer_tier::TieredStore>>,
+    /// Requests accepted and not yet admitted (the scheduler takes them off at admission).
+    queued: Arc<std::sync::atomic::AtomicUsize>,
+    max_waiting: usize,
 }
 
 /// Most choices per request.
@@ -193,10 +205,22 @@ impl EngineHandle {
             sampling: &req.sampling,
         };
         validate(&shape, &self.limits)?;
+        use std::sync::atomic::Ordering::SeqCst;
+        let queued = self.queued.fetch_add(1, SeqCst);
+        if queued >= self.max_waiting {
+            self.queued.fetch_sub(1, SeqCst);
+            return Err(SubmitError::Overloaded(format!(
+                "{queued} requests are already waiting (--max-waiting {}); retry shortly",
+                self.max_waiting
+            )));
+        }
         let (tx, rx) = unbounded_channel();
         self.commands
             .send(Command::Submit(req, tx))
-            .map_err(|_| SubmitError::ShuttingDown)?;
+            .map_err(|_| {
+                self.queued.fetch_sub(1, SeqCst);
+                SubmitError::ShuttingDown
+            })?;
         Ok(rx)
     }
 }
@@ -227,6 +251,7 @@ pub fn start(
         vocab: model.config.vocab_size,
     };
     let stats = Arc::new(Mutex::new(EngineStats::default()));
+    let queued = Arc::new(std::sync::atomic::AtomicUsize::new(0));
     let (tx, rx) = mpsc::channel();
     let handle = EngineHandle {
         commands: tx,
@@ -234,8 +259,11 @@ pub fn start(
         stats: stats.clone(),
         limits,
         tiers: tiers.clone(),
+        queued: queued.clone(),
+        max_waiting: config.max_waiting.max(1),
     };
     let mut sched = scheduler::Scheduler::new(model, kv, config, ctx, stats, tiers);
+    sched.set_queue_counter(queued);
     let thread = std::thread::Builder::new()
         .name("kvinfer-engine".into())
         .spawn(move || {

@@ -58,6 +58,8 @@ struct Request {
     usage: Usage,
     arrival: Instant,
     first_token: bool,
+    /// Counted in the handle's queue of not-yet-admitted requests.
+    queued: bool,
 }
 
 /// One sampled continuation of a request: a sequence in the cache when running.
@@ -106,6 +108,8 @@ pub(super) struct Scheduler {
     next_load: u64,
     loads_tx: mpsc::Sender<(u64, LoadResult)>,
     loads_rx: mpsc::Receiver<(u64, LoadResult)>,
+    /// The handle's count of requests accepted and not yet admitted.
+    queue_counter: Arc<std::sync::atomic::AtomicUsize>,
 }
 
 impl Scheduler {
@@ -140,6 +144,7 @@ impl Scheduler {
             next_load: 0,
             loads_tx,
             loads_rx,
+            queue_counter: Arc::default(),
         };
         s.publish();
         s
@@ -147,6 +152,17 @@ impl Scheduler {
 
     fn idle(&self) -> bool {
         self.running.is_empty() && self.waiting.is_empty()
+    }
+
+    pub(super) fn set_queue_counter(&mut self, c: Arc<std::sync::atomic::AtomicUsize>) {
+        self.queue_counter = c;
+    }
+
+    /// Takes request `r` off the handle's waiting count (once).
+    fn dequeue(counter: &std::sync::atomic::AtomicUsize, r: &mut Request) {
+        if std::mem::replace(&mut r.queued, false) {
+            counter.fetch_sub(1, std::sync::atomic::Ordering::SeqCst);
+        }
     }
 
     /// The loop: runs until every handle is gone and the work in flight is done.
@@ -285,6 +301,7 @@ impl Scheduler {
                 usage,
                 arrival: Instant::now(),
                 first_token: false,
+                queued: true,
             },
         );
         self.waiting.push_back(choice);
@@ -318,7 +335,8 @@ impl Scheduler {
         self.running.retain(&mut drop_choice);
         self.waiting.retain(drop_choice);
         self.loading.retain(|_, l| l.choice.req != id);
-        if let Some(r) = self.requests.remove(&id) {
+        if let Some(mut r) = self.requests.remove(&id) {
+            Self::dequeue(&self.queue_counter, &mut r);
             if let Some(e) = error {
                 let _ = r.events.send(Event::Error(e));
             }
@@ -411,6 +429,9 @@ impl Scheduler {
                 break;
             }
             let mut c = self.waiting.remove(w).expect("picked");
+            if let Some(r) = self.requests.get_mut(&c.req) {
+                Self::dequeue(&self.queue_counter, r);
+            }
             if c.index == 0 && c.generated == 0 {
                 if let Some(r) = self.requests.get_mut(&c.req) {
                     if r.usage.cached_tokens == 0 {
@@ -591,7 +612,12 @@ fn advance(
     stats: &mut EngineStats,
 ) -> Option<FinishReason> {
     let tok = &model.tokenizer;
-    let next = c.sampler.sample(logits, &c.tokens);
+    let banned = if c.generated < req.params.min_tokens && !req.params.ignore_eos {
+        tok.eog_ids()
+    } else {
+        &[]
+    };
+    let next = c.sampler.sample_masked(logits, &c.tokens, banned);
     c.tokens.push(next);
     c.generated += 1;
     stats.generation_tokens_total += 1;
@@ -647,6 +673,7 @@ mod tests {
             max_batch_tokens: 64,
             max_running,
             ctx_size: 0,
+            max_waiting: 256,
         };
         let ctx = model.config.context_length;
         let stats = Arc::new(Mutex::new(EngineStats::default()));
@@ -662,6 +689,7 @@ mod tests {
             stop: vec![],
             n: 1,
             ignore_eos: true,
+            min_tokens: 0,
         };
         s.accept(Command::Submit(req, tx));
         rx
