@@ -59,6 +59,29 @@ def raw(path, body, method="POST"):
         return e.code, e.read().decode()
 
 
+def declared_only(path, n):
+    """Sends only the head of a request declaring an n-byte body; the server must answer at
+    once (413) without waiting for the body."""
+    import socket
+    from urllib.parse import urlparse
+    u = urlparse(URL)
+    with socket.create_connection((u.hostname, u.port), timeout=10) as s:
+        s.sendall((f"POST {path} HTTP/1.1\r\nHost: {u.hostname}:{u.port}\r\n"
+                   f"Content-Type: application/json\r\nContent-Length: {n}\r\n\r\n").encode())
+        data = b""
+        while b"\r\n\r\n" not in data or len(data.split(b"\r\n\r\n", 1)[1]) < 10:
+            chunk = s.recv(65536)
+            if not chunk:
+                break
+            data += chunk
+            head, _, body = data.partition(b"\r\n\r\n")
+            length = [int(l.split(b":")[1]) for l in head.split(b"\r\n") if l.lower().startswith(b"content-length")]
+            if length and len(body) >= length[0]:
+                break
+    head, _, body = data.partition(b"\r\n\r\n")
+    return int(head.split()[1]), body.decode()
+
+
 def stats():
     return json.loads(raw("/v1/stats", None, "GET")[1])
 
@@ -127,10 +150,13 @@ def test_bad_inputs_get_4xx_and_serving_continues():
         ("prompt over the context", {**good, "messages": [
             {"role": "user", "content": "word " * 20000}]}, 400),
         ("unknown model", {**good, "model": "no-such-model"}, 404),
-        ("body over --max-body-bytes", b" " * (5 << 20), 413),
+        ("body over --max-body-bytes", "declared", 413),
     ]
     for what, body, want in cases:
-        status, text = raw("/v1/chat/completions", body)
+        if body == "declared":
+            status, text = declared_only("/v1/chat/completions", 5 << 20)
+        else:
+            status, text = raw("/v1/chat/completions", body)
         assert status == want, f"{what}: {status} {text[:300]}"
         err = json.loads(text)["error"]
         assert err["message"] and "type" in err and "param" in err and "code" in err, text

@@ -63,6 +63,7 @@ class Server:
                 if self.proc.poll() is not None:
                     raise RuntimeError(f"kvinfer serve died: {self.tail()}")
                 time.sleep(0.1)
+        self.key = key
         self.client = openai.OpenAI(base_url=self.url + "/v1", api_key=key or "unused",
                                     max_retries=0, timeout=300)
         self.model = self.client.models.list().data[0].id
@@ -80,7 +81,10 @@ class Server:
         return r.choices[0].message.content, cached
 
     def stats(self):
-        with urllib.request.urlopen(self.url + "/v1/stats", timeout=10) as r:
+        req = urllib.request.Request(self.url + "/v1/stats")
+        if self.key:
+            req.add_header("Authorization", f"Bearer {self.key}")
+        with urllib.request.urlopen(req, timeout=10) as r:
             return json.loads(r.read())
 
     def tier(self, name):

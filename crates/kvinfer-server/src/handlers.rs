@@ -52,13 +52,12 @@ pub async fn chat(
             Some("messages"),
         ));
     }
-    let model = st.engine.model();
-    let template = model.chat_template.as_ref().ok_or_else(|| {
-        ApiError::invalid(
+    if st.engine.model().chat_template.is_none() {
+        return Err(ApiError::invalid(
             "this model has no chat template; use /v1/completions with a raw prompt",
             Some("messages"),
-        )
-    })?;
+        ));
+    }
     let messages = req
         .messages
         .iter()
@@ -70,13 +69,21 @@ pub async fn chat(
             })
         })
         .collect::<Result<Vec<_>, ApiError>>()?;
-    let text = template.render(&messages, true).map_err(|e| {
-        ApiError::invalid(
-            format!("the chat template refused the messages: {e}"),
-            Some("messages"),
-        )
-    })?;
-    let ids = model.tokenizer.encode(&text, false, true);
+    // Templating and tokenizing a large prompt take a while: off the async threads, so other
+    // clients' streams keep flowing.
+    let engine = st.engine.clone();
+    let ids = blocking(move || {
+        let model = engine.model();
+        let template = model.chat_template.as_ref().expect("checked above");
+        let text = template.render(&messages, true).map_err(|e| {
+            ApiError::invalid(
+                format!("the chat template refused the messages: {}", crate::openai::short(&e.to_string())),
+                Some("messages"),
+            )
+        })?;
+        Ok(model.tokenizer.encode(&text, false, true))
+    })
+    .await?;
     let er = engine_request(&req.common, ids, &st.engine, &st.served, usize::MAX)?;
     run(st, Api::Chat, er, &req.common).await
 }
@@ -87,21 +94,23 @@ pub async fn completion(
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Response, ApiError> {
     let req: CompletionRequest = parse(&body_bytes(body)?, &["prompt"])?;
-    let model = st.engine.model();
     let bad = || {
         ApiError::invalid(
             "prompt must be a string, a list of one string, or a list of token ids",
             Some("prompt"),
         )
     };
-    let ids = match &req.prompt {
-        Value::String(s) => model.tokenizer.encode(s, true, false),
-        Value::Array(a) if a.len() == 1 && a[0].is_string() => {
-            model
-                .tokenizer
-                .encode(a[0].as_str().unwrap_or_default(), true, false)
+    let text = match &req.prompt {
+        Value::String(s) => Some(s.clone()),
+        Value::Array(a) if a.len() == 1 && a[0].is_string() => a[0].as_str().map(str::to_string),
+        _ => None,
+    };
+    let ids = match (text, &req.prompt) {
+        (Some(t), _) => {
+            let engine = st.engine.clone();
+            blocking(move || Ok(engine.model().tokenizer.encode(&t, true, false))).await?
         }
-        Value::Array(a) if !a.is_empty() && a.iter().all(Value::is_u64) => a
+        (None, Value::Array(a)) if !a.is_empty() && a.iter().all(Value::is_u64) => a
             .iter()
             .map(|v| {
                 v.as_u64()
@@ -114,6 +123,16 @@ pub async fn completion(
     // The legacy API's default output limit.
     let er = engine_request(&req.common, ids, &st.engine, &st.served, 16)?;
     run(st, Api::Completion, er, &req.common).await
+}
+
+/// Runs CPU-heavy request preparation on tokio's blocking pool.
+async fn blocking<T: Send + 'static>(
+    f: impl FnOnce() -> Result<T, ApiError> + Send + 'static,
+) -> Result<T, ApiError> {
+    tokio::task::spawn_blocking(f).await.map_err(|e| {
+        ApiError::invalid(format!("request preparation failed: {e}"), None)
+            .status(StatusCode::INTERNAL_SERVER_ERROR)
+    })?
 }
 
 async fn run(
@@ -156,11 +175,24 @@ async fn run(
         seed,
         fingerprint: st.fingerprint.clone(),
     };
+    let deadline = st.request_timeout.map(|d| tokio::time::Instant::now() + d);
     if common.stream {
-        Ok(sse(meta, rx, n, include_usage).into_response())
+        Ok(sse(meta, rx, n, include_usage, deadline).into_response())
     } else {
-        collect(meta, rx, n).await
+        match deadline {
+            None => collect(meta, rx, n).await,
+            // Past the deadline the receiver is dropped: the engine cancels the request.
+            Some(d) => tokio::time::timeout_at(d, collect(meta, rx, n))
+                .await
+                .unwrap_or_else(|_| Err(timeout_error())),
+        }
     }
+}
+
+fn timeout_error() -> ApiError {
+    ApiError::invalid("the request ran past the server's --request-timeout", None)
+        .status(StatusCode::GATEWAY_TIMEOUT)
+        .code("timeout")
 }
 
 fn now_s() -> u64 {
@@ -316,6 +348,7 @@ fn sse(
     rx: UnboundedReceiver<Event>,
     n: usize,
     include_usage: bool,
+    deadline: Option<tokio::time::Instant>,
 ) -> Sse<impl Stream<Item = Result<SseEvent, Infallible>>> {
     let mut first = VecDeque::new();
     if meta.api == Api::Chat {
@@ -334,7 +367,19 @@ fn sse(
                 if ended {
                     return None;
                 }
-                match rx.recv().await {
+                let next = match deadline {
+                    None => Ok(rx.recv().await),
+                    Some(d) => tokio::time::timeout_at(d, rx.recv()).await,
+                };
+                let Ok(next) = next else {
+                    // Past --request-timeout: an error event, then [DONE]; dropping the
+                    // receiver with the stream cancels the request in the engine.
+                    queue.push_back(SseEvent::default().data(timeout_error().body().to_string()));
+                    queue.push_back(SseEvent::default().data("[DONE]"));
+                    ended = true;
+                    continue;
+                };
+                match next {
                     Some(Event::Text { index, text }) => {
                         queue.push_back(meta.delta(index, Some(&text), None, false))
                     }
@@ -386,6 +431,58 @@ pub async fn clear_cache(State(st): State<Arc<AppState>>) -> Result<Json<Value>,
         ApiError::invalid(e.to_string(), None).status(StatusCode::SERVICE_UNAVAILABLE)
     })?;
     Ok(Json(serde_json::to_value(&report).unwrap_or_else(|_| json!({}))))
+}
+
+/// `POST /tokenize` (llama-server's shape): `{"content": text, "add_special": bool}` ->
+/// `{"tokens": [ids]}`. `add_special` (default false) adds BOS where the model wants it.
+pub async fn tokenize(
+    State(st): State<Arc<AppState>>,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<Json<Value>, ApiError> {
+    let v: Value = serde_json::from_slice(&body_bytes(body)?)
+        .map_err(|_| ApiError::invalid("the body must be {\"content\": text}", Some("content")))?;
+    if let Some(k) = v.as_object().and_then(|o| o.keys().find(|k| !["content", "add_special"].contains(&k.as_str()))) {
+        let k = crate::openai::short(k);
+        return Err(ApiError::invalid(format!("unknown field {k}"), Some(&k)));
+    }
+    let content = v.get("content").and_then(Value::as_str).ok_or_else(|| {
+        ApiError::invalid("content must be a string", Some("content"))
+    })?.to_string();
+    let special = v.get("add_special").and_then(Value::as_bool).unwrap_or(false);
+    let engine = st.engine.clone();
+    let ids = blocking(move || Ok(engine.model().tokenizer.encode(&content, special, true))).await?;
+    Ok(Json(json!({ "tokens": ids })))
+}
+
+/// `POST /detokenize` (llama-server's shape): `{"tokens": [ids]}` -> `{"content": text}`.
+pub async fn detokenize(
+    State(st): State<Arc<AppState>>,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<Json<Value>, ApiError> {
+    let v: Value = serde_json::from_slice(&body_bytes(body)?)
+        .map_err(|_| ApiError::invalid("the body must be {\"tokens\": [ids]}", Some("tokens")))?;
+    let vocab = st.engine.model().config.vocab_size;
+    let ids = v
+        .get("tokens")
+        .and_then(Value::as_array)
+        .and_then(|a| {
+            a.iter()
+                .map(|t| t.as_u64().filter(|&t| (t as usize) < vocab).map(|t| t as u32))
+                .collect::<Option<Vec<u32>>>()
+        })
+        .ok_or_else(|| {
+            ApiError::invalid(format!("tokens must be a list of token ids below {vocab}"), Some("tokens"))
+        })?;
+    let tok = &st.engine.model().tokenizer;
+    let bytes: Vec<u8> = ids.iter().flat_map(|&t| tok.token_bytes(t).to_vec()).collect();
+    Ok(Json(json!({ "content": String::from_utf8_lossy(&bytes) })))
+}
+
+/// A known path with another method.
+pub async fn method_not_allowed() -> ApiError {
+    ApiError::invalid("this endpoint does not take that HTTP method", None)
+        .status(StatusCode::METHOD_NOT_ALLOWED)
+        .code("method_not_allowed")
 }
 
 /// `GET /health`.

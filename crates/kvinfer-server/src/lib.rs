@@ -6,6 +6,7 @@
 //! `GET /` (a chat page with a live view of the KV cache). Errors use OpenAI's shape.
 #![deny(missing_docs)]
 
+mod edge;
 mod error;
 mod handlers;
 mod metrics;
@@ -37,6 +38,10 @@ pub struct ServerConfig {
     pub max_body_bytes: usize,
     /// How long in-flight requests may run after SIGINT/SIGTERM before they are cancelled.
     pub shutdown_grace: Duration,
+    /// Origins allowed to call the API from a browser (`*`: any); none by default.
+    pub cors_origins: Vec<String>,
+    /// Longest a request may run (queue, prefill and output); None: no limit.
+    pub request_timeout: Option<Duration>,
 }
 
 impl Default for ServerConfig {
@@ -47,6 +52,8 @@ impl Default for ServerConfig {
             api_key: None,
             max_body_bytes: 4 << 20, // 4 MiB
             shutdown_grace: Duration::from_secs(30),
+            cors_origins: Vec::new(),
+            request_timeout: None,
         }
     }
 }
@@ -62,6 +69,8 @@ pub struct AppState {
     http_errors: AtomicU64,
     /// `system_fingerprint` of every answer.
     fingerprint: String,
+    /// `--request-timeout`.
+    request_timeout: Option<Duration>,
 }
 
 /// The application: routes, auth, body limit, error counting.
@@ -84,6 +93,7 @@ pub fn router(engine: EngineHandle, config: &ServerConfig) -> Router {
         next_id: AtomicU64::new(0),
         http_errors: AtomicU64::new(0),
         fingerprint: fingerprint.clone(),
+        request_timeout: config.request_timeout,
     });
     let api = Router::new()
         .route("/v1/chat/completions", post(handlers::chat))
@@ -91,16 +101,41 @@ pub fn router(engine: EngineHandle, config: &ServerConfig) -> Router {
         .route("/v1/models", get(handlers::models))
         .route("/v1/cache/clear", post(handlers::clear_cache))
         .route("/v1/stats", get(handlers::stats))
+        .route("/tokenize", post(handlers::tokenize))
+        .route("/detokenize", post(handlers::detokenize))
         .route_layer(middleware::from_fn_with_state(state.clone(), auth));
-    Router::new()
+    let edge = Arc::new(edge::EdgeConfig {
+        cors_origins: config.cors_origins.clone(),
+        loopback_only: edge::is_loopback_host(&config.host),
+        max_body_bytes: config.max_body_bytes,
+    });
+    let mut app = Router::new()
         .merge(api)
         .route("/health", get(handlers::health))
         .route("/metrics", get(handlers::metrics))
         .route("/", get(handlers::index))
         .fallback(handlers::not_found)
+        .method_not_allowed_fallback(handlers::method_not_allowed)
         .layer(middleware::from_fn_with_state(state.clone(), count_errors))
         .layer(DefaultBodyLimit::max(config.max_body_bytes))
-        .with_state(state)
+        .with_state(state);
+    if !config.cors_origins.is_empty() {
+        use tower_http::cors::{AllowOrigin, CorsLayer};
+        let origins = if config.cors_origins.iter().any(|o| o == "*") {
+            AllowOrigin::any()
+        } else {
+            AllowOrigin::list(config.cors_origins.iter().filter_map(|o| o.parse().ok()))
+        };
+        app = app.layer(
+            CorsLayer::new()
+                .allow_origin(origins)
+                .allow_methods([axum::http::Method::GET, axum::http::Method::POST])
+                .allow_headers([header::AUTHORIZATION, header::CONTENT_TYPE])
+                .expose_headers([axum::http::HeaderName::from_static("x-request-id")]),
+        );
+    }
+    app.layer(middleware::from_fn_with_state(edge, edge::guard))
+        .layer(middleware::from_fn(edge::request_id))
 }
 
 /// The model id: the file's name without `.gguf`.

@@ -13,6 +13,14 @@ use serde_json::{json, Value};
 use tower::ServiceExt;
 
 fn app(api_key: Option<&str>) -> Router {
+    app_with(ServerConfig {
+        api_key: api_key.map(str::to_string),
+        max_body_bytes: 64 << 10,
+        ..ServerConfig::default()
+    })
+}
+
+fn app_with(server: ServerConfig) -> Router {
     let dir = std::env::temp_dir().join(format!("kvinfer-server-test-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
     static NEXT: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
@@ -28,11 +36,6 @@ fn app(api_key: Option<&str>) -> Router {
         ..EngineConfig::default()
     };
     let (engine, _) = start_engine(model, config, |f| f()).unwrap();
-    let server = ServerConfig {
-        api_key: api_key.map(str::to_string),
-        max_body_bytes: 64 << 10,
-        ..ServerConfig::default()
-    };
     router(engine, &server)
 }
 
@@ -386,4 +389,110 @@ async fn cache_clear_needs_the_key_and_empties_the_prefix_cache() {
     assert_eq!(stats(b)["blocks"]["cached"], json!(0));
     let (s, _) = call(&app, "POST", "/v1/chat/completions", body(), Some("sesame")).await;
     assert_eq!(s, StatusCode::OK, "serving goes on after a clear");
+}
+
+async fn send(app: &Router, req: Request<Body>) -> (StatusCode, axum::http::HeaderMap, String) {
+    let res = app.clone().oneshot(req).await.unwrap();
+    let (status, headers) = (res.status(), res.headers().clone());
+    let bytes = to_bytes(res.into_body(), 16 << 20).await.unwrap();
+    (status, headers, String::from_utf8_lossy(&bytes).into_owned())
+}
+
+fn chat_req(headers: &[(&str, &str)]) -> Request<Body> {
+    let mut r = Request::builder().method("POST").uri("/v1/chat/completions");
+    for (k, v) in headers {
+        r = r.header(*k, *v);
+    }
+    r.body(Body::from(chat(json!(2)).to_string())).unwrap()
+}
+
+#[tokio::test]
+async fn the_edge_refuses_foreign_hosts_foreign_origins_and_declared_oversize_bodies() {
+    let app = app(None);
+    // DNS rebinding: a foreign Host on a loopback-bound server.
+    let (s, _, b) = send(&app, chat_req(&[("host", "evil.example:8080"), ("content-type", "application/json")])).await;
+    assert_eq!(s, StatusCode::MISDIRECTED_REQUEST, "{b}");
+    assert_error_shape(&serde_json::from_str(&b).unwrap());
+    let (s, _, b) = send(&app, chat_req(&[("host", "localhost:8080"), ("content-type", "application/json")])).await;
+    assert_eq!(s, StatusCode::OK, "{b}");
+    // A foreign page's simple (no preflight) text/plain POST.
+    let (s, _, b) = send(&app, chat_req(&[("host", "127.0.0.1:8080"), ("origin", "http://evil.example"), ("content-type", "text/plain")])).await;
+    assert_eq!(s, StatusCode::FORBIDDEN, "{b}");
+    // The page the server serves itself is same-origin.
+    let (s, _, b) = send(&app, chat_req(&[("host", "127.0.0.1:8080"), ("origin", "http://127.0.0.1:8080"), ("content-type", "application/json")])).await;
+    assert_eq!(s, StatusCode::OK, "{b}");
+    // A declared body over the limit is refused before it is read.
+    let big = Request::builder().method("POST").uri("/v1/chat/completions")
+        .header("content-length", (10u64 << 20).to_string()).body(Body::empty()).unwrap();
+    let (s, _, b) = send(&app, big).await;
+    assert_eq!(s, StatusCode::PAYLOAD_TOO_LARGE, "{b}");
+    // X-Request-Id echoed, or made up.
+    let (_, h, _) = send(&app, chat_req(&[("x-request-id", "abc-123"), ("content-type", "application/json")])).await;
+    assert_eq!(h["x-request-id"], "abc-123");
+    let (_, h, _) = send(&app, chat_req(&[("content-type", "application/json")])).await;
+    assert_eq!(h["x-request-id"].len(), 16);
+    // 405 in OpenAI's shape.
+    let (s, b) = call(&app, "GET", "/v1/chat/completions", Body::empty(), None).await;
+    assert_eq!(s, StatusCode::METHOD_NOT_ALLOWED, "{b}");
+    assert_error_shape(&serde_json::from_str(&b).unwrap());
+}
+
+#[tokio::test]
+async fn cors_is_off_by_default_and_answers_allowed_origins_when_on() {
+    let preflight = |origin: &str| {
+        Request::builder().method("OPTIONS").uri("/v1/chat/completions")
+            .header("origin", origin).header("access-control-request-method", "POST")
+            .header("access-control-request-headers", "content-type,authorization")
+            .body(Body::empty()).unwrap()
+    };
+    let off = app(None);
+    let (s, h, _) = send(&off, preflight("http://app.example")).await;
+    assert_eq!(s, StatusCode::FORBIDDEN);
+    assert!(h.get("access-control-allow-origin").is_none());
+    let on = app_with(ServerConfig {
+        cors_origins: vec!["http://app.example".into()],
+        ..ServerConfig::default()
+    });
+    let (s, h, _) = send(&on, preflight("http://app.example")).await;
+    assert!(s.is_success(), "{s}");
+    assert_eq!(h["access-control-allow-origin"], "http://app.example");
+    let (s, _, _) = send(&on, preflight("http://other.example")).await;
+    assert_eq!(s, StatusCode::FORBIDDEN);
+    let (s, h, b) = send(&on, chat_req(&[("origin", "http://app.example"), ("content-type", "application/json")])).await;
+    assert_eq!(s, StatusCode::OK, "{b}");
+    assert_eq!(h["access-control-allow-origin"], "http://app.example");
+}
+
+#[tokio::test]
+async fn tokenize_and_detokenize_round_trip() {
+    let app = app(None);
+    let (s, v) = post(&app, "/tokenize", json!({"content": "the tin hen"})).await;
+    assert_eq!(s, StatusCode::OK, "{v}");
+    let ids = v["tokens"].as_array().unwrap().clone();
+    assert!(!ids.is_empty());
+    let (s, v) = post(&app, "/detokenize", json!({"tokens": ids})).await;
+    assert_eq!(s, StatusCode::OK, "{v}");
+    assert_eq!(v["content"], json!("the tin hen"));
+    let (s, _) = post(&app, "/detokenize", json!({"tokens": [99999999]})).await;
+    assert_eq!(s, StatusCode::BAD_REQUEST);
+    let (s, _) = post(&app, "/tokenize", json!({"text": "x"})).await;
+    assert_eq!(s, StatusCode::BAD_REQUEST);
+}
+
+#[tokio::test]
+async fn a_request_past_its_deadline_is_cut_json_and_stream_alike() {
+    let app = app_with(ServerConfig {
+        request_timeout: Some(std::time::Duration::from_millis(2)),
+        ..ServerConfig::default()
+    });
+    let long = json!({"messages": [{"role": "user", "content": "x"}], "max_tokens": 230, "ignore_eos": true});
+    let (s, v) = post(&app, "/v1/chat/completions", long.clone()).await;
+    assert_eq!(s, StatusCode::GATEWAY_TIMEOUT, "{v}");
+    assert_eq!(v["error"]["code"], json!("timeout"));
+    let mut streamed = long;
+    streamed["stream"] = json!(true);
+    let (s, b) = call(&app, "POST", "/v1/chat/completions", Body::from(streamed.to_string()), None).await;
+    assert_eq!(s, StatusCode::OK);
+    assert!(b.contains("\"timeout\""), "{b}");
+    assert!(b.trim_end().ends_with("data: [DONE]"), "{b}");
 }

@@ -404,6 +404,14 @@ pub struct ServeArgs {
     /// Most sequences in the running batch.
     #[arg(long, default_value_t = 64)]
     pub max_running: usize,
+    /// Origins allowed to call the API from a browser, comma-separated (`*`: any). Off by
+    /// default: cross-origin requests are refused.
+    #[arg(long, env = "KVINFER_CORS_ORIGINS", value_delimiter = ',')]
+    pub cors_origins: Vec<String>,
+    /// Longest a request may take in seconds (queue, prefill, output); past it: 504, or an
+    /// error event and [DONE] on a stream. 0: no limit.
+    #[arg(long, env = "KVINFER_REQUEST_TIMEOUT", default_value_t = 0)]
+    pub request_timeout: u64,
     /// Most requests waiting for admission; past it the server answers 503 with Retry-After.
     #[arg(long, env = "KVINFER_MAX_WAITING", default_value_t = 256)]
     pub max_waiting: usize,

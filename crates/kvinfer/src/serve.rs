@@ -39,6 +39,9 @@ pub fn run(a: ServeArgs) -> Result<()> {
         port: a.port,
         api_key: a.api_key,
         max_body_bytes: a.max_body_bytes,
+        cors_origins: a.cors_origins,
+        request_timeout: (a.request_timeout > 0)
+            .then(|| std::time::Duration::from_secs(a.request_timeout)),
         ..ServerConfig::default()
     };
     let rt = tokio::runtime::Builder::new_multi_thread()

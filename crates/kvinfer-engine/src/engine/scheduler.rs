@@ -245,6 +245,7 @@ impl Scheduler {
     /// on a thread of their own (the loop never waits on I/O); `reply` gets the report.
     fn clear_cache(&mut self, reply: tokio::sync::oneshot::Sender<super::ClearReport>) {
         let pool_blocks = self.kv.clear_cached();
+        self.publish(); // the snapshot shows the clear before the caller hears of it
         let tiers = self.tiers.clone();
         let _ = std::thread::Builder::new()
             .name("kvinfer-cache-clear".into())
@@ -578,9 +579,16 @@ impl Scheduler {
         req.done += 1;
         req.usage.completion_tokens += c.generated;
         if req.done == req.params.n {
-            let _ = req.events.send(Event::Usage(req.usage));
-            self.requests.remove(&c.req);
+            let usage = req.usage;
             self.stats.requests_finished += 1;
+            // The snapshot shows this request's blocks released before its client hears it
+            // is done (a client reading /v1/stats right after sees the pool as it is).
+            self.publish();
+            let Some(req) = self.requests.get_mut(&c.req) else {
+                return;
+            };
+            let _ = req.events.send(Event::Usage(usage));
+            self.requests.remove(&c.req);
         }
     }
 
