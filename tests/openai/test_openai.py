@@ -248,6 +248,53 @@ def test_sampling_parameters_change_output_as_they_should():
             assert list(kw)[0] in str(e), str(e)
 
 
+def test_overload_400_at_once():
+    """400 requests at once: each is answered 200 or the documented 503 (with Retry-After);
+    /health stays under 100 ms throughout; every accepted one finishes; no block leaks."""
+    import threading
+    body = json.dumps({"model": MODEL, "max_tokens": 4, "temperature": 0,
+                       "messages": [{"role": "user", "content": "Say hi."}]}).encode()
+    results = []
+
+    def one(_):
+        req = urllib.request.Request(URL + "/v1/chat/completions", data=body, method="POST",
+                                     headers={"content-type": "application/json"})
+        try:
+            with urllib.request.urlopen(req, timeout=300) as r:
+                return r.status, None
+        except urllib.error.HTTPError as e:
+            return e.code, e.headers.get("Retry-After")
+
+    health, done = [], threading.Event()
+
+    def probe():
+        while not done.is_set():
+            t = time.time()
+            with urllib.request.urlopen(URL + "/health", timeout=10) as r:
+                r.read()
+            health.append(time.time() - t)
+            time.sleep(0.05)
+
+    prober = threading.Thread(target=probe)
+    prober.start()
+    t0 = time.time()
+    with concurrent.futures.ThreadPoolExecutor(max_workers=400) as ex:
+        results = list(ex.map(one, range(400)))
+    done.set()
+    prober.join()
+    codes = [c for c, _ in results]
+    assert set(codes) <= {200, 503}, sorted(set(codes))
+    assert all(ra == "1" for c, ra in results if c == 503), "503 without Retry-After"
+    assert codes.count(200) >= 64, codes.count(200)
+    worst = max(health)
+    assert worst < 0.1, f"/health took {worst * 1000:.0f} ms under overload"
+    after = wait_idle()
+    assert after["blocks"]["in_use"] == 0, after["blocks"]
+    print(f"     overload: {codes.count(200)} served, {codes.count(503)} x 503 in "
+          f"{time.time() - t0:.1f} s; /health max {worst * 1000:.1f} ms, "
+          f"p50 {sorted(health)[len(health) // 2] * 1000:.1f} ms over {len(health)} probes")
+
+
 def main():
     tests = [(n, f) for n, f in globals().items() if n.startswith("test_")]
     failed = 0

@@ -396,13 +396,13 @@ pub struct ServeArgs {
     #[arg(long, env = "KVINFER_API_KEY", hide_env_values = true)]
     pub api_key: Option<String>,
     /// Largest request body in bytes.
-    #[arg(long, default_value_t = 4 << 20)]
+    #[arg(long, env = "KVINFER_MAX_BODY_BYTES", default_value_t = 4 << 20)]
     pub max_body_bytes: usize,
     /// Most tokens per forward pass (decodes plus prefill chunks).
-    #[arg(long, default_value_t = 512)]
+    #[arg(long, env = "KVINFER_MAX_BATCH_TOKENS", default_value_t = 512)]
     pub max_batch_tokens: usize,
     /// Most sequences in the running batch.
-    #[arg(long, default_value_t = 64)]
+    #[arg(long, env = "KVINFER_MAX_RUNNING", default_value_t = 64)]
     pub max_running: usize,
     /// Origins allowed to call the API from a browser, comma-separated (`*`: any). Off by
     /// default: cross-origin requests are refused.
@@ -415,4 +415,11 @@ pub struct ServeArgs {
     /// Most requests waiting for admission; past it the server answers 503 with Retry-After.
     #[arg(long, env = "KVINFER_MAX_WAITING", default_value_t = 256)]
     pub max_waiting: usize,
+    /// A TOML file of serve options (`port = 8081`, `kv_cache_mb = 512`, `redis = "redis://..."`,
+    /// any option's long name); flags and KVINFER_* variables override it.
+    #[arg(long, env = "KVINFER_CONFIG")]
+    pub config: Option<PathBuf>,
+    /// Print the merged configuration (defaults < file < env < flags) as TOML and exit.
+    #[arg(long)]
+    pub print_config: bool,
 }

@@ -6,14 +6,31 @@ mod cache_admin;
 mod cache_cmd;
 mod chat;
 mod cli;
+mod config;
 mod generate;
 mod load;
 mod serve;
 
-use clap::Parser;
+use clap::{CommandFactory, FromArgMatches};
 
 fn main() {
-    let args = cli::Cli::parse();
+    let cmd = cli::Cli::command();
+    let argv: Vec<String> = std::env::args().collect();
+    if let Err(e) = config::apply(&cmd, &argv) {
+        eprintln!("error: {e:#}");
+        std::process::exit(2);
+    }
+    // clap reads each option's environment variable when the command is built: build it again
+    // now that the config file is in the environment.
+    let cmd = cli::Cli::command();
+    let matches = cmd.clone().get_matches();
+    let args = cli::Cli::from_arg_matches(&matches).unwrap_or_else(|e| e.exit());
+    if let (cli::Command::Serve(s), Some(("serve", sm))) = (&args.command, matches.subcommand()) {
+        if s.print_config {
+            print!("{}", config::print(&cmd, sm));
+            return;
+        }
+    }
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_env("KVINFER_LOG")

@@ -254,3 +254,45 @@ fn a_second_process_on_the_same_disk_tier_reuses_the_first_ones_prefix() {
     }
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// `kvinfer serve --config FILE`: the file is below env vars, which are below flags; an
+/// unknown key is an error; `--print-config` prints TOML that reads back to the same result.
+#[test]
+fn serve_config_file_sits_below_env_and_flags() {
+    let dir = std::env::temp_dir().join(format!("kvinfer-cli-config-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let file = dir.join("serve.toml");
+    std::fs::write(
+        &file,
+        "port = 9123\nkv_cache_mb = 300\nmax-waiting = 7\nredis_cluster = [\"127.0.0.1:7000\", \"127.0.0.1:7001\"]\n",
+    )
+    .unwrap();
+    let f = file.to_str().unwrap();
+    let print = |extra: &[&str], env: &[(&str, &str)]| {
+        let mut c = Command::new(env!("CARGO_BIN_EXE_kvinfer"));
+        c.args(["serve", "--print-config"]).args(extra);
+        for (k, v) in env {
+            c.env(k, v);
+        }
+        let out = c.output().unwrap();
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        String::from_utf8(out.stdout).unwrap()
+    };
+    let merged = print(&["--config", f], &[]);
+    for line in ["port = 9123", "kv_cache_mb = 300", "max_waiting = 7", "redis_cluster = [\"127.0.0.1:7000\", \"127.0.0.1:7001\"]"] {
+        assert!(merged.lines().any(|l| l == line), "{line} in {merged}");
+    }
+    let env_wins = print(&["--config", f], &[("KVINFER_PORT", "9200")]);
+    assert!(env_wins.lines().any(|l| l == "port = 9200"), "{env_wins}");
+    let flag_wins = print(&["--config", f, "--port", "9300"], &[("KVINFER_PORT", "9200")]);
+    assert!(flag_wins.lines().any(|l| l == "port = 9300"), "{flag_wins}");
+    // The printed configuration is a config file that gives the same result.
+    let again = dir.join("printed.toml");
+    std::fs::write(&again, &merged).unwrap();
+    assert_eq!(print(&["--config", again.to_str().unwrap()], &[]), merged);
+    std::fs::write(&file, "prot = 1\n").unwrap();
+    let out = kvinfer(&["serve", "--config", f]);
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("\"prot\" is not a serve option"));
+    let _ = std::fs::remove_dir_all(&dir);
+}
