@@ -102,8 +102,12 @@ pub async fn guard(State(cfg): State<Arc<EdgeConfig>>, req: Request, next: Next)
     next.run(req).await
 }
 
+/// The request's id, for the handlers' log lines.
+#[derive(Debug, Clone)]
+pub struct RequestId(pub String);
+
 /// Echoes or makes up `X-Request-Id`, and logs the request with it.
-pub async fn request_id(req: Request, next: Next) -> Response {
+pub async fn request_id(mut req: Request, next: Next) -> Response {
     let given = req
         .headers()
         .get("x-request-id")
@@ -115,6 +119,7 @@ pub async fn request_id(req: Request, next: Next) -> Response {
         })
         .map(str::to_string);
     let id = given.unwrap_or_else(|| format!("{:016x}", rand::random::<u64>()));
+    req.extensions_mut().insert(RequestId(id.clone()));
     let (method, path) = (req.method().clone(), req.uri().path().to_string());
     let t0 = std::time::Instant::now();
     let mut res = next.run(req).await;

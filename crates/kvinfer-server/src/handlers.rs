@@ -4,10 +4,11 @@
 
 use crate::error::ApiError;
 use crate::openai::{content_text, engine_request, parse, ChatRequest, Common, CompletionRequest};
+use crate::edge::RequestId;
 use crate::AppState;
 use axum::body::Bytes;
 use axum::extract::rejection::BytesRejection;
-use axum::extract::State;
+use axum::extract::{Extension, State};
 use axum::http::{header, StatusCode};
 use axum::response::sse::{Event as SseEvent, KeepAlive, Sse};
 use axum::response::{Html, IntoResponse, Response};
@@ -43,6 +44,7 @@ fn body_bytes(body: Result<Bytes, BytesRejection>) -> Result<Bytes, ApiError> {
 /// `POST /v1/chat/completions`.
 pub async fn chat(
     State(st): State<Arc<AppState>>,
+    rid: Option<Extension<RequestId>>,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Response, ApiError> {
     let req: ChatRequest = parse(&body_bytes(body)?, &["messages"])?;
@@ -85,12 +87,13 @@ pub async fn chat(
     })
     .await?;
     let er = engine_request(&req.common, ids, &st.engine, &st.served, usize::MAX)?;
-    run(st, Api::Chat, er, &req.common).await
+    run(st, Api::Chat, er, &req.common, rid).await
 }
 
 /// `POST /v1/completions`.
 pub async fn completion(
     State(st): State<Arc<AppState>>,
+    rid: Option<Extension<RequestId>>,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Response, ApiError> {
     let req: CompletionRequest = parse(&body_bytes(body)?, &["prompt"])?;
@@ -122,7 +125,7 @@ pub async fn completion(
     };
     // The legacy API's default output limit.
     let er = engine_request(&req.common, ids, &st.engine, &st.served, 16)?;
-    run(st, Api::Completion, er, &req.common).await
+    run(st, Api::Completion, er, &req.common, rid).await
 }
 
 /// Runs CPU-heavy request preparation on tokio's blocking pool.
@@ -140,7 +143,9 @@ async fn run(
     api: Api,
     er: EngineRequest,
     common: &Common,
+    rid: Option<Extension<RequestId>>,
 ) -> Result<Response, ApiError> {
+    let started = std::time::Instant::now();
     let include_usage = common
         .stream_options
         .as_ref()
@@ -174,6 +179,9 @@ async fn run(
         api,
         seed,
         fingerprint: st.fingerprint.clone(),
+        request_id: rid.map(|r| r.0 .0).unwrap_or_default(),
+        started,
+        first_token: None,
     };
     let deadline = st.request_timeout.map(|d| tokio::time::Instant::now() + d);
     if common.stream {
@@ -211,6 +219,29 @@ struct Meta {
     seed: u64,
     /// `system_fingerprint`: kvinfer's version and the model's KV fingerprint.
     fingerprint: String,
+    /// `X-Request-Id`, for the log line.
+    request_id: String,
+    started: std::time::Instant,
+    first_token: Option<std::time::Instant>,
+}
+
+impl Meta {
+    /// One log line per request: ids, tokens, time to first token, prefix-cache hit.
+    fn log(&self, usage: Option<&Usage>) {
+        let ms = |t: Option<std::time::Instant>| t.map(|t| (t - self.started).as_secs_f64() * 1e3);
+        let u = usage.copied().unwrap_or_default();
+        tracing::info!(
+            request_id = %self.request_id,
+            id = %self.id,
+            prompt_tokens = u.prompt_tokens,
+            completion_tokens = u.completion_tokens,
+            cached_tokens = u.cached_tokens,
+            ttft_ms = ms(self.first_token).unwrap_or(-1.0),
+            total_ms = ms(Some(std::time::Instant::now())).unwrap_or(0.0),
+            complete = usage.is_some(),
+            "request"
+        );
+    }
 }
 
 fn reason(r: FinishReason) -> &'static str {
@@ -231,7 +262,7 @@ fn usage_json(u: &Usage) -> Value {
 }
 
 async fn collect(
-    meta: Meta,
+    mut meta: Meta,
     mut rx: UnboundedReceiver<Event>,
     n: usize,
 ) -> Result<Response, ApiError> {
@@ -240,7 +271,10 @@ async fn collect(
     let mut usage = None;
     while let Some(e) = rx.recv().await {
         match e {
-            Event::Text { index, text } => texts[index].push_str(&text),
+            Event::Text { index, text } => {
+                meta.first_token.get_or_insert_with(std::time::Instant::now);
+                texts[index].push_str(&text)
+            }
             Event::Done {
                 index,
                 finish_reason,
@@ -258,6 +292,7 @@ async fn collect(
             }
         }
     }
+    meta.log(usage.as_ref());
     let usage = usage.unwrap_or_default();
     let choices: Vec<Value> = texts
         .into_iter()
@@ -359,7 +394,7 @@ fn sse(
     let state = (meta, rx, first, false);
     let s = stream::unfold(
         state,
-        move |(meta, mut rx, mut queue, mut ended)| async move {
+        move |(mut meta, mut rx, mut queue, mut ended)| async move {
             loop {
                 if let Some(e) = queue.pop_front() {
                     return Some((Ok(e), (meta, rx, queue, ended)));
@@ -381,6 +416,7 @@ fn sse(
                 };
                 match next {
                     Some(Event::Text { index, text }) => {
+                        meta.first_token.get_or_insert_with(std::time::Instant::now);
                         queue.push_back(meta.delta(index, Some(&text), None, false))
                     }
                     Some(Event::Done {
@@ -390,6 +426,7 @@ fn sse(
                         queue.push_back(meta.delta(index, None, Some(reason(finish_reason)), false))
                     }
                     Some(Event::Usage(u)) => {
+                        meta.log(Some(&u));
                         if include_usage {
                             queue.push_back(meta.chunk(json!([]), Some(usage_json(&u))));
                         }
