@@ -184,17 +184,37 @@ async fn run(
         first_token: None,
     };
     let deadline = st.request_timeout.map(|d| tokio::time::Instant::now() + d);
+    let cut = st.cut.clone();
     if common.stream {
-        Ok(sse(meta, rx, n, include_usage, deadline).into_response())
+        Ok(sse(meta, rx, n, include_usage, deadline, cut).into_response())
     } else {
-        match deadline {
-            None => collect(meta, rx, n).await,
-            // Past the deadline the receiver is dropped: the engine cancels the request.
-            Some(d) => tokio::time::timeout_at(d, collect(meta, rx, n))
-                .await
-                .unwrap_or_else(|_| Err(timeout_error())),
+        let work = async {
+            match deadline {
+                None => collect(meta, rx, n).await,
+                // Past the deadline the receiver is dropped: the engine cancels the request.
+                Some(d) => tokio::time::timeout_at(d, collect(meta, rx, n))
+                    .await
+                    .unwrap_or_else(|_| Err(timeout_error())),
+            }
+        };
+        tokio::select! {
+            r = work => r,
+            _ = cut_now(cut) => Err(shutdown_error()),
         }
     }
+}
+
+/// Resolves when the shutdown grace is over (never, for a router without a server).
+async fn cut_now(mut cut: tokio::sync::watch::Receiver<bool>) {
+    if cut.wait_for(|&c| c).await.is_err() {
+        std::future::pending::<()>().await;
+    }
+}
+
+fn shutdown_error() -> ApiError {
+    ApiError::invalid("the server is shutting down; this request was cut", None)
+        .status(StatusCode::SERVICE_UNAVAILABLE)
+        .code("shutdown")
 }
 
 fn timeout_error() -> ApiError {
@@ -384,6 +404,7 @@ fn sse(
     n: usize,
     include_usage: bool,
     deadline: Option<tokio::time::Instant>,
+    cut: tokio::sync::watch::Receiver<bool>,
 ) -> Sse<impl Stream<Item = Result<SseEvent, Infallible>>> {
     let mut first = VecDeque::new();
     if meta.api == Api::Chat {
@@ -391,20 +412,32 @@ fn sse(
             first.push_back(meta.delta(i, Some(""), None, true));
         }
     }
-    let state = (meta, rx, first, false);
+    let state = (meta, rx, first, false, cut);
     let s = stream::unfold(
         state,
-        move |(mut meta, mut rx, mut queue, mut ended)| async move {
+        move |(mut meta, mut rx, mut queue, mut ended, cut)| async move {
             loop {
                 if let Some(e) = queue.pop_front() {
-                    return Some((Ok(e), (meta, rx, queue, ended)));
+                    return Some((Ok(e), (meta, rx, queue, ended, cut)));
                 }
                 if ended {
                     return None;
                 }
-                let next = match deadline {
-                    None => Ok(rx.recv().await),
-                    Some(d) => tokio::time::timeout_at(d, rx.recv()).await,
+                let recv = async {
+                    match deadline {
+                        None => Ok(rx.recv().await),
+                        Some(d) => tokio::time::timeout_at(d, rx.recv()).await,
+                    }
+                };
+                let next = tokio::select! {
+                    n = recv => n,
+                    _ = cut_now(cut.clone()) => {
+                        // Cut by the shutdown grace: say so, then end the stream properly.
+                        queue.push_back(SseEvent::default().data(shutdown_error().body().to_string()));
+                        queue.push_back(SseEvent::default().data("[DONE]"));
+                        ended = true;
+                        continue;
+                    }
                 };
                 let Ok(next) = next else {
                     // Past --request-timeout: an error event, then [DONE]; dropping the

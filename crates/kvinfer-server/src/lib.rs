@@ -71,10 +71,21 @@ pub struct AppState {
     fingerprint: String,
     /// `--request-timeout`.
     request_timeout: Option<Duration>,
+    /// Turns true when the shutdown grace is over: requests still running are cut.
+    cut: tokio::sync::watch::Receiver<bool>,
 }
 
 /// The application: routes, auth, body limit, error counting.
 pub fn router(engine: EngineHandle, config: &ServerConfig) -> Router {
+    router_with_shutdown(engine, config).0
+}
+
+/// The application and the switch that cuts requests still running after the shutdown grace.
+pub fn router_with_shutdown(
+    engine: EngineHandle,
+    config: &ServerConfig,
+) -> (Router, tokio::sync::watch::Sender<bool>) {
+    let (cut_tx, cut_rx) = tokio::sync::watch::channel(false);
     let served = served_name(&engine);
     let fp = engine.model().fingerprint(engine.stats().block_size.max(1));
     let fingerprint = format!(
@@ -94,6 +105,7 @@ pub fn router(engine: EngineHandle, config: &ServerConfig) -> Router {
         http_errors: AtomicU64::new(0),
         fingerprint: fingerprint.clone(),
         request_timeout: config.request_timeout,
+        cut: cut_rx,
     });
     let api = Router::new()
         .route("/v1/chat/completions", post(handlers::chat))
@@ -134,8 +146,10 @@ pub fn router(engine: EngineHandle, config: &ServerConfig) -> Router {
                 .expose_headers([axum::http::HeaderName::from_static("x-request-id")]),
         );
     }
-    app.layer(middleware::from_fn_with_state(edge, edge::guard))
-        .layer(middleware::from_fn(edge::request_id))
+    let app = app
+        .layer(middleware::from_fn_with_state(edge, edge::guard))
+        .layer(middleware::from_fn(edge::request_id));
+    (app, cut_tx)
 }
 
 /// The model id: the file's name without `.gguf`.
@@ -179,31 +193,74 @@ async fn count_errors(State(st): State<Arc<AppState>>, req: Request, next: Next)
     res
 }
 
+/// A connection that has not sent a whole request head within this is closed (a half-sent head
+/// is not held forever; an idle keep-alive connection is let go).
+pub const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(10);
+/// Most connections open at once; past it new ones wait in the listen backlog until one closes.
+pub const MAX_CONNECTIONS: usize = 1024;
+
 /// Serves until SIGINT or SIGTERM; then stops accepting connections, lets in-flight requests
-/// finish for up to `shutdown_grace`, and returns (dropping whatever is left, which cancels it).
+/// finish for up to `shutdown_grace`, then cuts what is left: streams end with an error event
+/// and `[DONE]`, JSON requests get a 503 error body, and the process returns.
+///
+/// hyper's connection builder directly (not `axum::serve`), for what axum does not expose: a
+/// header read timeout, which also closes idle keep-alive connections, and a connection cap.
 pub async fn serve(engine: EngineHandle, config: ServerConfig) -> std::io::Result<()> {
-    let app = router(engine, &config);
+    use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+    use hyper_util::server::conn::auto::Builder;
+    let (app, cut) = router_with_shutdown(engine, &config);
     let listener = tokio::net::TcpListener::bind((config.host.as_str(), config.port)).await?;
     let addr = listener.local_addr()?;
     tracing::info!("listening on http://{addr}");
     eprintln!("kvinfer: serving on http://{addr} (Ctrl-C to stop)");
-    let (tx, rx) = tokio::sync::watch::channel(false);
-    tokio::spawn(async move {
-        shutdown_signal().await;
-        let _ = tx.send(true);
-    });
-    let stopped = |mut rx: tokio::sync::watch::Receiver<bool>| async move {
-        let _ = rx.wait_for(|&s| s).await;
-    };
-    let server = axum::serve(listener, app).with_graceful_shutdown(stopped(rx.clone()));
+    let mut builder = Builder::new(TokioExecutor::new());
+    builder
+        .http1()
+        .timer(TokioTimer::new())
+        .header_read_timeout(HEADER_READ_TIMEOUT);
+    let graceful = hyper_util::server::graceful::GracefulShutdown::new();
+    let permits = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
+    let signal = shutdown_signal();
+    tokio::pin!(signal);
+    loop {
+        let permit = tokio::select! {
+            p = permits.clone().acquire_owned() => p.expect("the semaphore is never closed"),
+            _ = &mut signal => break,
+        };
+        let (stream, _) = tokio::select! {
+            c = listener.accept() => match c {
+                Ok(c) => c,
+                Err(e) => {
+                    // Out of file descriptors and the like: wait a little, keep serving.
+                    tracing::warn!("accept failed: {e}");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+            _ = &mut signal => break,
+        };
+        let service = hyper_util::service::TowerToHyperService::new(app.clone());
+        let conn = builder
+            .serve_connection_with_upgrades(TokioIo::new(stream), service)
+            .into_owned();
+        let conn = graceful.watch(conn);
+        tokio::spawn(async move {
+            let _ = conn.await;
+            drop(permit);
+        });
+    }
+    drop(listener);
     let grace = config.shutdown_grace;
     tokio::select! {
-        r = server => r,
-        _ = async { stopped(rx).await; tokio::time::sleep(grace).await } => {
+        _ = graceful.shutdown() => {}
+        _ = tokio::time::sleep(grace) => {
             eprintln!("kvinfer: in-flight requests still running after {grace:?}; cancelling them");
-            Ok(())
+            let _ = cut.send(true);
+            // Let the cut answers reach their clients.
+            tokio::time::sleep(Duration::from_millis(500)).await;
         }
     }
+    Ok(())
 }
 
 async fn shutdown_signal() {

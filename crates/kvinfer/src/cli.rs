@@ -412,6 +412,10 @@ pub struct ServeArgs {
     /// error event and [DONE] on a stream. 0: no limit.
     #[arg(long, env = "KVINFER_REQUEST_TIMEOUT", default_value_t = 0)]
     pub request_timeout: u64,
+    /// Seconds requests in flight may run after SIGINT/SIGTERM; then they are cut (streams end
+    /// with an error event and [DONE], JSON requests get a 503).
+    #[arg(long, env = "KVINFER_SHUTDOWN_GRACE", default_value_t = 30)]
+    pub shutdown_grace: u64,
     /// Most requests waiting for admission; past it the server answers 503 with Retry-After.
     #[arg(long, env = "KVINFER_MAX_WAITING", default_value_t = 256)]
     pub max_waiting: usize,

@@ -40,6 +40,7 @@ pub fn run(a: ServeArgs) -> Result<()> {
         api_key: a.api_key,
         max_body_bytes: a.max_body_bytes,
         cors_origins: a.cors_origins,
+        shutdown_grace: std::time::Duration::from_secs(a.shutdown_grace),
         request_timeout: (a.request_timeout > 0)
             .then(|| std::time::Duration::from_secs(a.request_timeout)),
         ..ServerConfig::default()
