@@ -239,7 +239,12 @@ def test_sampling_parameters_change_output_as_they_should():
     assert r2.choices[0].message.content == r1.choices[0].message.content
     assert r1.id != r2.id and r1.id.startswith("chatcmpl-")
     # What is not supported yet is a 400 naming it, never a 200 that ignores it.
-    for kw in [dict(logprobs=True), dict(response_format={"type": "json_object"}),
+    # logprobs: greedy puts the chosen token on top.
+    r = chat("Name a tool.", max_tokens=6, logprobs=True, top_logprobs=3)
+    for e in r.choices[0].logprobs.content:
+        assert e.top_logprobs[0].token == e.token and len(e.top_logprobs) == 3, e
+    assert "".join(e.token for e in r.choices[0].logprobs.content) == r.choices[0].message.content
+    for kw in [dict(response_format={"type": "json_object"}),
                dict(tools=[{"type": "function", "function": {"name": "f", "parameters": {}}}])]:
         try:
             chat("hi", max_tokens=2, **kw)

@@ -21,7 +21,7 @@ pub use kvinfer_tier::{Codec, TierStats, TieredStore, WriteMode, TIER_LATENCY_BU
 pub use tiers::{block_spec, build_store, TierOptions, TierSink, TierWrite, DEFAULT_CODEC};
 pub use engine::{
     start as start_engine, ClearReport, EngineConfig, TierCleared, EngineHandle, EngineRequest, EngineStats, Event,
-    Histogram, SubmitError, Usage, LATENCY_BUCKETS_S, MAX_N,
+    Histogram, SubmitError, TokenLogprob, Usage, LATENCY_BUCKETS_S, MAX_N, MAX_TOP_LOGPROBS,
 };
 pub use generate::{generate, generate_tiered, FinishReason, GenerateOutput, GenerateRequest, Timings};
 /// The chat message type of the model's template (for servers building prompts).

@@ -43,6 +43,7 @@ fn request(prompt: &[u32], max_tokens: usize, n: usize) -> EngineRequest {
         n,
         ignore_eos: true,
         min_tokens: 0,
+        logprobs: None,
     }
 }
 
@@ -53,6 +54,7 @@ struct Outcome {
     reasons: Vec<Option<FinishReason>>,
     usage: Option<kvinfer_engine::Usage>,
     error: Option<String>,
+    logprobs: Vec<Vec<(kvinfer_engine::TokenLogprob, Vec<kvinfer_engine::TokenLogprob>)>>,
 }
 
 fn collect(mut rx: tokio::sync::mpsc::UnboundedReceiver<Event>, n: usize) -> Outcome {
@@ -73,6 +75,10 @@ fn collect(mut rx: tokio::sync::mpsc::UnboundedReceiver<Event>, n: usize) -> Out
             }
             Event::Usage(u) => o.usage = Some(u),
             Event::Error(e) => o.error = Some(e),
+            Event::Logprob { index, token, top } => {
+                o.logprobs.resize(n, Vec::new());
+                o.logprobs[index].push((token, top));
+            }
         }
     }
     o
@@ -329,4 +335,26 @@ fn past_max_waiting_submissions_are_refused_as_overloaded_until_the_queue_drains
     }
     wait_idle(&h);
     assert!(h.submit(request(&[5, 6], 2, 1)).is_ok(), "the queue drained");
+}
+
+#[test]
+fn greedy_logprobs_put_the_chosen_token_on_top() {
+    let (_, path) = tiny(TinyArch::Llama, 9);
+    let h = engine(Model::load(&path).unwrap(), 64, 4, 64);
+    let mut r = request(&[5, 6, 7, 8, 9, 10], 12, 1);
+    r.logprobs = Some(3);
+    let o = collect(h.submit(r).unwrap(), 1);
+    assert_eq!(o.logprobs[0].len(), o.usage.unwrap().completion_tokens);
+    for (t, top) in &o.logprobs[0] {
+        assert_eq!(top.len(), 3);
+        assert_eq!(top[0].id, t.id, "greedy picks the most likely token");
+        assert_eq!(top[0].logprob, t.logprob);
+        assert!(top.windows(2).all(|w| w[0].logprob >= w[1].logprob));
+        assert!(t.logprob <= 0.0);
+        let mass: f32 = top.iter().map(|x| x.logprob.exp()).sum();
+        assert!(mass <= 1.0 + 1e-4, "{mass}");
+    }
+    let mut r = request(&[5, 6], 2, 1);
+    r.logprobs = Some(kvinfer_engine::MAX_TOP_LOGPROBS + 1);
+    assert!(matches!(h.submit(r), Err(SubmitError::Invalid(_))));
 }

@@ -54,6 +54,7 @@ fn run(h: &EngineHandle, prompt: &[u32], max_tokens: usize) -> (Vec<u32>, String
         n: 1,
         ignore_eos: true,
         min_tokens: 0,
+        logprobs: None,
     };
     let mut rx = h.submit(req).unwrap();
     let (mut text, mut usage) = (String::new(), None);
@@ -62,7 +63,7 @@ fn run(h: &EngineHandle, prompt: &[u32], max_tokens: usize) -> (Vec<u32>, String
             Event::Text { text: t, .. } => text.push_str(&t),
             Event::Usage(u) => usage = Some(u),
             Event::Error(e) => panic!("request failed: {e}"),
-            Event::Done { .. } => {}
+            Event::Done { .. } | Event::Logprob { .. } => {}
         }
     }
     (Vec::new(), text, usage.expect("usage"))
@@ -454,6 +455,7 @@ fn a_stalled_tier_never_blocks_the_running_batch() {
         n: 1,
         ignore_eos: true,
         min_tokens: 0,
+        logprobs: None,
     };
     let mut rx = e.0.submit(req).unwrap();
     // Wait until it is decoding.

@@ -15,7 +15,7 @@ use axum::response::{Html, IntoResponse, Response};
 use axum::Json;
 use futures_util::stream::{self, Stream};
 use kvinfer_engine::ChatMessage;
-use kvinfer_engine::{EngineRequest, Event, FinishReason, SubmitError, Usage};
+use kvinfer_engine::{EngineRequest, Event, FinishReason, SubmitError, TokenLogprob, Usage};
 use serde_json::{json, Value};
 use std::collections::VecDeque;
 use std::convert::Infallible;
@@ -152,6 +152,7 @@ async fn run(
         .is_some_and(|o| o.include_usage);
     let n = er.n;
     let seed = er.sampling.seed;
+    let logprobs = er.logprobs.is_some();
     if let Some(u) = &common.user {
         tracing::info!(user = %crate::openai::short(u), "request");
     }
@@ -182,6 +183,7 @@ async fn run(
         request_id: rid.map(|r| r.0 .0).unwrap_or_default(),
         started,
         first_token: None,
+        lp: logprobs.then(|| vec![Vec::new(); n]),
     };
     let deadline = st.request_timeout.map(|d| tokio::time::Instant::now() + d);
     let cut = st.cut.clone();
@@ -243,6 +245,58 @@ struct Meta {
     request_id: String,
     started: std::time::Instant,
     first_token: Option<std::time::Instant>,
+    /// Per choice, token log-probabilities not yet sent (None: not asked for).
+    lp: Option<Vec<Vec<Logprob>>>,
+}
+
+/// One token's log-probability and its alternatives, as the engine reported them.
+type Logprob = (TokenLogprob, Vec<TokenLogprob>);
+
+impl Meta {
+    fn push_lp(&mut self, index: usize, entry: Logprob) {
+        if let Some(lp) = self.lp.as_mut().and_then(|l| l.get_mut(index)) {
+            lp.push(entry);
+        }
+    }
+
+    /// The buffered entries of choice `index` in this API's shape (null when not asked for);
+    /// `offset`: the text offset of the first (completions' `text_offset`).
+    fn take_lp(&mut self, index: usize, offset: usize) -> Value {
+        let api = self.api;
+        match self.lp.as_mut().and_then(|l| l.get_mut(index)) {
+            Some(entries) => logprobs_json(api, &std::mem::take(entries), offset),
+            None => Value::Null,
+        }
+    }
+}
+
+/// OpenAI's logprobs shapes: chat `{"content": [{token, logprob, bytes, top_logprobs}]}`,
+/// completions `{tokens, token_logprobs, top_logprobs: [{token: logprob}], text_offset}`.
+fn logprobs_json(api: Api, entries: &[Logprob], offset: usize) -> Value {
+    let one = |t: &TokenLogprob| json!({"token": t.token, "logprob": t.logprob, "bytes": t.bytes});
+    match api {
+        Api::Chat => json!({"content": entries.iter().map(|(t, top)| {
+            let mut v = one(t);
+            v["top_logprobs"] = json!(top.iter().map(one).collect::<Vec<_>>());
+            v
+        }).collect::<Vec<_>>()}),
+        Api::Completion => {
+            let mut at = offset;
+            let mut offsets = Vec::new();
+            for (t, _) in entries {
+                offsets.push(at);
+                at += t.token.len();
+            }
+            json!({
+                "tokens": entries.iter().map(|(t, _)| t.token.clone()).collect::<Vec<_>>(),
+                "token_logprobs": entries.iter().map(|(t, _)| t.logprob).collect::<Vec<_>>(),
+                "top_logprobs": entries.iter().map(|(_, top)| {
+                    top.iter().map(|t| (t.token.clone(), json!(t.logprob))).collect::<serde_json::Map<_, _>>()
+                }).collect::<Vec<_>>(),
+                "text_offset": offsets,
+            })
+        }
+    }
 }
 
 impl Meta {
@@ -295,6 +349,7 @@ async fn collect(
                 meta.first_token.get_or_insert_with(std::time::Instant::now);
                 texts[index].push_str(&text)
             }
+            Event::Logprob { index, token, top } => meta.push_lp(index, (token, top)),
             Event::Done {
                 index,
                 finish_reason,
@@ -322,11 +377,11 @@ async fn collect(
             Api::Chat => json!({
                 "index": i,
                 "message": {"role": "assistant", "content": text},
-                "logprobs": null,
+                "logprobs": meta.take_lp(i, 0),
                 "finish_reason": r,
             }),
             Api::Completion => {
-                json!({"index": i, "text": text, "logprobs": null, "finish_reason": r})
+                json!({"index": i, "text": text, "logprobs": meta.take_lp(i, 0), "finish_reason": r})
             }
         })
         .collect();
@@ -376,6 +431,7 @@ impl Meta {
         text: Option<&str>,
         finish: Option<&str>,
         role: bool,
+        lp: Value,
     ) -> SseEvent {
         let choice = match self.api {
             Api::Chat => {
@@ -386,10 +442,10 @@ impl Meta {
                 if let Some(t) = text {
                     delta["content"] = json!(t);
                 }
-                json!({"index": index, "delta": delta, "logprobs": null, "finish_reason": finish})
+                json!({"index": index, "delta": delta, "logprobs": lp, "finish_reason": finish})
             }
             Api::Completion => {
-                json!({"index": index, "text": text.unwrap_or(""), "logprobs": null, "finish_reason": finish})
+                json!({"index": index, "text": text.unwrap_or(""), "logprobs": lp, "finish_reason": finish})
             }
         };
         self.chunk(json!([choice]), None)
@@ -409,16 +465,18 @@ fn sse(
     let mut first = VecDeque::new();
     if meta.api == Api::Chat {
         for i in 0..n {
-            first.push_back(meta.delta(i, Some(""), None, true));
+            first.push_back(meta.delta(i, Some(""), None, true, Value::Null));
         }
     }
-    let state = (meta, rx, first, false, cut);
+    // Text bytes sent per choice so far (completions' `text_offset`).
+    let sent = vec![0usize; n];
+    let state = (meta, rx, first, false, cut, sent);
     let s = stream::unfold(
         state,
-        move |(mut meta, mut rx, mut queue, mut ended, cut)| async move {
+        move |(mut meta, mut rx, mut queue, mut ended, cut, mut sent)| async move {
             loop {
                 if let Some(e) = queue.pop_front() {
-                    return Some((Ok(e), (meta, rx, queue, ended, cut)));
+                    return Some((Ok(e), (meta, rx, queue, ended, cut, sent)));
                 }
                 if ended {
                     return None;
@@ -450,13 +508,20 @@ fn sse(
                 match next {
                     Some(Event::Text { index, text }) => {
                         meta.first_token.get_or_insert_with(std::time::Instant::now);
-                        queue.push_back(meta.delta(index, Some(&text), None, false))
+                        let at = sent.get(index).copied().unwrap_or(0);
+                        let lp = meta.take_lp(index, at);
+                        if let Some(s) = sent.get_mut(index) {
+                            *s += text.len();
+                        }
+                        queue.push_back(meta.delta(index, Some(&text), None, false, lp))
                     }
+                    Some(Event::Logprob { index, token, top }) => meta.push_lp(index, (token, top)),
                     Some(Event::Done {
                         index,
                         finish_reason,
                     }) => {
-                        queue.push_back(meta.delta(index, None, Some(reason(finish_reason)), false))
+                        let lp = meta.take_lp(index, sent.get(index).copied().unwrap_or(0));
+                        queue.push_back(meta.delta(index, None, Some(reason(finish_reason)), false, lp))
                     }
                     Some(Event::Usage(u)) => {
                         meta.log(Some(&u));

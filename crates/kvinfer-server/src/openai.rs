@@ -52,21 +52,24 @@ pub struct Common {
     pub min_tokens: Option<i64>,
     /// The caller's end-user id (logged, never used for output).
     pub user: Option<String>,
+    /// Chat: `true` asks for token log-probabilities; completions: how many alternatives (int).
+    pub logprobs: Option<Value>,
+    /// Chat: alternatives per token (0..=20) with `logprobs: true`.
+    pub top_logprobs: Option<i64>,
 }
 
 /// Fields both endpoints take and honour.
 const COMMON_FIELDS: &[&str] = &[
     "model", "max_tokens", "max_completion_tokens", "temperature", "top_p", "seed", "stop", "n",
     "stream", "stream_options", "top_k", "min_p", "repetition_penalty", "presence_penalty",
-    "frequency_penalty", "logit_bias", "ignore_eos", "min_tokens", "user",
+    "frequency_penalty", "logit_bias", "ignore_eos", "min_tokens", "user", "logprobs", "top_logprobs",
 ];
 
 /// OpenAI fields this server does not do yet: accepted only at their "off" value, otherwise a
 /// 400 naming them (never a 200 that quietly ignores them).
 fn off_value_only(field: &str, v: &Value) -> Option<bool> {
     let off = match field {
-        "logprobs" | "echo" | "store" => v.is_null() || v == &Value::Bool(false),
-        "top_logprobs" => v.is_null() || v.as_i64() == Some(0),
+        "echo" | "store" => v.is_null() || v == &Value::Bool(false),
         "best_of" => v.is_null() || v.as_i64() == Some(1),
         "suffix" | "metadata" => v.is_null(),
         "tools" | "functions" => v.is_null() || v.as_array().is_some_and(|a| a.is_empty()),
@@ -343,6 +346,24 @@ pub fn engine_request(
             ))
         }
     };
+    let max_top = kvinfer_engine::MAX_TOP_LOGPROBS as i64;
+    let top_range = |k: i64, name: &str| {
+        if (0..=max_top).contains(&k) {
+            Ok(k as usize)
+        } else {
+            Err(ApiError::invalid(format!("{name} must be between 0 and {max_top}, got {k}"), Some(name)))
+        }
+    };
+    let logprobs = match (&c.logprobs, c.top_logprobs) {
+        (None | Some(Value::Null) | Some(Value::Bool(false)), None) => None,
+        (None | Some(Value::Null) | Some(Value::Bool(false)), Some(_)) => {
+            return Err(ApiError::invalid("top_logprobs needs logprobs: true", Some("top_logprobs")))
+        }
+        (Some(Value::Bool(true)), k) => Some(top_range(k.unwrap_or(0), "top_logprobs")?),
+        // The completions API: logprobs is the number of alternatives.
+        (Some(Value::Number(k)), None) => Some(top_range(k.as_i64().unwrap_or(-1), "logprobs")?),
+        _ => return Err(ApiError::invalid("logprobs must be true/false (chat) or a count (completions)", Some("logprobs"))),
+    };
     // No seed given: a random one, reported back in the response so the run can be repeated.
     let seed = match c.seed {
         Some(s) => s as u64,
@@ -368,5 +389,6 @@ pub fn engine_request(
         n: n as usize,
         ignore_eos: c.ignore_eos,
         min_tokens,
+        logprobs,
     })
 }

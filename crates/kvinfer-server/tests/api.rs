@@ -298,8 +298,9 @@ async fn fields_not_honoured_are_refused_by_name_and_supported_ones_take_effect(
     let app = app(None);
     for (extra, param, code) in [
         (json!({"frobnicate": 1}), "frobnicate", "unknown_parameter"),
-        (json!({"logprobs": true}), "logprobs", "unsupported_parameter"),
-        (json!({"top_logprobs": 3}), "top_logprobs", "unsupported_parameter"),
+        (json!({"top_logprobs": 3}), "top_logprobs", ""),
+        (json!({"logprobs": true, "top_logprobs": 21}), "top_logprobs", ""),
+        (json!({"logprobs": "yes"}), "logprobs", ""),
         (json!({"response_format": {"type": "json_object"}}), "response_format", "unsupported_parameter"),
         (json!({"tools": [{"type": "function", "function": {"name": "f"}}]}), "tools", "unsupported_parameter"),
         (json!({"presence_penalty": 3}), "presence_penalty", ""),
@@ -495,4 +496,41 @@ async fn a_request_past_its_deadline_is_cut_json_and_stream_alike() {
     assert_eq!(s, StatusCode::OK);
     assert!(b.contains("\"timeout\""), "{b}");
     assert!(b.trim_end().ends_with("data: [DONE]"), "{b}");
+}
+
+#[tokio::test]
+async fn logprobs_in_openai_shapes_json_and_stream() {
+    let app = app(None);
+    let body = json!({"messages": [{"role": "user", "content": "x"}], "max_tokens": 6,
+        "temperature": 0, "ignore_eos": true, "logprobs": true, "top_logprobs": 2});
+    let (s, v) = post(&app, "/v1/chat/completions", body.clone()).await;
+    assert_eq!(s, StatusCode::OK, "{v}");
+    let content = v["choices"][0]["logprobs"]["content"].as_array().unwrap();
+    assert_eq!(content.len(), 6);
+    for e in content {
+        let top = e["top_logprobs"].as_array().unwrap();
+        assert_eq!(top.len(), 2);
+        assert_eq!(top[0]["token"], e["token"], "greedy: the chosen token is the top one");
+        assert!(e["logprob"].as_f64().unwrap() <= 0.0 && e["bytes"].is_array());
+    }
+    let text: String = content.iter().map(|e| e["token"].as_str().unwrap()).collect();
+    assert_eq!(text, v["choices"][0]["message"]["content"].as_str().unwrap());
+    let mut streamed = body;
+    streamed["stream"] = json!(true);
+    let (_, b) = call(&app, "POST", "/v1/chat/completions", Body::from(streamed.to_string()), None).await;
+    let n: usize = b.lines().filter_map(|l| l.strip_prefix("data: ")).filter(|d| *d != "[DONE]")
+        .map(|d| serde_json::from_str::<Value>(d).unwrap())
+        .map(|c| c["choices"][0]["logprobs"]["content"].as_array().map_or(0, |a| a.len()))
+        .sum();
+    assert_eq!(n, 6, "every token's logprobs arrive once over the stream");
+    let (s, v) = post(&app, "/v1/completions", json!({"prompt": "the tin", "max_tokens": 5,
+        "temperature": 0, "ignore_eos": true, "logprobs": 3})).await;
+    assert_eq!(s, StatusCode::OK, "{v}");
+    let lp = &v["choices"][0]["logprobs"];
+    for k in ["tokens", "token_logprobs", "top_logprobs", "text_offset"] {
+        assert_eq!(lp[k].as_array().unwrap().len(), 5, "{k}: {lp}");
+    }
+    assert_eq!(lp["top_logprobs"][0].as_object().unwrap().len().min(3), lp["top_logprobs"][0].as_object().unwrap().len());
+    let (_, v) = post(&app, "/v1/completions", json!({"prompt": "x", "max_tokens": 2})).await;
+    assert_eq!(v["choices"][0]["logprobs"], Value::Null, "off unless asked");
 }

@@ -68,6 +68,25 @@ pub struct EngineRequest {
     /// End-of-generation tokens are not sampled before this many tokens (stop strings still end
     /// a choice).
     pub min_tokens: usize,
+    /// Report each sampled token's log-probability and this many most likely alternatives
+    /// (`Event::Logprob` before the token's text); None: off.
+    pub logprobs: Option<usize>,
+}
+
+/// Most alternatives per token `logprobs` may ask for.
+pub const MAX_TOP_LOGPROBS: usize = 20;
+
+/// A token and its log-probability under the model (log-softmax of the raw logits).
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct TokenLogprob {
+    /// The token id.
+    pub id: u32,
+    /// Its text (lossy UTF-8 of its bytes).
+    pub token: String,
+    /// Its bytes.
+    pub bytes: Vec<u8>,
+    /// ln p.
+    pub logprob: f32,
 }
 
 /// Token accounting of a finished request (OpenAI's `usage`).
@@ -91,6 +110,15 @@ pub enum Event {
         index: usize,
         /// Text to append.
         text: String,
+    },
+    /// The log-probabilities of choice `index`'s next token (sent before its text).
+    Logprob {
+        /// Choice.
+        index: usize,
+        /// The sampled token.
+        token: TokenLogprob,
+        /// The most likely tokens, best first.
+        top: Vec<TokenLogprob>,
     },
     /// Choice `index` ended.
     Done {
@@ -205,6 +233,11 @@ impl EngineHandle {
             sampling: &req.sampling,
         };
         validate(&shape, &self.limits)?;
+        if req.logprobs.is_some_and(|k| k > MAX_TOP_LOGPROBS) {
+            return Err(SubmitError::Invalid(format!(
+                "top_logprobs must be at most {MAX_TOP_LOGPROBS}"
+            )));
+        }
         use std::sync::atomic::Ordering::SeqCst;
         let queued = self.queued.fetch_add(1, SeqCst);
         if queued >= self.max_waiting {

@@ -626,6 +626,17 @@ fn advance(
         &[]
     };
     let next = c.sampler.sample_masked(logits, &c.tokens, banned);
+    if let Some(k) = req.params.logprobs {
+        let ends_on_eog = !req.params.ignore_eos && tok.is_eog(next);
+        if !ends_on_eog {
+            let (token, top) = logprobs(tok, logits, next, k);
+            let _ = req.events.send(Event::Logprob {
+                index: c.index,
+                token,
+                top,
+            });
+        }
+    }
     c.tokens.push(next);
     c.generated += 1;
     stats.generation_tokens_total += 1;
@@ -651,6 +662,36 @@ fn advance(
         });
     }
     step.end
+}
+
+/// The log-probability of `chosen` and the `k` most likely tokens under `logits` (log-softmax
+/// of the model's raw output, before any sampling parameter).
+fn logprobs(
+    tok: &kvinfer_model::tokenizer::Tokenizer,
+    logits: &[f32],
+    chosen: u32,
+    k: usize,
+) -> (super::TokenLogprob, Vec<super::TokenLogprob>) {
+    let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+    let lse = max + logits.iter().map(|&l| ((l - max) as f64).exp()).sum::<f64>().ln() as f32;
+    let entry = |id: u32| {
+        let bytes = tok.token_bytes(id).to_vec();
+        super::TokenLogprob {
+            id,
+            token: String::from_utf8_lossy(&bytes).into_owned(),
+            bytes,
+            logprob: logits[id as usize] - lse,
+        }
+    };
+    let mut ids: Vec<u32> = (0..logits.len() as u32).collect();
+    let k = k.min(ids.len());
+    if k > 0 && k < ids.len() {
+        ids.select_nth_unstable_by(k - 1, |&a, &b| logits[b as usize].total_cmp(&logits[a as usize]));
+    }
+    ids.truncate(k);
+    // Best first; ties by id, as argmax (the first on ties) picks.
+    ids.sort_by(|&a, &b| logits[b as usize].total_cmp(&logits[a as usize]).then(a.cmp(&b)));
+    (entry(chosen), ids.into_iter().map(entry).collect())
 }
 
 #[cfg(test)]
@@ -698,6 +739,7 @@ mod tests {
             n: 1,
             ignore_eos: true,
             min_tokens: 0,
+            logprobs: None,
         };
         s.accept(Command::Submit(req, tx));
         rx
