@@ -71,6 +71,7 @@ pub async fn chat(
             })
         })
         .collect::<Result<Vec<_>, ApiError>>()?;
+    too_long_for_context(&st, messages.iter().map(|m| m.content.len()).sum(), "messages")?;
     // Templating and tokenizing a large prompt take a while: off the async threads, so other
     // clients' streams keep flowing.
     let engine = st.engine.clone();
@@ -110,6 +111,7 @@ pub async fn completion(
     };
     let ids = match (text, &req.prompt) {
         (Some(t), _) => {
+            too_long_for_context(&st, t.len(), "prompt")?;
             let engine = st.engine.clone();
             blocking(move || Ok(engine.model().tokenizer.encode(&t, true, false))).await?
         }
@@ -126,6 +128,24 @@ pub async fn completion(
     // The legacy API's default output limit.
     let er = engine_request(&req.common, ids, &st.engine, &st.served, 16)?;
     run(st, Api::Completion, er, &req.common, rid).await
+}
+
+/// Refuses a prompt of `bytes` bytes that cannot fit the context whatever its tokenization
+/// (each token is at most the vocabulary's longest), before spending time tokenizing it.
+fn too_long_for_context(st: &AppState, bytes: usize, param: &str) -> Result<(), ApiError> {
+    let ctx = st.engine.context_size();
+    let at_least = bytes / st.longest_token_bytes;
+    if at_least >= ctx {
+        return Err(ApiError::invalid(
+            format!(
+                "the prompt is {bytes} bytes, at least {at_least} tokens; this model's context \
+                 holds {ctx} (prompt and output together)"
+            ),
+            Some(param),
+        )
+        .code("context_length_exceeded"));
+    }
+    Ok(())
 }
 
 /// Runs CPU-heavy request preparation on tokio's blocking pool.

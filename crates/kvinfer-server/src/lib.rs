@@ -73,6 +73,9 @@ pub struct AppState {
     request_timeout: Option<Duration>,
     /// Turns true when the shutdown grace is over: requests still running are cut.
     cut: tokio::sync::watch::Receiver<bool>,
+    /// Bytes of the vocabulary's longest token: a text of N bytes is at least N / this many
+    /// tokens, so an over-long prompt is refused before it is tokenized.
+    longest_token_bytes: usize,
 }
 
 /// The application: routes, auth, body limit, error counting.
@@ -86,6 +89,7 @@ pub fn router_with_shutdown(
     config: &ServerConfig,
 ) -> (Router, tokio::sync::watch::Sender<bool>) {
     let (cut_tx, cut_rx) = tokio::sync::watch::channel(false);
+    let engine_for_state = engine.clone();
     let served = served_name(&engine);
     let fp = engine.model().fingerprint(engine.stats().block_size.max(1));
     let fingerprint = format!(
@@ -106,6 +110,10 @@ pub fn router_with_shutdown(
         fingerprint: fingerprint.clone(),
         request_timeout: config.request_timeout,
         cut: cut_rx,
+        longest_token_bytes: {
+            let tok = &engine_for_state.model().tokenizer;
+            (0..tok.vocab_size() as u32).map(|t| tok.token_bytes(t).len()).max().unwrap_or(1).max(1)
+        },
     });
     let api = Router::new()
         .route("/v1/chat/completions", post(handlers::chat))

@@ -534,3 +534,19 @@ async fn logprobs_in_openai_shapes_json_and_stream() {
     let (_, v) = post(&app, "/v1/completions", json!({"prompt": "x", "max_tokens": 2})).await;
     assert_eq!(v["choices"][0]["logprobs"], Value::Null, "off unless asked");
 }
+
+#[tokio::test]
+async fn a_prompt_too_long_for_any_tokenization_is_refused_before_tokenizing() {
+    let app = app(None);
+    let big = "tin hen ".repeat(7_000); // 56 KB: more tokens than the context whatever the split
+    for (path, body) in [
+        ("/v1/chat/completions", json!({"messages": [{"role": "user", "content": big}]})),
+        ("/v1/completions", json!({"prompt": big})),
+    ] {
+        let (s, v) = post(&app, path, body).await;
+        assert_eq!(s, StatusCode::BAD_REQUEST, "{v}");
+        assert_eq!(v["error"]["code"], json!("context_length_exceeded"));
+        assert!(v["error"]["message"].as_str().unwrap().contains("bytes, at least"), "{v}");
+    }
+    still_serving(&app).await;
+}
