@@ -30,4 +30,3 @@ pub use paged::{KvEventSink, PagedKv, SeqTables};
 pub use policy::{new_policy, EvictionPolicy, PolicyKind};
 pub use pool::{BlockPool, PoolEvent};
 pub use storage::{KvLayout, KvStorage};
-

@@ -342,7 +342,11 @@ impl KvCacheManager {
             hashes,
         } = import;
         let bs = self.block_size;
-        debug_assert_eq!(tokens.len(), hashes.len() * bs, "tokens of every imported block");
+        debug_assert_eq!(
+            tokens.len(),
+            hashes.len() * bs,
+            "tokens of every imported block"
+        );
         let mut parent = prefix.last().copied();
         let mut registered = 0;
         let mut chain_ok = true;

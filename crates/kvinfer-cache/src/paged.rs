@@ -10,7 +10,9 @@
 //! ```
 
 use crate::ids::{BlockHash, BlockId, ModelFingerprint, SeqId, TokenId};
-use crate::manager::{BlockUsage, CacheConfig, KvCacheManager, OutOfBlocks, PrefixMatch, PrefixStats};
+use crate::manager::{
+    BlockUsage, CacheConfig, KvCacheManager, OutOfBlocks, PrefixMatch, PrefixStats,
+};
 use crate::policy::PolicyKind;
 use crate::pool::PoolEvent;
 use crate::storage::{KvLayout, KvStorage};
@@ -176,7 +178,8 @@ impl PagedKv {
         hashes: Vec<BlockHash>,
         reuse_prefix: bool,
     ) -> (SeqId, usize) {
-        self.manager.add_sequence_hashed(prompt, hashes, reuse_prefix)
+        self.manager
+            .add_sequence_hashed(prompt, hashes, reuse_prefix)
     }
 
     /// Hashes of the full blocks `seq` has computed.
@@ -283,7 +286,10 @@ mod tests {
     struct Recorder(Log);
     impl KvEventSink for Recorder {
         fn on_event(&mut self, event: &PoolEvent, tokens: &[u32], bytes: &[u8]) {
-            self.0.lock().unwrap().push((*event, tokens.to_vec(), bytes.to_vec()));
+            self.0
+                .lock()
+                .unwrap()
+                .push((*event, tokens.to_vec(), bytes.to_vec()));
         }
     }
 
@@ -375,7 +381,11 @@ mod tests {
         dst.release(first);
         assert_eq!(dst.lookup_hashed(&hashes, prompt.len()).blocks.len(), 1);
         let refs: Vec<&[u8]> = payloads[1..].iter().map(|p| &p[..]).collect();
-        assert_eq!(dst.import(&hashes, 1, &refs, &prompt[..3]), 0, "tokens of every block");
+        assert_eq!(
+            dst.import(&hashes, 1, &refs, &prompt[..3]),
+            0,
+            "tokens of every block"
+        );
         assert_eq!(dst.import(&hashes, 1, &refs, &prompt[2..6]), 2);
         dst.check_invariants().unwrap();
         assert_eq!(dst.usage().in_use, 0, "imported blocks wait cached");

@@ -158,7 +158,12 @@ impl KvStorage {
     /// Overwrites one block with `bytes` (from [`Self::block_bytes`] of a block of this layout).
     pub fn set_block_bytes(&mut self, block: BlockId, bytes: &[u8]) {
         let n = self.layout.block_elems();
-        assert_eq!(bytes.len(), n * 2, "a block of this layout is {} bytes", n * 2);
+        assert_eq!(
+            bytes.len(),
+            n * 2,
+            "a block of this layout is {} bytes",
+            n * 2
+        );
         let dst = &mut self.data[block.index() * n..(block.index() + 1) * n];
         bytemuck::cast_slice_mut::<u16, u8>(dst).copy_from_slice(bytes);
     }

@@ -4,13 +4,13 @@
 use crate::cache::extend_sequence;
 use crate::engine::SubmitError;
 use crate::request::{validate, FinishCheck, Limits, RequestShape};
-use crate::tiers::{import_loaded, load_request};
-use kvinfer_tier::TieredStore;
 use crate::sampler::{Sampler, SamplingParams};
 use crate::stop::TextStream;
+use crate::tiers::{import_loaded, load_request};
 use crate::EngineError;
 use kvinfer_cache::{PagedKv, SeqId};
 use kvinfer_model::Model;
+use kvinfer_tier::TieredStore;
 use std::time::Instant;
 
 /// What to generate.

@@ -17,17 +17,20 @@ pub use cache::{
     default_kv_cache_mb, extend_sequence, new_kv_cache, new_paged_kv, CacheOptions,
     DEFAULT_BLOCK_SIZE,
 };
-pub use kvinfer_tier::{Codec, TierStats, TieredStore, WriteMode, TIER_LATENCY_BUCKETS_S};
-pub use tiers::{block_spec, build_store, TierOptions, TierSink, TierWrite, DEFAULT_CODEC};
 pub use engine::{
-    start as start_engine, ClearReport, EngineConfig, TierCleared, EngineHandle, EngineRequest, EngineStats, Event,
-    Histogram, SubmitError, TokenLogprob, Usage, LATENCY_BUCKETS_S, MAX_N, MAX_TOP_LOGPROBS,
+    start as start_engine, ClearReport, EngineConfig, EngineHandle, EngineRequest, EngineStats,
+    Event, Histogram, SubmitError, TierCleared, TokenLogprob, Usage, LATENCY_BUCKETS_S, MAX_N,
+    MAX_TOP_LOGPROBS,
 };
-pub use generate::{generate, generate_tiered, FinishReason, GenerateOutput, GenerateRequest, Timings};
+pub use generate::{
+    generate, generate_tiered, FinishReason, GenerateOutput, GenerateRequest, Timings,
+};
 /// The chat message type of the model's template (for servers building prompts).
 pub use kvinfer_model::chat::ChatMessage;
+pub use kvinfer_tier::{Codec, TierStats, TieredStore, WriteMode, TIER_LATENCY_BUCKETS_S};
 pub use sampler::{Sampler, SamplingParams};
 pub use stop::{StopMatcher, TextStream, Utf8Stream};
+pub use tiers::{block_spec, build_store, TierOptions, TierSink, TierWrite, DEFAULT_CODEC};
 
 /// Errors of the engine.
 #[derive(Debug, thiserror::Error)]

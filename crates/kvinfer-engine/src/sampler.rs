@@ -85,8 +85,14 @@ impl SamplingParams {
                 return Err(format!("{name} must be between -2 and 2, got {v}"));
             }
         }
-        if let Some((t, b)) = self.logit_bias.iter().find(|(_, b)| !(-100.0..=100.0).contains(b)) {
-            return Err(format!("logit_bias of token {t} must be between -100 and 100, got {b}"));
+        if let Some((t, b)) = self
+            .logit_bias
+            .iter()
+            .find(|(_, b)| !(-100.0..=100.0).contains(b))
+        {
+            return Err(format!(
+                "logit_bias of token {t} must be between -100 and 100, got {b}"
+            ));
         }
         Ok(())
     }
@@ -133,7 +139,11 @@ impl Sampler {
         for &(t, b) in &p.logit_bias {
             if let Some(l) = logits.get_mut(t as usize) {
                 // OpenAI: -100 or 100 should ban or force the token.
-                *l = if b <= -100.0 { f32::NEG_INFINITY } else { *l + b };
+                *l = if b <= -100.0 {
+                    f32::NEG_INFINITY
+                } else {
+                    *l + b
+                };
             }
         }
         for &t in banned {
@@ -337,15 +347,37 @@ mod tests {
         assert_eq!(s.sample(&logits, &[1, 1, 1]), 2);
         let mut s = Sampler::new(SamplingParams::greedy());
         assert_eq!(s.sample_masked(&logits, &[], &[1, 2]), 0);
-        assert_eq!(s.sample_masked(&logits, &[], &[0, 1, 2, 3]), 0, "all banned: any token");
+        assert_eq!(
+            s.sample_masked(&logits, &[], &[0, 1, 2, 3]),
+            0,
+            "all banned: any token"
+        );
     }
 
     #[test]
     fn validate_names_the_field() {
         for (p, field) in [
-            (SamplingParams { presence_penalty: 2.5, ..SamplingParams::default() }, "presence_penalty"),
-            (SamplingParams { frequency_penalty: -3.0, ..SamplingParams::default() }, "frequency_penalty"),
-            (SamplingParams { logit_bias: vec![(5, 101.0)], ..SamplingParams::default() }, "logit_bias"),
+            (
+                SamplingParams {
+                    presence_penalty: 2.5,
+                    ..SamplingParams::default()
+                },
+                "presence_penalty",
+            ),
+            (
+                SamplingParams {
+                    frequency_penalty: -3.0,
+                    ..SamplingParams::default()
+                },
+                "frequency_penalty",
+            ),
+            (
+                SamplingParams {
+                    logit_bias: vec![(5, 101.0)],
+                    ..SamplingParams::default()
+                },
+                "logit_bias",
+            ),
         ] {
             assert!(p.validate().unwrap_err().contains(field));
         }

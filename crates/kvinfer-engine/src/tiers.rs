@@ -54,7 +54,11 @@ impl std::str::FromStr for TierWrite {
                 "ram" => w.ram = mode,
                 "disk" => w.disk = mode,
                 "redis" => w.redis = mode,
-                _ => return Err(format!("unknown tier {tier:?} in --tier-write; use ram, disk or redis")),
+                _ => {
+                    return Err(format!(
+                        "unknown tier {tier:?} in --tier-write; use ram, disk or redis"
+                    ))
+                }
             }
         }
         Ok(w)
@@ -258,6 +262,14 @@ pub(crate) fn import_loaded(
         return 0;
     }
     let bs = kv.block_size();
-    let payloads: Vec<&[u8]> = result.payloads[have - from..].iter().map(|p| &p[..]).collect();
-    kv.import(&hashes[..end], have, &payloads, &prompt[have * bs..end * bs])
+    let payloads: Vec<&[u8]> = result.payloads[have - from..]
+        .iter()
+        .map(|p| &p[..])
+        .collect();
+    kv.import(
+        &hashes[..end],
+        have,
+        &payloads,
+        &prompt[have * bs..end * bs],
+    )
 }

@@ -54,7 +54,12 @@ struct Outcome {
     reasons: Vec<Option<FinishReason>>,
     usage: Option<kvinfer_engine::Usage>,
     error: Option<String>,
-    logprobs: Vec<Vec<(kvinfer_engine::TokenLogprob, Vec<kvinfer_engine::TokenLogprob>)>>,
+    logprobs: Vec<
+        Vec<(
+            kvinfer_engine::TokenLogprob,
+            Vec<kvinfer_engine::TokenLogprob>,
+        )>,
+    >,
 }
 
 fn collect(mut rx: tokio::sync::mpsc::UnboundedReceiver<Event>, n: usize) -> Outcome {
@@ -287,12 +292,24 @@ fn min_tokens_holds_off_end_of_generation_and_logit_bias_forces_or_bans() {
     };
     // EOG forced by +100: the choice stops at once, unless min_tokens holds it off.
     let o = forced(0);
-    assert_eq!((o.usage.unwrap().completion_tokens, o.reasons[0]), (1, Some(FinishReason::Stop)));
+    assert_eq!(
+        (o.usage.unwrap().completion_tokens, o.reasons[0]),
+        (1, Some(FinishReason::Stop))
+    );
     let o = forced(5);
-    assert_eq!(o.usage.unwrap().completion_tokens, 6, "5 tokens, then the forced EOG");
+    assert_eq!(
+        o.usage.unwrap().completion_tokens,
+        6,
+        "5 tokens, then the forced EOG"
+    );
     // -100 on the greedy first token: another token comes first.
     let first = |bias: Vec<(u32, f32)>| {
-        let mut kv = PagedKv::new(model.kv_layout(16, 64), PolicyKind::Lru, 0, model.fingerprint(16));
+        let mut kv = PagedKv::new(
+            model.kv_layout(16, 64),
+            PolicyKind::Lru,
+            0,
+            model.fingerprint(16),
+        );
         let mut req = GenerateRequest::greedy(&p, 1);
         req.sampling.logit_bias = bias;
         generate(&model, &mut kv, &req, |_| true).unwrap().ids[0]
@@ -316,7 +333,9 @@ fn past_max_waiting_submissions_are_refused_as_overloaded_until_the_queue_drains
         ctx_size: 0,
         max_waiting: 3,
     };
-    let h = start_engine(Model::load(&path).unwrap(), config, |f| f()).unwrap().0;
+    let h = start_engine(Model::load(&path).unwrap(), config, |f| f())
+        .unwrap()
+        .0;
     let mut accepted = Vec::new();
     let mut refused = 0;
     for i in 0..10 {
@@ -329,12 +348,19 @@ fn past_max_waiting_submissions_are_refused_as_overloaded_until_the_queue_drains
             Err(e) => panic!("{e}"),
         }
     }
-    assert!(refused >= 5, "only {} accepted of 10 with one running and 3 waiting", accepted.len());
+    assert!(
+        refused >= 5,
+        "only {} accepted of 10 with one running and 3 waiting",
+        accepted.len()
+    );
     for rx in accepted {
         assert!(collect(rx, 1).error.is_none());
     }
     wait_idle(&h);
-    assert!(h.submit(request(&[5, 6], 2, 1)).is_ok(), "the queue drained");
+    assert!(
+        h.submit(request(&[5, 6], 2, 1)).is_ok(),
+        "the queue drained"
+    );
 }
 
 #[test]

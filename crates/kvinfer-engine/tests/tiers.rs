@@ -10,8 +10,7 @@ use common::tiny;
 use kvinfer_cache::{PagedKv, PolicyKind};
 use kvinfer_engine::{
     block_spec, generate, start_engine, CacheOptions, EngineConfig, EngineHandle, EngineRequest,
-    EngineStats, Event, GenerateRequest, SamplingParams, TierOptions, TierWrite, Usage,
-    WriteMode,
+    EngineStats, Event, GenerateRequest, SamplingParams, TierOptions, TierWrite, Usage, WriteMode,
 };
 use kvinfer_model::testing::TinyArch;
 use kvinfer_model::Model;
@@ -71,7 +70,12 @@ fn run(h: &EngineHandle, prompt: &[u32], max_tokens: usize) -> (Vec<u32>, String
 
 /// Reference: no cache reuse at all.
 fn alone(model: &Model, prompt: &[u32], max_tokens: usize) -> String {
-    let mut kv = PagedKv::new(model.kv_layout(BS, 128), PolicyKind::Lru, 0, model.fingerprint(BS));
+    let mut kv = PagedKv::new(
+        model.kv_layout(BS, 128),
+        PolicyKind::Lru,
+        0,
+        model.fingerprint(BS),
+    );
     let req = GenerateRequest {
         prefix_cache: false,
         ..GenerateRequest::greedy(prompt, max_tokens)
@@ -96,16 +100,25 @@ fn wait_puts(h: &EngineHandle, name: &str, n: u64) {
     let t = Instant::now();
     loop {
         let s = h.stats();
-        if s.tiers.iter().any(|t| t.name == name && t.puts + t.put_skipped >= n) {
+        if s.tiers
+            .iter()
+            .any(|t| t.name == name && t.puts + t.put_skipped >= n)
+        {
             return;
         }
-        assert!(t.elapsed() < Duration::from_secs(20), "{name} never stored {n}: {:?}", s.tiers);
+        assert!(
+            t.elapsed() < Duration::from_secs(20),
+            "{name} never stored {n}: {:?}",
+            s.tiers
+        );
         std::thread::sleep(Duration::from_millis(10));
     }
 }
 
 fn prompt(seed: u32, len: usize) -> Vec<u32> {
-    (0..len as u32).map(|i| (i * 13 + seed * 31) % 240 + 4).collect()
+    (0..len as u32)
+        .map(|i| (i * 13 + seed * 31) % 240 + 4)
+        .collect()
 }
 
 fn temp_dir(name: &str) -> PathBuf {
@@ -175,7 +188,11 @@ fn a_restart_finds_its_prefix_on_disk_and_a_damaged_block_is_never_served() {
     let e = engine(Model::load(&path).unwrap(), 64, disk(&dir));
     run(&e.0, &p, 6);
     stop(e);
-    assert_eq!(block_files(&dir).len(), 11, "10 prompt blocks + 1 of the output");
+    assert_eq!(
+        block_files(&dir).len(),
+        11,
+        "10 prompt blocks + 1 of the output"
+    );
 
     let e = engine(Model::load(&path).unwrap(), 64, disk(&dir));
     let (_, text, usage) = run(&e.0, &longer, 6);
@@ -187,13 +204,21 @@ fn a_restart_finds_its_prefix_on_disk_and_a_damaged_block_is_never_served() {
     // fingerprint (checksum valid), another format version (checksum valid).
     let spec = block_spec(&model, BS);
     let hashes = {
-        let kv = PagedKv::new(model.kv_layout(BS, 1), PolicyKind::Lru, 0, model.fingerprint(BS));
+        let kv = PagedKv::new(
+            model.kv_layout(BS, 1),
+            PolicyKind::Lru,
+            0,
+            model.fingerprint(BS),
+        );
         kv.hash_blocks(&p)
     };
     let file_of = |i: usize| -> PathBuf {
         let key = spec.key(hashes[i]);
         let h = key.hash_hex();
-        dir.join("kvinfer-v1").join(key.model_hex()).join(&h[..2]).join(format!("{h}-g0.kvb"))
+        dir.join("kvinfer-v1")
+            .join(key.model_hex())
+            .join(&h[..2])
+            .join(format!("{h}-g0.kvb"))
     };
     let read = |i: usize| std::fs::read(file_of(i)).unwrap();
     let b0 = read(0);
@@ -207,7 +232,11 @@ fn a_restart_finds_its_prefix_on_disk_and_a_damaged_block_is_never_served() {
         fingerprint: kvinfer_cache::ModelFingerprint([0xab; 32]),
         ..spec
     };
-    std::fs::write(file_of(2), wire::encode(&other, &hashes[2], &p[8..12], &payload, Codec::None)).unwrap();
+    std::fs::write(
+        file_of(2),
+        wire::encode(&other, &hashes[2], &p[8..12], &payload, Codec::None),
+    )
+    .unwrap();
     let mut b3 = read(3);
     b3[4] = 9; // version 9, checksum recomputed so only the version check can refuse it
     let hl = u16::from_le_bytes([b3[6], b3[7]]) as usize;
@@ -218,7 +247,10 @@ fn a_restart_finds_its_prefix_on_disk_and_a_damaged_block_is_never_served() {
     let e = engine(Model::load(&path).unwrap(), 64, disk(&dir));
     let (_, text, usage) = run(&e.0, &longer, 6);
     assert_eq!(text, want, "damaged blocks change nothing");
-    assert_eq!(usage.cached_tokens, 0, "the run stops at the first damaged block");
+    assert_eq!(
+        usage.cached_tokens, 0,
+        "the run stops at the first damaged block"
+    );
     let s = wait_idle(&e.0);
     assert_eq!(s.tier_hit_tokens_total, 0, "nothing unverified was linked");
     assert_eq!(s.tiers[0].corrupt, 4, "{:?}", s.tiers[0]);
@@ -236,7 +268,11 @@ fn crc32c(header: &[u8], payload: &[u8]) -> u32 {
     for &b in header.iter().chain(payload) {
         crc ^= b as u32;
         for _ in 0..8 {
-            crc = if crc & 1 != 0 { (crc >> 1) ^ 0x82f6_3b78 } else { crc >> 1 };
+            crc = if crc & 1 != 0 {
+                (crc >> 1) ^ 0x82f6_3b78
+            } else {
+                crc >> 1
+            };
         }
     }
     !crc
@@ -281,11 +317,17 @@ fn a_full_or_read_only_disk_tier_degrades_to_misses() {
     }
     let t = Instant::now();
     while e.0.stats().tiers[0].errors == 0 {
-        assert!(t.elapsed() < Duration::from_secs(10), "no write error counted");
+        assert!(
+            t.elapsed() < Duration::from_secs(10),
+            "no write error counted"
+        );
         std::thread::sleep(Duration::from_millis(10));
     }
     stop(e);
-    assert!(block_files(&dir).is_empty(), "a refused write leaves no block behind");
+    assert!(
+        block_files(&dir).is_empty(),
+        "a refused write leaves no block behind"
+    );
     // Read-only: it serves what is there and writes nothing.
     let dir2 = temp_dir("ro");
     let e = engine(Model::load(&path).unwrap(), 64, disk(&dir2));
@@ -330,7 +372,10 @@ fn two_engines_share_prefixes_through_redis() {
     wait_puts(&a.0, "redis", 11);
     let (_, text, usage) = run(&b.0, &longer, 6);
     assert_eq!(text, alone(&model, &longer, 6));
-    assert_eq!(usage.cached_tokens, 40, "the second engine got the first's prefix");
+    assert_eq!(
+        usage.cached_tokens, 40,
+        "the second engine got the first's prefix"
+    );
     assert!(wait_idle(&b.0).tier_hit_tokens_total >= 40);
     stop(a);
     stop(b);
@@ -380,7 +425,11 @@ fn redis_killed_mid_run_fails_no_request_and_the_tier_recovers() {
         assert_eq!(&run(&e.0, p, 4).1, want, "request {i}");
     }
     let s = wait_idle(&e.0);
-    assert!(s.tiers[0].errors > 0, "the outage was counted: {:?}", s.tiers[0]);
+    assert!(
+        s.tiers[0].errors > 0,
+        "the outage was counted: {:?}",
+        s.tiers[0]
+    );
 
     // It recovers: after the breaker's backoff, blocks reach the new Redis again.
     let t = Instant::now();
@@ -410,11 +459,19 @@ fn another_requests_block_under_this_name_is_refused() {
     run(&e.0, &b, 6);
     stop(e);
     let spec = block_spec(&model, BS);
-    let kv = PagedKv::new(model.kv_layout(BS, 1), PolicyKind::Lru, 0, model.fingerprint(BS));
+    let kv = PagedKv::new(
+        model.kv_layout(BS, 1),
+        PolicyKind::Lru,
+        0,
+        model.fingerprint(BS),
+    );
     let file = |h| {
         let key = spec.key(h);
         let hx = key.hash_hex();
-        dir.join("kvinfer-v1").join(key.model_hex()).join(&hx[..2]).join(format!("{hx}-g0.kvb"))
+        dir.join("kvinfer-v1")
+            .join(key.model_hex())
+            .join(&hx[..2])
+            .join(format!("{hx}-g0.kvb"))
     };
     let (fa, fb) = (file(kv.hash_blocks(&a)[0]), file(kv.hash_blocks(&b)[0]));
     let (ba, bb) = (std::fs::read(&fa).unwrap(), std::fs::read(&fb).unwrap());
@@ -424,7 +481,10 @@ fn another_requests_block_under_this_name_is_refused() {
     for p in [&a, &b] {
         let (_, text, usage) = run(&e.0, p, 6);
         assert_eq!(text, alone(&model, p, 6));
-        assert_eq!(usage.cached_tokens, 0, "the chain stops at the foreign first block");
+        assert_eq!(
+            usage.cached_tokens, 0,
+            "the chain stops at the foreign first block"
+        );
     }
     let s = wait_idle(&e.0);
     assert_eq!(s.tiers[0].corrupt, 2);
@@ -486,8 +546,14 @@ fn a_stalled_tier_never_blocks_the_running_batch() {
     }
     let (text, took) = stalled.join().unwrap();
     assert_eq!(text, want);
-    assert!(took >= Duration::from_millis(300), "the second request did wait on Redis: {took:?}");
-    assert!(tokens_meanwhile >= 10, "the running batch stalled: {tokens_meanwhile} tokens");
+    assert!(
+        took >= Duration::from_millis(300),
+        "the second request did wait on Redis: {took:?}"
+    );
+    assert!(
+        tokens_meanwhile >= 10,
+        "the running batch stalled: {tokens_meanwhile} tokens"
+    );
     sleeper.join().unwrap().unwrap();
     drop(rx);
     stop(e);

@@ -174,11 +174,7 @@ fn prefix_reuse_equals_recompute_under_every_policy_with_evictions() {
             for (p, want) in prompts.iter().zip(&reference) {
                 let out = generate(&model, &mut kv, &request(p, 6), |_| true).unwrap();
                 assert_eq!(&out.ids, want, "{arch:?} {policy}: prompt {p:?}");
-                assert_eq!(
-                    kv.usage().in_use,
-                    0,
-                    "{arch:?} {policy}: blocks leaked"
-                );
+                assert_eq!(kv.usage().in_use, 0, "{arch:?} {policy}: blocks leaked");
                 kv.check_invariants().unwrap();
             }
             let (stats, usage) = (kv.stats(), kv.usage());
@@ -256,11 +252,7 @@ fn bad_input_is_an_error_not_a_panic() {
     assert!(generate(&model, &mut kv, &long, |_| true).is_err());
     let e = generate(&model, &mut small, &request(&[5; 12], 2), |_| true).unwrap_err();
     assert!(e.to_string().contains("--kv-cache-mb"), "{e}");
-    assert_eq!(
-        small.usage().in_use,
-        0,
-        "a refused request leaks nothing"
-    );
+    assert_eq!(small.usage().in_use, 0, "a refused request leaks nothing");
 
     // Truncated model files fail to load with an error.
     let bytes = std::fs::read(&path).unwrap();

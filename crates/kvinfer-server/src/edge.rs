@@ -46,7 +46,10 @@ fn host_name(host: &str) -> &str {
 
 /// Whether `host` (a `Host` header) names this machine's loopback.
 pub fn is_loopback_host(host: &str) -> bool {
-    matches!(host_name(host).to_ascii_lowercase().as_str(), "localhost" | "127.0.0.1" | "::1")
+    matches!(
+        host_name(host).to_ascii_lowercase().as_str(),
+        "localhost" | "127.0.0.1" | "::1"
+    )
 }
 
 /// The origin, host and size checks (see the module docs).
@@ -115,7 +118,8 @@ pub async fn request_id(mut req: Request, next: Next) -> Response {
         .filter(|v| {
             !v.is_empty()
                 && v.len() <= 64
-                && v.bytes().all(|b| b.is_ascii_alphanumeric() || b"-_.:".contains(&b))
+                && v.bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b"-_.:".contains(&b))
         })
         .map(str::to_string);
     let id = given.unwrap_or_else(|| format!("{:016x}", rand::random::<u64>()));
@@ -143,10 +147,22 @@ mod tests {
 
     #[test]
     fn loopback_names() {
-        for h in ["localhost", "localhost:8080", "127.0.0.1:1", "[::1]:80", "LOCALHOST"] {
+        for h in [
+            "localhost",
+            "localhost:8080",
+            "127.0.0.1:1",
+            "[::1]:80",
+            "LOCALHOST",
+        ] {
             assert!(is_loopback_host(h), "{h}");
         }
-        for h in ["evil.example", "evil.example:8080", "127.0.0.1.nip.io", "", "[::2]"] {
+        for h in [
+            "evil.example",
+            "evil.example:8080",
+            "127.0.0.1.nip.io",
+            "",
+            "[::2]",
+        ] {
             assert!(!is_loopback_host(h), "{h}");
         }
     }

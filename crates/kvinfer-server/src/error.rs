@@ -69,8 +69,10 @@ impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         let mut r = (self.status, Json(self.body())).into_response();
         if let Some(s) = self.retry_after {
-            r.headers_mut()
-                .insert(axum::http::header::RETRY_AFTER, axum::http::HeaderValue::from(s));
+            r.headers_mut().insert(
+                axum::http::header::RETRY_AFTER,
+                axum::http::HeaderValue::from(s),
+            );
         }
         r
     }

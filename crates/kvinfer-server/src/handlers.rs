@@ -2,9 +2,9 @@
 //! JSON object or a stream of server-sent events. A client that goes away drops the event
 //! receiver, which cancels the request in the engine and frees its blocks.
 
+use crate::edge::RequestId;
 use crate::error::ApiError;
 use crate::openai::{content_text, engine_request, parse, ChatRequest, Common, CompletionRequest};
-use crate::edge::RequestId;
 use crate::AppState;
 use axum::body::Bytes;
 use axum::extract::rejection::BytesRejection;
@@ -71,7 +71,11 @@ pub async fn chat(
             })
         })
         .collect::<Result<Vec<_>, ApiError>>()?;
-    too_long_for_context(&st, messages.iter().map(|m| m.content.len()).sum(), "messages")?;
+    too_long_for_context(
+        &st,
+        messages.iter().map(|m| m.content.len()).sum(),
+        "messages",
+    )?;
     // Templating and tokenizing a large prompt take a while: off the async threads, so other
     // clients' streams keep flowing.
     let engine = st.engine.clone();
@@ -80,7 +84,10 @@ pub async fn chat(
         let template = model.chat_template.as_ref().expect("checked above");
         let text = template.render(&messages, true).map_err(|e| {
             ApiError::invalid(
-                format!("the chat template refused the messages: {}", crate::openai::short(&e.to_string())),
+                format!(
+                    "the chat template refused the messages: {}",
+                    crate::openai::short(&e.to_string())
+                ),
                 Some("messages"),
             )
         })?;
@@ -188,7 +195,8 @@ async fn run(
             .code("overloaded")
             .retry_after(1),
     })?;
-    st.next_id.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    st.next_id
+        .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     let meta = Meta {
         id: format!(
             "{}-{:024x}",
@@ -541,7 +549,13 @@ fn sse(
                         finish_reason,
                     }) => {
                         let lp = meta.take_lp(index, sent.get(index).copied().unwrap_or(0));
-                        queue.push_back(meta.delta(index, None, Some(reason(finish_reason)), false, lp))
+                        queue.push_back(meta.delta(
+                            index,
+                            None,
+                            Some(reason(finish_reason)),
+                            false,
+                            lp,
+                        ))
                     }
                     Some(Event::Usage(u)) => {
                         meta.log(Some(&u));
@@ -585,7 +599,9 @@ pub async fn clear_cache(State(st): State<Arc<AppState>>) -> Result<Json<Value>,
     let report = st.engine.clear_cache().await.map_err(|e| {
         ApiError::invalid(e.to_string(), None).status(StatusCode::SERVICE_UNAVAILABLE)
     })?;
-    Ok(Json(serde_json::to_value(&report).unwrap_or_else(|_| json!({}))))
+    Ok(Json(
+        serde_json::to_value(&report).unwrap_or_else(|_| json!({})),
+    ))
 }
 
 /// `POST /tokenize` (llama-server's shape): `{"content": text, "add_special": bool}` ->
@@ -596,16 +612,25 @@ pub async fn tokenize(
 ) -> Result<Json<Value>, ApiError> {
     let v: Value = serde_json::from_slice(&body_bytes(body)?)
         .map_err(|_| ApiError::invalid("the body must be {\"content\": text}", Some("content")))?;
-    if let Some(k) = v.as_object().and_then(|o| o.keys().find(|k| !["content", "add_special"].contains(&k.as_str()))) {
+    if let Some(k) = v.as_object().and_then(|o| {
+        o.keys()
+            .find(|k| !["content", "add_special"].contains(&k.as_str()))
+    }) {
         let k = crate::openai::short(k);
         return Err(ApiError::invalid(format!("unknown field {k}"), Some(&k)));
     }
-    let content = v.get("content").and_then(Value::as_str).ok_or_else(|| {
-        ApiError::invalid("content must be a string", Some("content"))
-    })?.to_string();
-    let special = v.get("add_special").and_then(Value::as_bool).unwrap_or(false);
+    let content = v
+        .get("content")
+        .and_then(Value::as_str)
+        .ok_or_else(|| ApiError::invalid("content must be a string", Some("content")))?
+        .to_string();
+    let special = v
+        .get("add_special")
+        .and_then(Value::as_bool)
+        .unwrap_or(false);
     let engine = st.engine.clone();
-    let ids = blocking(move || Ok(engine.model().tokenizer.encode(&content, special, true))).await?;
+    let ids =
+        blocking(move || Ok(engine.model().tokenizer.encode(&content, special, true))).await?;
     Ok(Json(json!({ "tokens": ids })))
 }
 
@@ -622,14 +647,24 @@ pub async fn detokenize(
         .and_then(Value::as_array)
         .and_then(|a| {
             a.iter()
-                .map(|t| t.as_u64().filter(|&t| (t as usize) < vocab).map(|t| t as u32))
+                .map(|t| {
+                    t.as_u64()
+                        .filter(|&t| (t as usize) < vocab)
+                        .map(|t| t as u32)
+                })
                 .collect::<Option<Vec<u32>>>()
         })
         .ok_or_else(|| {
-            ApiError::invalid(format!("tokens must be a list of token ids below {vocab}"), Some("tokens"))
+            ApiError::invalid(
+                format!("tokens must be a list of token ids below {vocab}"),
+                Some("tokens"),
+            )
         })?;
     let tok = &st.engine.model().tokenizer;
-    let bytes: Vec<u8> = ids.iter().flat_map(|&t| tok.token_bytes(t).to_vec()).collect();
+    let bytes: Vec<u8> = ids
+        .iter()
+        .flat_map(|&t| tok.token_bytes(t).to_vec())
+        .collect();
     Ok(Json(json!({ "content": String::from_utf8_lossy(&bytes) })))
 }
 

@@ -95,7 +95,10 @@ pub fn router_with_shutdown(
     let fingerprint = format!(
         "kvinfer-{}-{}",
         env!("CARGO_PKG_VERSION"),
-        fp.0[..4].iter().map(|b| format!("{b:02x}")).collect::<String>()
+        fp.0[..4]
+            .iter()
+            .map(|b| format!("{b:02x}"))
+            .collect::<String>()
     );
     let state = Arc::new(AppState {
         engine,
@@ -112,7 +115,11 @@ pub fn router_with_shutdown(
         cut: cut_rx,
         longest_token_bytes: {
             let tok = &engine_for_state.model().tokenizer;
-            (0..tok.vocab_size() as u32).map(|t| tok.token_bytes(t).len()).max().unwrap_or(1).max(1)
+            (0..tok.vocab_size() as u32)
+                .map(|t| tok.token_bytes(t).len())
+                .max()
+                .unwrap_or(1)
+                .max(1)
         },
     });
     let api = Router::new()

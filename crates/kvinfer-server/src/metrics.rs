@@ -1,7 +1,9 @@
 //! `/metrics`: the engine's snapshot in Prometheus' text format (names `kvinfer_*`). A handful
 //! of lines of formatting; no registry is needed since the engine keeps the numbers.
 
-use kvinfer_engine::{EngineStats, Histogram, TierStats, LATENCY_BUCKETS_S, TIER_LATENCY_BUCKETS_S};
+use kvinfer_engine::{
+    EngineStats, Histogram, TierStats, LATENCY_BUCKETS_S, TIER_LATENCY_BUCKETS_S,
+};
 use std::fmt::Write;
 
 fn metric(out: &mut String, name: &str, kind: &str, help: &str, value: impl std::fmt::Display) {
@@ -210,19 +212,84 @@ fn tiers(o: &mut String, tiers: &[TierStats]) {
     }
     type Get = fn(&TierStats) -> u64;
     let families: [(&str, &str, &str, Get); 13] = [
-        ("kvinfer_tier_hits_total", "counter", "Blocks found and verified.", |t| t.hits),
-        ("kvinfer_tier_misses_total", "counter", "Blocks asked for and absent.", |t| t.misses),
-        ("kvinfer_tier_puts_total", "counter", "Blocks stored.", |t| t.puts),
-        ("kvinfer_tier_put_skipped_total", "counter", "Writes skipped: the tier held the block.", |t| t.put_skipped),
-        ("kvinfer_tier_put_dropped_total", "counter", "Writes dropped: the write queue was full.", |t| t.put_dropped),
-        ("kvinfer_tier_read_bytes_total", "counter", "Bytes read (wire form).", |t| t.bytes_read),
-        ("kvinfer_tier_written_bytes_total", "counter", "Bytes written (wire form).", |t| t.bytes_written),
-        ("kvinfer_tier_errors_total", "counter", "Failed tier operations.", |t| t.errors),
-        ("kvinfer_tier_evictions_total", "counter", "Blocks evicted or expired by the tier.", |t| t.evictions),
-        ("kvinfer_tier_corrupt_blocks_total", "counter", "Blocks refused by a check, deleted, never served.", |t| t.corrupt),
-        ("kvinfer_tier_entries", "gauge", "Blocks held (0 where the tier cannot tell cheaply: Redis).", |t| t.entries),
-        ("kvinfer_tier_bytes", "gauge", "Bytes held (0 where the tier cannot tell cheaply: Redis).", |t| t.bytes),
-        ("kvinfer_tier_healthy", "gauge", "1 while the tier works, 0 while its circuit is open.", |t| t.healthy as u64),
+        (
+            "kvinfer_tier_hits_total",
+            "counter",
+            "Blocks found and verified.",
+            |t| t.hits,
+        ),
+        (
+            "kvinfer_tier_misses_total",
+            "counter",
+            "Blocks asked for and absent.",
+            |t| t.misses,
+        ),
+        (
+            "kvinfer_tier_puts_total",
+            "counter",
+            "Blocks stored.",
+            |t| t.puts,
+        ),
+        (
+            "kvinfer_tier_put_skipped_total",
+            "counter",
+            "Writes skipped: the tier held the block.",
+            |t| t.put_skipped,
+        ),
+        (
+            "kvinfer_tier_put_dropped_total",
+            "counter",
+            "Writes dropped: the write queue was full.",
+            |t| t.put_dropped,
+        ),
+        (
+            "kvinfer_tier_read_bytes_total",
+            "counter",
+            "Bytes read (wire form).",
+            |t| t.bytes_read,
+        ),
+        (
+            "kvinfer_tier_written_bytes_total",
+            "counter",
+            "Bytes written (wire form).",
+            |t| t.bytes_written,
+        ),
+        (
+            "kvinfer_tier_errors_total",
+            "counter",
+            "Failed tier operations.",
+            |t| t.errors,
+        ),
+        (
+            "kvinfer_tier_evictions_total",
+            "counter",
+            "Blocks evicted or expired by the tier.",
+            |t| t.evictions,
+        ),
+        (
+            "kvinfer_tier_corrupt_blocks_total",
+            "counter",
+            "Blocks refused by a check, deleted, never served.",
+            |t| t.corrupt,
+        ),
+        (
+            "kvinfer_tier_entries",
+            "gauge",
+            "Blocks held (0 where the tier cannot tell cheaply: Redis).",
+            |t| t.entries,
+        ),
+        (
+            "kvinfer_tier_bytes",
+            "gauge",
+            "Bytes held (0 where the tier cannot tell cheaply: Redis).",
+            |t| t.bytes,
+        ),
+        (
+            "kvinfer_tier_healthy",
+            "gauge",
+            "1 while the tier works, 0 while its circuit is open.",
+            |t| t.healthy as u64,
+        ),
     ];
     for (name, kind, help, get) in families {
         let _ = writeln!(o, "# HELP {name} {help}\n# TYPE {name} {kind}");
@@ -231,18 +298,38 @@ fn tiers(o: &mut String, tiers: &[TierStats]) {
         }
     }
     for (name, help, pick) in [
-        ("kvinfer_tier_read_seconds", "Latency of one batched tier read.", 0),
-        ("kvinfer_tier_write_seconds", "Latency of one block write.", 1),
+        (
+            "kvinfer_tier_read_seconds",
+            "Latency of one batched tier read.",
+            0,
+        ),
+        (
+            "kvinfer_tier_write_seconds",
+            "Latency of one block write.",
+            1,
+        ),
     ] {
         let _ = writeln!(o, "# HELP {name} {help}\n# TYPE {name} histogram");
         for t in tiers {
-            let h = if pick == 0 { &t.read_latency } else { &t.write_latency };
+            let h = if pick == 0 {
+                &t.read_latency
+            } else {
+                &t.write_latency
+            };
             for (i, le) in TIER_LATENCY_BUCKETS_S.iter().enumerate() {
                 let n = h.buckets.get(i).copied().unwrap_or(0);
                 let _ = writeln!(o, "{name}_bucket{{tier=\"{}\",le=\"{le}\"}} {n}", t.name);
             }
-            let _ = writeln!(o, "{name}_bucket{{tier=\"{}\",le=\"+Inf\"}} {}", t.name, h.count);
-            let _ = writeln!(o, "{name}_sum{{tier=\"{}\"}} {}\n{name}_count{{tier=\"{}\"}} {}", t.name, h.sum, t.name, h.count);
+            let _ = writeln!(
+                o,
+                "{name}_bucket{{tier=\"{}\",le=\"+Inf\"}} {}",
+                t.name, h.count
+            );
+            let _ = writeln!(
+                o,
+                "{name}_sum{{tier=\"{}\"}} {}\n{name}_count{{tier=\"{}\"}} {}",
+                t.name, h.sum, t.name, h.count
+            );
         }
     }
 }

@@ -60,9 +60,27 @@ pub struct Common {
 
 /// Fields both endpoints take and honour.
 const COMMON_FIELDS: &[&str] = &[
-    "model", "max_tokens", "max_completion_tokens", "temperature", "top_p", "seed", "stop", "n",
-    "stream", "stream_options", "top_k", "min_p", "repetition_penalty", "presence_penalty",
-    "frequency_penalty", "logit_bias", "ignore_eos", "min_tokens", "user", "logprobs", "top_logprobs",
+    "model",
+    "max_tokens",
+    "max_completion_tokens",
+    "temperature",
+    "top_p",
+    "seed",
+    "stop",
+    "n",
+    "stream",
+    "stream_options",
+    "top_k",
+    "min_p",
+    "repetition_penalty",
+    "presence_penalty",
+    "frequency_penalty",
+    "logit_bias",
+    "ignore_eos",
+    "min_tokens",
+    "user",
+    "logprobs",
+    "top_logprobs",
 ];
 
 /// OpenAI fields this server does not do yet: accepted only at their "off" value, otherwise a
@@ -73,10 +91,14 @@ fn off_value_only(field: &str, v: &Value) -> Option<bool> {
         "best_of" => v.is_null() || v.as_i64() == Some(1),
         "suffix" | "metadata" => v.is_null(),
         "tools" | "functions" => v.is_null() || v.as_array().is_some_and(|a| a.is_empty()),
-        "tool_choice" | "function_call" => v.is_null() || v.as_str() == Some("none") || v.as_str() == Some("auto"),
+        "tool_choice" | "function_call" => {
+            v.is_null() || v.as_str() == Some("none") || v.as_str() == Some("auto")
+        }
         "parallel_tool_calls" => true,
         "response_format" => v.is_null() || v.get("type").and_then(Value::as_str) == Some("text"),
-        "service_tier" => v.is_null() || v.as_str() == Some("auto") || v.as_str() == Some("default"),
+        "service_tier" => {
+            v.is_null() || v.as_str() == Some("auto") || v.as_str() == Some("default")
+        }
         _ => return None,
     };
     Some(off)
@@ -103,8 +125,10 @@ pub fn check_fields(body: &Value, own: &[&str]) -> Result<(), ApiError> {
                 .code("unsupported_parameter"))
             }
             None => {
-                return Err(ApiError::invalid(format!("unknown field {key}"), Some(&key))
-                    .code("unknown_parameter"))
+                return Err(
+                    ApiError::invalid(format!("unknown field {key}"), Some(&key))
+                        .code("unknown_parameter"),
+                )
             }
         }
     }
@@ -311,7 +335,10 @@ pub fn engine_request(
         None => 0,
         Some(k) if k >= 0 => k as usize,
         Some(k) => {
-            return Err(ApiError::invalid(format!("top_k must be >= 0, got {k}"), Some("top_k")))
+            return Err(ApiError::invalid(
+                format!("top_k must be >= 0, got {k}"),
+                Some("top_k"),
+            ))
         }
     };
     let min_p = in_range("min_p", c.min_p, 0.0, 1.0, 0.0)?;
@@ -321,12 +348,19 @@ pub fn engine_request(
     let vocab = handle.model().config.vocab_size;
     let mut logit_bias = Vec::new();
     for (k, &b) in c.logit_bias.iter().flatten() {
-        let id = k.parse::<u32>().ok().filter(|&t| (t as usize) < vocab).ok_or_else(|| {
-            ApiError::invalid(
-                format!("logit_bias keys are token ids below {vocab}, got {:?}", short(k)),
-                Some("logit_bias"),
-            )
-        })?;
+        let id = k
+            .parse::<u32>()
+            .ok()
+            .filter(|&t| (t as usize) < vocab)
+            .ok_or_else(|| {
+                ApiError::invalid(
+                    format!(
+                        "logit_bias keys are token ids below {vocab}, got {:?}",
+                        short(k)
+                    ),
+                    Some("logit_bias"),
+                )
+            })?;
         if !(-100.0..=100.0).contains(&b) {
             return Err(ApiError::invalid(
                 format!("logit_bias values are between -100 and 100, got {b}"),
@@ -351,18 +385,29 @@ pub fn engine_request(
         if (0..=max_top).contains(&k) {
             Ok(k as usize)
         } else {
-            Err(ApiError::invalid(format!("{name} must be between 0 and {max_top}, got {k}"), Some(name)))
+            Err(ApiError::invalid(
+                format!("{name} must be between 0 and {max_top}, got {k}"),
+                Some(name),
+            ))
         }
     };
     let logprobs = match (&c.logprobs, c.top_logprobs) {
         (None | Some(Value::Null) | Some(Value::Bool(false)), None) => None,
         (None | Some(Value::Null) | Some(Value::Bool(false)), Some(_)) => {
-            return Err(ApiError::invalid("top_logprobs needs logprobs: true", Some("top_logprobs")))
+            return Err(ApiError::invalid(
+                "top_logprobs needs logprobs: true",
+                Some("top_logprobs"),
+            ))
         }
         (Some(Value::Bool(true)), k) => Some(top_range(k.unwrap_or(0), "top_logprobs")?),
         // The completions API: logprobs is the number of alternatives.
         (Some(Value::Number(k)), None) => Some(top_range(k.as_i64().unwrap_or(-1), "logprobs")?),
-        _ => return Err(ApiError::invalid("logprobs must be true/false (chat) or a count (completions)", Some("logprobs"))),
+        _ => {
+            return Err(ApiError::invalid(
+                "logprobs must be true/false (chat) or a count (completions)",
+                Some("logprobs"),
+            ))
+        }
     };
     // No seed given: a random one, reported back in the response so the run can be repeated.
     let seed = match c.seed {

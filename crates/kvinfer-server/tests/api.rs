@@ -299,10 +299,22 @@ async fn fields_not_honoured_are_refused_by_name_and_supported_ones_take_effect(
     for (extra, param, code) in [
         (json!({"frobnicate": 1}), "frobnicate", "unknown_parameter"),
         (json!({"top_logprobs": 3}), "top_logprobs", ""),
-        (json!({"logprobs": true, "top_logprobs": 21}), "top_logprobs", ""),
+        (
+            json!({"logprobs": true, "top_logprobs": 21}),
+            "top_logprobs",
+            "",
+        ),
         (json!({"logprobs": "yes"}), "logprobs", ""),
-        (json!({"response_format": {"type": "json_object"}}), "response_format", "unsupported_parameter"),
-        (json!({"tools": [{"type": "function", "function": {"name": "f"}}]}), "tools", "unsupported_parameter"),
+        (
+            json!({"response_format": {"type": "json_object"}}),
+            "response_format",
+            "unsupported_parameter",
+        ),
+        (
+            json!({"tools": [{"type": "function", "function": {"name": "f"}}]}),
+            "tools",
+            "unsupported_parameter",
+        ),
         (json!({"presence_penalty": 3}), "presence_penalty", ""),
         (json!({"frequency_penalty": -2.5}), "frequency_penalty", ""),
         (json!({"logit_bias": {"x": 1}}), "logit_bias", ""),
@@ -311,7 +323,14 @@ async fn fields_not_honoured_are_refused_by_name_and_supported_ones_take_effect(
         (json!({"min_p": 1.5}), "min_p", ""),
         (json!({"min_tokens": 99, "max_tokens": 4}), "min_tokens", ""),
     ] {
-        let (s, b) = call(&app, "POST", "/v1/chat/completions", user(extra.clone()), None).await;
+        let (s, b) = call(
+            &app,
+            "POST",
+            "/v1/chat/completions",
+            user(extra.clone()),
+            None,
+        )
+        .await;
         assert_eq!(s, StatusCode::BAD_REQUEST, "{extra}: {b}");
         let v: Value = serde_json::from_str(&b).unwrap();
         assert_error_shape(&v);
@@ -322,7 +341,14 @@ async fn fields_not_honoured_are_refused_by_name_and_supported_ones_take_effect(
     }
     // A huge unknown field name is quoted short.
     let long = "z".repeat(20_000);
-    let (s, b) = call(&app, "POST", "/v1/chat/completions", user(json!({ long.clone(): 1 })), None).await;
+    let (s, b) = call(
+        &app,
+        "POST",
+        "/v1/chat/completions",
+        user(json!({ long.clone(): 1 })),
+        None,
+    )
+    .await;
     assert_eq!(s, StatusCode::BAD_REQUEST);
     assert!(b.len() < 1000, "the error echoes {} bytes", b.len());
     // The "off" values of fields not done yet are fine.
@@ -342,22 +368,45 @@ async fn fields_not_honoured_are_refused_by_name_and_supported_ones_take_effect(
     let mut ids = std::collections::HashSet::new();
     let mut texts = Vec::new();
     for _ in 0..4 {
-        let (s, b) = call(&app, "POST", "/v1/chat/completions", user(sample(None)), None).await;
+        let (s, b) = call(
+            &app,
+            "POST",
+            "/v1/chat/completions",
+            user(sample(None)),
+            None,
+        )
+        .await;
         assert_eq!(s, StatusCode::OK, "{b}");
         let v: Value = serde_json::from_str(&b).unwrap();
         seeds.insert(v["seed"].as_u64().expect("seed reported"));
         let id = v["id"].as_str().unwrap().to_string();
         assert!(id.starts_with("chatcmpl-") && id.len() == 9 + 24, "{id}");
         ids.insert(id);
-        assert!(v["system_fingerprint"].as_str().unwrap().starts_with("kvinfer-"));
-        texts.push((v["seed"].as_u64().unwrap(), v["choices"][0]["message"]["content"].clone()));
+        assert!(v["system_fingerprint"]
+            .as_str()
+            .unwrap()
+            .starts_with("kvinfer-"));
+        texts.push((
+            v["seed"].as_u64().unwrap(),
+            v["choices"][0]["message"]["content"].clone(),
+        ));
     }
     assert!(seeds.len() >= 3, "random seeds: {seeds:?}");
     assert_eq!(ids.len(), 4, "random ids");
     let (seed, text) = texts[0].clone();
-    let (_, b) = call(&app, "POST", "/v1/chat/completions", user(sample(Some(seed))), None).await;
+    let (_, b) = call(
+        &app,
+        "POST",
+        "/v1/chat/completions",
+        user(sample(Some(seed))),
+        None,
+    )
+    .await;
     let v: Value = serde_json::from_str(&b).unwrap();
-    assert_eq!(v["choices"][0]["message"]["content"], text, "the reported seed reproduces it");
+    assert_eq!(
+        v["choices"][0]["message"]["content"], text,
+        "the reported seed reproduces it"
+    );
     assert_eq!(v["seed"], json!(seed));
 }
 
@@ -381,7 +430,14 @@ async fn cache_clear_needs_the_key_and_empties_the_prefix_cache() {
     assert!(cached > 0, "the chat left cached blocks");
     let (s, _) = call(&app, "POST", "/v1/cache/clear", Body::empty(), None).await;
     assert_eq!(s, StatusCode::UNAUTHORIZED);
-    let (s, b) = call(&app, "POST", "/v1/cache/clear", Body::empty(), Some("sesame")).await;
+    let (s, b) = call(
+        &app,
+        "POST",
+        "/v1/cache/clear",
+        Body::empty(),
+        Some("sesame"),
+    )
+    .await;
     assert_eq!(s, StatusCode::OK, "{b}");
     let v = stats(b);
     assert_eq!(v["pool_blocks"].as_u64(), Some(cached), "{v}");
@@ -396,11 +452,17 @@ async fn send(app: &Router, req: Request<Body>) -> (StatusCode, axum::http::Head
     let res = app.clone().oneshot(req).await.unwrap();
     let (status, headers) = (res.status(), res.headers().clone());
     let bytes = to_bytes(res.into_body(), 16 << 20).await.unwrap();
-    (status, headers, String::from_utf8_lossy(&bytes).into_owned())
+    (
+        status,
+        headers,
+        String::from_utf8_lossy(&bytes).into_owned(),
+    )
 }
 
 fn chat_req(headers: &[(&str, &str)]) -> Request<Body> {
-    let mut r = Request::builder().method("POST").uri("/v1/chat/completions");
+    let mut r = Request::builder()
+        .method("POST")
+        .uri("/v1/chat/completions");
     for (k, v) in headers {
         r = r.header(*k, *v);
     }
@@ -411,24 +473,65 @@ fn chat_req(headers: &[(&str, &str)]) -> Request<Body> {
 async fn the_edge_refuses_foreign_hosts_foreign_origins_and_declared_oversize_bodies() {
     let app = app(None);
     // DNS rebinding: a foreign Host on a loopback-bound server.
-    let (s, _, b) = send(&app, chat_req(&[("host", "evil.example:8080"), ("content-type", "application/json")])).await;
+    let (s, _, b) = send(
+        &app,
+        chat_req(&[
+            ("host", "evil.example:8080"),
+            ("content-type", "application/json"),
+        ]),
+    )
+    .await;
     assert_eq!(s, StatusCode::MISDIRECTED_REQUEST, "{b}");
     assert_error_shape(&serde_json::from_str(&b).unwrap());
-    let (s, _, b) = send(&app, chat_req(&[("host", "localhost:8080"), ("content-type", "application/json")])).await;
+    let (s, _, b) = send(
+        &app,
+        chat_req(&[
+            ("host", "localhost:8080"),
+            ("content-type", "application/json"),
+        ]),
+    )
+    .await;
     assert_eq!(s, StatusCode::OK, "{b}");
     // A foreign page's simple (no preflight) text/plain POST.
-    let (s, _, b) = send(&app, chat_req(&[("host", "127.0.0.1:8080"), ("origin", "http://evil.example"), ("content-type", "text/plain")])).await;
+    let (s, _, b) = send(
+        &app,
+        chat_req(&[
+            ("host", "127.0.0.1:8080"),
+            ("origin", "http://evil.example"),
+            ("content-type", "text/plain"),
+        ]),
+    )
+    .await;
     assert_eq!(s, StatusCode::FORBIDDEN, "{b}");
     // The page the server serves itself is same-origin.
-    let (s, _, b) = send(&app, chat_req(&[("host", "127.0.0.1:8080"), ("origin", "http://127.0.0.1:8080"), ("content-type", "application/json")])).await;
+    let (s, _, b) = send(
+        &app,
+        chat_req(&[
+            ("host", "127.0.0.1:8080"),
+            ("origin", "http://127.0.0.1:8080"),
+            ("content-type", "application/json"),
+        ]),
+    )
+    .await;
     assert_eq!(s, StatusCode::OK, "{b}");
     // A declared body over the limit is refused before it is read.
-    let big = Request::builder().method("POST").uri("/v1/chat/completions")
-        .header("content-length", (10u64 << 20).to_string()).body(Body::empty()).unwrap();
+    let big = Request::builder()
+        .method("POST")
+        .uri("/v1/chat/completions")
+        .header("content-length", (10u64 << 20).to_string())
+        .body(Body::empty())
+        .unwrap();
     let (s, _, b) = send(&app, big).await;
     assert_eq!(s, StatusCode::PAYLOAD_TOO_LARGE, "{b}");
     // X-Request-Id echoed, or made up.
-    let (_, h, _) = send(&app, chat_req(&[("x-request-id", "abc-123"), ("content-type", "application/json")])).await;
+    let (_, h, _) = send(
+        &app,
+        chat_req(&[
+            ("x-request-id", "abc-123"),
+            ("content-type", "application/json"),
+        ]),
+    )
+    .await;
     assert_eq!(h["x-request-id"], "abc-123");
     let (_, h, _) = send(&app, chat_req(&[("content-type", "application/json")])).await;
     assert_eq!(h["x-request-id"].len(), 16);
@@ -441,10 +544,17 @@ async fn the_edge_refuses_foreign_hosts_foreign_origins_and_declared_oversize_bo
 #[tokio::test]
 async fn cors_is_off_by_default_and_answers_allowed_origins_when_on() {
     let preflight = |origin: &str| {
-        Request::builder().method("OPTIONS").uri("/v1/chat/completions")
-            .header("origin", origin).header("access-control-request-method", "POST")
-            .header("access-control-request-headers", "content-type,authorization")
-            .body(Body::empty()).unwrap()
+        Request::builder()
+            .method("OPTIONS")
+            .uri("/v1/chat/completions")
+            .header("origin", origin)
+            .header("access-control-request-method", "POST")
+            .header(
+                "access-control-request-headers",
+                "content-type,authorization",
+            )
+            .body(Body::empty())
+            .unwrap()
     };
     let off = app(None);
     let (s, h, _) = send(&off, preflight("http://app.example")).await;
@@ -459,7 +569,14 @@ async fn cors_is_off_by_default_and_answers_allowed_origins_when_on() {
     assert_eq!(h["access-control-allow-origin"], "http://app.example");
     let (s, _, _) = send(&on, preflight("http://other.example")).await;
     assert_eq!(s, StatusCode::FORBIDDEN);
-    let (s, h, b) = send(&on, chat_req(&[("origin", "http://app.example"), ("content-type", "application/json")])).await;
+    let (s, h, b) = send(
+        &on,
+        chat_req(&[
+            ("origin", "http://app.example"),
+            ("content-type", "application/json"),
+        ]),
+    )
+    .await;
     assert_eq!(s, StatusCode::OK, "{b}");
     assert_eq!(h["access-control-allow-origin"], "http://app.example");
 }
@@ -492,7 +609,14 @@ async fn a_request_past_its_deadline_is_cut_json_and_stream_alike() {
     assert_eq!(v["error"]["code"], json!("timeout"));
     let mut streamed = long;
     streamed["stream"] = json!(true);
-    let (s, b) = call(&app, "POST", "/v1/chat/completions", Body::from(streamed.to_string()), None).await;
+    let (s, b) = call(
+        &app,
+        "POST",
+        "/v1/chat/completions",
+        Body::from(streamed.to_string()),
+        None,
+    )
+    .await;
     assert_eq!(s, StatusCode::OK);
     assert!(b.contains("\"timeout\""), "{b}");
     assert!(b.trim_end().ends_with("data: [DONE]"), "{b}");
@@ -510,28 +634,64 @@ async fn logprobs_in_openai_shapes_json_and_stream() {
     for e in content {
         let top = e["top_logprobs"].as_array().unwrap();
         assert_eq!(top.len(), 2);
-        assert_eq!(top[0]["token"], e["token"], "greedy: the chosen token is the top one");
+        assert_eq!(
+            top[0]["token"], e["token"],
+            "greedy: the chosen token is the top one"
+        );
         assert!(e["logprob"].as_f64().unwrap() <= 0.0 && e["bytes"].is_array());
     }
-    let text: String = content.iter().map(|e| e["token"].as_str().unwrap()).collect();
-    assert_eq!(text, v["choices"][0]["message"]["content"].as_str().unwrap());
+    let text: String = content
+        .iter()
+        .map(|e| e["token"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        text,
+        v["choices"][0]["message"]["content"].as_str().unwrap()
+    );
     let mut streamed = body;
     streamed["stream"] = json!(true);
-    let (_, b) = call(&app, "POST", "/v1/chat/completions", Body::from(streamed.to_string()), None).await;
-    let n: usize = b.lines().filter_map(|l| l.strip_prefix("data: ")).filter(|d| *d != "[DONE]")
+    let (_, b) = call(
+        &app,
+        "POST",
+        "/v1/chat/completions",
+        Body::from(streamed.to_string()),
+        None,
+    )
+    .await;
+    let n: usize = b
+        .lines()
+        .filter_map(|l| l.strip_prefix("data: "))
+        .filter(|d| *d != "[DONE]")
         .map(|d| serde_json::from_str::<Value>(d).unwrap())
-        .map(|c| c["choices"][0]["logprobs"]["content"].as_array().map_or(0, |a| a.len()))
+        .map(|c| {
+            c["choices"][0]["logprobs"]["content"]
+                .as_array()
+                .map_or(0, |a| a.len())
+        })
         .sum();
     assert_eq!(n, 6, "every token's logprobs arrive once over the stream");
-    let (s, v) = post(&app, "/v1/completions", json!({"prompt": "the tin", "max_tokens": 5,
-        "temperature": 0, "ignore_eos": true, "logprobs": 3})).await;
+    let (s, v) = post(
+        &app,
+        "/v1/completions",
+        json!({"prompt": "the tin", "max_tokens": 5,
+        "temperature": 0, "ignore_eos": true, "logprobs": 3}),
+    )
+    .await;
     assert_eq!(s, StatusCode::OK, "{v}");
     let lp = &v["choices"][0]["logprobs"];
     for k in ["tokens", "token_logprobs", "top_logprobs", "text_offset"] {
         assert_eq!(lp[k].as_array().unwrap().len(), 5, "{k}: {lp}");
     }
-    assert_eq!(lp["top_logprobs"][0].as_object().unwrap().len().min(3), lp["top_logprobs"][0].as_object().unwrap().len());
-    let (_, v) = post(&app, "/v1/completions", json!({"prompt": "x", "max_tokens": 2})).await;
+    assert_eq!(
+        lp["top_logprobs"][0].as_object().unwrap().len().min(3),
+        lp["top_logprobs"][0].as_object().unwrap().len()
+    );
+    let (_, v) = post(
+        &app,
+        "/v1/completions",
+        json!({"prompt": "x", "max_tokens": 2}),
+    )
+    .await;
     assert_eq!(v["choices"][0]["logprobs"], Value::Null, "off unless asked");
 }
 
@@ -540,13 +700,22 @@ async fn a_prompt_too_long_for_any_tokenization_is_refused_before_tokenizing() {
     let app = app(None);
     let big = "tin hen ".repeat(7_000); // 56 KB: more tokens than the context whatever the split
     for (path, body) in [
-        ("/v1/chat/completions", json!({"messages": [{"role": "user", "content": big}]})),
+        (
+            "/v1/chat/completions",
+            json!({"messages": [{"role": "user", "content": big}]}),
+        ),
         ("/v1/completions", json!({"prompt": big})),
     ] {
         let (s, v) = post(&app, path, body).await;
         assert_eq!(s, StatusCode::BAD_REQUEST, "{v}");
         assert_eq!(v["error"]["code"], json!("context_length_exceeded"));
-        assert!(v["error"]["message"].as_str().unwrap().contains("bytes, at least"), "{v}");
+        assert!(
+            v["error"]["message"]
+                .as_str()
+                .unwrap()
+                .contains("bytes, at least"),
+            "{v}"
+        );
     }
     still_serving(&app).await;
 }

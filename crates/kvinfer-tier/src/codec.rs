@@ -77,15 +77,17 @@ impl Codec {
     pub fn decode(self, stored: &[u8], raw_len: usize) -> Option<Vec<u8>> {
         let out = match self {
             Codec::None => stored.to_vec(),
-            Codec::Lz4 | Codec::ShuffleLz4 => {
-                lz4_flex::block::decompress(stored, raw_len).ok()?
-            }
+            Codec::Lz4 | Codec::ShuffleLz4 => lz4_flex::block::decompress(stored, raw_len).ok()?,
             Codec::Zstd | Codec::ShuffleZstd => zstd::bulk::decompress(stored, raw_len).ok()?,
         };
         if out.len() != raw_len {
             return None;
         }
-        Some(if self.shuffled() { unshuffle2(&out) } else { out })
+        Some(if self.shuffled() {
+            unshuffle2(&out)
+        } else {
+            out
+        })
     }
 }
 

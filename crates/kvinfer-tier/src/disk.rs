@@ -71,7 +71,9 @@ impl DiskTier {
             return Ok(out);
         }
         for model_dir in read_dirs(&root)? {
-            let name = model_dir.file_name().map(|n| n.to_string_lossy().into_owned());
+            let name = model_dir
+                .file_name()
+                .map(|n| n.to_string_lossy().into_owned());
             let Some(name) = name.filter(|n| unhex::<16>(n).is_some()) else {
                 continue;
             };
@@ -344,7 +346,11 @@ mod tests {
         }
         t.get(&key(1, 0)).unwrap(); // 1 is now the least recent
         t.put(&key(1, 3), &[3; 100]).unwrap();
-        assert_eq!(t.get(&key(1, 1)).unwrap(), None, "evicted to stay under the cap");
+        assert_eq!(
+            t.get(&key(1, 1)).unwrap(),
+            None,
+            "evicted to stay under the cap"
+        );
         assert!(!t.path(&key(1, 1)).exists(), "its file is gone");
         assert_eq!(t.get(&key(1, 3)).unwrap(), Some(vec![3; 100]));
         // A half-written block from a crash.
@@ -357,7 +363,11 @@ mod tests {
         assert!(!tmp.exists());
         assert_eq!(t.stats().entries, 3);
         assert_eq!(t.get(&key(1, 2)).unwrap(), Some(vec![2; 100]));
-        assert_eq!(t.get(&key(2, 2)).unwrap(), None, "another model's namespace");
+        assert_eq!(
+            t.get(&key(2, 2)).unwrap(),
+            None,
+            "another model's namespace"
+        );
         assert_eq!(t.clear(Some(&ModelFingerprint([1; 32]))).unwrap(), 3);
         assert_eq!(t.stats().entries, 0);
         let _ = std::fs::remove_dir_all(&d);

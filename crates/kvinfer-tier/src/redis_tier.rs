@@ -130,10 +130,16 @@ impl RedisTier {
     pub fn new(config: RedisTierConfig) -> Result<Self, TierError> {
         let err = |e: redis::RedisError| TierError::Config(format!("redis: {e}"));
         let (single, cluster, name) = match &config.target {
-            RedisTarget::Single(url) => (Some(Client::open(url.as_str()).map_err(err)?), None, "redis"),
+            RedisTarget::Single(url) => (
+                Some(Client::open(url.as_str()).map_err(err)?),
+                None,
+                "redis",
+            ),
             RedisTarget::Cluster(nodes) => {
                 if nodes.is_empty() {
-                    return Err(TierError::Config("--redis-cluster needs HOST:PORT[,HOST:PORT...]".into()));
+                    return Err(TierError::Config(
+                        "--redis-cluster needs HOST:PORT[,HOST:PORT...]".into(),
+                    ));
                 }
                 let urls: Vec<String> = nodes.iter().map(|n| node_url(n)).collect();
                 let build = |timeout: Duration| {
@@ -165,7 +171,12 @@ impl RedisTier {
 
     /// The Redis key of `key`.
     pub fn redis_key(key: &TierKey) -> String {
-        format!("kvinfer:v1:{}:{}:{}", key.model_hex(), key.group, key.hash_hex())
+        format!(
+            "kvinfer:v1:{}:{}:{}",
+            key.model_hex(),
+            key.group,
+            key.hash_hex()
+        )
     }
 
     fn connect(&self, which: usize) -> redis::RedisResult<Conn> {
@@ -244,8 +255,11 @@ impl RedisTier {
         let e = |e: redis::RedisError| TierError::Redis(e.to_string());
         let open = |url: &str| -> Result<Connection, TierError> {
             let c = Client::open(url).map_err(e)?;
-            let con = c.get_connection_with_timeout(self.config.write_timeout).map_err(e)?;
-            con.set_read_timeout(Some(self.config.write_timeout * 4)).map_err(e)?;
+            let con = c
+                .get_connection_with_timeout(self.config.write_timeout)
+                .map_err(e)?;
+            con.set_read_timeout(Some(self.config.write_timeout * 4))
+                .map_err(e)?;
             Ok(con)
         };
         match &self.config.target {
@@ -258,8 +272,12 @@ impl RedisTier {
                         break;
                     }
                 }
-                let mut seed = seed.ok_or_else(|| TierError::Redis("no cluster node reachable".into()))?;
-                let nodes: String = redis::cmd("CLUSTER").arg("NODES").query(&mut seed).map_err(e)?;
+                let mut seed =
+                    seed.ok_or_else(|| TierError::Redis("no cluster node reachable".into()))?;
+                let nodes: String = redis::cmd("CLUSTER")
+                    .arg("NODES")
+                    .query(&mut seed)
+                    .map_err(e)?;
                 nodes
                     .lines()
                     .filter(|l| l.contains("master") && !l.contains("fail"))
@@ -271,7 +289,11 @@ impl RedisTier {
     }
 
     /// Every key under `pattern` on every node, with its value's length.
-    fn scan(&self, pattern: &str, mut each: impl FnMut(&mut Connection, Vec<String>) -> Result<(), TierError>) -> Result<(), TierError> {
+    fn scan(
+        &self,
+        pattern: &str,
+        mut each: impl FnMut(&mut Connection, Vec<String>) -> Result<(), TierError>,
+    ) -> Result<(), TierError> {
         let e = |e: redis::RedisError| TierError::Redis(e.to_string());
         for mut con in self.node_connections()? {
             let mut cursor: u64 = 0;
@@ -400,7 +422,8 @@ impl Tier for RedisTier {
             for k in &keys {
                 p.cmd("DEL").arg(k).ignore();
             }
-            p.query::<()>(con).map_err(|e| TierError::Redis(e.to_string()))?;
+            p.query::<()>(con)
+                .map_err(|e| TierError::Redis(e.to_string()))?;
             n += keys.len() as u64;
             Ok(())
         })?;

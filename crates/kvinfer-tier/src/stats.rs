@@ -85,7 +85,13 @@ impl TierCounters {
     }
 
     /// A snapshot, with what the tier holds.
-    pub fn snapshot(&self, name: &'static str, entries: u64, bytes: u64, healthy: bool) -> TierStats {
+    pub fn snapshot(
+        &self,
+        name: &'static str,
+        entries: u64,
+        bytes: u64,
+        healthy: bool,
+    ) -> TierStats {
         TierStats {
             name,
             entries,

@@ -42,7 +42,9 @@ impl FromStr for WriteMode {
             "back" => Ok(WriteMode::Back),
             "through" => Ok(WriteMode::Through),
             "off" => Ok(WriteMode::Off),
-            _ => Err(format!("unknown write mode {s:?}; use back, through or off")),
+            _ => Err(format!(
+                "unknown write mode {s:?}; use back, through or off"
+            )),
         }
     }
 }
@@ -251,7 +253,12 @@ impl TieredStore {
         self.inner
             .tiers
             .iter()
-            .map(|t| (t.tier.name(), t.tier.clear(Some(&fp)).map_err(|e| e.to_string())))
+            .map(|t| {
+                (
+                    t.tier.name(),
+                    t.tier.clear(Some(&fp)).map_err(|e| e.to_string()),
+                )
+            })
             .collect()
     }
 }
@@ -312,7 +319,11 @@ fn load(inner: &Inner, req: &LoadRequest) -> LoadResult {
                 }
                 Err(e) => {
                     TierCounters::add(&c.corrupt, 1);
-                    tracing::warn!("{} tier: block {} refused ({e}); deleted", t.tier.name(), key.hash_hex());
+                    tracing::warn!(
+                        "{} tier: block {} refused ({e}); deleted",
+                        t.tier.name(),
+                        key.hash_hex()
+                    );
                     let _ = t.tier.delete(key);
                 }
             }
@@ -339,7 +350,12 @@ fn verify_all(
 ) -> Vec<Result<Vec<u8>, wire::WireError>> {
     let bs = spec.block_size as usize;
     let one = |(i, _, bytes): &(usize, &TierKey, Vec<u8>)| {
-        wire::decode(spec, &req.hashes[*i], &req.tokens[i * bs..(i + 1) * bs], bytes)
+        wire::decode(
+            spec,
+            &req.hashes[*i],
+            &req.tokens[i * bs..(i + 1) * bs],
+            bytes,
+        )
     };
     let workers = std::thread::available_parallelism()
         .map_or(1, |n| n.get())

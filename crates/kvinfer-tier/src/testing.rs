@@ -56,16 +56,30 @@ impl RedisServer {
         let dir = std::env::temp_dir().join(format!("kvinfer-redis-{}-{port}", std::process::id()));
         std::fs::create_dir_all(&dir)?;
         let mut cmd = Command::new("redis-server");
-        cmd.args(["--port", &port.to_string(), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
-            .args(["--enable-debug-command", "local"])
-            .arg("--dir")
-            .arg(&dir)
-            .arg("--logfile")
-            .arg(dir.join("redis.log"))
-            .stdout(Stdio::null())
-            .stderr(Stdio::null());
+        cmd.args([
+            "--port",
+            &port.to_string(),
+            "--bind",
+            "127.0.0.1",
+            "--save",
+            "",
+            "--appendonly",
+            "no",
+        ])
+        .args(["--enable-debug-command", "local"])
+        .arg("--dir")
+        .arg(&dir)
+        .arg("--logfile")
+        .arg(dir.join("redis.log"))
+        .stdout(Stdio::null())
+        .stderr(Stdio::null());
         if cluster {
-            cmd.args(["--cluster-enabled", "yes", "--cluster-config-file", "nodes.conf"]);
+            cmd.args([
+                "--cluster-enabled",
+                "yes",
+                "--cluster-config-file",
+                "nodes.conf",
+            ]);
         }
         let child = cmd.spawn().map_err(redis_missing)?;
         let s = Self {
@@ -143,7 +157,10 @@ impl RedisCluster {
         let nodes = (0..n)
             .map(|_| RedisServer::start_on(free_cluster_port(), true))
             .collect::<io::Result<Vec<_>>>()?;
-        let addrs: Vec<String> = nodes.iter().map(|s| format!("127.0.0.1:{}", s.port)).collect();
+        let addrs: Vec<String> = nodes
+            .iter()
+            .map(|s| format!("127.0.0.1:{}", s.port))
+            .collect();
         let out = Command::new("redis-cli")
             .args(["--cluster", "create"])
             .args(&addrs)
@@ -157,20 +174,25 @@ impl RedisCluster {
         let c = Self { nodes };
         let t0 = Instant::now();
         while t0.elapsed() < Duration::from_secs(20) {
-            let ok = c
-                .nodes
-                .iter()
-                .all(|s| s.cli(&["CLUSTER", "INFO"]).is_ok_and(|o| o.contains("cluster_state:ok")));
+            let ok = c.nodes.iter().all(|s| {
+                s.cli(&["CLUSTER", "INFO"])
+                    .is_ok_and(|o| o.contains("cluster_state:ok"))
+            });
             if ok {
                 return Ok(c);
             }
             std::thread::sleep(Duration::from_millis(100));
         }
-        Err(io::Error::other("the cluster never reached cluster_state:ok"))
+        Err(io::Error::other(
+            "the cluster never reached cluster_state:ok",
+        ))
     }
 
     /// `HOST:PORT` of every node.
     pub fn addrs(&self) -> Vec<String> {
-        self.nodes.iter().map(|s| format!("127.0.0.1:{}", s.port)).collect()
+        self.nodes
+            .iter()
+            .map(|s| format!("127.0.0.1:{}", s.port))
+            .collect()
     }
 }

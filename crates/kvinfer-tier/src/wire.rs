@@ -95,7 +95,13 @@ pub enum WireError {
 }
 
 /// Encodes one block: `tokens` are its token ids, `raw` its payload (exactly one block).
-pub fn encode(spec: &BlockSpec, hash: &BlockHash, tokens: &[u32], raw: &[u8], codec: Codec) -> Vec<u8> {
+pub fn encode(
+    spec: &BlockSpec,
+    hash: &BlockHash,
+    tokens: &[u32],
+    raw: &[u8],
+    codec: Codec,
+) -> Vec<u8> {
     debug_assert_eq!(raw.len(), spec.payload_bytes(), "payload is one block");
     let stored = codec.encode(raw);
     let header_len = FIXED + 4 * tokens.len() + 4;
@@ -108,7 +114,12 @@ pub fn encode(spec: &BlockSpec, hash: &BlockHash, tokens: &[u32], raw: &[u8], co
     out.push(spec.dtype);
     out.push(codec.id());
     out.extend_from_slice(&hash.0);
-    for v in [spec.n_layers, spec.n_kv_heads, spec.head_dim, spec.block_size] {
+    for v in [
+        spec.n_layers,
+        spec.n_kv_heads,
+        spec.head_dim,
+        spec.block_size,
+    ] {
         out.extend_from_slice(&v.to_le_bytes());
     }
     out.extend_from_slice(&(tokens.len() as u16).to_le_bytes());
@@ -176,11 +187,17 @@ pub fn decode(
     if bytes[44..60] != hash.0 {
         return Err(WireError::Mismatch("block hash"));
     }
-    let shape = [spec.n_layers, spec.n_kv_heads, spec.head_dim, spec.block_size];
+    let shape = [
+        spec.n_layers,
+        spec.n_kv_heads,
+        spec.head_dim,
+        spec.block_size,
+    ];
     if (0..4).any(|i| u16_at(bytes, 60 + 2 * i) != shape[i]) {
         return Err(WireError::Mismatch("block shape"));
     }
-    if n_tokens != tokens.len() || (0..n_tokens).any(|i| u32_at(bytes, FIXED + 4 * i) != tokens[i]) {
+    if n_tokens != tokens.len() || (0..n_tokens).any(|i| u32_at(bytes, FIXED + 4 * i) != tokens[i])
+    {
         return Err(WireError::Mismatch("token ids"));
     }
     let raw_len = u32_at(bytes, 72) as usize;
@@ -221,11 +238,17 @@ mod tests {
             for i in 0..b.len() {
                 let mut bad = b.clone();
                 bad[i] ^= 0x10;
-                assert!(decode(&s, &h, &[1, 2], &bad).is_err(), "{codec}: flip at {i}");
+                assert!(
+                    decode(&s, &h, &[1, 2], &bad).is_err(),
+                    "{codec}: flip at {i}"
+                );
             }
             // Every truncation is caught.
             for len in 0..b.len() {
-                assert!(decode(&s, &h, &[1, 2], &b[..len]).is_err(), "{codec}: cut at {len}");
+                assert!(
+                    decode(&s, &h, &[1, 2], &b[..len]).is_err(),
+                    "{codec}: cut at {len}"
+                );
             }
         }
         let b = encode(&s, &h, &[1, 2], &raw, Codec::None);

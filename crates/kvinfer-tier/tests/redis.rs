@@ -22,7 +22,9 @@ fn spec(model: u8) -> BlockSpec {
 }
 
 fn block(s: &BlockSpec, i: u32) -> (BlockHash, Vec<u32>, Vec<u8>) {
-    let raw: Vec<u8> = (0..s.payload_bytes()).map(|j| (j as u32 * 31 + i) as u8).collect();
+    let raw: Vec<u8> = (0..s.payload_bytes())
+        .map(|j| (j as u32 * 31 + i) as u8)
+        .collect();
     let mut h = [0u8; 16];
     h[..4].copy_from_slice(&i.to_le_bytes());
     (BlockHash(h), (0..4).map(|t| i * 10 + t).collect(), raw)
@@ -102,7 +104,10 @@ fn blocks_round_trip_with_jittered_ttls_and_models_stay_apart() {
     // Written again: found again; clear removes this model's blocks only.
     write(&a, 3..4);
     write(&b, 0..5);
-    assert_eq!(a.load_blocking(&request(&spec(1), 0..20)).payloads.len(), 20);
+    assert_eq!(
+        a.load_blocking(&request(&spec(1), 0..20)).payloads.len(),
+        20
+    );
     assert_eq!(a.clear(), vec![("redis", Ok(20))]);
     assert_eq!(b.load_blocking(&request(&spec(2), 0..5)).payloads.len(), 5);
 }
@@ -118,7 +123,11 @@ fn a_dead_redis_is_a_miss_opens_the_circuit_and_recovers_when_it_returns() {
     for _ in 0..10 {
         assert_eq!(s.load_blocking(&request(&spec(1), 0..4)).payloads.len(), 0);
     }
-    assert!(t0.elapsed() < Duration::from_secs(3), "misses are quick: {:?}", t0.elapsed());
+    assert!(
+        t0.elapsed() < Duration::from_secs(3),
+        "misses are quick: {:?}",
+        t0.elapsed()
+    );
     let st = t.stats();
     assert!(!st.healthy, "circuit open");
     assert!(st.errors >= 3);
@@ -153,7 +162,11 @@ fn a_slow_redis_is_a_miss_within_the_deadline() {
     std::thread::sleep(Duration::from_millis(200));
     let t0 = Instant::now();
     assert_eq!(s.load_blocking(&request(&spec(1), 0..4)).payloads.len(), 0);
-    assert!(t0.elapsed() < Duration::from_millis(1000), "took {:?}", t0.elapsed());
+    assert!(
+        t0.elapsed() < Duration::from_millis(1000),
+        "took {:?}",
+        t0.elapsed()
+    );
     sleeper.join().unwrap().unwrap();
 }
 

@@ -148,7 +148,11 @@ fn mean_std(v: &[f64]) -> (f64, f64) {
 }
 
 /// Refuses tier flags on a bench that would not use them (no flag is accepted and ignored).
-pub(crate) fn no_tier_flags(args: &crate::cli::ModelArgs, bench: &str, instead: &str) -> Result<()> {
+pub(crate) fn no_tier_flags(
+    args: &crate::cli::ModelArgs,
+    bench: &str,
+    instead: &str,
+) -> Result<()> {
     anyhow::ensure!(
         !args.tiers.options().any(),
         "`kvinfer {bench}` measures compute only and would ignore the tier flags; {instead}"
@@ -157,7 +161,11 @@ pub(crate) fn no_tier_flags(args: &crate::cli::ModelArgs, bench: &str, instead: 
 }
 
 pub fn run(a: BenchArgs, threads: usize) -> Result<()> {
-    no_tier_flags(&a.model, "bench", "use `kvinfer bench prefix` or `kvinfer bench tiers`")?;
+    no_tier_flags(
+        &a.model,
+        "bench",
+        "use `kvinfer bench prefix` or `kvinfer bench tiers`",
+    )?;
     let model = load_model(&a.model)?;
     warm_up(&model, a.warmup_s)?;
     // One untimed run of each to page the weights in.
@@ -229,7 +237,11 @@ pub fn run(a: BenchArgs, threads: usize) -> Result<()> {
 /// `kvinfer bench batch`: B sequences of `context` cached tokens each decode `steps` tokens in
 /// one forward per step; the step time against B single-sequence steps.
 pub fn run_batch(a: BatchBenchArgs, threads: usize) -> Result<()> {
-    no_tier_flags(&a.model, "bench batch", "use `kvinfer bench prefix` or `kvinfer bench tiers`")?;
+    no_tier_flags(
+        &a.model,
+        "bench batch",
+        "use `kvinfer bench prefix` or `kvinfer bench tiers`",
+    )?;
     anyhow::ensure!(
         !a.batch_sizes.is_empty() && a.batch_sizes.iter().all(|&b| b >= 1),
         "batch sizes must be at least 1"

@@ -142,7 +142,10 @@ fn time_per_call(min_s: f64, mut f: impl FnMut()) -> f64 {
 
 /// `kvinfer bench tiers`.
 pub fn run(a: TierBenchArgs, threads: usize) -> Result<()> {
-    ensure!(a.prompt_tokens >= a.model.block_size, "--prompt-tokens must cover a block");
+    ensure!(
+        a.prompt_tokens >= a.model.block_size,
+        "--prompt-tokens must cover a block"
+    );
     ensure!(a.repetitions >= 1, "--repetitions must be at least 1");
     ensure!(
         a.model.tiers.ram_tier_mb == 0 && a.model.tiers.disk_tier.is_none(),
@@ -172,35 +175,54 @@ pub fn run(a: TierBenchArgs, threads: usize) -> Result<()> {
     let mut times = Vec::new();
     let mut reference = Vec::new();
     for _ in 0..a.repetitions {
-        let o = generate(&model, &mut fresh()?, &greedy(&all, a.gen_tokens, ctx, true), |_| true)?;
+        let o = generate(
+            &model,
+            &mut fresh()?,
+            &greedy(&all, a.gen_tokens, ctx, true),
+            |_| true,
+        )?;
         times.push(o.timings.prefill_ms);
         reference = o.ids;
     }
     let cold = median(&mut times);
     progress(&format!("cold {cold:.1} ms"));
-    rows.push(json!({"case": "cold", "ttft_ms": cold, "ttft_ms_all": times, "cached_tokens": 0,
-        "tier_tokens": 0, "outputs_equal": true}));
+    rows.push(
+        json!({"case": "cold", "ttft_ms": cold, "ttft_ms_all": times, "cached_tokens": 0,
+        "tier_tokens": 0, "outputs_equal": true}),
+    );
 
     // Pool hit.
     let (mut times, mut equal, mut cached) = (Vec::new(), true, 0);
     for _ in 0..a.repetitions {
         let mut kv = fresh()?;
         generate(&model, &mut kv, &greedy(prefix, 1, ctx, true), |_| true)?;
-        let o = generate(&model, &mut kv, &greedy(&all, a.gen_tokens, ctx, true), |_| true)?;
+        let o = generate(
+            &model,
+            &mut kv,
+            &greedy(&all, a.gen_tokens, ctx, true),
+            |_| true,
+        )?;
         times.push(o.timings.prefill_ms);
         equal &= o.ids == reference;
         cached = o.timings.cached_tokens;
     }
     let pool = median(&mut times);
     progress(&format!("pool hit {pool:.1} ms"));
-    rows.push(json!({"case": "pool", "ttft_ms": pool, "ttft_ms_all": times,
-        "cached_tokens": cached, "tier_tokens": 0, "outputs_equal": equal}));
+    rows.push(
+        json!({"case": "pool", "ttft_ms": pool, "ttft_ms_all": times,
+        "cached_tokens": cached, "tier_tokens": 0, "outputs_equal": equal}),
+    );
 
     let dir = std::env::temp_dir().join(format!("kvinfer-bench-tiers-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
     let (cases, _servers) = cases(&a, &dir)?;
     let spec = block_spec(&model, bs);
-    let codec_of = |_: &Case| a.model.tiers.tier_codec.unwrap_or(kvinfer_engine::DEFAULT_CODEC);
+    let codec_of = |_: &Case| {
+        a.model
+            .tiers
+            .tier_codec
+            .unwrap_or(kvinfer_engine::DEFAULT_CODEC)
+    };
     let mut page_cache_dropped = None;
     let mut io = Vec::new();
     let mut payloads: Vec<Vec<u8>> = Vec::new();
@@ -230,10 +252,15 @@ pub fn run(a: TierBenchArgs, threads: usize) -> Result<()> {
             load_ms.push(o.timings.tier_load_ms);
         }
         let t = median(&mut times);
-        progress(&format!("{} hit {t:.1} ms ({tier_tokens} tokens from the tier)", case.name));
-        rows.push(json!({"case": case.name, "ttft_ms": t, "ttft_ms_all": times,
+        progress(&format!(
+            "{} hit {t:.1} ms ({tier_tokens} tokens from the tier)",
+            case.name
+        ));
+        rows.push(
+            json!({"case": case.name, "ttft_ms": t, "ttft_ms_all": times,
             "tier_load_ms": median(&mut load_ms), "cached_tokens": cached,
-            "tier_tokens": tier_tokens, "outputs_equal": equal}));
+            "tier_tokens": tier_tokens, "outputs_equal": equal}),
+        );
         // The prompt's verified blocks, for the I/O and codec measurements.
         if payloads.is_empty() {
             let lr = LoadRequest {
@@ -273,14 +300,31 @@ pub fn run(a: TierBenchArgs, threads: usize) -> Result<()> {
     if a.json {
         writeln!(out, "{}", serde_json::to_string_pretty(&j)?)?;
     } else {
-        writeln!(out, "{} ({} tokens + {} new; block {} tokens, {} KiB)", model.name,
-            a.prompt_tokens, a.suffix_tokens, bs, spec.payload_bytes() >> 10)?;
-        writeln!(out, "{:<14} {:>10} {:>9} {:>9} {:>7} {:>6}", "case", "TTFT ms", "x cold",
-            "x pool", "cached", "equal")?;
+        writeln!(
+            out,
+            "{} ({} tokens + {} new; block {} tokens, {} KiB)",
+            model.name,
+            a.prompt_tokens,
+            a.suffix_tokens,
+            bs,
+            spec.payload_bytes() >> 10
+        )?;
+        writeln!(
+            out,
+            "{:<14} {:>10} {:>9} {:>9} {:>7} {:>6}",
+            "case", "TTFT ms", "x cold", "x pool", "cached", "equal"
+        )?;
         for r in j["cases"].as_array().into_iter().flatten() {
-            writeln!(out, "{:<14} {:>10.1} {:>9.4} {:>9.2} {:>7} {:>6}", r["case"].as_str().unwrap_or(""),
-                r["ttft_ms"].as_f64().unwrap_or(0.0), r["ratio_vs_cold"].as_f64().unwrap_or(0.0),
-                r["ratio_vs_pool"].as_f64().unwrap_or(0.0), r["cached_tokens"], r["outputs_equal"])?;
+            writeln!(
+                out,
+                "{:<14} {:>10.1} {:>9.4} {:>9.2} {:>7} {:>6}",
+                r["case"].as_str().unwrap_or(""),
+                r["ttft_ms"].as_f64().unwrap_or(0.0),
+                r["ratio_vs_cold"].as_f64().unwrap_or(0.0),
+                r["ratio_vs_pool"].as_f64().unwrap_or(0.0),
+                r["cached_tokens"],
+                r["outputs_equal"]
+            )?;
         }
         writeln!(out, "\ntier I/O (codec per tier as in the TTFT runs):")?;
         for r in &io {
@@ -291,44 +335,72 @@ pub fn run(a: TierBenchArgs, threads: usize) -> Result<()> {
         }
         writeln!(out, "\ncodecs on {} real KV blocks:", payloads.len())?;
         for r in &codecs {
-            writeln!(out, "{:<14} ratio {:>6.3}  encode {:>8.1} MB/s  decode {:>8.1} MB/s",
-                r["codec"].as_str().unwrap_or(""), r["ratio"].as_f64().unwrap_or(0.0),
-                r["encode_mb_s"].as_f64().unwrap_or(0.0), r["decode_mb_s"].as_f64().unwrap_or(0.0))?;
+            writeln!(
+                out,
+                "{:<14} ratio {:>6.3}  encode {:>8.1} MB/s  decode {:>8.1} MB/s",
+                r["codec"].as_str().unwrap_or(""),
+                r["ratio"].as_f64().unwrap_or(0.0),
+                r["encode_mb_s"].as_f64().unwrap_or(0.0),
+                r["decode_mb_s"].as_f64().unwrap_or(0.0)
+            )?;
         }
     }
-    let bad: Vec<&str> = j["cases"].as_array().into_iter().flatten()
+    let bad: Vec<&str> = j["cases"]
+        .as_array()
+        .into_iter()
+        .flatten()
         .filter(|r| r["outputs_equal"] != json!(true))
         .filter_map(|r| r["case"].as_str())
         .collect();
-    ensure!(bad.is_empty(), "outputs differ from the cold run for: {bad:?}");
+    ensure!(
+        bad.is_empty(),
+        "outputs differ from the cold run for: {bad:?}"
+    );
     Ok(())
 }
 
 /// Put then get of the prompt's blocks under fresh keys, straight on the tier: MB/s (of raw
 /// payload) and blocks/s, the wire encoding and checks included.
-fn tier_io(case: &Case, spec: &BlockSpec, hashes: &[kvinfer_cache::BlockHash], prefix: &[u32],
-    payloads: &[Vec<u8>], codec: Codec) -> Result<Value> {
+fn tier_io(
+    case: &Case,
+    spec: &BlockSpec,
+    hashes: &[kvinfer_cache::BlockHash],
+    prefix: &[u32],
+    payloads: &[Vec<u8>],
+    codec: Codec,
+) -> Result<Value> {
     let bs = spec.block_size as usize;
-    let keys: Vec<_> = hashes.iter().map(|h| {
-        let mut h = *h;
-        h.0[15] ^= 0x5a;
-        h
-    }).collect();
+    let keys: Vec<_> = hashes
+        .iter()
+        .map(|h| {
+            let mut h = *h;
+            h.0[15] ^= 0x5a;
+            h
+        })
+        .collect();
     let raw_bytes: usize = payloads.iter().map(|p| p.len()).sum();
     let t = Instant::now();
     let mut wire_bytes = 0;
     for (i, p) in payloads.iter().enumerate() {
         let w = wire::encode(spec, &keys[i], &prefix[i * bs..(i + 1) * bs], p, codec);
         wire_bytes += w.len();
-        case.tier.put(&spec.key(keys[i]), &w).map_err(|e| anyhow!("{}: {e}", case.name))?;
+        case.tier
+            .put(&spec.key(keys[i]), &w)
+            .map_err(|e| anyhow!("{}: {e}", case.name))?;
     }
     let write_s = t.elapsed().as_secs_f64();
     if case.disk {
         drop_page_cache();
     }
-    let tier_keys: Vec<_> = keys[..payloads.len()].iter().map(|h| spec.key(*h)).collect();
+    let tier_keys: Vec<_> = keys[..payloads.len()]
+        .iter()
+        .map(|h| spec.key(*h))
+        .collect();
     let t = Instant::now();
-    let got = case.tier.get_many(&tier_keys).map_err(|e| anyhow!("{}: {e}", case.name))?;
+    let got = case
+        .tier
+        .get_many(&tier_keys)
+        .map_err(|e| anyhow!("{}: {e}", case.name))?;
     let mut ok = 0;
     for (i, g) in got.iter().enumerate() {
         if let Some(b) = g {
@@ -336,7 +408,12 @@ fn tier_io(case: &Case, spec: &BlockSpec, hashes: &[kvinfer_cache::BlockHash], p
         }
     }
     let read_s = t.elapsed().as_secs_f64();
-    ensure!(ok == payloads.len(), "{}: read back {ok} of {} blocks", case.name, payloads.len());
+    ensure!(
+        ok == payloads.len(),
+        "{}: read back {ok} of {} blocks",
+        case.name,
+        payloads.len()
+    );
     for k in &tier_keys {
         let _ = case.tier.delete(k);
     }
@@ -381,14 +458,25 @@ fn codec_table(payloads: &[Vec<u8>]) -> Vec<Value> {
 fn plot(path: &PathBuf, title: &str, cases: &Value) -> Result<()> {
     use plotters::prelude::*;
     let err = |e: &dyn std::fmt::Display| anyhow!("{e}");
-    let rows: Vec<(String, f64)> = cases.as_array().into_iter().flatten()
-        .map(|r| (r["case"].as_str().unwrap_or("").to_string(), r["ttft_ms"].as_f64().unwrap_or(1.0).max(0.1)))
+    let rows: Vec<(String, f64)> = cases
+        .as_array()
+        .into_iter()
+        .flatten()
+        .map(|r| {
+            (
+                r["case"].as_str().unwrap_or("").to_string(),
+                r["ttft_ms"].as_f64().unwrap_or(1.0).max(0.1),
+            )
+        })
         .collect();
     let top = rows.iter().map(|r| r.1).fold(1.0, f64::max) * 2.0;
     let root = SVGBackend::new(path, (800, 450)).into_drawing_area();
     root.fill(&WHITE).map_err(|e| err(&e))?;
     let mut chart = ChartBuilder::on(&root)
-        .caption(format!("TTFT of a cached prompt + new suffix: {title}"), ("sans-serif", 20))
+        .caption(
+            format!("TTFT of a cached prompt + new suffix: {title}"),
+            ("sans-serif", 20),
+        )
         .margin(12)
         .x_label_area_size(40)
         .y_label_area_size(60)
@@ -405,14 +493,20 @@ fn plot(path: &PathBuf, title: &str, cases: &Value) -> Result<()> {
         .map_err(|e| err(&e))?;
     chart
         .draw_series(rows.iter().enumerate().map(|(i, r)| {
-            let color = if i == 0 { RGBColor(217, 83, 79) } else { RGBColor(66, 139, 202) };
+            let color = if i == 0 {
+                RGBColor(217, 83, 79)
+            } else {
+                RGBColor(66, 139, 202)
+            };
             Rectangle::new([(i, 1.0), (i + 1, r.1)], color.filled())
         }))
         .map_err(|e| err(&e))?;
     chart
-        .draw_series(rows.iter().enumerate().map(|(i, r)| {
-            Text::new(format!("{:.0}", r.1), (i, r.1 * 1.15), ("sans-serif", 14))
-        }))
+        .draw_series(
+            rows.iter().enumerate().map(|(i, r)| {
+                Text::new(format!("{:.0}", r.1), (i, r.1 * 1.15), ("sans-serif", 14))
+            }),
+        )
         .map_err(|e| err(&e))?;
     root.present().map_err(|e| err(&e))?;
     Ok(())
@@ -427,15 +521,32 @@ struct Replay {
     outputs: Vec<Vec<u32>>,
 }
 
-fn replay(model: &Model, a: &SmallPoolBenchArgs, opts: &CacheOptions, ctx: usize) -> Result<Replay> {
+fn replay(
+    model: &Model,
+    a: &SmallPoolBenchArgs,
+    opts: &CacheOptions,
+    ctx: usize,
+) -> Result<Replay> {
     let (mut kv, store) = new_kv_cache(model, opts).map_err(anyhow::Error::msg)?;
     let mut history: Vec<Vec<u32>> = vec![Vec::new(); a.conversations];
-    let mut r = Replay { prompt_tokens: 0, cached_tokens: 0, tier_tokens: 0, seconds: 0.0, outputs: Vec::new() };
+    let mut r = Replay {
+        prompt_tokens: 0,
+        cached_tokens: 0,
+        tier_tokens: 0,
+        seconds: 0.0,
+        outputs: Vec::new(),
+    };
     let t = Instant::now();
     for turn in 0..a.turns {
         for (c, h) in history.iter_mut().enumerate() {
             h.extend(tokens(model, a.turn_tokens, 1000 + (c * 100 + turn) as u64));
-            let o = generate_tiered(model, &mut kv, store.as_deref(), &greedy(h, a.gen_tokens, ctx, true), |_| true)?;
+            let o = generate_tiered(
+                model,
+                &mut kv,
+                store.as_deref(),
+                &greedy(h, a.gen_tokens, ctx, true),
+                |_| true,
+            )?;
             r.prompt_tokens += h.len();
             r.cached_tokens += o.timings.cached_tokens;
             r.tier_tokens += o.timings.tier_tokens;
@@ -449,20 +560,40 @@ fn replay(model: &Model, a: &SmallPoolBenchArgs, opts: &CacheOptions, ctx: usize
 
 /// `kvinfer bench small-pool`.
 pub fn run_small_pool(a: SmallPoolBenchArgs, threads: usize) -> Result<()> {
-    ensure!(a.conversations >= 1 && a.turns >= 2, "give at least 1 conversation and 2 turns");
-    ensure!(a.pool_fraction > 0.0 && a.pool_fraction < 1.0, "--pool-fraction is in (0, 1)");
-    crate::bench::no_tier_flags(&a.model, "bench small-pool", "it builds its own RAM and disk tiers (--ram-mb)")?;
+    ensure!(
+        a.conversations >= 1 && a.turns >= 2,
+        "give at least 1 conversation and 2 turns"
+    );
+    ensure!(
+        a.pool_fraction > 0.0 && a.pool_fraction < 1.0,
+        "--pool-fraction is in (0, 1)"
+    );
+    crate::bench::no_tier_flags(
+        &a.model,
+        "bench small-pool",
+        "it builds its own RAM and disk tiers (--ram-mb)",
+    )?;
     let model = load_model(&a.model)?;
     let ctx = a.model.ctx_size.min(model.config.context_length);
     let bs = a.model.block_size;
     let longest = a.turns * (a.turn_tokens + a.gen_tokens);
-    ensure!(longest < ctx, "a conversation of {longest} tokens does not fit --ctx-size {ctx}");
+    ensure!(
+        longest < ctx,
+        "a conversation of {longest} tokens does not fit --ctx-size {ctx}"
+    );
     warm_up(&model, a.warmup_s)?;
     pp(&model, 64, 7)?;
     let working_blocks = a.conversations * longest.div_ceil(bs);
     let small = ((working_blocks as f64 * a.pool_fraction) as usize).max(longest.div_ceil(bs) + 2);
-    let base = CacheOptions { tiers: TierOptions::default(), ..cache_options(&a.model) };
-    let with_blocks = |n: usize, tiers: TierOptions| CacheOptions { num_blocks: Some(n), tiers, ..base.clone() };
+    let base = CacheOptions {
+        tiers: TierOptions::default(),
+        ..cache_options(&a.model)
+    };
+    let with_blocks = |n: usize, tiers: TierOptions| CacheOptions {
+        num_blocks: Some(n),
+        tiers,
+        ..base.clone()
+    };
     let dir = std::env::temp_dir().join(format!("kvinfer-bench-small-pool-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
     let tiered = TierOptions {
@@ -471,32 +602,48 @@ pub fn run_small_pool(a: SmallPoolBenchArgs, threads: usize) -> Result<()> {
         ..TierOptions::default()
     };
     let runs = [
-        ("unlimited", with_blocks(working_blocks * 2 + 64, TierOptions::default())),
+        (
+            "unlimited",
+            with_blocks(working_blocks * 2 + 64, TierOptions::default()),
+        ),
         ("small", with_blocks(small, TierOptions::default())),
         ("small+ram+disk", with_blocks(small, tiered)),
     ];
     let mut results = Vec::new();
     for (name, opts) in &runs {
         let r = replay(&model, &a, opts, ctx)?;
-        eprintln!("bench small-pool: {name}: hit rate {:.3}, {:.1} s", r.cached_tokens as f64 / r.prompt_tokens as f64, r.seconds);
+        eprintln!(
+            "bench small-pool: {name}: hit rate {:.3}, {:.1} s",
+            r.cached_tokens as f64 / r.prompt_tokens as f64,
+            r.seconds
+        );
         results.push((name, r));
     }
     let _ = std::fs::remove_dir_all(&dir);
     let hit = |r: &Replay| r.cached_tokens as f64 / r.prompt_tokens.max(1) as f64;
     let (u, s, t) = (&results[0].1, &results[1].1, &results[2].1);
     let lost = hit(u) - hit(s);
-    let recovered = if lost > 0.0 { (hit(t) - hit(s)) / lost } else { 1.0 };
+    let recovered = if lost > 0.0 {
+        (hit(t) - hit(s)) / lost
+    } else {
+        1.0
+    };
     let equal = s.outputs == u.outputs && t.outputs == u.outputs;
-    let runs_json: Vec<Value> = results.iter().map(|(name, r)| json!({
-        "run": name,
-        "prefix_hit_rate": hit(r),
-        "prompt_tokens": r.prompt_tokens,
-        "cached_tokens": r.cached_tokens,
-        "tier_tokens": r.tier_tokens,
-        "seconds": r.seconds,
-        "prompt_tokens_per_s": r.prompt_tokens as f64 / r.seconds,
-        "turns_per_s": r.outputs.len() as f64 / r.seconds,
-    })).collect();
+    let runs_json: Vec<Value> = results
+        .iter()
+        .map(|(name, r)| {
+            json!({
+                "run": name,
+                "prefix_hit_rate": hit(r),
+                "prompt_tokens": r.prompt_tokens,
+                "cached_tokens": r.cached_tokens,
+                "tier_tokens": r.tier_tokens,
+                "seconds": r.seconds,
+                "prompt_tokens_per_s": r.prompt_tokens as f64 / r.seconds,
+                "turns_per_s": r.outputs.len() as f64 / r.seconds,
+            })
+        })
+        .collect();
     let j = json!({
         "model": model.name,
         "threads": threads,
@@ -517,13 +664,21 @@ pub fn run_small_pool(a: SmallPoolBenchArgs, threads: usize) -> Result<()> {
         writeln!(out, "{}", serde_json::to_string_pretty(&j)?)?;
     } else {
         for r in j["runs"].as_array().into_iter().flatten() {
-            writeln!(out, "{:<16} hit rate {:>6.1}%  {:>7.1} prompt tok/s  {:>6.1} s",
-                r["run"].as_str().unwrap_or(""), 100.0 * r["prefix_hit_rate"].as_f64().unwrap_or(0.0),
-                r["prompt_tokens_per_s"].as_f64().unwrap_or(0.0), r["seconds"].as_f64().unwrap_or(0.0))?;
+            writeln!(
+                out,
+                "{:<16} hit rate {:>6.1}%  {:>7.1} prompt tok/s  {:>6.1} s",
+                r["run"].as_str().unwrap_or(""),
+                100.0 * r["prefix_hit_rate"].as_f64().unwrap_or(0.0),
+                r["prompt_tokens_per_s"].as_f64().unwrap_or(0.0),
+                r["seconds"].as_f64().unwrap_or(0.0)
+            )?;
         }
         writeln!(out, "the tiers won back {:.1}% of the hits the small pool lost; throughput x{:.2}; outputs equal: {equal}",
             100.0 * recovered, j["throughput_gain"].as_f64().unwrap_or(0.0))?;
     }
-    ensure!(equal, "outputs differ between the runs: a cache feature changed the result");
+    ensure!(
+        equal,
+        "outputs differ between the runs: a cache feature changed the result"
+    );
     Ok(())
 }

@@ -32,7 +32,11 @@ fn need_one(a: &CacheStoreArgs) -> Result<()> {
 }
 
 /// Prints `out` as JSON, or `lines` as text.
-fn report(json: bool, out: &serde_json::Map<String, serde_json::Value>, lines: &[String]) -> Result<()> {
+fn report(
+    json: bool,
+    out: &serde_json::Map<String, serde_json::Value>,
+    lines: &[String],
+) -> Result<()> {
     let mut stdout = std::io::stdout();
     if json {
         writeln!(stdout, "{}", serde_json::to_string_pretty(out)?)?;
@@ -54,7 +58,10 @@ pub fn stats(a: CacheStoreArgs) -> Result<()> {
             bail!("{} is not a directory", dir.display());
         }
         let scan = DiskTier::scan(dir)?;
-        let (n, bytes) = scan.models.iter().fold((0, 0), |acc, m| (acc.0 + m.1, acc.1 + m.2));
+        let (n, bytes) = scan
+            .models
+            .iter()
+            .fold((0, 0), |acc, m| (acc.0 + m.1, acc.1 + m.2));
         lines.push(format!(
             "disk {}: {n} blocks, {:.1} MiB, {} models, {} temp files",
             dir.display(),
@@ -63,7 +70,10 @@ pub fn stats(a: CacheStoreArgs) -> Result<()> {
             scan.temp_files
         ));
         for (m, n, b) in &scan.models {
-            lines.push(format!("  model {m}: {n} blocks, {:.1} MiB", *b as f64 / 1048576.0));
+            lines.push(format!(
+                "  model {m}: {n} blocks, {:.1} MiB",
+                *b as f64 / 1048576.0
+            ));
         }
         out.insert(
             "disk".into(),
@@ -78,7 +88,11 @@ pub fn stats(a: CacheStoreArgs) -> Result<()> {
     }
     if let Some(r) = redis(&a)? {
         let (n, bytes) = r.count()?;
-        lines.push(format!("{}: {n} blocks, {:.1} MiB", r.name(), bytes as f64 / 1048576.0));
+        lines.push(format!(
+            "{}: {n} blocks, {:.1} MiB",
+            r.name(),
+            bytes as f64 / 1048576.0
+        ));
         out.insert(r.name().into(), json!({"blocks": n, "bytes": bytes}));
     }
     report(a.json, &out, &lines)

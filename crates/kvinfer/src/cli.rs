@@ -87,7 +87,11 @@ pub struct TierArgs {
     pub redis_timeout_ms: u64,
     /// When each tier takes blocks: back (when the pool evicts), through (when registered),
     /// off (read-only).
-    #[arg(long, env = "KVINFER_TIER_WRITE", default_value = "ram=back,disk=through,redis=through")]
+    #[arg(
+        long,
+        env = "KVINFER_TIER_WRITE",
+        default_value = "ram=back,disk=through,redis=through"
+    )]
     pub tier_write: kvinfer_engine::TierWrite,
     /// Compression of tier blocks: none, lz4, shuffle-lz4, zstd, shuffle-zstd (default
     /// shuffle-zstd, the one that gains on f16 KV: docs/BENCHMARKS.md).

@@ -33,7 +33,11 @@ fn value_string(v: &toml::Value) -> Result<String> {
         toml::Value::Integer(i) => i.to_string(),
         toml::Value::Float(f) => f.to_string(),
         toml::Value::Boolean(b) => b.to_string(),
-        toml::Value::Array(a) => a.iter().map(value_string).collect::<Result<Vec<_>>>()?.join(","),
+        toml::Value::Array(a) => a
+            .iter()
+            .map(value_string)
+            .collect::<Result<Vec<_>>>()?
+            .join(","),
         other => bail!("unsupported value {other}"),
     })
 }
@@ -62,7 +66,9 @@ pub fn apply(cmd: &Command, args: &[String]) -> Result<()> {
     };
     let text = std::fs::read_to_string(Path::new(&path))
         .with_context(|| format!("reading --config {path}"))?;
-    let table: toml::Table = text.parse().with_context(|| format!("parsing --config {path} as TOML"))?;
+    let table: toml::Table = text
+        .parse()
+        .with_context(|| format!("parsing --config {path} as TOML"))?;
     let options = serve_options(cmd);
     for (key, value) in table {
         let long = key.replace('_', "-");
@@ -103,7 +109,13 @@ pub fn print(cmd: &Command, serve: &ArgMatches) -> String {
         let value = if id == "api_key" {
             "\"(set)\"".to_string()
         } else if vals.len() > 1 || matches!(id.as_str(), "cors_origins" | "redis_cluster") {
-            format!("[{}]", vals.iter().map(|v| format!("{v:?}")).collect::<Vec<_>>().join(", "))
+            format!(
+                "[{}]",
+                vals.iter()
+                    .map(|v| format!("{v:?}"))
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            )
         } else {
             quoted(&vals[0])
         };

@@ -141,7 +141,10 @@ pub fn cache_options(args: &ModelArgs) -> kvinfer_engine::CacheOptions {
 }
 
 /// The paged KV cache the flags ask for, and the tiers behind it.
-pub type Cache = (kvinfer_cache::PagedKv, Option<std::sync::Arc<kvinfer_engine::TieredStore>>);
+pub type Cache = (
+    kvinfer_cache::PagedKv,
+    Option<std::sync::Arc<kvinfer_engine::TieredStore>>,
+);
 
 /// Builds the cache the flags ask for.
 pub fn kv_cache(model: &Model, args: &ModelArgs) -> Result<Cache> {

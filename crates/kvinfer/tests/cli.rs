@@ -212,25 +212,52 @@ fn a_second_process_on_the_same_disk_tier_reuses_the_first_ones_prefix() {
     let prompt = "the tin hen sat on the mat and the red fox ran to the den by the sea";
     let run = |extra: &[&str]| {
         let mut args = vec![
-            "generate", "--model", m.to_str().unwrap(), "--prompt", prompt, "--max-tokens", "8",
-            "--temperature", "0", "--ignore-eos", "--json", "--threads", "1", "--block-size", "4",
+            "generate",
+            "--model",
+            m.to_str().unwrap(),
+            "--prompt",
+            prompt,
+            "--max-tokens",
+            "8",
+            "--temperature",
+            "0",
+            "--ignore-eos",
+            "--json",
+            "--threads",
+            "1",
+            "--block-size",
+            "4",
         ];
         args.extend_from_slice(extra);
         let out = kvinfer(&args);
-        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
         serde_json::from_slice::<Value>(&out.stdout).unwrap()
     };
     let plain = run(&[]);
     let first = run(&["--disk-tier", d]);
     assert_eq!(first["timings"]["tier_tokens"], 0);
     let second = run(&["--disk-tier", d]);
-    assert!(second["timings"]["tier_tokens"].as_u64().unwrap() > 0, "{second}");
-    assert_eq!(second["timings"]["cached_tokens"], second["timings"]["tier_tokens"]);
+    assert!(
+        second["timings"]["tier_tokens"].as_u64().unwrap() > 0,
+        "{second}"
+    );
+    assert_eq!(
+        second["timings"]["cached_tokens"],
+        second["timings"]["tier_tokens"]
+    );
     assert_eq!(second["ids"], plain["ids"], "a disk hit changes nothing");
     assert_eq!(first["ids"], plain["ids"]);
 
     let stats = kvinfer(&["cache", "stats", "--disk-tier", d, "--json"]);
-    assert!(stats.status.success(), "{}", String::from_utf8_lossy(&stats.stderr));
+    assert!(
+        stats.status.success(),
+        "{}",
+        String::from_utf8_lossy(&stats.stderr)
+    );
     let s: Value = serde_json::from_slice(&stats.stdout).unwrap();
     assert!(s["disk"]["blocks"].as_u64().unwrap() > 0, "{s}");
     assert_eq!(s["disk"]["models"].as_array().unwrap().len(), 1);
@@ -243,9 +270,34 @@ fn a_second_process_on_the_same_disk_tier_reuses_the_first_ones_prefix() {
 
     for (args, needle) in [
         (vec!["cache", "stats"], "--disk-tier"),
-        (vec!["cache", "stats", "--disk-tier", "/nonexistent/kvinfer"], "not a directory"),
-        (vec!["generate", "--model", m.to_str().unwrap(), "--prompt", "x", "--tier-write", "ram=sideways"], "unknown write mode"),
-        (vec!["generate", "--model", m.to_str().unwrap(), "--prompt", "x", "--tier-codec", "gzip"], "unknown codec"),
+        (
+            vec!["cache", "stats", "--disk-tier", "/nonexistent/kvinfer"],
+            "not a directory",
+        ),
+        (
+            vec![
+                "generate",
+                "--model",
+                m.to_str().unwrap(),
+                "--prompt",
+                "x",
+                "--tier-write",
+                "ram=sideways",
+            ],
+            "unknown write mode",
+        ),
+        (
+            vec![
+                "generate",
+                "--model",
+                m.to_str().unwrap(),
+                "--prompt",
+                "x",
+                "--tier-codec",
+                "gzip",
+            ],
+            "unknown codec",
+        ),
     ] {
         let out = kvinfer(&args);
         assert!(!out.status.success(), "{args:?} should fail");
@@ -275,16 +327,28 @@ fn serve_config_file_sits_below_env_and_flags() {
             c.env(k, v);
         }
         let out = c.output().unwrap();
-        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
         String::from_utf8(out.stdout).unwrap()
     };
     let merged = print(&["--config", f], &[]);
-    for line in ["port = 9123", "kv_cache_mb = 300", "max_waiting = 7", "redis_cluster = [\"127.0.0.1:7000\", \"127.0.0.1:7001\"]"] {
+    for line in [
+        "port = 9123",
+        "kv_cache_mb = 300",
+        "max_waiting = 7",
+        "redis_cluster = [\"127.0.0.1:7000\", \"127.0.0.1:7001\"]",
+    ] {
         assert!(merged.lines().any(|l| l == line), "{line} in {merged}");
     }
     let env_wins = print(&["--config", f], &[("KVINFER_PORT", "9200")]);
     assert!(env_wins.lines().any(|l| l == "port = 9200"), "{env_wins}");
-    let flag_wins = print(&["--config", f, "--port", "9300"], &[("KVINFER_PORT", "9200")]);
+    let flag_wins = print(
+        &["--config", f, "--port", "9300"],
+        &[("KVINFER_PORT", "9200")],
+    );
     assert!(flag_wins.lines().any(|l| l == "port = 9300"), "{flag_wins}");
     // The printed configuration is a config file that gives the same result.
     let again = dir.join("printed.toml");

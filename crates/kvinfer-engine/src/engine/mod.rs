@@ -248,12 +248,10 @@ impl EngineHandle {
             )));
         }
         let (tx, rx) = unbounded_channel();
-        self.commands
-            .send(Command::Submit(req, tx))
-            .map_err(|_| {
-                self.queued.fetch_sub(1, SeqCst);
-                SubmitError::ShuttingDown
-            })?;
+        self.commands.send(Command::Submit(req, tx)).map_err(|_| {
+            self.queued.fetch_sub(1, SeqCst);
+            SubmitError::ShuttingDown
+        })?;
         Ok(rx)
     }
 }

@@ -16,13 +16,13 @@
 use super::metrics::EngineStats;
 use super::{Command, EngineConfig, EngineRequest, Event, Usage};
 use crate::request::FinishCheck;
-use crate::tiers::{import_loaded, load_request};
-use kvinfer_tier::{LoadResult, TieredStore};
 use crate::sampler::Sampler;
 use crate::stop::TextStream;
+use crate::tiers::{import_loaded, load_request};
 use crate::FinishReason;
 use kvinfer_cache::{BlockHash, PagedKv, SeqId};
 use kvinfer_model::{Model, SeqBatch};
+use kvinfer_tier::{LoadResult, TieredStore};
 use std::collections::{HashMap, VecDeque};
 use std::sync::{mpsc, Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -412,7 +412,9 @@ impl Scheduler {
                 continue;
             }
             let c = &self.waiting[w];
-            let (seq, cached) = self.kv.add_sequence_hashed(&c.tokens, c.hashes.clone(), true);
+            let (seq, cached) = self
+                .kv
+                .add_sequence_hashed(&c.tokens, c.hashes.clone(), true);
             let n = (c.tokens.len() - cached).min(budget);
             if self.kv.reserve(seq, n).is_err() {
                 self.kv.release(seq);
@@ -505,7 +507,8 @@ impl Scheduler {
         for (ch, logits) in plan.chunks.iter().zip(logits) {
             let c = &mut self.running[ch.choice];
             let seq = c.seq.expect("planned");
-            self.kv.commit(seq, &c.tokens[c.computed..c.computed + ch.len]);
+            self.kv
+                .commit(seq, &c.tokens[c.computed..c.computed + ch.len]);
             c.computed += ch.len;
             if c.computed < c.tokens.len() {
                 continue; // mid-prefill: these logits are not needed
@@ -673,7 +676,12 @@ fn logprobs(
     k: usize,
 ) -> (super::TokenLogprob, Vec<super::TokenLogprob>) {
     let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-    let lse = max + logits.iter().map(|&l| ((l - max) as f64).exp()).sum::<f64>().ln() as f32;
+    let lse = max
+        + logits
+            .iter()
+            .map(|&l| ((l - max) as f64).exp())
+            .sum::<f64>()
+            .ln() as f32;
     let entry = |id: u32| {
         let bytes = tok.token_bytes(id).to_vec();
         super::TokenLogprob {
@@ -686,11 +694,17 @@ fn logprobs(
     let mut ids: Vec<u32> = (0..logits.len() as u32).collect();
     let k = k.min(ids.len());
     if k > 0 && k < ids.len() {
-        ids.select_nth_unstable_by(k - 1, |&a, &b| logits[b as usize].total_cmp(&logits[a as usize]));
+        ids.select_nth_unstable_by(k - 1, |&a, &b| {
+            logits[b as usize].total_cmp(&logits[a as usize])
+        });
     }
     ids.truncate(k);
     // Best first; ties by id, as argmax (the first on ties) picks.
-    ids.sort_by(|&a, &b| logits[b as usize].total_cmp(&logits[a as usize]).then(a.cmp(&b)));
+    ids.sort_by(|&a, &b| {
+        logits[b as usize]
+            .total_cmp(&logits[a as usize])
+            .then(a.cmp(&b))
+    });
     (entry(chosen), ids.into_iter().map(entry).collect())
 }
 
