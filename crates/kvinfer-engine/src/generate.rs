@@ -2,8 +2,7 @@
 //! KV cache (without it, every step recomputes the whole prefix: the quadratic baseline).
 
 use crate::cache::extend_sequence;
-use crate::engine::SubmitError;
-use crate::request::{validate, FinishCheck, Limits, RequestShape};
+use crate::request::{validate, FinishCheck, Limits, Refusal, RequestShape};
 use crate::sampler::{Sampler, SamplingParams};
 use crate::stop::TextStream;
 use crate::tiers::{import_loaded, load_request};
@@ -153,8 +152,8 @@ pub fn generate_tiered(
         sampling: &req.sampling,
     };
     validate(&shape, &limits).map_err(|e| match e {
-        SubmitError::TooLong(m) if m.contains("--kv-cache-mb") => EngineError::CacheFull(m),
-        e => EngineError::Invalid(e.to_string()),
+        Refusal::TooLongForPool(m) => EngineError::CacheFull(m),
+        Refusal::Invalid(m) | Refusal::TooLongForContext(m) => EngineError::Invalid(m),
     })?;
     let mut run = Run {
         model,

@@ -26,9 +26,29 @@ pub(crate) struct RequestShape<'a> {
     pub sampling: &'a SamplingParams,
 }
 
+/// Why a request was refused before any work; each caller maps it to its own error type.
+#[derive(Debug)]
+pub(crate) enum Refusal {
+    /// A bad field (the message names it).
+    Invalid(String),
+    /// The prompt does not fit the context.
+    TooLongForContext(String),
+    /// The prompt does not fit the KV pool.
+    TooLongForPool(String),
+}
+
+impl From<Refusal> for SubmitError {
+    fn from(r: Refusal) -> Self {
+        match r {
+            Refusal::Invalid(m) => SubmitError::Invalid(m),
+            Refusal::TooLongForContext(m) | Refusal::TooLongForPool(m) => SubmitError::TooLong(m),
+        }
+    }
+}
+
 /// Checks a request before any work; the message names the field and what to do.
-pub(crate) fn validate(req: &RequestShape<'_>, limits: &Limits) -> Result<(), SubmitError> {
-    let invalid = |m: String| Err(SubmitError::Invalid(m));
+pub(crate) fn validate(req: &RequestShape<'_>, limits: &Limits) -> Result<(), Refusal> {
+    let invalid = |m: String| Err(Refusal::Invalid(m));
     if req.prompt_ids.is_empty() {
         return invalid("the prompt is empty".into());
     }
@@ -38,7 +58,7 @@ pub(crate) fn validate(req: &RequestShape<'_>, limits: &Limits) -> Result<(), Su
     if req.n == 0 || req.n > MAX_N {
         return invalid(format!("n must be between 1 and {MAX_N}, got {}", req.n));
     }
-    req.sampling.validate().map_err(SubmitError::Invalid)?;
+    req.sampling.validate().map_err(Refusal::Invalid)?;
     if let Some(bad) = req.prompt_ids.iter().find(|&&t| t as usize >= limits.vocab) {
         return invalid(format!(
             "token id {bad} is outside the vocabulary of {}",
@@ -47,14 +67,14 @@ pub(crate) fn validate(req: &RequestShape<'_>, limits: &Limits) -> Result<(), Su
     }
     let len = req.prompt_ids.len();
     if len >= limits.ctx {
-        return Err(SubmitError::TooLong(format!(
+        return Err(Refusal::TooLongForContext(format!(
             "the prompt has {len} tokens; the context holds {} (prompt + at least one \
              generated token)",
             limits.ctx
         )));
     }
     if len + 1 > limits.pool_tokens {
-        return Err(SubmitError::TooLong(format!(
+        return Err(Refusal::TooLongForPool(format!(
             "the prompt has {len} tokens; the KV cache holds {} (raise --kv-cache-mb)",
             limits.pool_tokens
         )));

@@ -151,7 +151,9 @@ impl Sampler {
                 *l = f32::NEG_INFINITY;
             }
         }
-        if logits.iter().all(|l| *l == f32::NEG_INFINITY) {
+        // Only a mask or bias can remove every token; skip the scan on the common path.
+        let masked = !banned.is_empty() || !p.logit_bias.is_empty();
+        if masked && logits.iter().all(|l| *l == f32::NEG_INFINITY) {
             logits = vec![0.0; logits.len()]; // nothing allowed: fall back to any token
         }
         let recent = &history[history.len().saturating_sub(p.repeat_last_n)..];

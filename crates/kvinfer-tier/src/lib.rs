@@ -118,6 +118,11 @@ pub trait Tier: Send + Sync {
         keys.iter().map(|k| self.get(k)).collect()
     }
 
+    /// `contains` of many keys, in order (one round trip where the tier is remote).
+    fn contains_many(&self, keys: &[TierKey]) -> Result<Vec<bool>, TierError> {
+        keys.iter().map(|k| self.contains(k)).collect()
+    }
+
     /// `put` of many entries.
     fn put_many(&self, entries: &[(TierKey, Vec<u8>)]) -> Result<(), TierError> {
         entries.iter().try_for_each(|(k, v)| self.put(k, v))

@@ -396,6 +396,18 @@ impl Tier for RedisTier {
         Ok(v.first().copied().unwrap_or(0) > 0)
     }
 
+    fn contains_many(&self, keys: &[TierKey]) -> Result<Vec<bool>, TierError> {
+        if keys.is_empty() {
+            return Ok(Vec::new());
+        }
+        let mut p = Batch::new(false);
+        for k in keys {
+            p.add("EXISTS").arg(Self::redis_key(k));
+        }
+        let v: Vec<u32> = self.run(WRITE, &p)?;
+        Ok(v.into_iter().map(|n| n > 0).collect())
+    }
+
     fn delete(&self, key: &TierKey) -> Result<(), TierError> {
         let mut p = Batch::new(true);
         p.add("DEL").arg(Self::redis_key(key));

@@ -390,21 +390,28 @@ fn write_loop(inner: &Inner, i: usize, rx: Receiver<WriteJob>) {
                 Err(_) => break,
             }
         }
-        let mut entries = Vec::new();
         let mut acks = Vec::new();
+        let mut puts = Vec::new();
         for job in batch {
             match job {
                 WriteJob::Flush(ack) => acks.push(ack),
-                WriteJob::Put { hash, tokens, raw } => {
-                    let key = inner.spec.key(hash);
-                    if t.tier.contains(&key).unwrap_or(false) {
-                        TierCounters::add(&c.put_skipped, 1);
-                        continue;
-                    }
-                    let bytes = wire::encode(&inner.spec, &hash, &tokens, &raw, t.codec);
-                    entries.push((key, bytes));
-                }
+                WriteJob::Put { hash, tokens, raw } => puts.push((hash, tokens, raw)),
             }
+        }
+        // Skip what the tier holds: one batched check (one round trip for Redis).
+        let keys: Vec<TierKey> = puts.iter().map(|p| inner.spec.key(p.0)).collect();
+        let held = t
+            .tier
+            .contains_many(&keys)
+            .unwrap_or_else(|_| vec![false; keys.len()]);
+        let mut entries = Vec::new();
+        for ((hash, tokens, raw), (key, held)) in puts.into_iter().zip(keys.into_iter().zip(held)) {
+            if held {
+                TierCounters::add(&c.put_skipped, 1);
+                continue;
+            }
+            let bytes = wire::encode(&inner.spec, &hash, &tokens, &raw, t.codec);
+            entries.push((key, bytes));
         }
         if !entries.is_empty() {
             let w0 = Instant::now();

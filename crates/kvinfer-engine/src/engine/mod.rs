@@ -232,7 +232,7 @@ impl EngineHandle {
             n: req.n,
             sampling: &req.sampling,
         };
-        validate(&shape, &self.limits)?;
+        validate(&shape, &self.limits).map_err(SubmitError::from)?;
         if req.logprobs.is_some_and(|k| k > MAX_TOP_LOGPROBS) {
             return Err(SubmitError::Invalid(format!(
                 "top_logprobs must be at most {MAX_TOP_LOGPROBS}"
