@@ -8,6 +8,7 @@
 mod cache;
 mod engine;
 mod generate;
+mod grammar;
 mod request;
 mod sampler;
 mod stop;
@@ -22,6 +23,7 @@ pub use engine::{
     Event, Histogram, SubmitError, TierCleared, TokenLogprob, Usage, LATENCY_BUCKETS_S, MAX_N,
     MAX_TOP_LOGPROBS,
 };
+pub use grammar::{Constraint, GrammarCompiler, GrammarSpec, Mask};
 pub use generate::{
     generate, generate_tiered, FinishReason, GenerateOutput, GenerateRequest, Timings,
 };

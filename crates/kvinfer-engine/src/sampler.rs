@@ -2,6 +2,7 @@
 //! frequency), then top-k, top-p, min-p, temperature, and a seeded draw (the order llama.cpp's
 //! default chain applies them). Temperature 0 is greedy argmax.
 
+use crate::grammar::Mask;
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
@@ -134,8 +135,31 @@ impl Sampler {
 
     /// As [`Self::sample`], never choosing a token of `banned` (unless every token is banned).
     pub fn sample_masked(&mut self, logits: &[f32], history: &[u32], banned: &[u32]) -> u32 {
+        self.sample_constrained(logits, history, banned, None)
+    }
+
+    /// As [`Self::sample_masked`], choosing only among the tokens `allow` allows (a grammar's
+    /// mask). The grammar is never broken: if bias and `banned` leave nothing it allows, they
+    /// are dropped.
+    pub fn sample_constrained(
+        &mut self,
+        raw: &[f32],
+        history: &[u32],
+        banned: &[u32],
+        allow: Option<&Mask>,
+    ) -> u32 {
         let p = &self.params;
-        let mut logits = logits.to_vec();
+        let only_allowed = |logits: &mut [f32]| {
+            if let Some(m) = allow {
+                for (i, l) in logits.iter_mut().enumerate() {
+                    if !m.allows(i as u32) {
+                        *l = f32::NEG_INFINITY;
+                    }
+                }
+            }
+        };
+        let mut logits = raw.to_vec();
+        only_allowed(&mut logits);
         for &(t, b) in &p.logit_bias {
             if let Some(l) = logits.get_mut(t as usize) {
                 // OpenAI: -100 or 100 should ban or force the token.
@@ -152,9 +176,15 @@ impl Sampler {
             }
         }
         // Only a mask or bias can remove every token; skip the scan on the common path.
-        let masked = !banned.is_empty() || !p.logit_bias.is_empty();
+        let masked = !banned.is_empty() || !p.logit_bias.is_empty() || allow.is_some();
         if masked && logits.iter().all(|l| *l == f32::NEG_INFINITY) {
-            logits = vec![0.0; logits.len()]; // nothing allowed: fall back to any token
+            if allow.is_some() {
+                // Bias and bans left no token the grammar allows: the grammar wins.
+                logits = raw.to_vec();
+                only_allowed(&mut logits);
+            } else {
+                logits = vec![0.0; logits.len()]; // nothing allowed: fall back to any token
+            }
         }
         let recent = &history[history.len().saturating_sub(p.repeat_last_n)..];
         if p.presence_penalty != 0.0 || p.frequency_penalty != 0.0 {

@@ -44,6 +44,7 @@ fn request(prompt: &[u32], max_tokens: usize, n: usize) -> EngineRequest {
         ignore_eos: true,
         min_tokens: 0,
         logprobs: None,
+        grammar: None,
     }
 }
 

@@ -54,6 +54,7 @@ fn run(h: &EngineHandle, prompt: &[u32], max_tokens: usize) -> (Vec<u32>, String
         ignore_eos: true,
         min_tokens: 0,
         logprobs: None,
+        grammar: None,
     };
     let mut rx = h.submit(req).unwrap();
     let (mut text, mut usage) = (String::new(), None);
@@ -516,6 +517,7 @@ fn a_stalled_tier_never_blocks_the_running_batch() {
         ignore_eos: true,
         min_tokens: 0,
         logprobs: None,
+        grammar: None,
     };
     let mut rx = e.0.submit(req).unwrap();
     // Wait until it is decoding.

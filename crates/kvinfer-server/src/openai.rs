@@ -435,5 +435,6 @@ pub fn engine_request(
         ignore_eos: c.ignore_eos,
         min_tokens,
         logprobs,
+        grammar: None,
     })
 }

@@ -78,6 +78,8 @@ pub struct EngineStats {
     pub ttft: Histogram,
     /// Time per output token after the first.
     pub tpot: Histogram,
+    /// Time to compute a grammar's token mask (one per constrained token).
+    pub grammar: Histogram,
     /// Where the pool's blocks are.
     pub blocks: BlockUsage,
     /// Prefix cache counters.

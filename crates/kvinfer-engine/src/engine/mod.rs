@@ -15,6 +15,7 @@ pub use metrics::{EngineStats, Histogram, LATENCY_BUCKETS_S};
 
 use crate::cache::{new_kv_cache, CacheOptions};
 use crate::request::{validate, Limits, RequestShape};
+use crate::grammar::{Constraint, GrammarCompiler};
 use crate::sampler::SamplingParams;
 use crate::FinishReason;
 use kvinfer_model::Model;
@@ -71,6 +72,9 @@ pub struct EngineRequest {
     /// Report each sampled token's log-probability and this many most likely alternatives
     /// (`Event::Logprob` before the token's text); None: off.
     pub logprobs: Option<usize>,
+    /// The grammar every choice's output must follow (compiled with a
+    /// [`crate::GrammarCompiler`]); the choice ends when the grammar is complete.
+    pub grammar: Option<Constraint>,
 }
 
 /// Most alternatives per token `logprobs` may ask for.
@@ -187,6 +191,8 @@ pub struct EngineHandle {
     /// Requests accepted and not yet admitted (the scheduler takes them off at admission).
     queued: Arc<std::sync::atomic::AtomicUsize>,
     max_waiting: usize,
+    /// Built on first use (the vocabulary's token trie).
+    grammar: Arc<std::sync::OnceLock<Result<Arc<GrammarCompiler>, String>>>,
 }
 
 /// Most choices per request.
@@ -196,6 +202,14 @@ impl EngineHandle {
     /// The model (for tokenizing and the chat template; the engine thread runs it).
     pub fn model(&self) -> &Model {
         &self.model
+    }
+
+    /// The grammar compiler for this model's vocabulary, built on first call (blocking: tens
+    /// to hundreds of milliseconds, by vocabulary size; call it off async threads).
+    pub fn grammar_compiler(&self) -> Result<Arc<GrammarCompiler>, String> {
+        self.grammar
+            .get_or_init(|| GrammarCompiler::new(self.model.clone()).map(Arc::new))
+            .clone()
     }
 
     /// Most positions per sequence.
@@ -292,6 +306,7 @@ pub fn start(
         tiers: tiers.clone(),
         queued: queued.clone(),
         max_waiting: config.max_waiting.max(1),
+        grammar: Arc::default(),
     };
     let mut sched = scheduler::Scheduler::new(model, kv, config, ctx, stats, tiers);
     sched.set_queue_counter(queued);

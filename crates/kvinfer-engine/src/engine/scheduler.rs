@@ -16,6 +16,7 @@
 use super::metrics::EngineStats;
 use super::{Command, EngineConfig, EngineRequest, Event, Usage};
 use crate::request::FinishCheck;
+use crate::grammar::Constraint;
 use crate::sampler::Sampler;
 use crate::stop::TextStream;
 use crate::tiers::{import_loaded, load_request};
@@ -81,6 +82,8 @@ struct Choice {
     last_token_at: Option<Instant>,
     /// The tiers were asked for this choice's prefix (once per request).
     tier_checked: bool,
+    /// The grammar its output must follow (each choice has its own state).
+    grammar: Option<Constraint>,
 }
 
 /// A choice waiting for its blocks from a tier (between waiting and running): it holds no
@@ -288,6 +291,7 @@ impl Scheduler {
             passed_over: 0,
             last_token_at: None,
             tier_checked: false,
+            grammar: params.grammar.clone(),
         };
         let usage = Usage {
             prompt_tokens: params.prompt_ids.len(),
@@ -504,6 +508,7 @@ impl Scheduler {
     fn apply(&mut self, plan: &StepPlan, logits: Vec<Vec<f32>>) {
         let mut finished: Vec<(usize, FinishReason)> = Vec::new();
         let mut forks: Vec<(Choice, Option<FinishReason>)> = Vec::new();
+        let mut failed: Vec<(u64, String)> = Vec::new();
         for (ch, logits) in plan.chunks.iter().zip(logits) {
             let c = &mut self.running[ch.choice];
             let seq = c.seq.expect("planned");
@@ -534,13 +539,18 @@ impl Scheduler {
                         passed_over: 0,
                         last_token_at: None,
                         tier_checked: true,
+                        grammar: req.params.grammar.clone(),
                     };
-                    let end = advance(&mut f, req, &logits, &self.model, self.ctx, &mut self.stats);
-                    forks.push((f, end));
+                    match advance(&mut f, req, &logits, &self.model, self.ctx, &mut self.stats) {
+                        Ok(end) => forks.push((f, end)),
+                        Err(e) => failed.push((f.req, e)),
+                    }
                 }
             }
-            if let Some(reason) = advance(c, req, &logits, &self.model, self.ctx, &mut self.stats) {
-                finished.push((ch.choice, reason));
+            match advance(c, req, &logits, &self.model, self.ctx, &mut self.stats) {
+                Ok(Some(reason)) => finished.push((ch.choice, reason)),
+                Ok(None) => {}
+                Err(e) => failed.push((c.req, e)),
             }
         }
         // Highest index first, so the earlier indices stay valid.
@@ -554,6 +564,9 @@ impl Scheduler {
                 Some(reason) => self.finish(f, reason, false),
                 None => self.running.push(f),
             }
+        }
+        for (id, e) in failed {
+            self.abort(id, Some(e));
         }
     }
 
@@ -613,7 +626,7 @@ impl Scheduler {
 }
 
 /// Samples choice `c`'s next token from `logits`, streams its text, and says whether it ended
-/// (with its reason; the text was flushed where it should be).
+/// (with its reason; the text was flushed where it should be). An error: its grammar failed.
 fn advance(
     c: &mut Choice,
     req: &mut Request,
@@ -621,14 +634,33 @@ fn advance(
     model: &Model,
     ctx: usize,
     stats: &mut EngineStats,
-) -> Option<FinishReason> {
+) -> Result<Option<FinishReason>, String> {
     let tok = &model.tokenizer;
     let banned = if c.generated < req.params.min_tokens && !req.params.ignore_eos {
         tok.eog_ids()
     } else {
         &[]
     };
-    let next = c.sampler.sample_masked(logits, &c.tokens, banned);
+    let mask = match c.grammar.as_mut() {
+        Some(g) => {
+            let t0 = Instant::now();
+            let m = g.mask()?;
+            stats.grammar.observe(t0.elapsed().as_secs_f64());
+            Some(m)
+        }
+        None => None,
+    };
+    let next = c
+        .sampler
+        .sample_constrained(logits, &c.tokens, banned, mask.as_ref());
+    let grammar_done = match c.grammar.as_mut() {
+        // An end-of-generation token the grammar allowed ends the output as usual.
+        Some(g) if !tok.is_eog(next) => {
+            g.consume(next)?;
+            g.is_stopped()
+        }
+        _ => false,
+    };
     if let Some(k) = req.params.logprobs {
         let ends_on_eog = !req.params.ignore_eos && tok.is_eog(next);
         if !ends_on_eog {
@@ -653,18 +685,24 @@ fn advance(
     }
     c.last_token_at = Some(now);
     let check = FinishCheck {
-        ignore_eos: req.params.ignore_eos,
+        // The grammar's end is an end of generation, ignore_eos or not.
+        ignore_eos: req.params.ignore_eos && c.grammar.is_none(),
         max_tokens: req.params.max_tokens,
         ctx,
     };
-    let step = check.after_token(tok, &mut c.text, next, c.generated, c.tokens.len());
+    let mut step = check.after_token(tok, &mut c.text, next, c.generated, c.tokens.len());
+    if grammar_done && step.end.is_none() {
+        // The grammar is complete and can take nothing more: the output ends here.
+        step.emit.push_str(&c.text.finish());
+        step.end = Some(FinishReason::Stop);
+    }
     if !step.emit.is_empty() {
         let _ = req.events.send(Event::Text {
             index: c.index,
             text: step.emit,
         });
     }
-    step.end
+    Ok(step.end)
 }
 
 /// The log-probability of `chosen` and the `k` most likely tokens under `logits` (log-softmax
@@ -754,6 +792,7 @@ mod tests {
             ignore_eos: true,
             min_tokens: 0,
             logprobs: None,
+            grammar: None,
         };
         s.accept(Command::Submit(req, tx));
         rx
