@@ -69,7 +69,9 @@ impl GrammarCompiler {
         let vocab = model.config.vocab_size;
         let eog = tokenizer.eog_ids().to_vec();
         let Some(&eos) = eog.first() else {
-            return Err("the model has no end-of-generation token to end constrained output".into());
+            return Err(
+                "the model has no end-of-generation token to end constrained output".into(),
+            );
         };
         let words: Vec<Vec<u8>> = (0..vocab as u32)
             .map(|id| {
@@ -130,9 +132,9 @@ impl GrammarCompiler {
 /// whitespace can fill its whole budget with newlines. A schema's own `x-guidance` wins.
 fn compact(mut schema: Value) -> Value {
     if let Some(o) = schema.as_object_mut() {
-        o.entry("x-guidance").or_insert_with(|| {
-            json!({"whitespace_flexible": false, "item_separator": ", ", "key_separator": ": "})
-        });
+        o.entry("x-guidance").or_insert_with(
+            || json!({"whitespace_flexible": false, "item_separator": ", ", "key_separator": ": "}),
+        );
     }
     schema
 }

@@ -23,10 +23,10 @@ pub use engine::{
     Event, Histogram, SubmitError, TierCleared, TokenLogprob, Usage, LATENCY_BUCKETS_S, MAX_N,
     MAX_TOP_LOGPROBS,
 };
-pub use grammar::{Constraint, GrammarCompiler, GrammarSpec, Mask};
 pub use generate::{
     generate, generate_tiered, FinishReason, GenerateOutput, GenerateRequest, Timings,
 };
+pub use grammar::{Constraint, GrammarCompiler, GrammarSpec, Mask};
 /// The chat message type of the model's template (for servers building prompts).
 pub use kvinfer_model::chat::ChatMessage;
 pub use kvinfer_tier::{Codec, TierStats, TieredStore, WriteMode, TIER_LATENCY_BUCKETS_S};

@@ -28,7 +28,12 @@ fn engine(arch: TinyArch) -> EngineHandle {
     start_engine(model, config, |f| f()).unwrap().0
 }
 
-fn request(h: &EngineHandle, spec: &GrammarSpec, prompt: &[u32], temperature: f32) -> EngineRequest {
+fn request(
+    h: &EngineHandle,
+    spec: &GrammarSpec,
+    prompt: &[u32],
+    temperature: f32,
+) -> EngineRequest {
     EngineRequest {
         prompt_ids: prompt.to_vec(),
         max_tokens: 400,
@@ -47,7 +52,10 @@ fn request(h: &EngineHandle, spec: &GrammarSpec, prompt: &[u32], temperature: f3
 }
 
 /// Text and finish reason per choice.
-fn outputs(rx: tokio::sync::mpsc::UnboundedReceiver<Event>, n: usize) -> Vec<(String, FinishReason)> {
+fn outputs(
+    rx: tokio::sync::mpsc::UnboundedReceiver<Event>,
+    n: usize,
+) -> Vec<(String, FinishReason)> {
     let mut rx = rx;
     let mut text = vec![String::new(); n];
     let mut reasons = vec![None; n];
@@ -89,12 +97,23 @@ fn check_person(text: &str) {
     assert!(o["name"].as_str().unwrap().chars().count() <= 6, "{text}");
     assert!((0..=120).contains(&o["age"].as_i64().unwrap()), "{text}");
     let tags = o["tags"].as_array().unwrap();
-    assert!(tags.len() <= 3 && tags.iter().all(|t| ["a", "b", "c"].contains(&t.as_str().unwrap())));
+    assert!(
+        tags.len() <= 3
+            && tags
+                .iter()
+                .all(|t| ["a", "b", "c"].contains(&t.as_str().unwrap()))
+    );
     assert!(o["ok"].is_boolean(), "{text}");
 }
 
 fn prompts() -> Vec<Vec<u32>> {
-    (0..8).map(|r| (0..(5 + r * 3)).map(|i| ((i * 13 + r * 7) % 200) as u32 + 4).collect()).collect()
+    (0..8)
+        .map(|r| {
+            (0..(5 + r * 3))
+                .map(|i| ((i * 13 + r * 7) % 200) as u32 + 4)
+                .collect()
+        })
+        .collect()
 }
 
 #[test]
@@ -140,10 +159,15 @@ fn greedy_output_under_a_grammar_is_the_same_batched_as_alone() {
 fn json_object_and_lark_grammars() {
     let h = engine(TinyArch::Llama);
     for p in prompts().iter().take(4) {
-        for (text, reason) in outputs(h.submit(request(&h, &GrammarSpec::JsonObject, p, 1.0)).unwrap(), 2) {
+        for (text, reason) in outputs(
+            h.submit(request(&h, &GrammarSpec::JsonObject, p, 1.0))
+                .unwrap(),
+            2,
+        ) {
             // A bounded budget may cut an object short; a stopped one must parse.
             if reason == FinishReason::Stop {
-                let v: Value = serde_json::from_str(&text).unwrap_or_else(|e| panic!("{text:?}: {e}"));
+                let v: Value =
+                    serde_json::from_str(&text).unwrap_or_else(|e| panic!("{text:?}: {e}"));
                 assert!(v.is_object(), "{text}");
             } else {
                 assert!(text.starts_with('{'), "{text}");
@@ -161,7 +185,11 @@ fn json_object_and_lark_grammars() {
 fn a_bad_grammar_is_refused_at_compile_time() {
     let h = engine(TinyArch::Llama);
     let c = h.grammar_compiler().unwrap();
-    assert!(c.compile(&GrammarSpec::JsonSchema(json!(["not", "a", "schema"]))).is_err());
-    assert!(c.compile(&GrammarSpec::JsonSchema(json!({"type": "no-such-type"}))).is_err());
+    assert!(c
+        .compile(&GrammarSpec::JsonSchema(json!(["not", "a", "schema"])))
+        .is_err());
+    assert!(c
+        .compile(&GrammarSpec::JsonSchema(json!({"type": "no-such-type"})))
+        .is_err());
     assert!(c.compile(&GrammarSpec::Lark("start: (".into())).is_err());
 }

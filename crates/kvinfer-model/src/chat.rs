@@ -103,6 +103,7 @@ pub struct ChatTemplate {
     env: Environment<'static>,
     bos_token: String,
     eos_token: String,
+    knows_tools: bool,
 }
 
 impl std::fmt::Debug for ChatTemplate {
@@ -137,6 +138,7 @@ impl ChatTemplate {
             env,
             bos_token: bos_token.to_string(),
             eos_token: eos_token.to_string(),
+            knows_tools: source.contains("tools") || source.contains("tool_calls"),
         })
     }
 
@@ -175,6 +177,23 @@ impl ChatTemplate {
         messages: &[ChatMessage],
         add_generation_prompt: bool,
     ) -> Result<String, ChatTemplateError> {
+        self.render_with(messages, None::<&()>, add_generation_prompt)
+    }
+
+    /// Whether the template reads `tools` or messages' `tool_calls` (Hugging Face's tool-use
+    /// convention); when it does not, a caller offering tools must describe them in the text.
+    pub fn knows_tools(&self) -> bool {
+        self.knows_tools
+    }
+
+    /// As [`Self::render`], with messages of any serializable shape (e.g. with `tool_calls`,
+    /// `tool_call_id`) and `tools` in the context as Hugging Face templates expect them.
+    pub fn render_with<M: Serialize, T: Serialize>(
+        &self,
+        messages: &[M],
+        tools: Option<&T>,
+        add_generation_prompt: bool,
+    ) -> Result<String, ChatTemplateError> {
         let template = self
             .env
             .get_template(TEMPLATE_NAME)
@@ -182,6 +201,7 @@ impl ChatTemplate {
         template
             .render(context! {
                 messages => messages,
+                tools => tools,
                 add_generation_prompt => add_generation_prompt,
                 bos_token => &self.bos_token,
                 eos_token => &self.eos_token,

@@ -177,6 +177,16 @@ fn spm_vocab(w: &mut GgufWriter) -> usize {
 
 /// Writes a tiny random model of `arch` to `path`.
 pub fn write_tiny_model(path: &Path, arch: TinyArch, seed: u64) -> std::io::Result<()> {
+    write_tiny_model_ctx(path, arch, seed, 256)
+}
+
+/// As [`write_tiny_model`], with a context of `context_length` tokens (same weights).
+pub fn write_tiny_model_ctx(
+    path: &Path,
+    arch: TinyArch,
+    seed: u64,
+    context_length: u32,
+) -> std::io::Result<()> {
     let mut w = GgufWriter::new();
     let mut rng = Rng(seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1);
     let (name, n_layers, n_embd, n_ff, n_heads, n_kv, head_dim) = match arch {
@@ -187,7 +197,7 @@ pub fn write_tiny_model(path: &Path, arch: TinyArch, seed: u64) -> std::io::Resu
     w.meta("general.architecture", s(name))
         .meta("general.name", s(&format!("tiny-{name}")));
     w.meta(&key("block_count"), MetaValue::U32(n_layers as u32))
-        .meta(&key("context_length"), MetaValue::U32(256))
+        .meta(&key("context_length"), MetaValue::U32(context_length))
         .meta(&key("embedding_length"), MetaValue::U32(n_embd as u32))
         .meta(&key("feed_forward_length"), MetaValue::U32(n_ff as u32))
         .meta(&key("attention.head_count"), MetaValue::U32(n_heads as u32))

@@ -4,7 +4,10 @@
 
 use crate::edge::RequestId;
 use crate::error::ApiError;
-use crate::openai::{content_text, engine_request, parse, ChatRequest, Common, CompletionRequest};
+use crate::openai::{
+    content_text, engine_request, parse, ChatRequest, Common, CompletionRequest, Prompt,
+};
+use crate::tools::{CallParser, Piece, ToolPlan};
 use crate::AppState;
 use axum::body::Bytes;
 use axum::extract::rejection::BytesRejection;
@@ -14,8 +17,9 @@ use axum::response::sse::{Event as SseEvent, KeepAlive, Sse};
 use axum::response::{Html, IntoResponse, Response};
 use axum::Json;
 use futures_util::stream::{self, Stream};
-use kvinfer_engine::ChatMessage;
-use kvinfer_engine::{EngineRequest, Event, FinishReason, SubmitError, TokenLogprob, Usage};
+use kvinfer_engine::{
+    EngineRequest, Event, FinishReason, GrammarSpec, SubmitError, TokenLogprob, Usage,
+};
 use serde_json::{json, Value};
 use std::collections::VecDeque;
 use std::convert::Infallible;
@@ -47,55 +51,70 @@ pub async fn chat(
     rid: Option<Extension<RequestId>>,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Response, ApiError> {
-    let req: ChatRequest = parse(&body_bytes(body)?, &["messages"])?;
+    let (req, common): (ChatRequest, Common) = parse(
+        &body_bytes(body)?,
+        &["messages", "tools", "tool_choice", "parallel_tool_calls"],
+    )?;
     if req.messages.is_empty() {
         return Err(ApiError::invalid(
             "messages must not be empty",
             Some("messages"),
         ));
     }
-    if st.engine.model().chat_template.is_none() {
+    let Some(template) = st.engine.model().chat_template.as_ref() else {
         return Err(ApiError::invalid(
             "this model has no chat template; use /v1/completions with a raw prompt",
             Some("messages"),
         ));
-    }
-    let messages = req
+    };
+    let plan = ToolPlan::new(
+        req.tools.clone(),
+        req.tool_choice.clone(),
+        req.parallel_tool_calls,
+    )?;
+    let grammar = match (common.grammar(), plan.grammar()) {
+        (Some(_), Some(_)) => {
+            return Err(ApiError::invalid(
+                "response_format cannot be combined with a tool_choice that forces a call",
+                Some("response_format"),
+            ))
+        }
+        (Some(g), None) => Some((g, "response_format")),
+        (None, Some(g)) => Some((g, "tools")),
+        (None, None) => None,
+    };
+    let texts = req
         .messages
         .iter()
         .enumerate()
-        .map(|(i, m)| {
-            Ok(ChatMessage {
-                role: m.role.clone(),
-                content: content_text(m, i)?,
-            })
-        })
+        .map(|(i, m)| content_text(m, i))
         .collect::<Result<Vec<_>, ApiError>>()?;
-    too_long_for_context(
-        &st,
-        messages.iter().map(|m| m.content.len()).sum(),
-        "messages",
-    )?;
+    too_long_for_context(&st, texts.iter().map(String::len).sum(), "messages")?;
+    let (messages, tools) =
+        crate::tools::template_messages(&req.messages, texts, &plan, template.knows_tools());
     // Templating and tokenizing a large prompt take a while: off the async threads, so other
     // clients' streams keep flowing.
     let engine = st.engine.clone();
     let ids = blocking(move || {
         let model = engine.model();
         let template = model.chat_template.as_ref().expect("checked above");
-        let text = template.render(&messages, true).map_err(|e| {
-            ApiError::invalid(
-                format!(
-                    "the chat template refused the messages: {}",
-                    crate::openai::short(&e.to_string())
-                ),
-                Some("messages"),
-            )
-        })?;
+        let text = template
+            .render_with(&messages, tools.as_ref(), true)
+            .map_err(|e| {
+                ApiError::invalid(
+                    format!(
+                        "the chat template refused the messages: {}",
+                        crate::openai::short(&e.to_string())
+                    ),
+                    Some("messages"),
+                )
+            })?;
         Ok(model.tokenizer.encode(&text, false, true))
     })
     .await?;
-    let er = engine_request(&req.common, ids, &st.engine, &st.served, usize::MAX)?;
-    run(st, Api::Chat, er, &req.common, rid).await
+    let er = engine_request(&common, ids, &st.engine, &st.served, usize::MAX)?;
+    let plan = plan.active().then_some(plan);
+    run(st, Api::Chat, er, &common, rid, grammar, plan).await
 }
 
 /// `POST /v1/completions`.
@@ -104,37 +123,31 @@ pub async fn completion(
     rid: Option<Extension<RequestId>>,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Response, ApiError> {
-    let req: CompletionRequest = parse(&body_bytes(body)?, &["prompt"])?;
-    let bad = || {
-        ApiError::invalid(
-            "prompt must be a string, a list of one string, or a list of token ids",
-            Some("prompt"),
-        )
-    };
+    let (req, common): (CompletionRequest, Common) = parse(&body_bytes(body)?, &["prompt"])?;
     let text = match &req.prompt {
-        Value::String(s) => Some(s.clone()),
-        Value::Array(a) if a.len() == 1 && a[0].is_string() => a[0].as_str().map(str::to_string),
-        _ => None,
+        Prompt::Text(t) => Some(t.clone()),
+        Prompt::Texts(a) if a.len() == 1 => Some(a[0].clone()),
+        Prompt::Texts(_) => {
+            return Err(ApiError::invalid(
+                "prompt must be a string, a list of one string, or a list of token ids",
+                Some("prompt"),
+            ))
+        }
+        Prompt::Tokens(_) => None,
     };
-    let ids = match (text, &req.prompt) {
+    let ids = match (text, req.prompt) {
         (Some(t), _) => {
             too_long_for_context(&st, t.len(), "prompt")?;
             let engine = st.engine.clone();
             blocking(move || Ok(engine.model().tokenizer.encode(&t, true, false))).await?
         }
-        (None, Value::Array(a)) if !a.is_empty() && a.iter().all(Value::is_u64) => a
-            .iter()
-            .map(|v| {
-                v.as_u64()
-                    .and_then(|x| u32::try_from(x).ok())
-                    .ok_or_else(bad)
-            })
-            .collect::<Result<Vec<u32>, _>>()?,
-        _ => return Err(bad()),
+        (None, Prompt::Tokens(ids)) => ids,
+        (None, _) => unreachable!("text prompts were taken above"),
     };
     // The legacy API's default output limit.
-    let er = engine_request(&req.common, ids, &st.engine, &st.served, 16)?;
-    run(st, Api::Completion, er, &req.common, rid).await
+    let er = engine_request(&common, ids, &st.engine, &st.served, 16)?;
+    let grammar = common.grammar().map(|g| (g, "response_format"));
+    run(st, Api::Completion, er, &common, rid, grammar, None).await
 }
 
 /// Refuses a prompt of `bytes` bytes that cannot fit the context whatever its tokenization
@@ -165,14 +178,36 @@ async fn blocking<T: Send + 'static>(
     })?
 }
 
+#[allow(clippy::too_many_arguments)]
 async fn run(
     st: Arc<AppState>,
     api: Api,
-    er: EngineRequest,
+    mut er: EngineRequest,
     common: &Common,
     rid: Option<Extension<RequestId>>,
+    grammar: Option<(GrammarSpec, &'static str)>,
+    tools: Option<ToolPlan>,
 ) -> Result<Response, ApiError> {
     let started = std::time::Instant::now();
+    if let Some((spec, param)) = grammar {
+        // Compiling a schema takes up to tens of milliseconds: off the async threads.
+        let engine = st.engine.clone();
+        er.grammar = Some(
+            blocking(move || {
+                let compiler = engine.grammar_compiler().map_err(|e| {
+                    ApiError::invalid(format!("constrained decoding is unavailable: {e}"), None)
+                        .status(StatusCode::INTERNAL_SERVER_ERROR)
+                })?;
+                compiler.compile(&spec).map_err(|e| {
+                    ApiError::invalid(
+                        format!("the {param} grammar does not compile: {}", short_msg(&e)),
+                        Some(param),
+                    )
+                })
+            })
+            .await?,
+        );
+    }
     let include_usage = common
         .stream_options
         .as_ref()
@@ -212,6 +247,11 @@ async fn run(
         started,
         first_token: None,
         lp: logprobs.then(|| vec![Vec::new(); n]),
+        parsers: match &tools {
+            Some(plan) => (0..n).map(|_| (CallParser::new(plan), 0)).collect(),
+            None => Vec::new(),
+        },
+        tools,
     };
     let deadline = st.request_timeout.map(|d| tokio::time::Instant::now() + d);
     let cut = st.cut.clone();
@@ -275,6 +315,10 @@ struct Meta {
     first_token: Option<std::time::Instant>,
     /// Per choice, token log-probabilities not yet sent (None: not asked for).
     lp: Option<Vec<Vec<Logprob>>>,
+    /// The tools offered: output is parsed for calls.
+    tools: Option<ToolPlan>,
+    /// Streaming with tools: per choice, the call parser and the calls sent so far.
+    parsers: Vec<(CallParser, usize)>,
 }
 
 /// One token's log-probability and its alternatives, as the engine reported them.
@@ -402,12 +446,29 @@ async fn collect(
         .zip(reasons)
         .enumerate()
         .map(|(i, (text, r))| match meta.api {
-            Api::Chat => json!({
-                "index": i,
-                "message": {"role": "assistant", "content": text},
-                "logprobs": meta.take_lp(i, 0),
-                "finish_reason": r,
-            }),
+            Api::Chat => {
+                let (content, calls) = match &meta.tools {
+                    Some(plan) => split_calls(plan, &text),
+                    None => (text, Vec::new()),
+                };
+                let mut message = json!({"role": "assistant", "content": content});
+                let mut r = r;
+                if !calls.is_empty() {
+                    if content.is_empty() {
+                        message["content"] = Value::Null;
+                    }
+                    message["tool_calls"] = json!(calls);
+                    if r == "stop" {
+                        r = "tool_calls";
+                    }
+                }
+                json!({
+                    "index": i,
+                    "message": message,
+                    "logprobs": meta.take_lp(i, 0),
+                    "finish_reason": r,
+                })
+            }
             Api::Completion => {
                 json!({"index": i, "text": text, "logprobs": meta.take_lp(i, 0), "finish_reason": r})
             }
@@ -480,6 +541,47 @@ impl Meta {
     }
 }
 
+impl Meta {
+    /// The chunks for parsed output of choice `index`: content deltas and whole tool calls
+    /// (`delta.tool_calls` with the call's index, id, name and all its arguments).
+    fn piece_events(
+        &mut self,
+        index: usize,
+        pieces: Vec<Piece>,
+        sent: &mut [usize],
+    ) -> Vec<SseEvent> {
+        let mut out = Vec::new();
+        for piece in pieces {
+            let at = sent.get(index).copied().unwrap_or(0);
+            let lp = self.take_lp(index, at);
+            match piece {
+                Piece::Text(text) => {
+                    if let Some(s) = sent.get_mut(index) {
+                        *s += text.len();
+                    }
+                    out.push(self.delta(index, Some(&text), None, false, lp));
+                }
+                Piece::Call(call) => {
+                    let k = self.parsers.get(index).map_or(0, |p| p.1);
+                    if let Some(p) = self.parsers.get_mut(index) {
+                        p.1 += 1;
+                    }
+                    let mut v = serde_json::to_value(&call).unwrap_or_default();
+                    v["index"] = json!(k);
+                    let choice = json!({
+                        "index": index,
+                        "delta": {"tool_calls": [v]},
+                        "logprobs": lp,
+                        "finish_reason": null,
+                    });
+                    out.push(self.chunk(json!([choice]), None));
+                }
+            }
+        }
+        out
+    }
+}
+
 /// The SSE answer: a role chunk per choice (chat), content deltas, a finish chunk per choice,
 /// the usage chunk if asked, then `[DONE]`.
 fn sse(
@@ -536,26 +638,27 @@ fn sse(
                 match next {
                     Some(Event::Text { index, text }) => {
                         meta.first_token.get_or_insert_with(std::time::Instant::now);
-                        let at = sent.get(index).copied().unwrap_or(0);
-                        let lp = meta.take_lp(index, at);
-                        if let Some(s) = sent.get_mut(index) {
-                            *s += text.len();
-                        }
-                        queue.push_back(meta.delta(index, Some(&text), None, false, lp))
+                        let pieces = match meta.parsers.get_mut(index) {
+                            Some((p, _)) => p.push(&text),
+                            None => vec![Piece::Text(text)],
+                        };
+                        queue.extend(meta.piece_events(index, pieces, &mut sent));
                     }
                     Some(Event::Logprob { index, token, top }) => meta.push_lp(index, (token, top)),
                     Some(Event::Done {
                         index,
                         finish_reason,
                     }) => {
+                        let mut r = reason(finish_reason);
+                        if let Some((p, _)) = meta.parsers.get_mut(index) {
+                            let rest = p.finish();
+                            queue.extend(meta.piece_events(index, rest, &mut sent));
+                            if r == "stop" && meta.parsers[index].1 > 0 {
+                                r = "tool_calls";
+                            }
+                        }
                         let lp = meta.take_lp(index, sent.get(index).copied().unwrap_or(0));
-                        queue.push_back(meta.delta(
-                            index,
-                            None,
-                            Some(reason(finish_reason)),
-                            false,
-                            lp,
-                        ))
+                        queue.push_back(meta.delta(index, None, Some(r), false, lp))
                     }
                     Some(Event::Usage(u)) => {
                         meta.log(Some(&u));
@@ -707,4 +810,29 @@ pub async fn not_found() -> ApiError {
         None,
     )
     .status(StatusCode::NOT_FOUND)
+}
+
+/// The content and the calls of a whole output.
+fn split_calls(plan: &ToolPlan, text: &str) -> (String, Vec<crate::tools::ToolCallOut>) {
+    let mut p = CallParser::new(plan);
+    let mut pieces = p.push(text);
+    pieces.extend(p.finish());
+    let mut content = String::new();
+    let mut calls = Vec::new();
+    for piece in pieces {
+        match piece {
+            Piece::Text(t) => content.push_str(&t),
+            Piece::Call(c) => calls.push(c),
+        }
+    }
+    (content, calls)
+}
+
+/// An engine or grammar message, cut to a readable length.
+fn short_msg(m: &str) -> String {
+    let mut out: String = m.chars().take(300).collect();
+    if m.chars().count() > 300 {
+        out.push('…');
+    }
+    out
 }

@@ -1,12 +1,13 @@
 //! OpenAI request bodies, checked and turned into engine requests.
 //!
-//! Bodies are parsed by hand from JSON (not by an extractor) so that every mistake — malformed
-//! JSON, a missing field, a wrong type, a number out of range — becomes a 400 in OpenAI's error
-//! shape naming the field.
+//! Bodies are read into typed structs (serde enums for the fields of several shapes: `stop`,
+//! `content`, `prompt`, `logprobs`, `response_format`, `tool_choice`) after the field check, so
+//! that every mistake — malformed JSON, an unknown field, a wrong type, a number out of range —
+//! becomes a 400 in OpenAI's error shape naming the field.
 
 use crate::error::ApiError;
-use kvinfer_engine::{EngineHandle, EngineRequest, SamplingParams, MAX_N};
-use serde::Deserialize;
+use kvinfer_engine::{EngineHandle, EngineRequest, GrammarSpec, SamplingParams, MAX_N};
+use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
 /// The fields shared by `/v1/chat/completions` and `/v1/completions`.
@@ -25,7 +26,7 @@ pub struct Common {
     /// Seed of the sampler.
     pub seed: Option<i64>,
     /// One stop string or several.
-    pub stop: Option<Value>,
+    pub stop: Option<Stop>,
     /// Choices per request.
     pub n: Option<i64>,
     /// Stream with server-sent events.
@@ -53,9 +54,77 @@ pub struct Common {
     /// The caller's end-user id (logged, never used for output).
     pub user: Option<String>,
     /// Chat: `true` asks for token log-probabilities; completions: how many alternatives (int).
-    pub logprobs: Option<Value>,
+    pub logprobs: Option<Logprobs>,
     /// Chat: alternatives per token (0..=20) with `logprobs: true`.
     pub top_logprobs: Option<i64>,
+    /// `text`, `json_object` or `json_schema`: constrains the output.
+    pub response_format: Option<ResponseFormat>,
+}
+
+/// `stop`: one string or a list.
+#[derive(Debug, Deserialize)]
+#[serde(untagged, expecting = "a string or a list of at most 4 strings")]
+pub enum Stop {
+    /// One stop string.
+    One(String),
+    /// Several.
+    Many(Vec<String>),
+}
+
+/// `logprobs`: a flag (chat) or a count of alternatives (completions).
+#[derive(Debug, Deserialize)]
+#[serde(untagged, expecting = "true/false (chat) or a count (completions)")]
+pub enum Logprobs {
+    /// Chat's switch.
+    Flag(bool),
+    /// Completions' number of alternatives.
+    Count(i64),
+}
+
+/// `response_format`.
+#[derive(Debug, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case", deny_unknown_fields)]
+pub enum ResponseFormat {
+    /// Free text (the default).
+    Text,
+    /// Any JSON object.
+    JsonObject,
+    /// JSON under a schema.
+    JsonSchema {
+        /// The schema and its name.
+        json_schema: JsonSchemaFormat,
+    },
+}
+
+/// `response_format.json_schema`. `name`, `description` and `strict` are OpenAI's metadata:
+/// the output follows `schema` exactly whatever they say, and the description is not shown to
+/// the model (as in vLLM and llama-server).
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+#[allow(dead_code)]
+pub struct JsonSchemaFormat {
+    /// The schema's name.
+    pub name: Option<String>,
+    /// What it is for.
+    pub description: Option<String>,
+    /// The JSON schema (absent: any JSON object).
+    pub schema: Option<Value>,
+    /// OpenAI's strict mode; output always follows the schema exactly here.
+    pub strict: Option<bool>,
+}
+
+impl Common {
+    /// The grammar `response_format` asks for (None: free text).
+    pub fn grammar(&self) -> Option<GrammarSpec> {
+        match &self.response_format {
+            None | Some(ResponseFormat::Text) => None,
+            Some(ResponseFormat::JsonObject) => Some(GrammarSpec::JsonObject),
+            Some(ResponseFormat::JsonSchema { json_schema }) => Some(match &json_schema.schema {
+                Some(s) => GrammarSpec::JsonSchema(s.clone()),
+                None => GrammarSpec::JsonObject,
+            }),
+        }
+    }
 }
 
 /// Fields both endpoints take and honour.
@@ -81,6 +150,7 @@ const COMMON_FIELDS: &[&str] = &[
     "user",
     "logprobs",
     "top_logprobs",
+    "response_format",
 ];
 
 /// OpenAI fields this server does not do yet: accepted only at their "off" value, otherwise a
@@ -95,7 +165,6 @@ fn off_value_only(field: &str, v: &Value) -> Option<bool> {
             v.is_null() || v.as_str() == Some("none") || v.as_str() == Some("auto")
         }
         "parallel_tool_calls" => true,
-        "response_format" => v.is_null() || v.get("type").and_then(Value::as_str) == Some("text"),
         "service_tier" => {
             v.is_null() || v.as_str() == Some("auto") || v.as_str() == Some("default")
         }
@@ -152,13 +221,116 @@ pub struct StreamOptions {
     pub include_usage: bool,
 }
 
-/// A chat message; `content` is a string or a list of text parts.
-#[derive(Debug, Deserialize)]
+/// A chat message.
+#[derive(Debug, Clone, Deserialize)]
 pub struct Message {
-    /// system, user, assistant (others are passed to the template as they are).
+    /// system, user, assistant, tool (others are passed to the template as they are).
     pub role: String,
-    /// The text.
-    pub content: Value,
+    /// The text (null for an assistant turn that only calls tools).
+    pub content: Option<Content>,
+    /// The assistant's tool calls.
+    pub tool_calls: Option<Vec<ToolCallIn>>,
+    /// A tool result: the call it answers.
+    pub tool_call_id: Option<String>,
+    /// A participant's or tool's name.
+    pub name: Option<String>,
+}
+
+/// A message's `content`: a string or a list of parts.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(untagged, expecting = "a string or a list of text parts")]
+pub enum Content {
+    /// Plain text.
+    Text(String),
+    /// Parts (only text parts are supported).
+    Parts(Vec<ContentPart>),
+}
+
+/// One part of a message's content.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum ContentPart {
+    /// `{"type": "text", "text": ...}`.
+    Text {
+        /// The text.
+        text: String,
+    },
+    /// Images, audio, files: not supported by these models.
+    #[serde(other)]
+    Other,
+}
+
+/// A tool call in an assistant message of the conversation.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+pub struct ToolCallIn {
+    /// The call's id.
+    pub id: Option<String>,
+    /// "function".
+    #[serde(rename = "type")]
+    pub kind: Option<String>,
+    /// What was called.
+    pub function: FunctionCall,
+}
+
+/// A function called, as OpenAI writes it (`arguments` is JSON text).
+#[derive(Debug, Clone, Deserialize, Serialize)]
+pub struct FunctionCall {
+    /// The tool.
+    pub name: String,
+    /// JSON text.
+    pub arguments: String,
+}
+
+/// A tool offered (`tools[i]`).
+#[derive(Debug, Clone, Deserialize, Serialize)]
+pub struct Tool {
+    /// "function".
+    #[serde(rename = "type")]
+    pub kind: String,
+    /// The function.
+    pub function: FunctionDef,
+}
+
+/// A function a tool exposes.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+pub struct FunctionDef {
+    /// Its name.
+    pub name: String,
+    /// What it does.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub description: Option<String>,
+    /// A JSON schema of its arguments.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub parameters: Option<Value>,
+    /// OpenAI's strict flag (calls always follow the schema when forced here).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub strict: Option<bool>,
+}
+
+/// `tool_choice`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(
+    untagged,
+    expecting = "\"none\", \"auto\", \"required\" or {\"type\": \"function\", \"function\": {\"name\": ...}}"
+)]
+pub enum ToolChoice {
+    /// none / auto / required.
+    Mode(String),
+    /// One function by name.
+    Named {
+        /// "function".
+        #[serde(rename = "type")]
+        kind: String,
+        /// Which.
+        function: NamedFunction,
+    },
+}
+
+/// `tool_choice.function`.
+#[derive(Debug, Clone, Deserialize)]
+pub struct NamedFunction {
+    /// The tool's name.
+    pub name: String,
 }
 
 /// `POST /v1/chat/completions`.
@@ -166,78 +338,93 @@ pub struct Message {
 pub struct ChatRequest {
     /// The conversation.
     pub messages: Vec<Message>,
-    #[serde(flatten)]
-    /// The shared fields.
-    pub common: Common,
+    /// Tools the model may call.
+    pub tools: Option<Vec<Tool>>,
+    /// Whether and which tool it must call.
+    pub tool_choice: Option<ToolChoice>,
+    /// Several calls in one answer (default true).
+    pub parallel_tool_calls: Option<bool>,
+}
+
+/// `prompt`: text or token ids.
+#[derive(Debug, Deserialize)]
+#[serde(
+    untagged,
+    expecting = "a string, a list of one string, or a list of token ids"
+)]
+pub enum Prompt {
+    /// Text.
+    Text(String),
+    /// Token ids.
+    Tokens(Vec<u32>),
+    /// A batch of texts (only one is supported).
+    Texts(Vec<String>),
 }
 
 /// `POST /v1/completions`.
 #[derive(Debug, Deserialize)]
 pub struct CompletionRequest {
-    /// A string, a list of one string, or a list of token ids.
-    pub prompt: Value,
-    #[serde(flatten)]
-    /// The shared fields.
-    pub common: Common,
+    /// The prompt.
+    pub prompt: Prompt,
 }
 
-/// Parses a JSON body into `T`, with OpenAI-shaped errors; refuses fields it would not honour
-/// (`own`: the endpoint's fields beyond the common ones).
-pub fn parse<T: serde::de::DeserializeOwned>(body: &[u8], own: &[&str]) -> Result<T, ApiError> {
+/// Parses a JSON body into the endpoint's own fields `T` and the shared ones, with
+/// OpenAI-shaped errors naming the field; refuses fields it would not honour (`own`: the
+/// endpoint's fields beyond the common ones).
+pub fn parse<T: serde::de::DeserializeOwned>(
+    body: &[u8],
+    own: &[&str],
+) -> Result<(T, Common), ApiError> {
     let value: Value = serde_json::from_slice(body)
         .map_err(|e| ApiError::invalid(format!("the body is not valid JSON: {e}"), None))?;
     if !value.is_object() {
         return Err(ApiError::invalid("the body must be a JSON object", None));
     }
     check_fields(&value, own)?;
-    serde_json::from_value(value).map_err(|e| {
-        ApiError::invalid(format!("bad request body: {}", short(&e.to_string())), None)
+    Ok((typed(&value)?, typed(&value)?))
+}
+
+/// `T` from `value`; an error names the field's path.
+fn typed<T: serde::de::DeserializeOwned>(value: &Value) -> Result<T, ApiError> {
+    serde_path_to_error::deserialize(value).map_err(|e| {
+        let path = e.path().to_string();
+        let msg: String = e.inner().to_string().chars().take(200).collect();
+        if path == "." {
+            ApiError::invalid(format!("bad request body: {msg}"), None)
+        } else {
+            let path = short(&path);
+            ApiError::invalid(format!("{path}: {msg}"), Some(&path))
+        }
     })
 }
 
 /// Text of a message's content.
 pub fn content_text(m: &Message, i: usize) -> Result<String, ApiError> {
-    let param = format!("messages[{i}].content");
     match &m.content {
-        Value::String(s) => Ok(s.clone()),
-        Value::Array(parts) => {
-            let mut out = String::new();
-            for p in parts {
-                match (p.get("type").and_then(Value::as_str), p.get("text").and_then(Value::as_str)) {
-                    (Some("text"), Some(t)) => out.push_str(t),
-                    _ => {
-                        return Err(ApiError::invalid(
-                            "only text content parts ({\"type\": \"text\", \"text\": ...}) are supported",
-                            Some(&param),
-                        ))
-                    }
-                }
-            }
-            Ok(out)
-        }
-        Value::Null => Ok(String::new()),
-        _ => Err(ApiError::invalid(
-            "content must be a string or a list of text parts",
-            Some(&param),
-        )),
+        None => Ok(String::new()),
+        Some(Content::Text(s)) => Ok(s.clone()),
+        Some(Content::Parts(parts)) => parts
+            .iter()
+            .map(|p| match p {
+                ContentPart::Text { text } => Ok(text.as_str()),
+                ContentPart::Other => Err(ApiError::invalid(
+                    "only text content parts ({\"type\": \"text\", \"text\": ...}) are supported",
+                    Some(&format!("messages[{i}].content")),
+                )),
+            })
+            .collect(),
     }
 }
 
-fn stops(v: &Option<Value>) -> Result<Vec<String>, ApiError> {
-    let bad = || {
-        ApiError::invalid(
+fn stops(v: &Option<Stop>) -> Result<Vec<String>, ApiError> {
+    match v {
+        None => Ok(vec![]),
+        Some(Stop::One(s)) => Ok(vec![s.clone()]),
+        Some(Stop::Many(a)) if a.len() <= 4 => Ok(a.clone()),
+        Some(Stop::Many(_)) => Err(ApiError::invalid(
             "stop must be a string or a list of at most 4 strings",
             Some("stop"),
-        )
-    };
-    match v {
-        None | Some(Value::Null) => Ok(vec![]),
-        Some(Value::String(s)) => Ok(vec![s.clone()]),
-        Some(Value::Array(a)) if a.len() <= 4 => a
-            .iter()
-            .map(|s| s.as_str().map(str::to_string).ok_or_else(bad))
-            .collect(),
-        _ => Err(bad()),
+        )),
     }
 }
 
@@ -392,17 +579,17 @@ pub fn engine_request(
         }
     };
     let logprobs = match (&c.logprobs, c.top_logprobs) {
-        (None | Some(Value::Null) | Some(Value::Bool(false)), None) => None,
-        (None | Some(Value::Null) | Some(Value::Bool(false)), Some(_)) => {
+        (None | Some(Logprobs::Flag(false)), None) => None,
+        (None | Some(Logprobs::Flag(false)), Some(_)) => {
             return Err(ApiError::invalid(
                 "top_logprobs needs logprobs: true",
                 Some("top_logprobs"),
             ))
         }
-        (Some(Value::Bool(true)), k) => Some(top_range(k.unwrap_or(0), "top_logprobs")?),
+        (Some(Logprobs::Flag(true)), k) => Some(top_range(k.unwrap_or(0), "top_logprobs")?),
         // The completions API: logprobs is the number of alternatives.
-        (Some(Value::Number(k)), None) => Some(top_range(k.as_i64().unwrap_or(-1), "logprobs")?),
-        _ => {
+        (Some(Logprobs::Count(k)), None) => Some(top_range(*k, "logprobs")?),
+        (Some(Logprobs::Count(_)), Some(_)) => {
             return Err(ApiError::invalid(
                 "logprobs must be true/false (chat) or a count (completions)",
                 Some("logprobs"),

@@ -6,7 +6,7 @@ use axum::body::{to_bytes, Body};
 use axum::http::{Request, StatusCode};
 use axum::Router;
 use kvinfer_engine::{start_engine, CacheOptions, EngineConfig};
-use kvinfer_model::testing::{write_tiny_model, TinyArch};
+use kvinfer_model::testing::{write_tiny_model_ctx, TinyArch};
 use kvinfer_model::Model;
 use kvinfer_server::{router, ServerConfig};
 use serde_json::{json, Value};
@@ -21,16 +21,21 @@ fn app(api_key: Option<&str>) -> Router {
 }
 
 fn app_with(server: ServerConfig) -> Router {
+    app_ctx(server, 256, 64)
+}
+
+/// A server on a tiny model with a context of `ctx` tokens and a pool of `blocks` blocks.
+fn app_ctx(server: ServerConfig, ctx: u32, blocks: usize) -> Router {
     let dir = std::env::temp_dir().join(format!("kvinfer-server-test-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
     static NEXT: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
     let k = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     let path = dir.join(format!("tiny-{k}.gguf"));
-    write_tiny_model(&path, TinyArch::Llama, 3).unwrap();
+    write_tiny_model_ctx(&path, TinyArch::Llama, 3, ctx).unwrap();
     let model = Model::load(&path).unwrap();
     let config = EngineConfig {
         cache: CacheOptions {
-            num_blocks: Some(64),
+            num_blocks: Some(blocks),
             ..CacheOptions::default()
         },
         ..EngineConfig::default()
@@ -306,15 +311,30 @@ async fn fields_not_honoured_are_refused_by_name_and_supported_ones_take_effect(
         ),
         (json!({"logprobs": "yes"}), "logprobs", ""),
         (
-            json!({"response_format": {"type": "json_object"}}),
-            "response_format",
-            "unsupported_parameter",
+            json!({"response_format": {"type": "xml"}}),
+            "response_format.type",
+            "",
         ),
         (
-            json!({"tools": [{"type": "function", "function": {"name": "f"}}]}),
-            "tools",
-            "unsupported_parameter",
+            json!({"response_format": {"type": "json_schema", "json_schema": {"schema": {"type": "nope"}}}}),
+            "response_format",
+            "",
         ),
+        (
+            json!({"tools": [{"type": "function", "function": {"name": "bad name"}}]}),
+            "tools[0].function.name",
+            "",
+        ),
+        (json!({"tool_choice": "required"}), "tool_choice", ""),
+        (
+            json!({"tools": [{"type": "function", "function": {"name": "f"}}],
+                   "tool_choice": {"type": "function", "function": {"name": "g"}}}),
+            "tool_choice",
+            "",
+        ),
+        (json!({"stop": 5}), "stop", ""),
+        (json!({"suffix": "x"}), "suffix", "unsupported_parameter"),
+        (json!({"echo": true}), "echo", "unsupported_parameter"),
         (json!({"presence_penalty": 3}), "presence_penalty", ""),
         (json!({"frequency_penalty": -2.5}), "frequency_penalty", ""),
         (json!({"logit_bias": {"x": 1}}), "logit_bias", ""),
@@ -718,4 +738,181 @@ async fn a_prompt_too_long_for_any_tokenization_is_refused_before_tokenizing() {
         );
     }
     still_serving(&app).await;
+}
+
+/// The `data:` payloads of an SSE body, parsed (`[DONE]` left out).
+fn sse_chunks(body: &str) -> Vec<Value> {
+    body.lines()
+        .filter_map(|l| l.strip_prefix("data: "))
+        .filter(|d| *d != "[DONE]")
+        .map(|d| serde_json::from_str(d).unwrap())
+        .collect()
+}
+
+#[tokio::test]
+async fn json_schema_output_parses_and_follows_the_schema_json_and_stream() {
+    let app = app(None);
+    let schema = json!({
+        "type": "object",
+        "properties": {
+            "city": {"type": "string", "maxLength": 8},
+            "days": {"type": "integer", "minimum": 1, "maximum": 9}
+        },
+        "required": ["city", "days"],
+        "additionalProperties": false
+    });
+    let body = |stream: bool, temperature: f64| {
+        json!({"messages": [{"role": "user", "content": "plan a trip"}], "max_tokens": 120,
+               "temperature": temperature, "seed": 7, "n": 2, "stream": stream,
+               "response_format": {"type": "json_schema",
+                                   "json_schema": {"name": "trip", "strict": true, "schema": schema}}})
+    };
+    let check = |text: &str| {
+        let v: Value = serde_json::from_str(text).unwrap_or_else(|e| panic!("{text:?}: {e}"));
+        assert_eq!(v.as_object().unwrap().len(), 2, "{text}");
+        assert!(v["city"].as_str().unwrap().chars().count() <= 8, "{text}");
+        assert!((1..=9).contains(&v["days"].as_i64().unwrap()), "{text}");
+    };
+    for temperature in [0.0, 1.0] {
+        let (s, v) = post(&app, "/v1/chat/completions", body(false, temperature)).await;
+        assert_eq!(s, StatusCode::OK, "{v}");
+        for c in v["choices"].as_array().unwrap() {
+            assert_eq!(c["finish_reason"], "stop", "{v}");
+            check(c["message"]["content"].as_str().unwrap());
+        }
+        let (s, b) = call(
+            &app,
+            "POST",
+            "/v1/chat/completions",
+            Body::from(body(true, temperature).to_string()),
+            None,
+        )
+        .await;
+        assert_eq!(s, StatusCode::OK);
+        let mut texts = [String::new(), String::new()];
+        for c in sse_chunks(&b) {
+            for ch in c["choices"].as_array().unwrap() {
+                if let Some(t) = ch["delta"]["content"].as_str() {
+                    texts[ch["index"].as_u64().unwrap() as usize].push_str(t);
+                }
+            }
+        }
+        texts.iter().for_each(|t| check(t));
+    }
+    // json_object on completions too.
+    let (s, v) = post(
+        &app,
+        "/v1/completions",
+        json!({"prompt": "x", "max_tokens": 60,
+        "response_format": {"type": "json_object"}, "temperature": 0}),
+    )
+    .await;
+    assert_eq!(s, StatusCode::OK, "{v}");
+    let text = v["choices"][0]["text"].as_str().unwrap();
+    if v["choices"][0]["finish_reason"] == "stop" {
+        assert!(
+            serde_json::from_str::<Value>(text).unwrap().is_object(),
+            "{text}"
+        );
+    } else {
+        assert!(text.starts_with('{'), "{text}");
+    }
+}
+
+#[tokio::test]
+async fn forced_tool_calls_come_back_as_tool_calls_json_and_stream() {
+    // The tools' description makes a prompt of ~900 byte-level tokens.
+    let app = app_ctx(ServerConfig::default(), 2048, 256);
+    let tools = json!([
+        {"type": "function", "function": {"name": "get_weather", "description": "Weather in a city",
+         "parameters": {"type": "object", "properties": {"city": {"type": "string", "maxLength": 10}},
+                        "required": ["city"], "additionalProperties": false}}},
+        {"type": "function", "function": {"name": "get_time", "parameters": {"type": "object",
+         "properties": {"zone": {"enum": ["utc", "cet"]}}, "required": ["zone"], "additionalProperties": false}}}
+    ]);
+    let body = |stream: bool, choice: Value| {
+        json!({"messages": [{"role": "user", "content": "weather in Paris?"}], "max_tokens": 120,
+               "temperature": 1.0, "seed": 3, "stream": stream, "tools": tools,
+               "tool_choice": choice, "parallel_tool_calls": false})
+    };
+    let check = |name: &str, args: &str, want: Option<&str>| {
+        let a: Value = serde_json::from_str(args).unwrap_or_else(|e| panic!("{args:?}: {e}"));
+        match name {
+            "get_weather" => assert!(a["city"].as_str().unwrap().chars().count() <= 10),
+            "get_time" => assert!(["utc", "cet"].contains(&a["zone"].as_str().unwrap())),
+            other => panic!("called {other}"),
+        }
+        if let Some(w) = want {
+            assert_eq!(name, w);
+        }
+    };
+    let named = json!({"type": "function", "function": {"name": "get_time"}});
+    for (choice, want) in [(json!("required"), None), (named, Some("get_time"))] {
+        let (s, v) = post(&app, "/v1/chat/completions", body(false, choice.clone())).await;
+        assert_eq!(s, StatusCode::OK, "{v}");
+        let c = &v["choices"][0];
+        assert_eq!(c["finish_reason"], "tool_calls", "{v}");
+        assert!(c["message"]["content"].is_null(), "{v}");
+        let calls = c["message"]["tool_calls"].as_array().unwrap();
+        assert_eq!(calls.len(), 1, "{v}");
+        assert!(calls[0]["id"].as_str().unwrap().starts_with("call_"));
+        assert_eq!(calls[0]["type"], "function");
+        let f = &calls[0]["function"];
+        check(
+            f["name"].as_str().unwrap(),
+            f["arguments"].as_str().unwrap(),
+            want,
+        );
+
+        let (s, b) = call(
+            &app,
+            "POST",
+            "/v1/chat/completions",
+            Body::from(body(true, choice).to_string()),
+            None,
+        )
+        .await;
+        assert_eq!(s, StatusCode::OK);
+        let chunks = sse_chunks(&b);
+        let calls: Vec<&Value> = chunks
+            .iter()
+            .flat_map(|c| {
+                c["choices"][0]["delta"]["tool_calls"]
+                    .as_array()
+                    .into_iter()
+                    .flatten()
+            })
+            .collect();
+        assert_eq!(calls.len(), 1, "{b}");
+        assert_eq!(calls[0]["index"], 0);
+        let f = &calls[0]["function"];
+        check(
+            f["name"].as_str().unwrap(),
+            f["arguments"].as_str().unwrap(),
+            want,
+        );
+        let last = chunks
+            .iter()
+            .rev()
+            .find(|c| !c["choices"][0]["finish_reason"].is_null())
+            .unwrap();
+        assert_eq!(last["choices"][0]["finish_reason"], "tool_calls", "{b}");
+        let content: String = chunks
+            .iter()
+            .filter_map(|c| c["choices"][0]["delta"]["content"].as_str())
+            .collect();
+        assert_eq!(content, "", "no call text leaks into content: {b}");
+    }
+    // A conversation carrying a call and its result renders (the template knows no tools).
+    let (s, v) = post(
+        &app,
+        "/v1/chat/completions",
+        json!({"max_tokens": 4, "tools": tools, "messages": [
+        {"role": "user", "content": "weather in Paris?"},
+        {"role": "assistant", "content": null, "tool_calls": [{"id": "call_1", "type": "function",
+            "function": {"name": "get_weather", "arguments": "{\"city\": \"Paris\"}"}}]},
+        {"role": "tool", "tool_call_id": "call_1", "content": "sunny"}]}),
+    )
+    .await;
+    assert_eq!(s, StatusCode::OK, "{v}");
 }

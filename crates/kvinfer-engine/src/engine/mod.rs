@@ -14,8 +14,8 @@ mod scheduler;
 pub use metrics::{EngineStats, Histogram, LATENCY_BUCKETS_S};
 
 use crate::cache::{new_kv_cache, CacheOptions};
-use crate::request::{validate, Limits, RequestShape};
 use crate::grammar::{Constraint, GrammarCompiler};
+use crate::request::{validate, Limits, RequestShape};
 use crate::sampler::SamplingParams;
 use crate::FinishReason;
 use kvinfer_model::Model;

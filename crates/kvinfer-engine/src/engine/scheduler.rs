@@ -15,8 +15,8 @@
 
 use super::metrics::EngineStats;
 use super::{Command, EngineConfig, EngineRequest, Event, Usage};
-use crate::request::FinishCheck;
 use crate::grammar::Constraint;
+use crate::request::FinishCheck;
 use crate::sampler::Sampler;
 use crate::stop::TextStream;
 use crate::tiers::{import_loaded, load_request};

@@ -1,0 +1,604 @@
+//! Tool calling: tools into the prompt, calls out of the output.
+//!
+//! The wire format of a call is Hermes' (used by Qwen 2.5/3, SmolLM3 and others), one block per
+//! call:
+//!
+//! ```text
+//! <tool_call>
+//! {"name": "get_weather", "arguments": {"city": "Paris"}}
+//! </tool_call>
+//! ```
+//!
+//! A template that reads `tools` gets them as Hugging Face templates expect. A template that
+//! does not (SmolLM2's, Gemma 3's) gets them described in a system message, and past calls and
+//! tool results are written into the turns as text, as llama.cpp does for such templates.
+//! `tool_choice: "required"` or a named function constrains the output to valid calls with a
+//! grammar built from the tools' parameter schemas; `"auto"` leaves the model free and parses
+//! whatever calls it writes.
+
+use crate::error::ApiError;
+use crate::openai::{short, FunctionCall, Message, Tool, ToolCallIn, ToolChoice};
+use kvinfer_engine::GrammarSpec;
+use serde::Serialize;
+use serde_json::{json, Value};
+
+/// The opening tag of a call.
+pub const OPEN: &str = "<tool_call>";
+/// The closing tag of a call.
+pub const CLOSE: &str = "</tool_call>";
+
+/// What the request asks of tools, checked.
+#[derive(Debug, Clone)]
+pub struct ToolPlan {
+    /// The tools offered (empty: none, or `tool_choice: "none"`).
+    pub tools: Vec<Tool>,
+    /// The output must be calls (`required` or a named function).
+    pub forced: Option<Forced>,
+    /// More than one call allowed in one answer.
+    pub parallel: bool,
+}
+
+/// A tool choice that constrains the output.
+#[derive(Debug, Clone)]
+pub enum Forced {
+    /// Any of the tools.
+    Any,
+    /// This one.
+    Named(String),
+}
+
+impl ToolPlan {
+    /// Checks `tools`, `tool_choice` and `parallel_tool_calls`.
+    pub fn new(
+        tools: Option<Vec<Tool>>,
+        choice: Option<ToolChoice>,
+        parallel: Option<bool>,
+    ) -> Result<Self, ApiError> {
+        let tools = tools.unwrap_or_default();
+        for (i, t) in tools.iter().enumerate() {
+            if t.kind != "function" {
+                return Err(ApiError::invalid(
+                    format!(
+                        "tools[{i}].type must be \"function\", got {:?}",
+                        short(&t.kind)
+                    ),
+                    Some(&format!("tools[{i}].type")),
+                ));
+            }
+            let name = &t.function.name;
+            if name.is_empty()
+                || name.len() > 64
+                || !name
+                    .chars()
+                    .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-')
+            {
+                return Err(ApiError::invalid(
+                    format!(
+                        "tools[{i}].function.name must be 1-64 of a-z, A-Z, 0-9, _ and -, got {:?}",
+                        short(name)
+                    ),
+                    Some(&format!("tools[{i}].function.name")),
+                ));
+            }
+            if tools[..i].iter().any(|u| &u.function.name == name) {
+                return Err(ApiError::invalid(
+                    format!("two tools are named {name:?}"),
+                    Some("tools"),
+                ));
+            }
+            if let Some(p) = &t.function.parameters {
+                if !p.is_object() {
+                    return Err(ApiError::invalid(
+                        "function parameters must be a JSON schema object",
+                        Some(&format!("tools[{i}].function.parameters")),
+                    ));
+                }
+            }
+        }
+        let forced = match choice {
+            None => None,
+            Some(ToolChoice::Mode(m)) => match m.as_str() {
+                "auto" => None,
+                "none" => {
+                    return Ok(Self {
+                        tools: vec![],
+                        forced: None,
+                        parallel: false,
+                    })
+                }
+                "required" if tools.is_empty() => {
+                    return Err(ApiError::invalid(
+                        "tool_choice \"required\" needs tools",
+                        Some("tool_choice"),
+                    ))
+                }
+                "required" => Some(Forced::Any),
+                _ => {
+                    return Err(ApiError::invalid(
+                        format!(
+                            "tool_choice must be \"none\", \"auto\", \"required\" or \
+                             {{\"type\": \"function\", \"function\": {{\"name\": ...}}}}, got {:?}",
+                            short(&m)
+                        ),
+                        Some("tool_choice"),
+                    ))
+                }
+            },
+            Some(ToolChoice::Named { kind, function }) => {
+                if kind != "function" {
+                    return Err(ApiError::invalid(
+                        "tool_choice.type must be \"function\"",
+                        Some("tool_choice"),
+                    ));
+                }
+                if !tools.iter().any(|t| t.function.name == function.name) {
+                    return Err(ApiError::invalid(
+                        format!(
+                            "tool_choice names {:?}, which is not in tools",
+                            short(&function.name)
+                        ),
+                        Some("tool_choice"),
+                    ));
+                }
+                Some(Forced::Named(function.name))
+            }
+        };
+        Ok(Self {
+            tools,
+            forced,
+            parallel: parallel.unwrap_or(true),
+        })
+    }
+
+    /// Whether output is parsed for calls.
+    pub fn active(&self) -> bool {
+        !self.tools.is_empty()
+    }
+
+    /// The grammar forced calls must follow (None: the model is free).
+    pub fn grammar(&self) -> Option<GrammarSpec> {
+        let forced = self.forced.as_ref()?;
+        let schemas: Vec<Value> = self
+            .tools
+            .iter()
+            .filter(|t| match forced {
+                Forced::Any => true,
+                Forced::Named(n) => &t.function.name == n,
+            })
+            .map(|t| {
+                json!({
+                    "type": "object",
+                    "properties": {
+                        "name": {"const": t.function.name},
+                        "arguments": t.function.parameters.clone().unwrap_or_else(|| json!({"type": "object"})),
+                    },
+                    "required": ["name", "arguments"],
+                    "additionalProperties": false,
+                })
+            })
+            .collect();
+        let mut schema = if schemas.len() == 1 {
+            schemas.into_iter().next().expect("one")
+        } else {
+            json!({ "anyOf": schemas })
+        };
+        schema["x-guidance"] =
+            json!({"whitespace_flexible": false, "item_separator": ", ", "key_separator": ": "});
+        let call = format!("\"{OPEN}\\n\" %json {schema} \"\\n{CLOSE}\"");
+        let lark = if self.parallel {
+            format!("start: call (\"\\n\" call)*\ncall: {call}\n")
+        } else {
+            format!("start: {call}\n")
+        };
+        Some(GrammarSpec::Lark(lark))
+    }
+
+    /// The system text that describes the tools to a template that does not read them.
+    fn system_text(&self) -> String {
+        let mut s = String::from(
+            "You are a function calling AI model. You are provided with function signatures \
+             within <tools></tools> XML tags. You may call one or more functions to assist with \
+             the user query. Don't make assumptions about what values to plug into functions. \
+             Here are the available tools: <tools>",
+        );
+        for t in &self.tools {
+            s.push('\n');
+            s.push_str(&serde_json::to_string(t).unwrap_or_default());
+        }
+        s.push_str(
+            "\n</tools>\nFor each function call return a json object with function name and \
+             arguments within <tool_call></tool_call> XML tags as follows:\n<tool_call>\n\
+             {\"name\": <function-name>, \"arguments\": <args-dict>}\n</tool_call>",
+        );
+        s
+    }
+}
+
+/// A message as the template context gets it.
+#[derive(Debug, Clone, Serialize)]
+pub struct TemplateMessage {
+    /// Role.
+    pub role: String,
+    /// Text.
+    pub content: String,
+    /// The assistant's calls, in OpenAI's shape with `arguments` parsed (what HF templates read).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub tool_calls: Option<Vec<Value>>,
+    /// A tool result's call id.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub tool_call_id: Option<String>,
+    /// A tool result's tool name, or a participant's name.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub name: Option<String>,
+}
+
+/// The `tool_calls` of an assistant message as templates read them (`arguments` as an object
+/// when it parses, as many templates iterate it).
+fn template_calls(calls: &[ToolCallIn]) -> Vec<Value> {
+    calls
+        .iter()
+        .map(|c| {
+            let args = serde_json::from_str::<Value>(&c.function.arguments)
+                .unwrap_or_else(|_| Value::String(c.function.arguments.clone()));
+            json!({
+                "id": c.id,
+                "type": "function",
+                "function": {"name": c.function.name, "arguments": args},
+            })
+        })
+        .collect()
+}
+
+/// A call written the way the model is asked to write it.
+fn call_text(f: &FunctionCall) -> String {
+    let args = serde_json::from_str::<Value>(&f.arguments)
+        .unwrap_or_else(|_| Value::String(f.arguments.clone()));
+    format!(
+        "{OPEN}\n{{\"name\": {}, \"arguments\": {args}}}\n{CLOSE}",
+        Value::String(f.name.clone())
+    )
+}
+
+/// Builds the template's messages from the request's (content already as text) and the tools
+/// to put in the context (None when the template does not read them).
+pub fn template_messages(
+    messages: &[Message],
+    texts: Vec<String>,
+    plan: &ToolPlan,
+    knows_tools: bool,
+) -> (Vec<TemplateMessage>, Option<Vec<Tool>>) {
+    if knows_tools {
+        let out = messages
+            .iter()
+            .zip(texts)
+            .map(|(m, content)| TemplateMessage {
+                role: m.role.clone(),
+                content,
+                tool_calls: m.tool_calls.as_deref().map(template_calls),
+                tool_call_id: m.tool_call_id.clone(),
+                name: m.name.clone(),
+            })
+            .collect();
+        let tools = plan.active().then(|| plan.tools.clone());
+        return (out, tools);
+    }
+    // The template knows only roles and text: calls and results become text.
+    let mut out: Vec<TemplateMessage> = Vec::new();
+    let mut prev_tool = false;
+    for (m, content) in messages.iter().zip(texts) {
+        let plain = |role: &str, content: String| TemplateMessage {
+            role: role.into(),
+            content,
+            tool_calls: None,
+            tool_call_id: None,
+            name: None,
+        };
+        if m.role == "tool" {
+            let text = format!("<tool_response>\n{content}\n</tool_response>");
+            match out.last_mut() {
+                Some(last) if prev_tool => {
+                    last.content.push('\n');
+                    last.content.push_str(&text);
+                }
+                _ => out.push(plain("user", text)),
+            }
+            prev_tool = true;
+            continue;
+        }
+        prev_tool = false;
+        let mut content = content;
+        for c in m.tool_calls.iter().flatten() {
+            if !content.is_empty() {
+                content.push('\n');
+            }
+            content.push_str(&call_text(&c.function));
+        }
+        out.push(plain(&m.role, content));
+    }
+    if plan.active() {
+        let sys = plan.system_text();
+        match out.first_mut() {
+            Some(first) if first.role == "system" => {
+                first.content = format!("{}\n\n{sys}", first.content);
+            }
+            _ => out.insert(
+                0,
+                TemplateMessage {
+                    role: "system".into(),
+                    content: sys,
+                    tool_calls: None,
+                    tool_call_id: None,
+                    name: None,
+                },
+            ),
+        }
+    }
+    (out, None)
+}
+
+/// A call found in the output, in OpenAI's response shape.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct ToolCallOut {
+    /// `call_` + 24 hex characters.
+    pub id: String,
+    /// Always "function".
+    #[serde(rename = "type")]
+    pub kind: &'static str,
+    /// Name and arguments (a JSON string).
+    pub function: FunctionOut,
+}
+
+/// A called function.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct FunctionOut {
+    /// The tool's name.
+    pub name: String,
+    /// Its arguments, JSON text.
+    pub arguments: String,
+}
+
+/// A piece of parsed output.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Piece {
+    /// Text for `content`.
+    Text(String),
+    /// A complete call.
+    Call(ToolCallOut),
+}
+
+/// Splits streamed output into text and calls. Text that might begin a call is held back until
+/// it is clear; a call is given whole once its closing tag arrives. A block that does not hold
+/// a valid call of an offered tool stays text.
+#[derive(Debug, Default)]
+pub struct CallParser {
+    buf: String,
+    names: Vec<String>,
+}
+
+impl CallParser {
+    /// A parser for calls of `plan`'s tools.
+    pub fn new(plan: &ToolPlan) -> Self {
+        Self {
+            buf: String::new(),
+            names: plan.tools.iter().map(|t| t.function.name.clone()).collect(),
+        }
+    }
+
+    /// Takes the next text; returns what became final.
+    pub fn push(&mut self, text: &str) -> Vec<Piece> {
+        self.buf.push_str(text);
+        let mut out = Vec::new();
+        loop {
+            match self.buf.find(OPEN) {
+                Some(start) => {
+                    let Some(end) = self.buf[start..].find(CLOSE).map(|e| start + e) else {
+                        // Inside a call: the text before it is final.
+                        emit_text(&mut out, self.buf.drain(..start).collect());
+                        return out;
+                    };
+                    let before: String = self.buf.drain(..start).collect();
+                    let block: String = self.buf.drain(..end - start + CLOSE.len()).collect();
+                    emit_text(&mut out, before);
+                    match self.call(&block[OPEN.len()..block.len() - CLOSE.len()]) {
+                        Some(c) => {
+                            out.push(Piece::Call(c));
+                            // The newline between parallel calls is not content.
+                            if self.buf.starts_with('\n') {
+                                self.buf.remove(0);
+                            }
+                        }
+                        None => emit_text(&mut out, block),
+                    }
+                }
+                None => {
+                    // Hold back a tail that could be the start of an opening tag.
+                    let keep = (1..OPEN.len())
+                        .rev()
+                        .find(|&k| self.buf.ends_with(&OPEN[..k]))
+                        .unwrap_or(0);
+                    let cut = self.buf.len() - keep;
+                    emit_text(&mut out, self.buf.drain(..cut).collect());
+                    return out;
+                }
+            }
+        }
+    }
+
+    /// The output ended: whatever is held is text (an unfinished call included).
+    pub fn finish(&mut self) -> Vec<Piece> {
+        let mut out = Vec::new();
+        emit_text(&mut out, std::mem::take(&mut self.buf));
+        out
+    }
+
+    fn call(&self, body: &str) -> Option<ToolCallOut> {
+        let v: Value = serde_json::from_str(body.trim()).ok()?;
+        let name = v.get("name")?.as_str()?;
+        if !self.names.iter().any(|n| n == name) {
+            return None;
+        }
+        let args = match v.get("arguments") {
+            None => json!({}),
+            Some(Value::String(s)) => serde_json::from_str(s).ok()?,
+            Some(a) => a.clone(),
+        };
+        Some(ToolCallOut {
+            id: format!("call_{:024x}", rand::random::<u128>() >> 32),
+            kind: "function",
+            function: FunctionOut {
+                name: name.to_string(),
+                arguments: args.to_string(),
+            },
+        })
+    }
+}
+
+fn emit_text(out: &mut Vec<Piece>, text: String) {
+    if !text.is_empty() {
+        out.push(Piece::Text(text));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::openai::FunctionDef;
+
+    fn plan(choice: Option<ToolChoice>) -> ToolPlan {
+        let tool = |name: &str| Tool {
+            kind: "function".into(),
+            function: FunctionDef {
+                name: name.into(),
+                description: Some("d".into()),
+                parameters: Some(
+                    json!({"type": "object", "properties": {"city": {"type": "string"}}}),
+                ),
+                strict: None,
+            },
+        };
+        ToolPlan::new(Some(vec![tool("weather"), tool("time")]), choice, None).unwrap()
+    }
+
+    fn run(p: &mut CallParser, pieces: &[&str]) -> Vec<Piece> {
+        let mut out: Vec<Piece> = pieces.iter().flat_map(|t| p.push(t)).collect();
+        out.extend(p.finish());
+        out
+    }
+
+    #[test]
+    fn calls_split_across_chunks_are_found_whole() {
+        let mut p = CallParser::new(&plan(None));
+        let out = run(
+            &mut p,
+            &[
+                "Sure. <tool",
+                "_call>\n{\"name\": \"weather\", \"argu",
+                "ments\": {\"city\": \"Paris\"}}\n</tool_",
+                "call>\n<tool_call>{\"name\": \"time\"}</tool_call> done",
+            ],
+        );
+        assert_eq!(out.len(), 4, "{out:?}");
+        assert_eq!(out[0], Piece::Text("Sure. ".into()));
+        let Piece::Call(c) = &out[1] else {
+            panic!("{out:?}")
+        };
+        assert_eq!(c.function.name, "weather");
+        assert_eq!(c.function.arguments, r#"{"city":"Paris"}"#);
+        let Piece::Call(c) = &out[2] else {
+            panic!("{out:?}")
+        };
+        assert_eq!(
+            (c.function.name.as_str(), c.function.arguments.as_str()),
+            ("time", "{}")
+        );
+        assert_eq!(out[3], Piece::Text(" done".into()));
+    }
+
+    #[test]
+    fn unknown_tools_bad_json_and_unfinished_calls_stay_text() {
+        let mut p = CallParser::new(&plan(None));
+        let text = "<tool_call>{\"name\": \"nope\"}</tool_call><tool_call>{bad</tool_call><tool_call>{\"name\"";
+        let out: String = run(&mut p, &[text])
+            .into_iter()
+            .map(|x| match x {
+                Piece::Text(t) => t,
+                Piece::Call(c) => panic!("{c:?}"),
+            })
+            .collect();
+        assert_eq!(out, text);
+        // Text that only looks like the start of a tag is released at the end.
+        let held = run(&mut CallParser::new(&plan(None)), &["a <tool"]);
+        assert_eq!(
+            held,
+            vec![Piece::Text("a ".into()), Piece::Text("<tool".into())]
+        );
+    }
+
+    #[test]
+    fn choices_are_checked() {
+        assert!(plan(Some(ToolChoice::Mode("required".into())))
+            .grammar()
+            .is_some());
+        assert!(plan(None).grammar().is_none());
+        assert!(!plan(Some(ToolChoice::Mode("none".into()))).active());
+        let bad = ToolPlan::new(None, Some(ToolChoice::Mode("required".into())), None);
+        assert!(bad.is_err());
+        let named = |n: &str| {
+            ToolPlan::new(
+                plan(None).tools.into(),
+                Some(ToolChoice::Named {
+                    kind: "function".into(),
+                    function: crate::openai::NamedFunction { name: n.into() },
+                }),
+                None,
+            )
+        };
+        assert!(named("time").is_ok());
+        assert!(named("other").is_err());
+    }
+
+    #[test]
+    fn templates_without_tools_get_them_as_text() {
+        let msgs = vec![
+            Message {
+                role: "user".into(),
+                content: None,
+                tool_calls: None,
+                tool_call_id: None,
+                name: None,
+            },
+            Message {
+                role: "assistant".into(),
+                content: None,
+                tool_calls: Some(vec![ToolCallIn {
+                    id: Some("call_1".into()),
+                    kind: Some("function".into()),
+                    function: FunctionCall {
+                        name: "weather".into(),
+                        arguments: "{\"city\": \"Paris\"}".into(),
+                    },
+                }]),
+                tool_call_id: None,
+                name: None,
+            },
+            Message {
+                role: "tool".into(),
+                content: None,
+                tool_calls: None,
+                tool_call_id: Some("call_1".into()),
+                name: None,
+            },
+        ];
+        let texts = vec!["weather?".to_string(), String::new(), "sunny".to_string()];
+        let (out, tools) = template_messages(&msgs, texts, &plan(None), false);
+        assert!(tools.is_none());
+        let roles: Vec<&str> = out.iter().map(|m| m.role.as_str()).collect();
+        assert_eq!(roles, ["system", "user", "assistant", "user"]);
+        assert!(out[0].content.contains("\"weather\""));
+        assert_eq!(
+            out[2].content,
+            "<tool_call>\n{\"name\": \"weather\", \"arguments\": {\"city\":\"Paris\"}}\n</tool_call>"
+        );
+        assert_eq!(out[3].content, "<tool_response>\nsunny\n</tool_response>");
+    }
+}
