@@ -373,6 +373,9 @@ pub enum Piece {
 pub struct CallParser {
     buf: String,
     names: Vec<String>,
+    /// A call was the last thing found: whitespace after it is not content (the newline
+    /// between parallel calls, the one before the end).
+    after_call: bool,
 }
 
 impl CallParser {
@@ -381,6 +384,7 @@ impl CallParser {
         Self {
             buf: String::new(),
             names: plan.tools.iter().map(|t| t.function.name.clone()).collect(),
+            after_call: false,
         }
     }
 
@@ -389,25 +393,26 @@ impl CallParser {
         self.buf.push_str(text);
         let mut out = Vec::new();
         loop {
+            if self.after_call && self.buf.trim().is_empty() {
+                return out; // whitespace after a call: held until it is clear what follows
+            }
             match self.buf.find(OPEN) {
                 Some(start) => {
                     let Some(end) = self.buf[start..].find(CLOSE).map(|e| start + e) else {
                         // Inside a call: the text before it is final.
-                        emit_text(&mut out, self.buf.drain(..start).collect());
+                        let before: String = self.buf.drain(..start).collect();
+                        self.text(&mut out, before);
                         return out;
                     };
                     let before: String = self.buf.drain(..start).collect();
                     let block: String = self.buf.drain(..end - start + CLOSE.len()).collect();
-                    emit_text(&mut out, before);
+                    self.text(&mut out, before);
                     match self.call(&block[OPEN.len()..block.len() - CLOSE.len()]) {
                         Some(c) => {
                             out.push(Piece::Call(c));
-                            // The newline between parallel calls is not content.
-                            if self.buf.starts_with('\n') {
-                                self.buf.remove(0);
-                            }
+                            self.after_call = true;
                         }
-                        None => emit_text(&mut out, block),
+                        None => self.text(&mut out, block),
                     }
                 }
                 None => {
@@ -417,18 +422,34 @@ impl CallParser {
                         .find(|&k| self.buf.ends_with(&OPEN[..k]))
                         .unwrap_or(0);
                     let cut = self.buf.len() - keep;
-                    emit_text(&mut out, self.buf.drain(..cut).collect());
+                    let text: String = self.buf.drain(..cut).collect();
+                    self.text(&mut out, text);
                     return out;
                 }
             }
         }
     }
 
-    /// The output ended: whatever is held is text (an unfinished call included).
+    /// The output ended: whatever is held is text (an unfinished call included), except
+    /// whitespace after a call.
     pub fn finish(&mut self) -> Vec<Piece> {
         let mut out = Vec::new();
-        emit_text(&mut out, std::mem::take(&mut self.buf));
+        let rest = std::mem::take(&mut self.buf);
+        if !(self.after_call && rest.trim().is_empty()) {
+            self.text(&mut out, rest);
+        }
         out
+    }
+
+    /// Emits content text; whitespace only between two calls is dropped.
+    fn text(&mut self, out: &mut Vec<Piece>, text: String) {
+        if self.after_call && text.trim().is_empty() {
+            return;
+        }
+        if !text.is_empty() {
+            self.after_call = false;
+            out.push(Piece::Text(text));
+        }
     }
 
     fn call(&self, body: &str) -> Option<ToolCallOut> {
@@ -450,12 +471,6 @@ impl CallParser {
                 arguments: args.to_string(),
             },
         })
-    }
-}
-
-fn emit_text(out: &mut Vec<Piece>, text: String) {
-    if !text.is_empty() {
-        out.push(Piece::Text(text));
     }
 }
 
@@ -512,6 +527,12 @@ mod tests {
             ("time", "{}")
         );
         assert_eq!(out[3], Piece::Text(" done".into()));
+        // The newline between two calls, in chunks of its own, is not content.
+        let mut p = CallParser::new(&plan(None));
+        let call = "<tool_call>\n{\"name\": \"time\"}\n</tool_call>";
+        let out = run(&mut p, &[call, "\n", call, "\n"]);
+        assert_eq!(out.len(), 2, "{out:?}");
+        assert!(out.iter().all(|x| matches!(x, Piece::Call(_))));
     }
 
     #[test]
