@@ -87,10 +87,10 @@ def get_json(url):
 
 
 class Server:
-    def __init__(self, binary, model, port):
+    def __init__(self, binary, model, port, extra=()):
         self.log = tempfile.NamedTemporaryFile(prefix="kvinfer-web-", suffix=".log", delete=False)
         self.base = f"http://127.0.0.1:{port}"
-        cmd = [str(binary), "serve", "--model", model, "--port", str(port), "--threads", "2"]
+        cmd = [str(binary), "serve", "--model", model, "--port", str(port), "--threads", "2", *extra]
         print("starting:", " ".join(cmd), flush=True)
         self.proc = subprocess.Popen(cmd, stdout=self.log, stderr=subprocess.STDOUT, cwd=ROOT)
 
@@ -150,20 +150,22 @@ def hit_rate(browser):
     return float(m.group(1))
 
 
-def chat_turn(browser, server, turn, message):
-    """Sends `message`, waits for the streamed reply to end; returns (reply, meta line)."""
+def chat_turn(browser, server, turn, message, index=None):
+    """Sends `message` as request number `turn` (the `index`-th reply on the page, default
+    `turn`), waits for the streamed reply to end; returns (reply, meta line)."""
+    index = index or turn
     box = browser.find_element(By.ID, "input")
     box.send_keys(message)
     box.send_keys(Keys.ENTER)  # Enter sends
     done = f'#messages .assistant[data-done="1"]'
     wait_for(f"assistant reply {turn} to finish streaming",
-             lambda: len(browser.find_elements(By.CSS_SELECTOR, done)) >= turn, 120, 0.2)
-    el = browser.find_elements(By.CSS_SELECTOR, "#messages .assistant")[turn - 1]
+             lambda: len(browser.find_elements(By.CSS_SELECTOR, done)) >= index, 120, 0.2)
+    el = browser.find_elements(By.CSS_SELECTOR, "#messages .assistant")[index - 1]
     reply = el.text.strip()
     check("error" not in el.get_attribute("class"), f"turn {turn} ended in an error: {reply}")
     check(reply, f"assistant reply {turn} is empty")
     meta = browser.find_elements(By.CSS_SELECTOR, "#messages .meta")
-    check(len(meta) >= turn, f"no usage line after reply {turn}")
+    check(len(meta) >= index, f"no usage line after reply {turn}")
     # The panel refreshes every 500 ms: wait until it shows this turn's request as finished.
     def panel_caught_up():
         s = get_json(server.base + "/v1/stats")
@@ -171,7 +173,7 @@ def chat_turn(browser, server, turn, message):
                 and text(browser, "#requests") == str(turn)
                 and text(browser, "#running") == "0 / 0")
     wait_for(f"the cache panel to show request {turn} finished", panel_caught_up, 10, 0.2)
-    return reply, meta[turn - 1].text.strip()
+    return reply, meta[index - 1].text.strip()
 
 
 def cached_tokens(meta_line):
@@ -195,6 +197,56 @@ def check_panel_matches_stats(browser, server):
     return shown
 
 
+FETCH = """
+const [url, contentType, mode, done] = arguments;
+fetch(url, {method: "POST", mode, headers: {"Content-Type": contentType},
+            body: JSON.stringify({messages: [{role: "user", content: "hi"}], max_tokens: 2})})
+  .then(async (r) => done({ok: true, type: r.type, status: r.status, body: r.type === "opaque" ? "" : await r.text()}))
+  .catch((e) => done({ok: false, error: String(e)}));
+"""
+
+
+def cors_checks(browser, binary, model, server):
+    """A page from another origin: its JSON POST (preflighted) is refused by the browser unless
+    --cors-origins names that origin; its simple text/plain POST (no preflight) is refused by
+    the server (nothing reaches the engine)."""
+    page_dir = tempfile.mkdtemp(prefix="kvinfer-foreign-")
+    Path(page_dir, "index.html").write_text("<!doctype html><title>foreign</title><p>foreign page")
+    fport = free_port()
+    foreign = subprocess.Popen([sys.executable, "-m", "http.server", str(fport), "--bind", "127.0.0.1",
+                                "--directory", page_dir], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    origin = f"http://127.0.0.1:{fport}"
+    allowed = None
+    try:
+        wait_for("the foreign page's server", lambda: urllib.request.urlopen(origin + "/", timeout=2).status == 200, 10, 0.2)
+        browser.set_script_timeout(60)
+        browser.get(origin + "/")
+        api = server.base + "/v1/chat/completions"
+        before = get_json(server.base + "/v1/stats")["requests_total"]
+        r = browser.execute_async_script(FETCH, api, "application/json", "cors")
+        check(not r["ok"], f"CORS off: a foreign page's JSON POST should fail its preflight; got {r}")
+        r = browser.execute_async_script(FETCH, api, "text/plain", "no-cors")
+        time.sleep(0.5)
+        after = get_json(server.base + "/v1/stats")["requests_total"]
+        check(after == before, f"a foreign page's simple POST reached the engine ({before} -> {after} requests)")
+        print(f"cors off: preflighted POST refused, simple POST refused ({r})", flush=True)
+
+        allowed = Server(binary, model, free_port(), ["--cors-origins", origin])
+        allowed.wait_healthy(120)
+        r = browser.execute_async_script(FETCH, allowed.base + "/v1/chat/completions", "application/json", "cors")
+        check(r["ok"] and r["status"] == 200 and "choices" in json.loads(r["body"]),
+              f"--cors-origins {origin}: the page's JSON POST should succeed; got {r}")
+        r = browser.execute_async_script(FETCH, allowed.base + "/v1/chat/completions", "text/plain", "cors")
+        print(f"cors on for {origin}: JSON POST answered 200; text/plain -> {r.get('status')}", flush=True)
+        rc = allowed.stop()
+        check(rc == 0, f"the CORS server exited with {rc}")
+    finally:
+        foreign.kill()
+        foreign.wait()
+        if allowed is not None:
+            allowed.kill()
+
+
 def run():
     binary = find_binary()
     check(binary.exists(), f"kvinfer binary not found at {binary}: build it with "
@@ -210,7 +262,8 @@ def run():
         wait_for("the cache panel's first /v1/stats", lambda: text(browser, "#blocks-total") != "–", 10)
         browser.execute_script(
             "const m = document.getElementById('max-tokens'); m.value = arguments[0];"
-            "m.dispatchEvent(new Event('change'));", MAX_TOKENS)
+            "m.dispatchEvent(new Event('change'));"
+            "document.getElementById('temperature').value = 0;", MAX_TOKENS)
 
         reply1, meta1 = chat_turn(browser, server, 1, "What is the capital of France?")
         rate1 = hit_rate(browser)
@@ -219,6 +272,11 @@ def run():
         rate2 = hit_rate(browser)
         print(f"turn 2: {meta2}; hit rate {rate2}%\n  reply: {reply2[:80]!r}", flush=True)
 
+        check(re.search(r"seed \d+", meta2), f"the usage line should show the seed: {meta2!r}")
+        titles = [e.get_attribute("title") or "" for e in
+                  browser.find_elements(By.CSS_SELECTOR, "#messages .assistant span.tok")]
+        check(titles and all("%" in t for t in titles),
+              f"every streamed piece should carry its token probabilities on hover: {titles[:3]}")
         prompt2, cached2 = cached_tokens(meta2)
         cached_tokens(meta1)
         check(cached2 > 0, f"the second turn took no tokens from the prefix cache: {meta2!r}")
@@ -230,15 +288,29 @@ def run():
         check(browser.save_screenshot(str(shot)), f"could not save the screenshot to {shot}")
         print(f"screenshot: {shot} ({shot.stat().st_size // 1024} KiB)", flush=True)
 
+        # JSON mode: the reply is a JSON object (when it ends before max tokens).
+        browser.execute_script(
+            "document.getElementById('json-mode').click();"
+            "document.getElementById('max-tokens').value = 200;"
+            "document.getElementById('clear').click();")
+        reply3, meta3 = chat_turn(browser, server, 3, "Describe a cat as JSON.", index=1)
+        generated = int(re.search(r"(\d+) generated", meta3).group(1))
+        check(reply3.startswith("{"), f"JSON mode should reply with an object: {reply3!r}")
+        if generated < 200:
+            check(isinstance(json.loads(reply3), dict), f"JSON mode reply does not parse: {reply3!r}")
+        print(f"json mode: {reply3[:80]!r} ({generated} tokens)", flush=True)
+        browser.execute_script("document.getElementById('json-mode').click();")
+
         # An HTTP error is shown in the chat, not swallowed: ask for more tokens than fit.
         browser.execute_script("document.getElementById('max-tokens').value = 1000000;")
         browser.find_element(By.ID, "input").send_keys("This one fails." + Keys.ENTER)
         done = '#messages .assistant[data-done="1"]'
         wait_for("the failed turn to be marked done",
-                 lambda: len(browser.find_elements(By.CSS_SELECTOR, done)) >= 3, 10, 0.2)
-        el = browser.find_elements(By.CSS_SELECTOR, "#messages .assistant")[2]
+                 lambda: len(browser.find_elements(By.CSS_SELECTOR, done)) >= 2, 10, 0.2)
+        el = browser.find_elements(By.CSS_SELECTOR, "#messages .assistant")[1]
         check("error" in el.get_attribute("class") and "max_tokens" in el.text,
               f"an over-long max_tokens should show the server's error in the chat; shows {el.text!r}")
+        cors_checks(browser, binary, model, server)
         browser.quit()
         browser = None
 
