@@ -244,13 +244,19 @@ def test_sampling_parameters_change_output_as_they_should():
     for e in r.choices[0].logprobs.content:
         assert e.top_logprobs[0].token == e.token and len(e.top_logprobs) == 3, e
     assert "".join(e.token for e in r.choices[0].logprobs.content) == r.choices[0].message.content
-    for kw in [dict(response_format={"type": "json_object"}),
-               dict(tools=[{"type": "function", "function": {"name": "f", "parameters": {}}}])]:
+    for kw in [dict(response_format={"type": "yaml"}),
+               dict(tool_choice="required"),
+               dict(tools=[{"type": "function", "function": {"name": "no spaces"}}]),
+               dict(extra_body={"echo": True}),
+               dict(extra_body={"best_of": 3}),
+               dict(extra_body={"suffix": "x"}),
+               dict(extra_body={"functions": [{"name": "f"}]})]:
         try:
             chat("hi", max_tokens=2, **kw)
             raise AssertionError(f"{kw} was accepted")
         except openai.BadRequestError as e:
-            assert list(kw)[0] in str(e), str(e)
+            name = list(kw.get("extra_body", kw))[0]
+            assert name in str(e), str(e)
 
 
 def test_overload_400_at_once():
