@@ -7,6 +7,10 @@ use crate::error::ApiError;
 use crate::openai::{
     content_text, engine_request, parse, ChatRequest, Common, CompletionRequest, Prompt,
 };
+use crate::responses::{
+    chat_logprobs, completion_logprobs, AssistantMessage, ChatChoice, ChunkChoice, Delta, Envelope,
+    Logprobs, TextChoice, ToolCallDelta, UsageOut,
+};
 use crate::tools::{CallParser, Piece, ToolPlan};
 use crate::AppState;
 use axum::body::Bytes;
@@ -331,42 +335,33 @@ impl Meta {
         }
     }
 
-    /// The buffered entries of choice `index` in this API's shape (null when not asked for);
+    /// The buffered entries of choice `index` in this API's shape (None when not asked for);
     /// `offset`: the text offset of the first (completions' `text_offset`).
-    fn take_lp(&mut self, index: usize, offset: usize) -> Value {
+    fn take_lp(&mut self, index: usize, offset: usize) -> Option<Logprobs> {
         let api = self.api;
-        match self.lp.as_mut().and_then(|l| l.get_mut(index)) {
-            Some(entries) => logprobs_json(api, &std::mem::take(entries), offset),
-            None => Value::Null,
-        }
+        let entries = std::mem::take(self.lp.as_mut()?.get_mut(index)?);
+        Some(match api {
+            Api::Chat => chat_logprobs(&entries),
+            Api::Completion => completion_logprobs(&entries, offset),
+        })
     }
-}
 
-/// OpenAI's logprobs shapes: chat `{"content": [{token, logprob, bytes, top_logprobs}]}`,
-/// completions `{tokens, token_logprobs, top_logprobs: [{token: logprob}], text_offset}`.
-fn logprobs_json(api: Api, entries: &[Logprob], offset: usize) -> Value {
-    let one = |t: &TokenLogprob| json!({"token": t.token, "logprob": t.logprob, "bytes": t.bytes});
-    match api {
-        Api::Chat => json!({"content": entries.iter().map(|(t, top)| {
-            let mut v = one(t);
-            v["top_logprobs"] = json!(top.iter().map(one).collect::<Vec<_>>());
-            v
-        }).collect::<Vec<_>>()}),
-        Api::Completion => {
-            let mut at = offset;
-            let mut offsets = Vec::new();
-            for (t, _) in entries {
-                offsets.push(at);
-                at += t.token.len();
-            }
-            json!({
-                "tokens": entries.iter().map(|(t, _)| t.token.clone()).collect::<Vec<_>>(),
-                "token_logprobs": entries.iter().map(|(t, _)| t.logprob).collect::<Vec<_>>(),
-                "top_logprobs": entries.iter().map(|(_, top)| {
-                    top.iter().map(|t| (t.token.clone(), json!(t.logprob))).collect::<serde_json::Map<_, _>>()
-                }).collect::<Vec<_>>(),
-                "text_offset": offsets,
-            })
+    /// The envelope of an answer or chunk of this request.
+    fn envelope<C>(
+        &self,
+        object: &'static str,
+        choices: Vec<C>,
+        usage: Option<UsageOut>,
+    ) -> Envelope<'_, C> {
+        Envelope {
+            id: &self.id,
+            object,
+            created: self.created,
+            model: &self.model,
+            system_fingerprint: &self.fingerprint,
+            seed: self.seed,
+            choices,
+            usage,
         }
     }
 }
@@ -396,15 +391,6 @@ fn reason(r: FinishReason) -> &'static str {
         FinishReason::Length | FinishReason::ContextFull => "length",
         FinishReason::Cancelled => "stop",
     }
-}
-
-fn usage_json(u: &Usage) -> Value {
-    json!({
-        "prompt_tokens": u.prompt_tokens,
-        "completion_tokens": u.completion_tokens,
-        "total_tokens": u.prompt_tokens + u.completion_tokens,
-        "prompt_tokens_details": {"cached_tokens": u.cached_tokens},
-    })
 }
 
 async fn collect(
@@ -441,103 +427,101 @@ async fn collect(
     }
     meta.log(usage.as_ref());
     let usage = usage.unwrap_or_default();
-    let choices: Vec<Value> = texts
-        .into_iter()
-        .zip(reasons)
-        .enumerate()
-        .map(|(i, (text, r))| match meta.api {
-            Api::Chat => {
-                let (content, calls) = match &meta.tools {
-                    Some(plan) => split_calls(plan, &text),
-                    None => (text, Vec::new()),
-                };
-                let mut message = json!({"role": "assistant", "content": content});
-                let mut r = r;
-                if !calls.is_empty() {
-                    if content.is_empty() {
-                        message["content"] = Value::Null;
+    let usage = Some(UsageOut::from(&usage));
+    let body = match meta.api {
+        Api::Chat => {
+            let choices: Vec<ChatChoice> = texts
+                .into_iter()
+                .zip(reasons)
+                .enumerate()
+                .map(|(i, (text, r))| {
+                    let (content, tool_calls) = match &meta.tools {
+                        Some(plan) => split_calls(plan, &text),
+                        None => (text, Vec::new()),
+                    };
+                    let calls = !tool_calls.is_empty();
+                    ChatChoice {
+                        index: i,
+                        message: AssistantMessage {
+                            role: "assistant",
+                            content: (!calls || !content.is_empty()).then_some(content),
+                            tool_calls,
+                        },
+                        logprobs: meta.take_lp(i, 0),
+                        finish_reason: if calls && r == "stop" {
+                            "tool_calls"
+                        } else {
+                            r
+                        },
                     }
-                    message["tool_calls"] = json!(calls);
-                    if r == "stop" {
-                        r = "tool_calls";
-                    }
-                }
-                json!({
-                    "index": i,
-                    "message": message,
-                    "logprobs": meta.take_lp(i, 0),
-                    "finish_reason": r,
                 })
-            }
-            Api::Completion => {
-                json!({"index": i, "text": text, "logprobs": meta.take_lp(i, 0), "finish_reason": r})
-            }
-        })
-        .collect();
-    let object = if meta.api == Api::Chat {
-        "chat.completion"
-    } else {
-        "text_completion"
+                .collect();
+            serde_json::to_value(meta.envelope("chat.completion", choices, usage))
+        }
+        Api::Completion => {
+            let choices: Vec<TextChoice> = texts
+                .into_iter()
+                .zip(reasons)
+                .enumerate()
+                .map(|(i, (text, r))| TextChoice {
+                    index: i,
+                    text,
+                    logprobs: meta.take_lp(i, 0),
+                    finish_reason: Some(r),
+                })
+                .collect();
+            serde_json::to_value(meta.envelope("text_completion", choices, usage))
+        }
     };
-    Ok(Json(json!({
-        "id": meta.id,
-        "object": object,
-        "created": meta.created,
-        "model": meta.model,
-        "system_fingerprint": meta.fingerprint,
-        "seed": meta.seed,
-        "choices": choices,
-        "usage": usage_json(&usage),
-    }))
-    .into_response())
+    Ok(Json(body.unwrap_or_default()).into_response())
 }
 
 impl Meta {
-    fn chunk(&self, choices: Value, usage: Option<Value>) -> SseEvent {
+    /// One SSE chunk of `choices` (and usage, on the last one when asked).
+    fn chunk<C: serde::Serialize>(&self, choices: Vec<C>, usage: Option<UsageOut>) -> SseEvent {
         let object = if self.api == Api::Chat {
             "chat.completion.chunk"
         } else {
             "text_completion"
         };
-        let mut v = json!({
-            "id": self.id,
-            "object": object,
-            "created": self.created,
-            "model": self.model,
-            "system_fingerprint": self.fingerprint,
-            "seed": self.seed,
-            "choices": choices,
-        });
-        if let Some(u) = usage {
-            v["usage"] = u;
-        }
-        SseEvent::default().data(v.to_string())
+        let data =
+            serde_json::to_string(&self.envelope(object, choices, usage)).unwrap_or_default();
+        SseEvent::default().data(data)
     }
 
+    /// A chunk with new text (or the role, or the end) of choice `index`.
     fn delta(
         &self,
         index: usize,
         text: Option<&str>,
-        finish: Option<&str>,
+        finish: Option<&'static str>,
         role: bool,
-        lp: Value,
+        logprobs: Option<Logprobs>,
     ) -> SseEvent {
-        let choice = match self.api {
-            Api::Chat => {
-                let mut delta = json!({});
-                if role {
-                    delta["role"] = json!("assistant");
-                }
-                if let Some(t) = text {
-                    delta["content"] = json!(t);
-                }
-                json!({"index": index, "delta": delta, "logprobs": lp, "finish_reason": finish})
-            }
-            Api::Completion => {
-                json!({"index": index, "text": text.unwrap_or(""), "logprobs": lp, "finish_reason": finish})
-            }
-        };
-        self.chunk(json!([choice]), None)
+        match self.api {
+            Api::Chat => self.chunk(
+                vec![ChunkChoice {
+                    index,
+                    delta: Delta {
+                        role: role.then_some("assistant"),
+                        content: text.map(str::to_string),
+                        tool_calls: None,
+                    },
+                    logprobs,
+                    finish_reason: finish,
+                }],
+                None,
+            ),
+            Api::Completion => self.chunk(
+                vec![TextChoice {
+                    index,
+                    text: text.unwrap_or("").to_string(),
+                    logprobs,
+                    finish_reason: finish,
+                }],
+                None,
+            ),
+        }
     }
 }
 
@@ -566,15 +550,16 @@ impl Meta {
                     if let Some(p) = self.parsers.get_mut(index) {
                         p.1 += 1;
                     }
-                    let mut v = serde_json::to_value(&call).unwrap_or_default();
-                    v["index"] = json!(k);
-                    let choice = json!({
-                        "index": index,
-                        "delta": {"tool_calls": [v]},
-                        "logprobs": lp,
-                        "finish_reason": null,
-                    });
-                    out.push(self.chunk(json!([choice]), None));
+                    let choice = ChunkChoice {
+                        index,
+                        delta: Delta {
+                            tool_calls: Some(vec![ToolCallDelta { index: k, call }]),
+                            ..Delta::default()
+                        },
+                        logprobs: lp,
+                        finish_reason: None,
+                    };
+                    out.push(self.chunk(vec![choice], None));
                 }
             }
         }
@@ -595,7 +580,7 @@ fn sse(
     let mut first = VecDeque::new();
     if meta.api == Api::Chat {
         for i in 0..n {
-            first.push_back(meta.delta(i, Some(""), None, true, Value::Null));
+            first.push_back(meta.delta(i, Some(""), None, true, None));
         }
     }
     // Text bytes sent per choice so far (completions' `text_offset`).
@@ -663,7 +648,8 @@ fn sse(
                     Some(Event::Usage(u)) => {
                         meta.log(Some(&u));
                         if include_usage {
-                            queue.push_back(meta.chunk(json!([]), Some(usage_json(&u))));
+                            let none: Vec<ChunkChoice> = Vec::new();
+                            queue.push_back(meta.chunk(none, Some(UsageOut::from(&u))));
                         }
                     }
                     Some(Event::Error(m)) => {

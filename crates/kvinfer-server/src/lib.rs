@@ -11,6 +11,7 @@ mod error;
 mod handlers;
 mod metrics;
 mod openai;
+mod responses;
 mod tools;
 
 pub use error::ApiError;
