@@ -29,4 +29,4 @@ pub use manager::{
 pub use paged::{KvEventSink, PagedKv, SeqTables};
 pub use policy::{new_policy, EvictionPolicy, PolicyKind};
 pub use pool::{BlockPool, PoolEvent};
-pub use storage::{KvLayout, KvStorage};
+pub use storage::{KvDtype, KvLayout, KvStorage};

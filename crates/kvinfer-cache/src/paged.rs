@@ -300,6 +300,7 @@ mod tests {
             head_dim: 2,
             block_size: 2,
             num_blocks,
+            dtype: crate::KvDtype::F16,
         };
         PagedKv::new(layout, PolicyKind::Lru, 0, ModelFingerprint([9; 32]))
     }

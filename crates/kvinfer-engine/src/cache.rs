@@ -1,7 +1,7 @@
 //! Building the paged KV cache for a model: its memory budget and block geometry.
 
 use crate::tiers::{block_spec, build_store, TierOptions, TierSink};
-use kvinfer_cache::{PagedKv, PolicyKind, SeqId};
+use kvinfer_cache::{KvDtype, PagedKv, PolicyKind, SeqId};
 use kvinfer_model::{Model, ModelError, SeqBatch};
 use kvinfer_tier::TieredStore;
 use std::sync::Arc;
@@ -30,6 +30,8 @@ pub struct CacheOptions {
     pub num_blocks: Option<usize>,
     /// Tiers below the pool (none by default).
     pub tiers: TierOptions,
+    /// How K and V rows are stored (f16 by default).
+    pub kv_dtype: KvDtype,
 }
 
 impl Default for CacheOptions {
@@ -41,6 +43,7 @@ impl Default for CacheOptions {
             seed: 0,
             num_blocks: None,
             tiers: TierOptions::default(),
+            kv_dtype: KvDtype::F16,
         }
     }
 }
@@ -71,8 +74,9 @@ pub fn new_paged_kv(model: &Model, opts: &CacheOptions) -> Result<PagedKv, Strin
             opts.block_size
         ));
     }
+    opts.kv_dtype.check_head_dim(model.config.head_dim)?;
     let mb = opts.kv_cache_mb.unwrap_or_else(default_kv_cache_mb);
-    let one = model.kv_layout(opts.block_size, 1);
+    let one = model.kv_layout_of(opts.block_size, 1, opts.kv_dtype);
     let num_blocks = opts.num_blocks.unwrap_or_else(|| one.blocks_in(mb << 20));
     if num_blocks == 0 {
         return Err(format!(
@@ -81,12 +85,12 @@ pub fn new_paged_kv(model: &Model, opts: &CacheOptions) -> Result<PagedKv, Strin
             one.block_bytes().div_ceil(1 << 20)
         ));
     }
-    let layout = model.kv_layout(opts.block_size, num_blocks);
+    let layout = model.kv_layout_of(opts.block_size, num_blocks, opts.kv_dtype);
     Ok(PagedKv::new(
         layout,
         opts.policy,
         opts.seed,
-        model.fingerprint(opts.block_size),
+        model.fingerprint_of(opts.block_size, opts.kv_dtype),
     ))
 }
 
@@ -97,7 +101,8 @@ pub fn new_kv_cache(
     opts: &CacheOptions,
 ) -> Result<(PagedKv, Option<Arc<TieredStore>>), String> {
     let mut kv = new_paged_kv(model, opts)?;
-    let store = build_store(block_spec(model, opts.block_size), &opts.tiers, opts.policy)?;
+    let spec = block_spec(model, opts.block_size, opts.kv_dtype);
+    let store = build_store(spec, &opts.tiers, opts.policy)?;
     if let Some(s) = &store {
         kv.set_sink(Box::new(TierSink::new(s.clone())));
     }

@@ -117,13 +117,13 @@ impl TierOptions {
     }
 }
 
-/// What a block of `model` looks like on the tiers.
-pub fn block_spec(model: &Model, block_size: usize) -> BlockSpec {
-    let l = model.kv_layout(block_size, 1);
+/// What a block of `model` stored as `dtype` looks like on the tiers.
+pub fn block_spec(model: &Model, block_size: usize, dtype: kvinfer_cache::KvDtype) -> BlockSpec {
+    let l = model.kv_layout_of(block_size, 1, dtype);
     BlockSpec {
-        fingerprint: model.fingerprint(block_size),
+        fingerprint: model.fingerprint_of(block_size, dtype),
         group: 0,
-        dtype: 0,
+        dtype: dtype.id(),
         n_layers: l.n_layers as u16,
         n_kv_heads: l.n_kv_heads as u16,
         head_dim: l.head_dim as u16,

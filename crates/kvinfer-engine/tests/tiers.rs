@@ -203,7 +203,7 @@ fn a_restart_finds_its_prefix_on_disk_and_a_damaged_block_is_never_served() {
 
     // Damage four blocks of the prefix four ways: truncated, a flipped bit, another model's
     // fingerprint (checksum valid), another format version (checksum valid).
-    let spec = block_spec(&model, BS);
+    let spec = block_spec(&model, BS, kvinfer_cache::KvDtype::F16);
     let hashes = {
         let kv = PagedKv::new(
             model.kv_layout(BS, 1),
@@ -459,7 +459,7 @@ fn another_requests_block_under_this_name_is_refused() {
     run(&e.0, &a, 6);
     run(&e.0, &b, 6);
     stop(e);
-    let spec = block_spec(&model, BS);
+    let spec = block_spec(&model, BS, kvinfer_cache::KvDtype::F16);
     let kv = PagedKv::new(
         model.kv_layout(BS, 1),
         PolicyKind::Lru,

@@ -5,19 +5,41 @@
 mod common;
 
 use common::tiny;
-use kvinfer_cache::{PagedKv, PolicyKind};
+use kvinfer_cache::{KvDtype, PagedKv, PolicyKind};
 use kvinfer_engine::{extend_sequence, generate, FinishReason, GenerateRequest, SamplingParams};
 use kvinfer_model::testing::TinyArch;
 use kvinfer_model::{Model, ModelError, SeqBatch};
 
-/// A cache of `num_blocks` blocks of `block_size` tokens.
+/// A cache of `num_blocks` blocks of `block_size` tokens of f16 rows.
 fn paged(model: &Model, block_size: usize, num_blocks: usize, policy: PolicyKind) -> PagedKv {
+    paged_as(model, block_size, num_blocks, policy, KvDtype::F16)
+}
+
+/// As [`paged`], rows stored as `dtype`.
+fn paged_as(
+    model: &Model,
+    block_size: usize,
+    num_blocks: usize,
+    policy: PolicyKind,
+    dtype: KvDtype,
+) -> PagedKv {
     PagedKv::new(
-        model.kv_layout(block_size, num_blocks),
+        model.kv_layout_of(block_size, num_blocks, dtype),
         policy,
         11,
-        model.fingerprint(block_size),
+        model.fingerprint_of(block_size, dtype),
     )
+}
+
+/// The models and KV dtypes every invariant is checked for: each dtype on a llama and on
+/// gemma3 (sliding window); the quantized ones need heads of a multiple of 32.
+fn cases() -> Vec<(TinyArch, KvDtype)> {
+    let mut v = vec![(TinyArch::Llama, KvDtype::F16)];
+    for d in KvDtype::ALL {
+        v.push((TinyArch::LlamaHead32, d));
+        v.push((TinyArch::Gemma3, d));
+    }
+    v
 }
 
 fn request(prompt: &[u32], n: usize) -> GenerateRequest {
@@ -33,8 +55,8 @@ fn request(prompt: &[u32], n: usize) -> GenerateRequest {
     }
 }
 
-fn greedy(model: &Model, prompt: &[u32], n: usize, use_kv_cache: bool) -> Vec<u32> {
-    let mut kv = paged(model, 16, 32, PolicyKind::Lru);
+fn greedy(model: &Model, prompt: &[u32], n: usize, use_kv_cache: bool, dtype: KvDtype) -> Vec<u32> {
+    let mut kv = paged_as(model, 16, 32, PolicyKind::Lru, dtype);
     let req = GenerateRequest {
         use_kv_cache,
         ..request(prompt, n)
@@ -44,7 +66,7 @@ fn greedy(model: &Model, prompt: &[u32], n: usize, use_kv_cache: bool) -> Vec<u3
 
 #[test]
 fn cached_and_uncached_generation_agree() {
-    for arch in [TinyArch::Llama, TinyArch::Gemma3] {
+    for (arch, dtype) in cases() {
         for seed in [1, 2] {
             let (model, _) = tiny(arch, seed);
             let prompt = model
@@ -52,9 +74,9 @@ fn cached_and_uncached_generation_agree() {
                 .encode("the tin then a thin hen", true, false);
             assert!(prompt.len() > 3, "{arch:?}: prompt tokenized to {prompt:?}");
             // 40 tokens: past gemma3's tiny sliding window of 8, so windowed attention is covered.
-            let with = greedy(&model, &prompt, 40, true);
-            let without = greedy(&model, &prompt, 40, false);
-            assert_eq!(with, without, "{arch:?} seed {seed}");
+            let with = greedy(&model, &prompt, 40, true, dtype);
+            let without = greedy(&model, &prompt, 40, false, dtype);
+            assert_eq!(with, without, "{arch:?} {dtype} seed {seed}");
             assert_eq!(with.len(), 40);
             let distinct: std::collections::HashSet<_> = with.iter().collect();
             assert!(distinct.len() > 1, "{arch:?}: degenerate output {with:?}");
@@ -75,27 +97,27 @@ fn run_chunked(model: &Model, kv: &mut PagedKv, ids: &[u32], chunk: usize) -> Ve
 
 #[test]
 fn batched_chunked_and_token_by_token_prefill_are_bit_identical() {
-    for arch in [TinyArch::Llama, TinyArch::Gemma3] {
+    for (arch, dtype) in cases() {
         let (model, _) = tiny(arch, 3);
         let ids: Vec<u32> = (0..70).map(|i| (i * 37 % 250) as u32 + 4).collect();
-        let mut kv = paged(&model, 16, 16, PolicyKind::Lru);
+        let mut kv = paged_as(&model, 16, 16, PolicyKind::Lru, dtype);
         let whole = run_chunked(&model, &mut kv, &ids, ids.len());
         assert_eq!(
             whole,
             run_chunked(&model, &mut kv, &ids, 1),
-            "{arch:?} token by token"
+            "{arch:?} {dtype} token by token"
         );
         assert_eq!(
             whole,
             run_chunked(&model, &mut kv, &ids, 13),
-            "{arch:?} chunks of 13"
+            "{arch:?} {dtype} chunks of 13"
         );
     }
 }
 
 #[test]
 fn a_batch_of_sequences_equals_each_alone() {
-    for arch in [TinyArch::Llama, TinyArch::Gemma3] {
+    for (arch, dtype) in cases() {
         let (model, _) = tiny(arch, 5);
         let prompts: Vec<Vec<u32>> = [3usize, 17, 40]
             .iter()
@@ -105,7 +127,7 @@ fn a_batch_of_sequences_equals_each_alone() {
                     .collect()
             })
             .collect();
-        let mut kv = paged(&model, 4, 32, PolicyKind::Lru);
+        let mut kv = paged_as(&model, 4, 32, PolicyKind::Lru, dtype);
         let alone: Vec<Vec<f32>> = prompts
             .iter()
             .map(|p| run_chunked(&model, &mut kv, p, p.len()))
@@ -129,7 +151,7 @@ fn a_batch_of_sequences_equals_each_alone() {
             })
             .collect();
         let together = model.forward(storage, &batch).unwrap();
-        assert_eq!(together, alone, "{arch:?}");
+        assert_eq!(together, alone, "{arch:?} {dtype}");
     }
 }
 
@@ -137,7 +159,7 @@ fn a_batch_of_sequences_equals_each_alone() {
 /// with a pool so small that evictions happen mid-workload. No block leaks between requests.
 #[test]
 fn prefix_reuse_equals_recompute_under_every_policy_with_evictions() {
-    for arch in [TinyArch::Llama, TinyArch::Gemma3] {
+    for (arch, dtype) in cases() {
         let (model, _) = tiny(arch, 6);
         // Three "system prompts" and per-request suffixes: a few dozen prompts sharing prefixes.
         let stems: Vec<Vec<u32>> = (0..3)
@@ -160,7 +182,7 @@ fn prefix_reuse_equals_recompute_under_every_policy_with_evictions() {
         let reference: Vec<Vec<u32>> = prompts
             .iter()
             .map(|p| {
-                let mut kv = paged(&model, 4, 16, PolicyKind::Lru);
+                let mut kv = paged_as(&model, 4, 16, PolicyKind::Lru, dtype);
                 let req = GenerateRequest {
                     prefix_cache: false,
                     ..request(p, 6)
@@ -170,10 +192,10 @@ fn prefix_reuse_equals_recompute_under_every_policy_with_evictions() {
             .collect();
         for policy in PolicyKind::ALL {
             // 16 blocks of 4 tokens: room for two requests' worth of cached blocks at most.
-            let mut kv = paged(&model, 4, 16, policy);
+            let mut kv = paged_as(&model, 4, 16, policy, dtype);
             for (p, want) in prompts.iter().zip(&reference) {
                 let out = generate(&model, &mut kv, &request(p, 6), |_| true).unwrap();
-                assert_eq!(&out.ids, want, "{arch:?} {policy}: prompt {p:?}");
+                assert_eq!(&out.ids, want, "{arch:?} {dtype} {policy}: prompt {p:?}");
                 assert_eq!(kv.usage().in_use, 0, "{arch:?} {policy}: blocks leaked");
                 kv.check_invariants().unwrap();
             }
@@ -339,4 +361,39 @@ fn forked_sequences_copy_the_shared_partial_block_on_write() {
     kv.release(b);
     kv.check_invariants().unwrap();
     assert_eq!(kv.usage().in_use, 0);
+}
+
+/// Quantized KV stays close to f16 (the accuracy itself is measured by `kvinfer accuracy` on
+/// the real models): the logits of a 60-token prompt differ little and mostly agree on top-1.
+#[test]
+fn quantized_kv_logits_stay_close_to_f16() {
+    for arch in [TinyArch::LlamaHead32, TinyArch::Gemma3] {
+        let (model, _) = tiny(arch, 4);
+        let ids: Vec<u32> = (0..60).map(|i| (i * 29 % 240) as u32 + 4).collect();
+        let logits = |dtype| {
+            let mut kv = paged_as(&model, 16, 8, PolicyKind::Lru, dtype);
+            run_chunked(&model, &mut kv, &ids, 7)
+        };
+        let reference = logits(KvDtype::F16);
+        let spread = reference.iter().fold(0.0f32, |m, v| m.max(v.abs()));
+        for (dtype, tol) in [
+            (KvDtype::Q8_0, 0.05),
+            (KvDtype::Q4_0, 0.5),
+            (KvDtype::Q4, 0.5),
+        ] {
+            let got = logits(dtype);
+            assert_ne!(
+                got, reference,
+                "{arch:?} {dtype}: identical to f16, so not quantized"
+            );
+            let worst = got
+                .iter()
+                .zip(&reference)
+                .fold(0.0f32, |m, (a, b)| m.max((a - b).abs()));
+            assert!(
+                worst <= tol * spread,
+                "{arch:?} {dtype}: logits off by {worst} (spread {spread})"
+            );
+        }
+    }
 }

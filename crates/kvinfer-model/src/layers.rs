@@ -1,9 +1,10 @@
 //! Building blocks shared by the architectures: RMSNorm, RoPE, activations, and causal attention
 //! over the KV cache. Shapes are named in every signature: `[n][dim]` is `n` rows of `dim` f32.
 
+use crate::kernels::kv_quant::{self, KvQuery};
 use crate::kernels::{axpy_f16_rows, dot_f16_rows, matmul, QMatRef};
 use half::f16;
-use kvinfer_cache::{BlockId, KvStorage};
+use kvinfer_cache::{BlockId, KvDtype, KvStorage};
 use rayon::prelude::*;
 use std::ops::Range;
 
@@ -211,16 +212,18 @@ pub fn rope_spans(
 pub fn store_kv(kv: &mut KvStorage, layer: usize, spans: &[SeqSpan], k: &[f32], v: &[f32]) {
     let kv_dim = kv.layout().kv_dim();
     let bs = kv.layout().block_size;
+    let dtype = kv.layout().dtype;
     for s in spans {
         for (i, r) in s.rows.clone().enumerate() {
             let pos = s.start + i;
             let row = r * kv_dim..(r + 1) * kv_dim;
-            kv.write(
+            kv.write_with(
                 s.blocks[pos / bs],
                 pos % bs,
                 layer,
                 &k[row.clone()],
                 &v[row],
+                |x, out| kv_quant::quantize_kv_row(dtype, x, out),
             );
         }
     }
@@ -260,29 +263,43 @@ pub fn attention(
     debug_assert_eq!(row_pos.len() * n_heads * head_dim, q.len(), "q shape");
     let group = n_heads / n_kv_heads;
     let min_len = (32 * 1024 / (widest * head_dim)).max(1);
+    let dtype = kv.layout().dtype;
+    let rb = kv.layout().row_bytes();
     out.par_chunks_mut(head_dim)
         .with_min_len(min_len)
         .enumerate()
         .for_each_init(
-            || (Vec::new(), Vec::new(), Vec::new(), Vec::new()),
-            |(qh, scores, probs, half_buf): &mut (Vec<f32>, Vec<f32>, Vec<f32>, Vec<f16>),
-             (idx, o)| {
+            || (Vec::new(), Vec::new(), Vec::new(), KvQuery::default()),
+            |(qh, scores, half_buf, kq): &mut (Vec<f32>, Vec<f32>, Vec<f16>, KvQuery), (idx, o)| {
                 let (r, h) = (idx / n_heads, idx % n_heads);
                 let (si, pos) = row_pos[r];
                 let blocks = spans[si].blocks;
                 let first = window.map_or(0, |w| (pos + 1).saturating_sub(w));
                 let kvh = h / group;
-                // Round q to f16 as llama.cpp does (its K·Q product runs in f16 x f16 -> f32),
-                // so both engines see the same numbers; it costs nothing measurable.
-                qh.resize(head_dim, 0.0);
-                round_to_f16(&q[idx * head_dim..(idx + 1) * head_dim], qh, half_buf);
+                let q = &q[idx * head_dim..(idx + 1) * head_dim];
+                let f16 = dtype == KvDtype::F16;
+                if f16 {
+                    // Round q to f16 as llama.cpp does (its K·Q product runs in f16 x f16 ->
+                    // f32), so both engines see the same numbers; it costs nothing measurable.
+                    qh.resize(head_dim, 0.0);
+                    round_to_f16(q, qh, half_buf);
+                } else {
+                    // Quantized keys: the query quantized to q8_0 as ggml does (rotated first
+                    // for q4), integer dot products.
+                    kq.prepare(dtype, q);
+                }
                 // Scores block by block: one kernel call per block of keys.
                 scores.clear();
                 scores.resize(pos + 1 - first, 0.0);
                 for (bi, slots, at) in block_runs(first, pos, bs) {
-                    let keys = kv.keys(blocks[bi], layer, kvh);
                     let out = &mut scores[at..at + slots.len()];
-                    dot_f16_rows(qh, &keys[slots.start * head_dim..], head_dim, out);
+                    if f16 {
+                        let keys = kv.keys(blocks[bi], layer, kvh);
+                        dot_f16_rows(qh, &keys[slots.start * head_dim..], head_dim, out);
+                    } else {
+                        let keys = kv.rows_bytes(blocks[bi], layer, false, kvh);
+                        kv_quant::dot_kv_rows(dtype, kq, &keys[slots.start * rb..], head_dim, out);
+                    }
                 }
                 let max = scores
                     .iter()
@@ -293,17 +310,30 @@ pub fn attention(
                     sum += *s as f64;
                 }
                 let sum = sum as f32;
-                // The probabilities meet V in f16 as well (llama.cpp's V·P product).
                 for s in scores.iter_mut() {
                     *s /= sum;
                 }
-                probs.resize(scores.len(), 0.0);
-                round_to_f16(scores, probs, half_buf);
                 o.fill(0.0);
-                for (bi, slots, at) in block_runs(first, pos, bs) {
-                    let values = kv.values(blocks[bi], layer, kvh);
-                    let p = &probs[at..at + slots.len()];
-                    axpy_f16_rows(p, &values[slots.start * head_dim..], head_dim, o);
+                if f16 {
+                    // The probabilities meet V in f16 as well (llama.cpp's V·P product).
+                    qh.resize(scores.len(), 0.0);
+                    round_to_f16(scores, qh, half_buf);
+                    for (bi, slots, at) in block_runs(first, pos, bs) {
+                        let values = kv.values(blocks[bi], layer, kvh);
+                        let p = &qh[at..at + slots.len()];
+                        axpy_f16_rows(p, &values[slots.start * head_dim..], head_dim, o);
+                    }
+                } else {
+                    // Quantized values: dequantized on the fly against f32 probabilities
+                    // (ggml's flash-attention path for quantized V).
+                    for (bi, slots, at) in block_runs(first, pos, bs) {
+                        let values = kv.rows_bytes(blocks[bi], layer, true, kvh);
+                        let p = &scores[at..at + slots.len()];
+                        kv_quant::axpy_kv_rows(dtype, p, &values[slots.start * rb..], head_dim, o);
+                    }
+                    if dtype.rotated() {
+                        kv_quant::hadamard(o);
+                    }
                 }
             },
         );
@@ -375,6 +405,7 @@ mod tests {
             head_dim,
             block_size: 1,
             num_blocks: n + 1,
+            dtype: kvinfer_cache::KvDtype::F16,
         });
         let blocks: Vec<BlockId> = (0..n).map(|i| BlockId((n - i) as u32)).collect();
         let spans = [SeqSpan {

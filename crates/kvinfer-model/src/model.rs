@@ -6,7 +6,7 @@ use crate::gguf::GgufFile;
 use crate::layers::SeqSpan;
 use crate::tokenizer::{Tokenizer, TokenizerSpec};
 use crate::{gemma3, llama, ModelError};
-use kvinfer_cache::{BlockId, KvLayout, KvStorage, ModelFingerprint};
+use kvinfer_cache::{BlockId, KvDtype, KvLayout, KvStorage, ModelFingerprint};
 use std::path::Path;
 
 enum ArchWeights {
@@ -91,12 +91,18 @@ impl Model {
 
     /// The shape of a KV arena for this model: `num_blocks` blocks of `block_size` tokens.
     pub fn kv_layout(&self, block_size: usize, num_blocks: usize) -> KvLayout {
+        self.kv_layout_of(block_size, num_blocks, KvDtype::F16)
+    }
+
+    /// As [`Self::kv_layout`], storing rows as `dtype`.
+    pub fn kv_layout_of(&self, block_size: usize, num_blocks: usize, dtype: KvDtype) -> KvLayout {
         KvLayout {
             n_layers: self.config.n_layers,
             n_kv_heads: self.config.n_kv_heads,
             head_dim: self.config.head_dim,
             block_size,
             num_blocks,
+            dtype,
         }
     }
 
@@ -106,13 +112,19 @@ impl Model {
     /// between samples are not a risk we guard against), the KV dtype, the block size and the
     /// format version.
     pub fn fingerprint(&self, block_size: usize) -> ModelFingerprint {
+        self.fingerprint_of(block_size, KvDtype::F16)
+    }
+
+    /// As [`Self::fingerprint`], for blocks stored as `dtype` (a block is only ever used under
+    /// the dtype it was written with; f16 keeps the digest it always had).
+    pub fn fingerprint_of(&self, block_size: usize, dtype: KvDtype) -> ModelFingerprint {
         const WINDOWS: usize = 16;
         const WINDOW_BYTES: usize = 4 << 10; // 4 KiB
         let mut h = blake3::Hasher::new();
         h.update(b"kvinfer-kv");
         h.update(&KV_FORMAT_VERSION.to_le_bytes());
         h.update(format!("{:?}", self.config.arch).as_bytes());
-        h.update(b"f16");
+        h.update(dtype.name().as_bytes());
         h.update(&(block_size as u64).to_le_bytes());
         for t in self.file.tensors() {
             h.update(t.name.as_bytes());
@@ -136,8 +148,9 @@ impl Model {
         kv: &mut KvStorage,
         batch: &[SeqBatch],
     ) -> Result<Vec<Vec<f32>>, ModelError> {
-        let layout = self.kv_layout(kv.layout().block_size, kv.layout().num_blocks);
-        if *kv.layout() != layout {
+        let l = kv.layout();
+        let layout = self.kv_layout_of(l.block_size, l.num_blocks, l.dtype);
+        if *kv.layout() != layout || l.dtype.check_head_dim(l.head_dim).is_err() {
             return Err(ModelError::Input(
                 "KV storage was made for another model".into(),
             ));

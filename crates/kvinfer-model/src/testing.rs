@@ -16,6 +16,8 @@ pub enum TinyArch {
     Llama,
     /// 6 layers (5 sliding with window 8, then 1 global), head_dim 32, SentencePiece vocabulary.
     Gemma3,
+    /// As `Llama` with 2 heads of 32 / 1 KV head (quantized KV needs heads of a multiple of 32).
+    LlamaHead32,
 }
 
 struct Rng(u64);
@@ -191,6 +193,7 @@ pub fn write_tiny_model_ctx(
     let mut rng = Rng(seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1);
     let (name, n_layers, n_embd, n_ff, n_heads, n_kv, head_dim) = match arch {
         TinyArch::Llama => ("llama", 2usize, 64usize, 128usize, 4usize, 2usize, 16usize),
+        TinyArch::LlamaHead32 => ("llama", 2, 64, 128, 2, 1, 32),
         TinyArch::Gemma3 => ("gemma3", 6, 64, 128, 4, 1, 32),
     };
     let key = |k: &str| format!("{name}.{k}");
@@ -207,7 +210,7 @@ pub fn write_tiny_model_ctx(
             MetaValue::F32(1e-5),
         );
     let vocab = match arch {
-        TinyArch::Llama => {
+        TinyArch::Llama | TinyArch::LlamaHead32 => {
             w.meta(&key("rope.freq_base"), MetaValue::F32(10_000.0));
             bpe_vocab(&mut w)
         }
@@ -231,7 +234,7 @@ pub fn write_tiny_model_ctx(
     };
     let (qd, kvd) = (n_heads * head_dim, n_kv * head_dim);
     mat(&mut w, "token_embd.weight", vocab, n_embd, GgmlType::Q8_0);
-    if arch == TinyArch::Llama {
+    if arch != TinyArch::Gemma3 {
         // Untied output (gemma3 keeps the tied path covered). Random tied embeddings make greedy
         // decoding repeat the last token forever, which would hide bugs.
         mat(&mut w, "output.weight", vocab, n_embd, GgmlType::Q8_0);

@@ -7,7 +7,7 @@
 //!   6     2  header length in bytes (everything before the payload)
 //!   8    32  model fingerprint
 //!  40     2  layer group
-//!  42     1  KV dtype (0 = f16)
+//!  42     1  KV dtype (0 f16, 1 q8_0, 2 q4_0, 3 q4)
 //!  43     1  codec (see codec::Codec::id)
 //!  44    16  block hash
 //!  60     8  shape: n_layers, n_kv_heads, head_dim, block_size (u16 each)
@@ -38,7 +38,7 @@ pub struct BlockSpec {
     pub fingerprint: ModelFingerprint,
     /// Layer group.
     pub group: u16,
-    /// KV dtype id (0 = f16).
+    /// KV dtype id ([`kvinfer_cache::KvDtype::id`]: 0 f16, 1 q8_0, 2 q4_0, 3 q4).
     pub dtype: u8,
     /// Layers in the group.
     pub n_layers: u16,
@@ -51,14 +51,17 @@ pub struct BlockSpec {
 }
 
 impl BlockSpec {
-    /// Payload bytes of one block (f16: 2 bytes a value, K and V).
+    /// Payload bytes of one block: K and V rows of every layer and head in the dtype
+    /// (0 for an unknown dtype id).
     pub fn payload_bytes(&self) -> usize {
+        let Some(dtype) = kvinfer_cache::KvDtype::from_id(self.dtype) else {
+            return 0;
+        };
         self.n_layers as usize
             * 2
             * self.n_kv_heads as usize
             * self.block_size as usize
-            * self.head_dim as usize
-            * 2
+            * dtype.row_bytes(self.head_dim as usize)
     }
 
     /// The tier key of `hash` under this spec.

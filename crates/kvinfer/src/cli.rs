@@ -53,6 +53,11 @@ pub struct ModelArgs {
     /// Eviction policy of the prefix cache: lru, lfu, fifo, random, s3fifo.
     #[arg(long, env = "KVINFER_EVICT", default_value = "lru")]
     pub evict: kvinfer_cache::PolicyKind,
+    /// How K and V are stored: f16, q8_0 (half the bytes), q4_0 (a quarter and a bit), q4
+    /// (q4_0 after a Hadamard rotation of each head: less accuracy lost). A block is only ever
+    /// reused, from the pool or a tier, under the dtype it was written with.
+    #[arg(long, env = "KVINFER_KV_DTYPE", default_value = "f16")]
+    pub kv_dtype: kvinfer_cache::KvDtype,
     #[command(flatten)]
     pub tiers: TierArgs,
 }

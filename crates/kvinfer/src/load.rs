@@ -137,6 +137,7 @@ pub fn cache_options(args: &ModelArgs) -> kvinfer_engine::CacheOptions {
         seed: 0,
         num_blocks: None,
         tiers: args.tiers.options(),
+        kv_dtype: args.kv_dtype,
     }
 }
 

@@ -46,6 +46,10 @@ pub struct EngineStats {
     pub policy: String,
     /// Tokens per block.
     pub block_size: usize,
+    /// How K and V rows are stored (`f16`, `q8_0`, `q4_0`, `q4`).
+    pub kv_dtype: String,
+    /// KV bytes per token (all layers, K and V) in that dtype.
+    pub kv_bytes_per_token: usize,
     /// Requests accepted.
     pub requests_total: u64,
     /// Requests finished, by outcome.

@@ -129,6 +129,8 @@ impl Scheduler {
             model: model.name.clone(),
             policy: kv.policy().to_string(),
             block_size: kv.block_size(),
+            kv_dtype: kv.layout().dtype.name().to_string(),
+            kv_bytes_per_token: kv.layout().token_bytes(),
             ..EngineStats::default()
         };
         let mut s = Self {

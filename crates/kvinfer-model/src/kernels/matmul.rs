@@ -290,3 +290,30 @@ fn dot_k(level: SimdLevel, ty: GgmlType, row: &[u8], act: &[BlockQ8K]) -> f32 {
         _ => quant::dot_q6_k_scalar(row, act),
     }
 }
+
+/// Quantizes one token `x` into `acts` (q8_0, as for the 32-weight types).
+pub(crate) fn quantize_one(x: &[f32], acts: &mut Q8Acts) {
+    quantize_q8_tokens(super::simd(), x, 1, x.len(), false, acts);
+}
+
+/// `out[r] = row_r · token` for `out.len()` rows of `ty` (a 32-weight type without f16 block
+/// sums: Q8_0, Q4_0) of `cols` values in `rows`, against the one token in `acts`; on this
+/// thread (attention calls it from its own parallel loop). The decode kernels' results.
+pub(crate) fn dot_rows_one(ty: GgmlType, rows: &[u8], cols: usize, acts: &Q8Acts, out: &mut [f32]) {
+    debug_assert!(!q8_1(ty), "{ty:?} takes q8_1 activations");
+    let n = out.len();
+    let row_bytes = ty.row_bytes(cols).expect("a 32-value block type");
+    assert!(rows.len() >= n * row_bytes && acts.nb * quant::QK == cols);
+    let w = QMatRef {
+        ty,
+        rows: n,
+        cols,
+        data: rows,
+    };
+    let ptr = OutPtr {
+        ptr: out.as_mut_ptr(),
+        rows: n,
+    };
+    // SAFETY: `out` holds n values (one token) and this call writes each row once.
+    unsafe { q32_rows(super::simd(), w, row_bytes, 0..n, acts, 1, ptr) }
+}

@@ -15,6 +15,7 @@ use crate::ggml_type::GgmlType;
 
 #[cfg(target_arch = "x86_64")]
 mod kquant_x86;
+pub mod kv_quant;
 mod matmul;
 pub mod quant;
 #[cfg(test)]
