@@ -4,7 +4,7 @@
 
 mod common;
 
-use common::tiny;
+use common::{tiny, tiny_ctx};
 use kvinfer_cache::{PagedKv, PolicyKind};
 use kvinfer_engine::{
     generate, start_engine, CacheOptions, EngineConfig, EngineHandle, EngineRequest, Event,
@@ -215,10 +215,11 @@ fn n_choices_share_the_prompt_and_each_equals_a_single_run() {
 
 #[test]
 fn a_dropped_receiver_cancels_and_frees_blocks() {
-    let (model, _) = tiny(TinyArch::Llama, 23);
-    let h = engine(model, 64, 4, 64);
+    // A long context, so the request cannot run to its end before the hang-up is seen.
+    let (model, _) = tiny_ctx(TinyArch::Llama, 23, 8192);
+    let h = engine(model, 2100, 4, 64);
     let p: Vec<u32> = (0..30).map(|i| i + 4).collect();
-    let mut rx = h.submit(request(&p, 200, 1)).unwrap();
+    let mut rx = h.submit(request(&p, 8000, 1)).unwrap();
     // Wait for the first text, then hang up.
     match rx.blocking_recv() {
         Some(Event::Text { .. }) => {}
@@ -228,7 +229,7 @@ fn a_dropped_receiver_cancels_and_frees_blocks() {
     let s = wait_idle(&h);
     assert_eq!(s.requests_aborted, 1);
     assert!(
-        s.generation_tokens_total < 200,
+        s.generation_tokens_total < 8000,
         "the request ran to the end"
     );
     // The engine keeps serving.

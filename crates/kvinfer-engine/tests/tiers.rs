@@ -7,7 +7,7 @@
 mod common;
 
 use common::tiny;
-use kvinfer_cache::{PagedKv, PolicyKind};
+use kvinfer_cache::{KvDtype, PagedKv, PolicyKind};
 use kvinfer_engine::{
     block_spec, generate, start_engine, CacheOptions, EngineConfig, EngineHandle, EngineRequest,
     EngineStats, Event, GenerateRequest, SamplingParams, TierOptions, TierWrite, Usage, WriteMode,
@@ -23,11 +23,21 @@ use std::time::{Duration, Instant};
 const BS: usize = 4;
 
 fn engine(model: Model, num_blocks: usize, tiers: TierOptions) -> (EngineHandle, JoinHandle<()>) {
+    engine_as(model, num_blocks, tiers, KvDtype::F16)
+}
+
+fn engine_as(
+    model: Model,
+    num_blocks: usize,
+    tiers: TierOptions,
+    kv_dtype: KvDtype,
+) -> (EngineHandle, JoinHandle<()>) {
     let config = EngineConfig {
         cache: CacheOptions {
             num_blocks: Some(num_blocks),
             block_size: BS,
             tiers,
+            kv_dtype,
             ..CacheOptions::default()
         },
         max_batch_tokens: 64,
@@ -71,11 +81,16 @@ fn run(h: &EngineHandle, prompt: &[u32], max_tokens: usize) -> (Vec<u32>, String
 
 /// Reference: no cache reuse at all.
 fn alone(model: &Model, prompt: &[u32], max_tokens: usize) -> String {
+    alone_as(model, prompt, max_tokens, KvDtype::F16)
+}
+
+/// As [`alone`], rows stored as `dtype`.
+fn alone_as(model: &Model, prompt: &[u32], max_tokens: usize, dtype: KvDtype) -> String {
     let mut kv = PagedKv::new(
-        model.kv_layout(BS, 128),
+        model.kv_layout_of(BS, 128, dtype),
         PolicyKind::Lru,
         0,
-        model.fingerprint(BS),
+        model.fingerprint_of(BS, dtype),
     );
     let req = GenerateRequest {
         prefix_cache: false,
@@ -559,4 +574,40 @@ fn a_stalled_tier_never_blocks_the_running_batch() {
     sleeper.join().unwrap().unwrap();
     drop(rx);
     stop(e);
+}
+
+/// Quantized blocks travel through the tiers unchanged: per dtype, a restart's disk hit and a
+/// RAM hit give exactly the output of no cache in that dtype, and blocks written under one
+/// dtype are never used under another (same model, same disk directory).
+#[test]
+fn each_kv_dtype_round_trips_through_the_tiers_and_never_crosses_dtypes() {
+    let (model, path) = tiny(TinyArch::Gemma3, 12);
+    let dir = temp_dir("dtypes");
+    let p = prompt(5, 41);
+    for dtype in [KvDtype::Q8_0, KvDtype::Q4_0, KvDtype::Q4, KvDtype::F16] {
+        let want = alone_as(&model, &p, 6, dtype);
+        let tiers = TierOptions {
+            ram_tier_mb: 16,
+            ..disk(&dir)
+        };
+        let e = engine_as(Model::load(&path).unwrap(), 64, tiers.clone(), dtype);
+        let (_, text, usage) = run(&e.0, &p, 6);
+        assert_eq!(text, want, "{dtype}: first run");
+        // Nothing from the dtypes before this one is used.
+        assert_eq!(
+            usage.cached_tokens, 0,
+            "{dtype}: another dtype's blocks were used"
+        );
+        stop(e);
+        // Restarted: the prefix comes back from disk, same output.
+        let e = engine_as(Model::load(&path).unwrap(), 64, disk(&dir), dtype);
+        let (_, text, usage) = run(&e.0, &p, 6);
+        assert_eq!(text, want, "{dtype}: disk hit");
+        assert_eq!(usage.cached_tokens, 40, "{dtype}: no disk hit");
+        let s = wait_idle(&e.0);
+        assert_eq!(s.tiers[0].corrupt, 0);
+        assert_eq!(s.kv_dtype, dtype.name());
+        stop(e);
+    }
+    let _ = std::fs::remove_dir_all(&dir);
 }

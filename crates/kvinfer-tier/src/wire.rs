@@ -230,6 +230,37 @@ mod tests {
     }
 
     #[test]
+    fn each_dtype_has_its_own_payload_size_and_is_checked() {
+        let hd = 64u16;
+        let h = BlockHash([3; 16]);
+        for d in kvinfer_cache::KvDtype::ALL {
+            let s = BlockSpec {
+                dtype: d.id(),
+                head_dim: hd,
+                ..spec()
+            };
+            let want = 2 * 2 * s.n_kv_heads as usize * s.block_size as usize * d.row_bytes(64);
+            assert_eq!(s.payload_bytes(), want, "{d}");
+            let raw = vec![7u8; want];
+            let b = encode(&s, &h, &[1, 2], &raw, Codec::None);
+            assert_eq!(decode(&s, &h, &[1, 2], &b).unwrap(), raw, "{d}");
+            // Read back under any other dtype: refused.
+            for other in kvinfer_cache::KvDtype::ALL.into_iter().filter(|&o| o != d) {
+                let t = BlockSpec {
+                    dtype: other.id(),
+                    ..s
+                };
+                assert_eq!(
+                    decode(&t, &h, &[1, 2], &b),
+                    Err(WireError::Mismatch("KV dtype")),
+                    "{d} read as {other}"
+                );
+            }
+        }
+        assert_eq!(BlockSpec { dtype: 9, ..spec() }.payload_bytes(), 0);
+    }
+
+    #[test]
     fn round_trip_and_every_kind_of_damage_is_refused() {
         let s = spec();
         let h = BlockHash([7; 16]);
