@@ -89,6 +89,7 @@ impl Weights {
         tokens: &[u32],
         spans: &[SeqSpan],
         kv: &mut KvStorage,
+        every_row: bool,
     ) -> Vec<Vec<f32>> {
         let (n, d, qd, kvd) = (tokens.len(), c.n_embd, c.n_heads * c.head_dim, c.kv_dim());
         let embd_scale = (d as f32).sqrt();
@@ -144,6 +145,13 @@ impl Weights {
             rmsnorm(&mut xb, &w.post_ffw_norm, c.rms_eps);
             add(&mut x, &xb);
         }
-        lm_head(&x, spans, &self.output_norm, c.rms_eps, self.output.view(f))
+        lm_head(
+            &x,
+            spans,
+            &self.output_norm,
+            c.rms_eps,
+            self.output.view(f),
+            every_row,
+        )
     }
 }

@@ -35,16 +35,22 @@ pub fn lm_head(
     norm: &[f32],
     eps: f32,
     output: QMatRef,
+    every_row: bool,
 ) -> Vec<Vec<f32>> {
     let d = norm.len();
-    let mut last = Vec::with_capacity(spans.len() * d); // [spans][n_embd]
+    let mut last = Vec::with_capacity(spans.len() * d); // [rows][n_embd]
     for s in spans {
-        let r = s.rows.end - 1;
-        last.extend_from_slice(&x[r * d..(r + 1) * d]);
+        let rows = if every_row {
+            s.rows.clone()
+        } else {
+            s.rows.end - 1..s.rows.end
+        };
+        last.extend_from_slice(&x[rows.start * d..rows.end * d]);
     }
+    let n = last.len() / d;
     rmsnorm(&mut last, norm, eps);
-    let mut logits = vec![0f32; spans.len() * output.rows];
-    matmul(output, &last, spans.len(), &mut logits);
+    let mut logits = vec![0f32; n * output.rows];
+    matmul(output, &last, n, &mut logits);
     logits
         .chunks_exact(output.rows)
         .map(<[f32]>::to_vec)

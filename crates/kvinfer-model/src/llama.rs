@@ -82,6 +82,7 @@ impl Weights {
         tokens: &[u32],
         spans: &[SeqSpan],
         kv: &mut KvStorage,
+        every_row: bool,
     ) -> Vec<Vec<f32>> {
         let (n, d, qd, kvd) = (tokens.len(), c.n_embd, c.n_heads * c.head_dim, c.kv_dim());
         let mut x = vec![0f32; n * d]; // residual stream [n][d]
@@ -136,7 +137,14 @@ impl Weights {
             matmul(w.w_down.view(f), &gate, n, &mut xb);
             add(&mut x, &xb);
         }
-        lm_head(&x, spans, &self.output_norm, c.rms_eps, self.output.view(f))
+        lm_head(
+            &x,
+            spans,
+            &self.output_norm,
+            c.rms_eps,
+            self.output.view(f),
+            every_row,
+        )
     }
 }
 

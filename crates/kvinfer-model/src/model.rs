@@ -148,6 +148,25 @@ impl Model {
         kv: &mut KvStorage,
         batch: &[SeqBatch],
     ) -> Result<Vec<Vec<f32>>, ModelError> {
+        self.forward_rows(kv, batch, false)
+    }
+
+    /// As [`Self::forward`], returning the logits after every token of every sequence, in
+    /// order (`[Σ tokens][vocab]`: perplexity and accuracy measurements).
+    pub fn forward_all(
+        &self,
+        kv: &mut KvStorage,
+        batch: &[SeqBatch],
+    ) -> Result<Vec<Vec<f32>>, ModelError> {
+        self.forward_rows(kv, batch, true)
+    }
+
+    fn forward_rows(
+        &self,
+        kv: &mut KvStorage,
+        batch: &[SeqBatch],
+        every_row: bool,
+    ) -> Result<Vec<Vec<f32>>, ModelError> {
         let l = kv.layout();
         let layout = self.kv_layout_of(l.block_size, l.num_blocks, l.dtype);
         if *kv.layout() != layout || l.dtype.check_head_dim(l.head_dim).is_err() {
@@ -172,8 +191,8 @@ impl Model {
         }
         let (f, c) = (&self.file, &self.config);
         Ok(match &self.weights {
-            ArchWeights::Llama(w) => w.forward(f, c, &tokens, &spans, kv),
-            ArchWeights::Gemma3(w) => w.forward(f, c, &tokens, &spans, kv),
+            ArchWeights::Llama(w) => w.forward(f, c, &tokens, &spans, kv, every_row),
+            ArchWeights::Gemma3(w) => w.forward(f, c, &tokens, &spans, kv, every_row),
         })
     }
 

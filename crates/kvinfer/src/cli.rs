@@ -29,6 +29,35 @@ pub enum Command {
     /// The KV cache offline: eviction-policy simulation over request traces.
     #[command(subcommand)]
     Cache(CacheCommand),
+    /// What each KV dtype costs against f16 on a real text: perplexity at each context, KL
+    /// divergence of next-token distributions (mean, 99.9th percentile), top-1 agreement. JSON.
+    Accuracy(AccuracyArgs),
+}
+
+#[derive(Args)]
+pub struct AccuracyArgs {
+    /// Models to measure (paths or aliases), in turn.
+    #[arg(
+        long = "models",
+        value_delimiter = ',',
+        default_value = "smollm2,gemma3"
+    )]
+    pub models: Vec<String>,
+    /// Context sizes: windows of this many tokens, the second half of each scored.
+    #[arg(long, value_delimiter = ',', default_value = "512,4096")]
+    pub ctx: Vec<usize>,
+    /// KV dtypes to compare (f16 is the reference and must be among them).
+    #[arg(long, value_delimiter = ',', default_value = "f16,q8_0,q4_0,q4")]
+    pub dtypes: Vec<kvinfer_cache::KvDtype>,
+    /// Text files (default: every licence text of Debian's base-files, /usr/share/common-licenses).
+    #[arg(long)]
+    pub text: Vec<std::path::PathBuf>,
+    /// At most this many windows per context (default: all the text gives).
+    #[arg(long)]
+    pub max_windows: Option<usize>,
+    /// Threads and the rest (`--model` is ignored: see `--models`).
+    #[command(flatten)]
+    pub model: ModelArgs,
 }
 
 /// Which model, and how to run it.

@@ -1,5 +1,6 @@
 //! `kvinfer`: the command line of the kvinfer inference engine.
 
+mod accuracy;
 mod bench;
 mod bench_tiers;
 mod cache_admin;
@@ -50,6 +51,7 @@ fn main() {
         },
         cli::Command::Cache(_) => None,
         cli::Command::Serve(_) => None,
+        cli::Command::Accuracy(a) => a.model.threads,
     };
     if let cli::Command::Serve(a) = args.command {
         if let Err(e) = serve::run(a) {
@@ -69,6 +71,7 @@ fn main() {
             None => bench::run(a, n),
         },
         cli::Command::Cache(c) => cache_cmd::run(c),
+        cli::Command::Accuracy(a) => accuracy::run(a),
         cli::Command::Serve(_) => unreachable!("handled above"),
     })
     .and_then(|r| r);

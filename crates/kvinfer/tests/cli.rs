@@ -360,3 +360,63 @@ fn serve_config_file_sits_below_env_and_flags() {
     assert!(String::from_utf8_lossy(&out.stderr).contains("\"prot\" is not a serve option"));
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+#[test]
+fn accuracy_reports_every_dtype_against_f16() {
+    let m = tiny(TinyArch::Gemma3);
+    let text = std::env::temp_dir().join(format!("kvinfer-acc-{}.txt", std::process::id()));
+    std::fs::write(&text, "the tin hen then a thin net ".repeat(40)).unwrap();
+    let out = kvinfer(&[
+        "accuracy",
+        "--models",
+        m.to_str().unwrap(),
+        "--text",
+        text.to_str().unwrap(),
+        "--ctx",
+        "32,64",
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let v: Value = serde_json::from_slice(&out.stdout).unwrap();
+    let runs = v["models"][0]["runs"].as_array().unwrap();
+    assert_eq!(runs.len(), 2);
+    for r in runs {
+        let d = r["dtypes"].as_array().unwrap();
+        let names: Vec<&str> = d.iter().map(|x| x["kv_dtype"].as_str().unwrap()).collect();
+        assert_eq!(names, ["f16", "q8_0", "q4_0", "q4"]);
+        assert_eq!(d[0]["kl_mean"], 0.0);
+        assert_eq!(d[0]["top1_agreement"], 1.0);
+        for x in d {
+            assert!(x["perplexity"].as_f64().unwrap() > 1.0, "{x}");
+            assert!(x["scored_tokens"].as_u64().unwrap() > 0);
+        }
+        // Quantized KV moves the distributions (a little).
+        assert!(d[1]["kl_mean"].as_f64().unwrap() > 0.0, "{r}");
+        assert!(d[1]["kv_bytes_per_token"].as_u64() < d[0]["kv_bytes_per_token"].as_u64());
+    }
+    // f16 must be the reference; a context past the model's is refused.
+    let bad = kvinfer(&[
+        "accuracy",
+        "--models",
+        m.to_str().unwrap(),
+        "--text",
+        text.to_str().unwrap(),
+        "--dtypes",
+        "q8_0",
+    ]);
+    assert!(!bad.status.success());
+    assert!(String::from_utf8_lossy(&bad.stderr).contains("f16"));
+    let bad = kvinfer(&[
+        "accuracy",
+        "--models",
+        m.to_str().unwrap(),
+        "--text",
+        text.to_str().unwrap(),
+        "--ctx",
+        "100000",
+    ]);
+    assert!(!bad.status.success());
+}
