@@ -263,6 +263,43 @@ pub enum BenchCommand {
     /// A multi-turn chat workload with a pool too small for it, with and without RAM + disk
     /// tiers, against an unlimited pool: prefix hit rate and throughput.
     SmallPool(SmallPoolBenchArgs),
+    /// Each KV dtype side by side: KV bytes per token, how many sequences of `--seq-tokens` fit
+    /// in a `--budget-mb` pool (found by running them), decode speed at `--context` tokens and
+    /// prefill speed over `--prompt-tokens`.
+    Kv(KvBenchArgs),
+}
+
+#[derive(Args)]
+pub struct KvBenchArgs {
+    #[command(flatten)]
+    pub model: ModelArgs,
+    /// KV dtypes to compare (the ratios are against the first).
+    #[arg(long, value_delimiter = ',', default_value = "f16,q8_0,q4_0,q4")]
+    pub dtypes: Vec<kvinfer_cache::KvDtype>,
+    /// Cached tokens before the timed decode steps.
+    #[arg(long, default_value_t = 2048)]
+    pub context: usize,
+    /// Decode steps timed at that context.
+    #[arg(long, default_value_t = 32)]
+    pub decode_tokens: usize,
+    /// Tokens of the timed prefill.
+    #[arg(long, default_value_t = 512)]
+    pub prompt_tokens: usize,
+    /// The pool of the capacity test, in MiB.
+    #[arg(long, default_value_t = 64)]
+    pub budget_mb: usize,
+    /// Tokens per sequence of the capacity test.
+    #[arg(long, default_value_t = 2048)]
+    pub seq_tokens: usize,
+    /// Rounds; each runs every dtype once, in turn (the median is reported).
+    #[arg(long, short = 'r', default_value_t = 3)]
+    pub repetitions: usize,
+    /// Seconds of CPU warm-up before timing.
+    #[arg(long, default_value_t = 30.0)]
+    pub warmup_s: f64,
+    /// Print JSON.
+    #[arg(long)]
+    pub json: bool,
 }
 
 #[derive(Args)]

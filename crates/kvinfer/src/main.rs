@@ -2,6 +2,7 @@
 
 mod accuracy;
 mod bench;
+mod bench_kv;
 mod bench_tiers;
 mod cache_admin;
 mod cache_cmd;
@@ -47,6 +48,7 @@ fn main() {
             Some(cli::BenchCommand::Batch(b)) => b.model.threads,
             Some(cli::BenchCommand::Tiers(b)) => b.model.threads,
             Some(cli::BenchCommand::SmallPool(b)) => b.model.threads,
+            Some(cli::BenchCommand::Kv(b)) => b.model.threads,
             None => a.model.threads,
         },
         cli::Command::Cache(_) => None,
@@ -68,6 +70,7 @@ fn main() {
             Some(cli::BenchCommand::Batch(b)) => bench::run_batch(b, n),
             Some(cli::BenchCommand::Tiers(b)) => bench_tiers::run(b, n),
             Some(cli::BenchCommand::SmallPool(b)) => bench_tiers::run_small_pool(b, n),
+            Some(cli::BenchCommand::Kv(b)) => bench_kv::run(b, n),
             None => bench::run(a, n),
         },
         cli::Command::Cache(c) => cache_cmd::run(c),
