@@ -188,58 +188,60 @@ pub(crate) fn axpy_row_scalar(dtype: KvDtype, p: f32, row: &[u8], y: &mut [f32])
 unsafe fn axpy_avx2(dtype: KvDtype, probs: &[f32], rows: &[u8], hd: usize, y: &mut [f32]) {
     use std::arch::x86_64::*;
     let rb = dtype.row_bytes(hd);
-    let nb = hd / QK;
-    for (r, &p) in probs.iter().enumerate() {
-        let row = rows.as_ptr().add(r * rb);
-        match dtype {
-            KvDtype::F16 => {
-                axpy_row_scalar(dtype, p, &rows[r * rb..(r + 1) * rb], &mut y[..hd]);
-            }
-            KvDtype::Q8_0 => {
-                for b in 0..nb {
-                    let blk = row.add(b * 34);
-                    let d = _mm256_set1_ps(p * super::quant::f16_at(&rows[r * rb..], b * 34));
-                    let q = _mm256_loadu_si256(blk.add(2) as *const __m256i);
-                    let lanes: [__m128i; 2] =
-                        [_mm256_castsi256_si128(q), _mm256_extracti128_si256::<1>(q)];
-                    let yp = y.as_mut_ptr().add(b * QK);
-                    for (h, l) in lanes.iter().enumerate() {
-                        let lo = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(*l));
-                        let hi = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_srli_si128::<8>(*l)));
-                        let o0 = yp.add(h * 16);
-                        _mm256_storeu_ps(o0, _mm256_fmadd_ps(d, lo, _mm256_loadu_ps(o0)));
-                        let o1 = o0.add(8);
-                        _mm256_storeu_ps(o1, _mm256_fmadd_ps(d, hi, _mm256_loadu_ps(o1)));
-                    }
+    if dtype == KvDtype::F16 {
+        for (r, &p) in probs.iter().enumerate() {
+            axpy_row_scalar(dtype, p, &rows[r * rb..(r + 1) * rb], &mut y[..hd]);
+        }
+        return;
+    }
+    let q8 = dtype == KvDtype::Q8_0;
+    let bytes = if q8 { 34 } else { 18 };
+    // 64 columns (two blocks of 32) at a time, accumulated in 8 registers over all rows.
+    for c in (0..hd).step_by(2 * QK) {
+        let nblk = ((hd - c) / QK).min(2);
+        let yp = y.as_mut_ptr().add(c);
+        let mut acc = [_mm256_setzero_ps(); 8];
+        for (k, a) in acc.iter_mut().enumerate().take(nblk * 4) {
+            *a = _mm256_loadu_ps(yp.add(k * 8));
+        }
+        for (r, &p) in probs.iter().enumerate() {
+            for b in 0..nblk {
+                let off = r * rb + (c / QK + b) * bytes;
+                let d = _mm256_set1_ps(p * super::quant::f16_at(rows, off));
+                let blk = rows.as_ptr().add(off + 2);
+                let v: [__m256; 4] = if q8 {
+                    let lo = _mm_loadu_si128(blk as *const __m128i);
+                    let hi = _mm_loadu_si128(blk.add(16) as *const __m128i);
+                    [
+                        _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(lo)),
+                        _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_srli_si128::<8>(lo))),
+                        _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(hi)),
+                        _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_srli_si128::<8>(hi))),
+                    ]
+                } else {
+                    // Low nibbles are values 0..16, high nibbles 16..32, both offset by 8.
+                    let raw = _mm_loadu_si128(blk as *const __m128i);
+                    let m = _mm_set1_epi8(0x0F);
+                    let lo = _mm_and_si128(raw, m);
+                    let hi = _mm_and_si128(_mm_srli_epi16::<4>(raw), m);
+                    let eight = _mm256_set1_epi32(8);
+                    let f = |x: __m128i| {
+                        _mm256_cvtepi32_ps(_mm256_sub_epi32(_mm256_cvtepu8_epi32(x), eight))
+                    };
+                    [
+                        f(lo),
+                        f(_mm_srli_si128::<8>(lo)),
+                        f(hi),
+                        f(_mm_srli_si128::<8>(hi)),
+                    ]
+                };
+                for (k, vk) in v.iter().enumerate() {
+                    acc[b * 4 + k] = _mm256_fmadd_ps(d, *vk, acc[b * 4 + k]);
                 }
             }
-            KvDtype::Q4_0 | KvDtype::Q4 => {
-                let eight = _mm256_set1_epi32(8);
-                for b in 0..nb {
-                    let blk = row.add(b * 18);
-                    let d = _mm256_set1_ps(p * super::quant::f16_at(&rows[r * rb..], b * 18));
-                    let bytes = _mm_loadu_si128(blk.add(2) as *const __m128i);
-                    let lo = _mm_and_si128(bytes, _mm_set1_epi8(0x0F));
-                    let hi = _mm_and_si128(_mm_srli_epi16::<4>(bytes), _mm_set1_epi8(0x0F));
-                    let yp = y.as_mut_ptr().add(b * QK);
-                    // Low nibbles are values 0..16, high nibbles 16..32.
-                    for (h, nib) in [lo, hi].iter().enumerate() {
-                        for half in 0..2 {
-                            let src = if half == 0 {
-                                *nib
-                            } else {
-                                _mm_srli_si128::<8>(*nib)
-                            };
-                            let v = _mm256_sub_epi32(_mm256_cvtepu8_epi32(src), eight);
-                            let o = yp.add(h * 16 + half * 8);
-                            _mm256_storeu_ps(
-                                o,
-                                _mm256_fmadd_ps(d, _mm256_cvtepi32_ps(v), _mm256_loadu_ps(o)),
-                            );
-                        }
-                    }
-                }
-            }
+        }
+        for (k, a) in acc.iter().enumerate().take(nblk * 4) {
+            _mm256_storeu_ps(yp.add(k * 8), *a);
         }
     }
 }
