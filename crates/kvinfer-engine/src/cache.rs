@@ -118,6 +118,18 @@ pub fn extend_sequence(
     seq: SeqId,
     tokens: &[u32],
 ) -> Result<Option<Vec<f32>>, ModelError> {
+    Ok(extend_sequence_rows(model, kv, seq, tokens, false)?.and_then(|l| l.into_iter().next()))
+}
+
+/// As [`extend_sequence`]; with `every_row`, the logits after every one of `tokens` (for
+/// perplexity), else only the last token's.
+pub fn extend_sequence_rows(
+    model: &Model,
+    kv: &mut PagedKv,
+    seq: SeqId,
+    tokens: &[u32],
+    every_row: bool,
+) -> Result<Option<Vec<Vec<f32>>>, ModelError> {
     if kv.reserve(seq, tokens.len()).is_err() {
         return Ok(None);
     }
@@ -127,7 +139,11 @@ pub fn extend_sequence(
         start: tables.num_tokens(seq),
         blocks: tables.block_table(seq),
     }];
-    let logits = model.forward(storage, &batch)?;
+    let logits = if every_row {
+        model.forward_all(storage, &batch)?
+    } else {
+        model.forward(storage, &batch)?
+    };
     kv.commit(seq, tokens);
-    Ok(logits.into_iter().next())
+    Ok(Some(logits))
 }

@@ -15,8 +15,8 @@ mod stop;
 mod tiers;
 
 pub use cache::{
-    default_kv_cache_mb, extend_sequence, new_kv_cache, new_paged_kv, CacheOptions,
-    DEFAULT_BLOCK_SIZE,
+    default_kv_cache_mb, extend_sequence, extend_sequence_rows, new_kv_cache, new_paged_kv,
+    CacheOptions, DEFAULT_BLOCK_SIZE,
 };
 pub use engine::{
     start as start_engine, ClearReport, EngineConfig, EngineHandle, EngineRequest, EngineStats,

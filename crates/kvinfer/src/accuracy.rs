@@ -10,8 +10,8 @@ use crate::cli::AccuracyArgs;
 use crate::load::{load_model, resolve_model};
 use anyhow::{bail, Context, Result};
 use kvinfer_cache::{KvDtype, PagedKv, PolicyKind};
-use kvinfer_engine::extend_sequence;
-use kvinfer_model::{Model, SeqBatch};
+use kvinfer_engine::{extend_sequence, extend_sequence_rows};
+use kvinfer_model::Model;
 use serde_json::{json, Value};
 use std::path::PathBuf;
 
@@ -91,18 +91,8 @@ fn rows(
     seq: kvinfer_cache::SeqId,
     tokens: &[u32],
 ) -> Result<Vec<Vec<f32>>> {
-    if kv.reserve(seq, tokens.len()).is_err() {
-        bail!("the KV pool is too small for the window");
-    }
-    let (tables, storage) = kv.tables_and_storage();
-    let batch = [SeqBatch {
-        tokens,
-        start: tables.num_tokens(seq),
-        blocks: tables.block_table(seq),
-    }];
-    let out = model.forward_all(storage, &batch)?;
-    kv.commit(seq, tokens);
-    Ok(out)
+    extend_sequence_rows(model, kv, seq, tokens, true)?
+        .context("the KV pool is too small for the window")
 }
 
 /// One window through every dtype's cache in lockstep: the context in one prefill each, then
