@@ -398,25 +398,12 @@ fn accuracy_reports_every_dtype_against_f16() {
         assert!(d[1]["kv_bytes_per_token"].as_u64() < d[0]["kv_bytes_per_token"].as_u64());
     }
     // f16 must be the reference; a context past the model's is refused.
-    let bad = kvinfer(&[
-        "accuracy",
-        "--models",
-        m.to_str().unwrap(),
-        "--text",
-        text.to_str().unwrap(),
-        "--dtypes",
-        "q8_0",
-    ]);
-    assert!(!bad.status.success());
-    assert!(String::from_utf8_lossy(&bad.stderr).contains("f16"));
-    let bad = kvinfer(&[
-        "accuracy",
-        "--models",
-        m.to_str().unwrap(),
-        "--text",
-        text.to_str().unwrap(),
-        "--ctx",
-        "100000",
-    ]);
-    assert!(!bad.status.success());
+    let refused = |flag: &str, value: &str| {
+        let (m, t) = (m.to_str().unwrap(), text.to_str().unwrap());
+        let out = kvinfer(&["accuracy", "--models", m, "--text", t, flag, value]);
+        assert!(!out.status.success(), "{flag} {value} was accepted");
+        String::from_utf8_lossy(&out.stderr).into_owned()
+    };
+    assert!(refused("--dtypes", "q8_0").contains("f16"));
+    refused("--ctx", "100000");
 }

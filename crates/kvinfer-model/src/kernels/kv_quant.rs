@@ -47,11 +47,19 @@ pub fn hadamard(x: &mut [f32]) {
 /// bytes), rotating it first for `q4`. Layouts and rounding are ggml's: q8_0 as
 /// `quantize_row_q8_0` (its AVX2 path: round half to even), q4_0 as `quantize_row_q4_0_ref`.
 pub fn quantize_kv_row(dtype: KvDtype, x: &[f32], out: &mut [u8]) {
-    let mut rotated;
+    // The write path runs per token, layer and head: rotate in a stack buffer, not a Vec.
+    let mut buf = [0.0f32; 1024];
+    let mut heap;
     let x = if dtype.rotated() {
-        rotated = x.to_vec();
-        hadamard(&mut rotated);
-        &rotated[..]
+        let r = if x.len() <= buf.len() {
+            &mut buf[..x.len()]
+        } else {
+            heap = vec![0.0f32; x.len()];
+            &mut heap[..]
+        };
+        r.copy_from_slice(x);
+        hadamard(r);
+        &*r
     } else {
         x
     };
