@@ -41,6 +41,7 @@ fn main() {
             policy: PolicyKind::Lru,
             seed: 0,
             fingerprint: ModelFingerprint([0; 32]),
+            windows: vec![None],
         });
         // Distinct token ids per request: no sharing, so the figure is paging waste alone.
         let mut next = 0u32;

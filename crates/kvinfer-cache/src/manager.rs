@@ -8,6 +8,7 @@
 //! once their K/V is written: every block that became full is hashed and registered, so later
 //! requests can reuse it.
 
+use crate::groups::{first_needed_block, HOLE};
 use crate::ids::{BlockHash, BlockId, ModelFingerprint, SeqId, TokenId};
 use crate::policy::PolicyKind;
 use crate::pool::{BlockPool, PoolEvent};
@@ -26,6 +27,9 @@ pub struct CacheConfig {
     pub seed: u64,
     /// Roots every block hash chain.
     pub fingerprint: ModelFingerprint,
+    /// Per layer group, its sliding window (`None`: full attention); one block table per group
+    /// and sequence. `vec![None]` for one group (see [`crate::KvGroups`]).
+    pub windows: Vec<Option<usize>>,
 }
 
 /// A copy the caller must perform on the storage before writing into `dst` (copy-on-write of
@@ -48,22 +52,26 @@ pub struct OutOfBlocks {
 }
 
 /// Blocks being brought in from a tier, between [`KvCacheManager::import_begin`] and
-/// [`KvCacheManager::import_finish`]: the caller writes `hashes[i]`'s bytes into `fresh[i]`.
+/// [`KvCacheManager::import_finish`]: the caller writes `wanted[i]`'s bytes into `fresh[i]`.
 #[derive(Debug)]
 pub struct Import {
-    prefix: Vec<BlockId>,
-    /// The blocks to fill, one per hash.
+    /// Blocks held meanwhile (so nothing evicts what the imports chain to).
+    held: Vec<BlockId>,
+    /// The blocks to fill, one per wanted block.
     pub fresh: Vec<BlockId>,
-    /// Hashes of the imported blocks, in chain order.
-    pub hashes: Vec<BlockHash>,
+    /// (group, block index in the prompt) of each imported block, as asked.
+    pub wanted: Vec<(usize, usize)>,
 }
 
 /// The cached prefix of a prompt.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct PrefixMatch {
-    /// The cached blocks, in order.
-    pub blocks: Vec<BlockId>,
-    /// Tokens they hold (`blocks.len() * block_size`).
+    /// Per layer group, the cached blocks of the prefix: every one for full-attention groups,
+    /// those of the window before the prefix's end for sliding ones ([`HOLE`] before it).
+    pub tables: Vec<Vec<BlockId>>,
+    /// Blocks of the prefix.
+    pub num_blocks: usize,
+    /// Tokens they hold (`num_blocks * block_size`).
     pub num_tokens: usize,
 }
 
@@ -106,8 +114,9 @@ pub struct BlockUsage {
 
 #[derive(Debug, Clone)]
 struct Sequence {
-    /// Block table: position `p` lives in `blocks[p / block_size]`.
-    blocks: Vec<BlockId>,
+    /// Block table per layer group: position `p` lives in `tables[g][p / block_size]` (or
+    /// nowhere: [`HOLE`], a sliding-window block let go).
+    tables: Vec<Vec<BlockId>>,
     /// Tokens whose K/V is written (committed).
     tokens: Vec<TokenId>,
     /// Hashes of the full blocks, in order.
@@ -122,15 +131,18 @@ struct Sequence {
 /// Sequences, their block tables, and the pool under them.
 ///
 /// # Invariants
-/// - a sequence's table covers at least its committed tokens; its first `hashes.len()` blocks
-///   are full and, where registered, registered under those hashes;
-/// - each table entry holds one reference on its block;
-/// - a sequence holding a registered block holds that block's registered parent (so the pool's
-///   cached trees always have an evictable leaf).
+/// - a sequence's tables cover at least its committed tokens; their first `hashes.len()` blocks
+///   are full and, where registered, registered under those hashes (and their group);
+/// - each table entry but a [`HOLE`] holds one reference on its block; holes are only in
+///   sliding-window groups, before the window of the next position;
+/// - a sequence holding a registered block of a full-attention group holds that block's
+///   registered parent (so the pool's cached trees always have an evictable leaf); blocks of
+///   sliding-window groups are registered without a parent (any of them may be evicted).
 #[derive(Debug)]
 pub struct KvCacheManager {
     pool: BlockPool,
     block_size: usize,
+    windows: Vec<Option<usize>>,
     root: BlockHash,
     seqs: HashMap<SeqId, Sequence>,
     next_seq: u64,
@@ -144,9 +156,11 @@ impl KvCacheManager {
     /// An empty cache.
     pub fn new(config: &CacheConfig) -> Self {
         assert!(config.block_size > 0, "block_size must be positive");
+        assert!(!config.windows.is_empty(), "at least one layer group");
         Self {
             pool: BlockPool::new(config.num_blocks, config.policy, config.seed),
             block_size: config.block_size,
+            windows: config.windows.clone(),
             root: BlockHash::root(&config.fingerprint),
             seqs: HashMap::new(),
             next_seq: 0,
@@ -193,9 +207,12 @@ impl KvCacheManager {
         let mut unfilled = 0;
         let mut allocated = 0;
         for s in self.seqs.values() {
-            let slots = s.blocks.len() * self.block_size;
-            allocated += slots;
-            unfilled += slots - s.tokens.len();
+            for t in &s.tables {
+                let held = t.iter().filter(|&&b| b != HOLE).count();
+                let slots = held * self.block_size;
+                allocated += slots;
+                unfilled += (t.len() * self.block_size).saturating_sub(s.tokens.len());
+            }
         }
         (unfilled, allocated)
     }
@@ -230,18 +247,87 @@ impl KvCacheManager {
         self.lookup_hashed(&self.hash_blocks(prompt), prompt.len())
     }
 
+    /// Layer groups (block tables per sequence).
+    pub fn num_groups(&self) -> usize {
+        self.windows.len()
+    }
+
+    /// Per group, its sliding window (`None`: full attention).
+    pub fn windows(&self) -> &[Option<usize>] {
+        &self.windows
+    }
+
+    /// The block of group `g` registered under `hash`.
+    pub fn cached_block(&self, g: usize, hash: &BlockHash) -> Option<BlockId> {
+        self.pool.lookup(g as u16, hash)
+    }
+
     /// As [`Self::lookup`], for a prompt of `prompt_len` tokens whose block hashes are `hashes`.
     pub fn lookup_hashed(&self, hashes: &[BlockHash], prompt_len: usize) -> PrefixMatch {
         let max_blocks = self.max_prefix_blocks(prompt_len).min(hashes.len());
-        let mut m = PrefixMatch::default();
-        for h in &hashes[..max_blocks] {
-            match self.pool.lookup(h) {
-                Some(b) => m.blocks.push(b),
-                None => break,
-            }
+        let n = self.prefix_blocks(&hashes[..max_blocks], |g, i| {
+            self.pool.lookup(g as u16, &hashes[i]).is_some()
+        });
+        let tables = (0..self.windows.len())
+            .map(|g| {
+                let first = self.first_needed(g, n);
+                (0..n)
+                    .map(|i| match i < first {
+                        true => HOLE,
+                        false => self.pool.lookup(g as u16, &hashes[i]).expect("checked"),
+                    })
+                    .collect()
+            })
+            .collect();
+        PrefixMatch {
+            tables,
+            num_blocks: n,
+            num_tokens: n * self.block_size,
         }
-        m.num_tokens = m.blocks.len() * self.block_size;
-        m
+    }
+
+    /// The first block group `g` needs of a prefix of `n` blocks: the window before the first
+    /// position to compute (0 for full attention).
+    pub fn first_needed(&self, g: usize, n: usize) -> usize {
+        first_needed_block(self.windows[g], n * self.block_size, self.block_size).min(n)
+    }
+
+    /// The longest prefix of the `hashes.len()` blocks usable as a hit, where `has(g, i)` says
+    /// whether group `g`'s block `i` is at hand: every full-attention group has all its blocks,
+    /// and each sliding-window group those of the window before the prefix's end (vLLM's
+    /// hybrid rule). Walks back from the longest full-attention run.
+    pub fn prefix_blocks(&self, hashes: &[BlockHash], has: impl Fn(usize, usize) -> bool) -> usize {
+        let groups = 0..self.windows.len();
+        let mut n = hashes.len();
+        for g in groups.clone().filter(|&g| self.windows[g].is_none()) {
+            n = n.min((0..n).take_while(|&i| has(g, i)).count());
+        }
+        let sliding: Vec<usize> = groups.filter(|&g| self.windows[g].is_some()).collect();
+        if sliding.is_empty() {
+            return n;
+        }
+        // run[g][i]: how many blocks of group g end at block i, all at hand.
+        let runs: Vec<Vec<usize>> = sliding
+            .iter()
+            .map(|&g| {
+                let mut run = 0;
+                (0..n)
+                    .map(|i| {
+                        run = if has(g, i) { run + 1 } else { 0 };
+                        run
+                    })
+                    .collect()
+            })
+            .collect();
+        (1..=n)
+            .rev()
+            .find(|&len| {
+                sliding
+                    .iter()
+                    .zip(&runs)
+                    .all(|(&g, run)| run[len - 1] >= len - self.first_needed(g, len))
+            })
+            .unwrap_or(0)
     }
 
     /// Starts a sequence for `prompt`. With `reuse_prefix`, the cached prefix is taken (one
@@ -272,7 +358,7 @@ impl KvCacheManager {
         let id = SeqId(self.next_seq);
         self.next_seq += 1;
         let mut seq = Sequence {
-            blocks: Vec::new(),
+            tables: vec![Vec::new(); self.windows.len()],
             tokens: Vec::new(),
             hashes: Vec::new(),
             planned: Vec::new(),
@@ -280,11 +366,13 @@ impl KvCacheManager {
         };
         if reuse_prefix {
             let m = self.lookup_hashed(&hashes, prompt.len());
-            for b in &m.blocks {
-                self.pool.acquire_cached(*b);
+            for t in &m.tables {
+                for &b in t.iter().filter(|&&b| b != HOLE) {
+                    self.pool.acquire_cached(b);
+                }
             }
-            seq.hashes = hashes[..m.blocks.len()].to_vec();
-            seq.blocks = m.blocks;
+            seq.hashes = hashes[..m.num_blocks].to_vec();
+            seq.tables = m.tables;
             seq.tokens = prompt[..m.num_tokens].to_vec();
             seq.planned = hashes;
             self.stats.queries += 1;
@@ -302,65 +390,79 @@ impl KvCacheManager {
         &self.seq(seq).hashes
     }
 
-    /// First step of bringing blocks in from a tier: `hashes[..from]` must be registered here
-    /// (the pool's cached prefix, see [`Self::lookup_hashed`]) and `hashes[from..]` not. Takes a
-    /// reference on the prefix (so nothing evicts it meanwhile) and allocates one block per
-    /// hash to import. All or nothing: `None` (nothing changed) when the pool has no room.
-    /// The caller writes the bytes, then calls [`Self::import_finish`].
-    pub fn import_begin(&mut self, hashes: &[BlockHash], from: usize) -> Option<Import> {
-        let prefix: Vec<BlockId> = hashes[..from]
-            .iter()
-            .map(|h| self.pool.lookup(h))
-            .collect::<Option<_>>()?;
-        if hashes.len() - from > self.pool.num_available() {
+    /// First step of bringing blocks in from a tier: `wanted` lists (group, block index) of
+    /// blocks of the prompt hashed `hashes` to import, none registered here. A full-attention
+    /// group's blocks must extend its cached run: its blocks before the first wanted one are
+    /// registered here (they are held meanwhile, so nothing evicts what the imports chain to).
+    /// Allocates one block per wanted block. All or nothing: `None` (nothing changed) when the
+    /// pool has no room or a chain is broken. The caller writes the bytes, then calls
+    /// [`Self::import_finish`].
+    pub fn import_begin(
+        &mut self,
+        hashes: &[BlockHash],
+        wanted: &[(usize, usize)],
+    ) -> Option<Import> {
+        let mut held = Vec::new();
+        for g in (0..self.windows.len()).filter(|&g| self.windows[g].is_none()) {
+            let Some(from) = wanted.iter().filter(|w| w.0 == g).map(|w| w.1).min() else {
+                continue;
+            };
+            for h in &hashes[..from] {
+                held.push(self.pool.lookup(g as u16, h)?);
+            }
+        }
+        if wanted.len() > self.pool.num_available() {
             return None;
         }
-        for &b in &prefix {
+        for &b in &held {
             self.pool.acquire_cached(b);
         }
-        let Some(fresh) = self.pool.allocate(hashes.len() - from) else {
-            for &b in prefix.iter().rev() {
+        let Some(fresh) = self.pool.allocate(wanted.len()) else {
+            for &b in held.iter().rev() {
                 self.pool.release(b);
             }
             return None;
         };
         Some(Import {
-            prefix,
+            held,
             fresh,
-            hashes: hashes[from..].to_vec(),
+            wanted: wanted.to_vec(),
         })
     }
 
-    /// Registers the imported blocks (their bytes are written) as a chain after the prefix and
+    /// Registers the imported blocks (their bytes are written; `tokens` are the prompt's) and
     /// lets go of every reference `import_begin` took: they stay cached, for the next
-    /// [`Self::add_sequence_hashed`] to take. Returns the blocks registered; stops at a hash
-    /// that got registered meanwhile (freeing the rest).
-    pub fn import_finish(&mut self, import: Import, tokens: &[TokenId]) -> usize {
+    /// [`Self::add_sequence_hashed`] to take. A full-attention group's blocks chain after its
+    /// cached run, in order; a chain stops at a block whose parent is not registered or whose
+    /// key got registered meanwhile (the rest are freed). Returns the blocks registered.
+    pub fn import_finish(
+        &mut self,
+        import: Import,
+        hashes: &[BlockHash],
+        tokens: &[TokenId],
+    ) -> usize {
         let Import {
-            prefix,
+            held,
             fresh,
-            hashes,
+            wanted,
         } = import;
         let bs = self.block_size;
-        debug_assert_eq!(
-            tokens.len(),
-            hashes.len() * bs,
-            "tokens of every imported block"
-        );
-        let mut parent = prefix.last().copied();
         let mut registered = 0;
-        let mut chain_ok = true;
-        for (&b, &h) in fresh.iter().zip(&hashes) {
-            chain_ok = chain_ok && self.pool.register(b, h, parent);
-            if chain_ok {
-                let i = registered;
+        for (&b, &(g, i)) in fresh.iter().zip(&wanted) {
+            let parent = match (self.windows[g], i) {
+                (Some(_), _) | (None, 0) => None,
+                (None, _) => match self.pool.lookup(g as u16, &hashes[i - 1]) {
+                    Some(p) => Some(p),
+                    None => continue,
+                },
+            };
+            if tokens.len() >= (i + 1) * bs && self.pool.register(b, g as u16, hashes[i], parent) {
                 self.block_tokens[b.index() * bs..(b.index() + 1) * bs]
                     .copy_from_slice(&tokens[i * bs..(i + 1) * bs]);
                 registered += 1;
-                parent = Some(b);
             }
         }
-        for &b in fresh.iter().rev().chain(prefix.iter().rev()) {
+        for &b in fresh.iter().rev().chain(held.iter().rev()) {
             self.pool.release(b);
         }
         registered
@@ -399,28 +501,30 @@ impl KvCacheManager {
         self.seq(seq).tokens.len()
     }
 
-    /// The block table of `seq`.
+    /// The block table of `seq`'s first layer group (its only one without sliding windows).
     pub fn block_table(&self, seq: SeqId) -> &[BlockId] {
-        &self.seq(seq).blocks
+        &self.seq(seq).tables[0]
     }
 
-    /// New blocks `reserve(seq, n_new)` would take (including a copy-on-write). Reads only.
+    /// The block tables of `seq`, one per layer group.
+    pub fn block_tables(&self, seq: SeqId) -> &[Vec<BlockId>] {
+        &self.seq(seq).tables
+    }
+
+    /// New blocks `reserve(seq, n_new)` would take (including copies-on-write). Reads only.
     pub fn blocks_needed(&self, seq: SeqId, n_new: usize) -> usize {
         let s = self.seq(seq);
         let want = (s.tokens.len() + n_new).div_ceil(self.block_size);
-        let grow = want.saturating_sub(s.blocks.len());
-        grow + usize::from(self.needs_cow(s, n_new))
+        s.tables
+            .iter()
+            .map(|t| want.saturating_sub(t.len()) + usize::from(self.needs_cow(s, t, n_new)))
+            .sum()
     }
 
-    /// True when the next write lands in a partial block another sequence shares.
-    fn needs_cow(&self, s: &Sequence, n_new: usize) -> bool {
+    /// True when the next write into table `t` lands in a partial block another sequence shares.
+    fn needs_cow(&self, s: &Sequence, t: &[BlockId], n_new: usize) -> bool {
         let filled = s.tokens.len() % self.block_size;
-        n_new > 0
-            && filled != 0
-            && self
-                .pool
-                .ref_count(s.blocks[s.tokens.len() / self.block_size])
-                > 1
+        n_new > 0 && filled != 0 && self.pool.ref_count(t[s.tokens.len() / self.block_size]) > 1
     }
 
     /// Makes room for `n_new` more tokens of `seq`: allocates blocks (evicting by policy when
@@ -437,30 +541,39 @@ impl KvCacheManager {
             .allocate(needed)
             .ok_or(OutOfBlocks { needed, available })?;
         let bs = self.block_size;
-        let cow = {
+        let cows: Vec<bool> = {
             let s = self.seq(seq);
-            self.needs_cow(s, n_new)
+            s.tables
+                .iter()
+                .map(|t| self.needs_cow(s, t, n_new))
+                .collect()
         };
         let s = self
             .seqs
             .get_mut(&seq)
             .unwrap_or_else(|| panic!("unknown sequence {seq:?}"));
+        let want = (s.tokens.len() + n_new).div_ceil(bs);
         let mut copies = Vec::new();
-        if cow {
-            let i = s.tokens.len() / bs;
-            let dst = fresh.pop().expect("blocks_needed counted the copy");
-            let src = std::mem::replace(&mut s.blocks[i], dst);
-            self.pool.release(src);
-            copies.push(BlockCopy { src, dst });
+        for (t, cow) in s.tables.iter_mut().zip(cows) {
+            if cow {
+                let i = s.tokens.len() / bs;
+                let dst = fresh.pop().expect("blocks_needed counted the copy");
+                let src = std::mem::replace(&mut t[i], dst);
+                self.pool.release(src);
+                copies.push(BlockCopy { src, dst });
+            }
+            let grow = want.saturating_sub(t.len());
+            t.extend(fresh.drain(fresh.len() - grow..));
         }
-        s.blocks.extend(fresh);
+        debug_assert!(fresh.is_empty(), "blocks_needed counted every block");
         Ok(copies)
     }
 
     /// Records that the K/V of `tokens` (the next positions of `seq`) is written. Each block that
-    /// becomes full is hashed and registered for reuse (if `seq` caches its prefix); a block
-    /// whose content is already cached elsewhere is swapped for the cached copy (equal hash,
-    /// equal bytes) and freed.
+    /// becomes full is hashed and registered for reuse in every group (if `seq` caches its
+    /// prefix); a block whose content is already cached elsewhere is swapped for the cached copy
+    /// (equal key, equal bytes) and freed. Then each sliding-window group lets go of the blocks
+    /// that end before the next position's window (registered ones stay cached).
     pub fn commit(&mut self, seq: SeqId, tokens: &[TokenId]) {
         let bs = self.block_size;
         let root = self.root;
@@ -469,49 +582,67 @@ impl KvCacheManager {
             .get_mut(&seq)
             .unwrap_or_else(|| panic!("unknown sequence {seq:?}"));
         debug_assert!(
-            s.tokens.len() + tokens.len() <= s.blocks.len() * bs,
+            s.tokens.len() + tokens.len() <= s.tables[0].len() * bs,
             "commit past the reserved blocks of {seq:?}"
         );
         s.tokens.extend_from_slice(tokens);
-        if !s.cache_prefix {
-            return;
+        if s.cache_prefix {
+            while s.hashes.len() < s.tokens.len() / bs {
+                let i = s.hashes.len();
+                let parent_hash = if i == 0 { root } else { s.hashes[i - 1] };
+                let h = match s.planned.get(i) {
+                    Some(&h) => h,
+                    None => BlockHash::chain(&parent_hash, &s.tokens[i * bs..(i + 1) * bs], &[]),
+                };
+                s.hashes.push(h);
+                for (g, t) in s.tables.iter_mut().enumerate() {
+                    let key = g as u16;
+                    let parent = match (self.windows[g], i) {
+                        (Some(_), _) | (None, 0) => None,
+                        (None, _) => {
+                            // The parent must be this sequence's own registered block (the
+                            // manager's invariant); else this one is not registered either.
+                            let p = t[i - 1];
+                            if self.pool.lookup(key, &parent_hash) != Some(p) {
+                                continue;
+                            }
+                            Some(p)
+                        }
+                    };
+                    let b = t[i];
+                    if b == HOLE {
+                        continue; // already out of the window (a window under a block)
+                    }
+                    match self.pool.lookup(key, &h) {
+                        Some(c) if c == b => {}
+                        Some(c) => {
+                            // Only when no other sequence shares `b`: else swapping would leave
+                            // them on a block never registered under its content; fine, skip.
+                            if self.pool.ref_count(b) == 1 {
+                                self.pool.acquire_cached(c);
+                                self.pool.release(b);
+                                t[i] = c;
+                            }
+                        }
+                        None => {
+                            if self.pool.register(b, key, h, parent) {
+                                self.block_tokens[b.index() * bs..(b.index() + 1) * bs]
+                                    .copy_from_slice(&s.tokens[i * bs..(i + 1) * bs]);
+                            }
+                        }
+                    }
+                }
+            }
         }
-        while s.hashes.len() < s.tokens.len() / bs {
-            let i = s.hashes.len();
-            let parent_hash = if i == 0 { root } else { s.hashes[i - 1] };
-            let h = match s.planned.get(i) {
-                Some(&h) => h,
-                None => BlockHash::chain(&parent_hash, &s.tokens[i * bs..(i + 1) * bs], &[]),
-            };
-            s.hashes.push(h);
-            // The parent must be this sequence's own registered block (the manager's invariant).
-            let parent = if i == 0 {
-                None
-            } else {
-                let p = s.blocks[i - 1];
-                if self.pool.lookup(&parent_hash) != Some(p) {
-                    continue; // the parent was not registered: neither is this one
+        // Out of the window: no later query reads these (a registered one stays cached).
+        let next = s.tokens.len();
+        for (g, t) in s.tables.iter_mut().enumerate() {
+            let end = first_needed_block(self.windows[g], next, bs).min(t.len());
+            for e in t[..end].iter_mut().rev() {
+                if *e == HOLE {
+                    break; // everything before was let go earlier
                 }
-                Some(p)
-            };
-            let b = s.blocks[i];
-            match self.pool.lookup(&h) {
-                Some(c) if c == b => {}
-                Some(c) => {
-                    // Only when no other sequence shares `b`: else swapping would leave them on
-                    // a block that was never registered under its content anyway; fine, skip.
-                    if self.pool.ref_count(b) == 1 {
-                        self.pool.acquire_cached(c);
-                        self.pool.release(b);
-                        s.blocks[i] = c;
-                    }
-                }
-                None => {
-                    if self.pool.register(b, h, parent) {
-                        self.block_tokens[b.index() * bs..(b.index() + 1) * bs]
-                            .copy_from_slice(&s.tokens[i * bs..(i + 1) * bs]);
-                    }
-                }
+                self.pool.release(std::mem::replace(e, HOLE));
             }
         }
     }
@@ -520,8 +651,10 @@ impl KvCacheManager {
     /// partial block is copied when either sequence next writes into it.
     pub fn fork(&mut self, seq: SeqId) -> SeqId {
         let s = self.seq(seq).clone();
-        for &b in &s.blocks {
-            self.pool.share(b);
+        for t in &s.tables {
+            for &b in t.iter().filter(|&&b| b != HOLE) {
+                self.pool.share(b);
+            }
         }
         let id = SeqId(self.next_seq);
         self.next_seq += 1;
@@ -534,8 +667,10 @@ impl KvCacheManager {
     pub fn release(&mut self, seq: SeqId) {
         if let Some(s) = self.seqs.remove(&seq) {
             // Leaf first, so a policy sees children released before parents.
-            for &b in s.blocks.iter().rev() {
-                self.pool.release(b);
+            for t in &s.tables {
+                for &b in t.iter().rev().filter(|&&b| b != HOLE) {
+                    self.pool.release(b);
+                }
             }
         }
     }
@@ -545,11 +680,18 @@ impl KvCacheManager {
         self.pool.check_invariants()?;
         let mut refs = vec![0u32; self.pool.num_blocks()];
         for (id, s) in &self.seqs {
-            if s.blocks.len() * self.block_size < s.tokens.len() {
-                return Err(format!("{id:?}: table too short for its tokens"));
-            }
-            for b in &s.blocks {
-                refs[b.index()] += 1;
+            for (g, t) in s.tables.iter().enumerate() {
+                if t.len() * self.block_size < s.tokens.len() {
+                    return Err(format!("{id:?}: table {g} too short for its tokens"));
+                }
+                let first = first_needed_block(self.windows[g], s.tokens.len(), self.block_size);
+                for (i, b) in t.iter().enumerate() {
+                    match (*b == HOLE, i < first) {
+                        (true, false) => return Err(format!("{id:?}: hole at {g}/{i}")),
+                        (true, true) => {}
+                        (false, _) => refs[b.index()] += 1,
+                    }
+                }
             }
         }
         for (i, &r) in refs.iter().enumerate() {

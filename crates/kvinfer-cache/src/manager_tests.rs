@@ -4,12 +4,22 @@ use super::*;
 use proptest::prelude::*;
 
 fn manager(num_blocks: usize, block_size: usize, policy: PolicyKind) -> KvCacheManager {
+    grouped(num_blocks, block_size, policy, vec![None])
+}
+
+fn grouped(
+    num_blocks: usize,
+    block_size: usize,
+    policy: PolicyKind,
+    windows: Vec<Option<usize>>,
+) -> KvCacheManager {
     KvCacheManager::new(&CacheConfig {
         num_blocks,
         block_size,
         policy,
         seed: 7,
         fingerprint: ModelFingerprint([3; 32]),
+        windows,
     })
 }
 
@@ -197,9 +207,17 @@ proptest! {
     /// operation, admission takes exactly the looked-up prefix, and releasing everything
     /// leaves no block in use.
     #[test]
-    fn invariants_hold_under_random_workloads(ops in prop::collection::vec(op(), 1..80), pi in 0usize..5) {
+    fn invariants_hold_under_random_workloads(
+        ops in prop::collection::vec(op(), 1..80),
+        pi in 0usize..5,
+        windowed in any::<bool>(),
+    ) {
         let policy = PolicyKind::ALL[pi];
-        let mut m = manager(12, 3, policy);
+        let mut m = match windowed {
+            // A full group and two sliding ones (window 4 over blocks of 3).
+            true => grouped(30, 3, policy, vec![None, Some(4), Some(4)]),
+            false => manager(12, 3, policy),
+        };
         let mut live: Vec<(SeqId, Vec<u32>)> = Vec::new(); // sequence, its full token list
         let mut next_tok = 100_000u32;
         for op in ops {
@@ -214,7 +232,7 @@ proptest! {
                     let (id, cached) = m.add_sequence(&p, true);
                     prop_assert_eq!(cached, expect.num_tokens);
                     prop_assert!(cached < p.len());
-                    prop_assert_eq!(m.block_table(id), &expect.blocks[..]);
+                    prop_assert_eq!(m.block_tables(id), &expect.tables[..]);
                     live.push((id, p));
                 }
                 Op::Step { i, n } if !live.is_empty() => {
@@ -288,4 +306,71 @@ fn an_old_chain_drains_before_a_newer_one() {
         m.release(c);
         m.check_invariants().unwrap();
     }
+}
+
+#[test]
+fn a_sliding_group_lets_go_of_blocks_before_its_window() {
+    // Blocks of 4, window 6: after 20 tokens the next query sees positions 15..=20, so the
+    // sliding group holds blocks 3 and 4 only; blocks 0..3 stay cached, evictable.
+    let mut m = grouped(16, 4, PolicyKind::Lru, vec![None, Some(6)]);
+    let p: Vec<u32> = (0..20).collect();
+    let (a, _) = run_prompt(&mut m, &p);
+    let t = m.block_tables(a);
+    assert_eq!(t[0].len(), 5);
+    assert!(t[0].iter().all(|&b| b != HOLE));
+    assert_eq!(&t[1][..3], &[HOLE; 3]);
+    assert!(t[1][3..].iter().all(|&b| b != HOLE));
+    let u = m.usage();
+    assert_eq!((u.in_use, u.cached), (7, 3));
+    m.check_invariants().unwrap();
+    m.release(a);
+    assert_eq!(m.usage().cached, 10, "both groups' full blocks stay cached");
+
+    // The same history and more: a hit of all 5 blocks, the sliding group's from block 3 on.
+    let mut q = p.clone();
+    q.extend(100..110);
+    let hit = m.lookup(&q);
+    assert_eq!(hit.num_tokens, 20);
+    assert_eq!(&hit.tables[1][..3], &[HOLE; 3]);
+    let (b, cached) = m.add_sequence(&q, true);
+    assert_eq!(cached, 20);
+    m.reserve(b, 10).unwrap();
+    m.commit(b, &q[20..]);
+    m.check_invariants().unwrap();
+    m.release(b);
+    m.check_invariants().unwrap();
+}
+
+#[test]
+fn a_hit_needs_every_full_block_and_the_window_before_its_end() {
+    let m = grouped(4, 4, PolicyKind::Lru, vec![None, Some(6)]);
+    let hashes = m.hash_blocks(&(0..40).collect::<Vec<u32>>());
+    // Blocks 0..10 of the full group; sliding blocks as `missing` says.
+    let with = |missing: &[usize]| {
+        let missing = missing.to_vec();
+        m.prefix_blocks(&hashes, move |g, i| g == 0 || !missing.contains(&i))
+    };
+    assert_eq!(with(&[]), 10);
+    // 10 blocks need sliding blocks 8 and 9 ((41 - 6) / 4 = 8): older holes do not matter.
+    assert_eq!(with(&[0, 1, 2, 3, 4, 5, 6, 7]), 10);
+    assert_eq!(with(&[9]), 9, "9 blocks need 7 and 8");
+    assert_eq!(with(&[8, 9]), 8, "8 blocks need 6 and 7");
+    assert_eq!(with(&[6, 9]), 9, "9 blocks need only 7 and 8");
+    assert_eq!(
+        with(&[6, 8]),
+        6,
+        "10 and 9 need 8, 8 and 7 need 6; 6 needs 4 and 5"
+    );
+}
+
+#[test]
+fn a_missing_full_block_caps_the_hit_whatever_the_sliding_groups_hold() {
+    let m = grouped(4, 4, PolicyKind::Lru, vec![None, Some(6), Some(6)]);
+    let hashes = m.hash_blocks(&(0..40).collect::<Vec<u32>>());
+    assert_eq!(m.prefix_blocks(&hashes, |g, i| g != 0 || i != 4), 4);
+    // The second sliding group lacks block 2: a prefix of 4 needs blocks 2 and 3 there.
+    assert_eq!(
+        m.prefix_blocks(&hashes, |g, i| (g != 0 || i != 4) && (g != 2 || i != 2)),
+        2
+    );
 }

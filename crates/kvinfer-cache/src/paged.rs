@@ -49,9 +49,14 @@ impl std::fmt::Debug for PagedKv {
 pub struct SeqTables<'a>(&'a KvCacheManager);
 
 impl<'a> SeqTables<'a> {
-    /// The block table of `seq`.
+    /// The block table of `seq`'s first layer group.
     pub fn block_table(&self, seq: SeqId) -> &'a [BlockId] {
         self.0.block_table(seq)
+    }
+
+    /// The block tables of `seq`, one per layer group.
+    pub fn block_tables(&self, seq: SeqId) -> &'a [Vec<BlockId>] {
+        self.0.block_tables(seq)
     }
 
     /// Tokens committed for `seq`.
@@ -61,9 +66,21 @@ impl<'a> SeqTables<'a> {
 }
 
 impl PagedKv {
-    /// A cache of `layout.num_blocks` blocks of `layout.block_size` tokens.
+    /// A cache of `layout.num_blocks` blocks of `layout.block_size` tokens, one layer group.
     pub fn new(
         layout: KvLayout,
+        policy: PolicyKind,
+        seed: u64,
+        fingerprint: ModelFingerprint,
+    ) -> Self {
+        Self::with_groups(layout, vec![None], policy, seed, fingerprint)
+    }
+
+    /// As [`Self::new`], with one block table per layer group, whose windows are `windows`
+    /// (see [`crate::KvGroups`]; each block holds `layout.n_layers` layers of one group).
+    pub fn with_groups(
+        layout: KvLayout,
+        windows: Vec<Option<usize>>,
         policy: PolicyKind,
         seed: u64,
         fingerprint: ModelFingerprint,
@@ -74,6 +91,7 @@ impl PagedKv {
             policy,
             seed,
             fingerprint,
+            windows,
         });
         Self {
             manager,
@@ -114,6 +132,32 @@ impl PagedKv {
     /// Tokens per block.
     pub fn block_size(&self) -> usize {
         self.manager.block_size()
+    }
+
+    /// Layer groups (block tables per sequence).
+    pub fn num_groups(&self) -> usize {
+        self.manager.num_groups()
+    }
+
+    /// Per layer group, its sliding window (`None`: full attention).
+    pub fn windows(&self) -> &[Option<usize>] {
+        self.manager.windows()
+    }
+
+    /// The first block group `g` needs of a prefix of `n` blocks.
+    pub fn first_needed(&self, g: usize, n: usize) -> usize {
+        self.manager.first_needed(g, n)
+    }
+
+    /// Whether group `g`'s block for `hash` is in the pool.
+    pub fn has_block(&self, g: usize, hash: &BlockHash) -> bool {
+        self.manager.cached_block(g, hash).is_some()
+    }
+
+    /// The longest usable prefix of `hashes` where `has(g, i)` says whether group `g`'s block
+    /// `i` is at hand (see [`KvCacheManager::prefix_blocks`]).
+    pub fn prefix_blocks(&self, hashes: &[BlockHash], has: impl Fn(usize, usize) -> bool) -> usize {
+        self.manager.prefix_blocks(hashes, has)
     }
 
     /// Blocks in the pool.
@@ -219,9 +263,14 @@ impl PagedKv {
         self.manager.num_tokens(seq)
     }
 
-    /// The block table of `seq`.
+    /// The block table of `seq`'s first layer group.
     pub fn block_table(&self, seq: SeqId) -> &[BlockId] {
         self.manager.block_table(seq)
+    }
+
+    /// The block tables of `seq`, one per layer group.
+    pub fn block_tables(&self, seq: SeqId) -> &[Vec<BlockId>] {
+        self.manager.block_tables(seq)
     }
 
     /// The block tables (read) and the storage (write), for one forward pass.
@@ -234,33 +283,36 @@ impl PagedKv {
         &self.storage
     }
 
-    /// Brings blocks in from a tier: `hashes[..from]` are the pool's cached prefix, and
-    /// `payloads[i]` the verified bytes (exactly one block each) of `hashes[from + i]`, whose
-    /// token ids are `tokens[i * block_size..]`. They are copied into pool blocks and registered,
-    /// cached for the next `add_sequence` to take. Returns how many were registered: 0 when the
-    /// pool has no room (nothing changed).
+    /// Brings blocks in from a tier: `wanted[i]` = (group, block index) of a block of the
+    /// prompt `prompt` hashed `hashes`, and `payloads[i]` its verified bytes (exactly one block).
+    /// A full-attention group's blocks must extend the run the pool has of it. They are copied
+    /// into pool blocks and registered, cached for the next `add_sequence` to take. Returns how
+    /// many were registered: 0 when the pool has no room (nothing changed).
     pub fn import(
         &mut self,
         hashes: &[BlockHash],
-        from: usize,
+        wanted: &[(usize, usize)],
         payloads: &[&[u8]],
-        tokens: &[TokenId],
+        prompt: &[TokenId],
     ) -> usize {
-        debug_assert_eq!(hashes.len() - from, payloads.len(), "one payload per hash");
         let bytes = self.storage.layout().block_bytes();
-        if payloads.iter().any(|p| p.len() != bytes)
-            || tokens.len() != payloads.len() * self.block_size()
+        let bs = self.block_size();
+        if payloads.len() != wanted.len()
+            || payloads.iter().any(|p| p.len() != bytes)
+            || wanted.iter().any(|&(g, i)| {
+                g >= self.num_groups() || i >= hashes.len() || (i + 1) * bs > prompt.len()
+            })
         {
             return 0;
         }
-        let Some(import) = self.manager.import_begin(hashes, from) else {
+        let Some(import) = self.manager.import_begin(hashes, wanted) else {
             return 0;
         };
         self.deliver_events(); // evictions, before their blocks are overwritten
         for (&b, p) in import.fresh.iter().zip(payloads) {
             self.storage.set_block_bytes(b, p);
         }
-        let n = self.manager.import_finish(import, tokens);
+        let n = self.manager.import_finish(import, hashes, prompt);
         self.deliver_events();
         n
     }
@@ -334,6 +386,7 @@ mod tests {
                 *ev,
                 PoolEvent::Registered {
                     hash: hashes[i],
+                    group: 0,
                     block: kv.block_table(a)[i]
                 }
             );
@@ -380,14 +433,19 @@ mod tests {
         // The first block is computed here; blocks 2 and 3 come from a "tier".
         let first = run(&mut dst, &prompt[..3], 3.0);
         dst.release(first);
-        assert_eq!(dst.lookup_hashed(&hashes, prompt.len()).blocks.len(), 1);
+        assert_eq!(dst.lookup_hashed(&hashes, prompt.len()).num_blocks, 1);
         let refs: Vec<&[u8]> = payloads[1..].iter().map(|p| &p[..]).collect();
         assert_eq!(
-            dst.import(&hashes, 1, &refs, &prompt[..3]),
+            dst.import(&hashes, &[(0, 1), (0, 2)], &refs, &prompt[..5]),
             0,
             "tokens of every block"
         );
-        assert_eq!(dst.import(&hashes, 1, &refs, &prompt[2..6]), 2);
+        assert_eq!(
+            dst.import(&hashes, &[(0, 2)], &refs[1..], &prompt),
+            0,
+            "a full-attention chain must extend the cached run"
+        );
+        assert_eq!(dst.import(&hashes, &[(0, 1), (0, 2)], &refs, &prompt), 2);
         dst.check_invariants().unwrap();
         assert_eq!(dst.usage().in_use, 0, "imported blocks wait cached");
         let (seq, cached) = dst.add_sequence_hashed(&prompt, hashes.clone(), true);
@@ -404,9 +462,15 @@ mod tests {
         let mut tiny = kv(1);
         let before = tiny.usage();
         let refs: Vec<&[u8]> = payloads.iter().map(|p| &p[..]).collect();
-        assert_eq!(tiny.import(&hashes, 0, &refs, &prompt[..6]), 0);
+        assert_eq!(
+            tiny.import(&hashes, &[(0, 0), (0, 1), (0, 2)], &refs, &prompt),
+            0
+        );
         assert_eq!(tiny.usage(), before);
-        assert_eq!(tiny.import(&hashes[..1], 0, &[&[0u8; 3]], &prompt[..2]), 0);
+        assert_eq!(
+            tiny.import(&hashes[..1], &[(0, 0)], &[&[0u8; 3]], &prompt),
+            0
+        );
         tiny.check_invariants().unwrap();
     }
 }

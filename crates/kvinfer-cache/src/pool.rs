@@ -27,6 +27,8 @@ pub enum PoolEvent {
     Registered {
         /// The content hash.
         hash: BlockHash,
+        /// The layer group whose layers the block holds.
+        group: u16,
         /// The block holding it.
         block: BlockId,
     },
@@ -34,6 +36,8 @@ pub enum PoolEvent {
     Evicted {
         /// The content hash it held.
         hash: BlockHash,
+        /// The layer group whose layers the block holds.
+        group: u16,
         /// The block, still holding the bytes.
         block: BlockId,
     },
@@ -45,6 +49,8 @@ struct BlockMeta {
     ref_count: u32,
     /// Set while the block is registered in the prefix index.
     hash: Option<BlockHash>,
+    /// The layer group it was registered for (with `hash`, its key in the index).
+    group: u16,
     /// The block holding the parent hash (None: the parent is the root).
     parent: Option<BlockId>,
     /// Registered blocks whose `parent` is this block.
@@ -65,8 +71,8 @@ pub struct BlockPool {
     blocks: Vec<BlockMeta>,
     /// Blocks holding nothing, used LIFO (recently freed memory is warm).
     free: Vec<BlockId>,
-    /// The prefix index: content hash -> the block holding it.
-    index: HashMap<BlockHash, BlockId>,
+    /// The prefix index: (layer group, content hash) -> the block holding it.
+    index: HashMap<(u16, BlockHash), BlockId>,
     policy: Box<dyn EvictionPolicy>,
     /// Hashed blocks with ref count 0 (evictable now or after their children).
     num_cached: usize,
@@ -144,9 +150,9 @@ impl BlockPool {
         self.blocks[block.index()].ref_count
     }
 
-    /// The block registered under `hash`, if any.
-    pub fn lookup(&self, hash: &BlockHash) -> Option<BlockId> {
-        self.index.get(hash).copied()
+    /// The block registered under `hash` for layer group `group`, if any.
+    pub fn lookup(&self, group: u16, hash: &BlockHash) -> Option<BlockId> {
+        self.index.get(&(group, *hash)).copied()
     }
 
     /// Takes `n` blocks with ref count 1, evicting cached blocks as needed. All or nothing:
@@ -186,9 +192,14 @@ impl BlockPool {
         let hash = meta.hash.take();
         let parent = meta.parent.take();
         if let Some(h) = hash {
-            self.index.remove(&h);
+            let group = meta.group;
+            self.index.remove(&(group, h));
             if self.record_events {
-                self.events.push(PoolEvent::Evicted { hash: h, block: b });
+                self.events.push(PoolEvent::Evicted {
+                    hash: h,
+                    group,
+                    block: b,
+                });
             }
         }
         self.num_cached -= 1;
@@ -251,10 +262,17 @@ impl BlockPool {
         }
     }
 
-    /// Registers an in-use, unregistered `block` under `hash`, its parent hash held by `parent`
-    /// (None for the root). Returns false (and changes nothing) when `hash` is already
-    /// registered: the first copy stays canonical and this one is freed on release.
-    pub fn register(&mut self, block: BlockId, hash: BlockHash, parent: Option<BlockId>) -> bool {
+    /// Registers an in-use, unregistered `block` under (`group`, `hash`), its parent hash held
+    /// by `parent` (None for the root, and for blocks of sliding-window groups, which need no
+    /// chain). Returns false (and changes nothing) when the key is already registered: the
+    /// first copy stays canonical and this one is freed on release.
+    pub fn register(
+        &mut self,
+        block: BlockId,
+        group: u16,
+        hash: BlockHash,
+        parent: Option<BlockId>,
+    ) -> bool {
         debug_assert!(
             self.blocks[block.index()].ref_count > 0,
             "register of unused {block:?}"
@@ -263,15 +281,17 @@ impl BlockPool {
             self.blocks[block.index()].hash.is_none(),
             "{block:?} registered twice"
         );
-        if self.index.contains_key(&hash) {
+        if self.index.contains_key(&(group, hash)) {
             return false;
         }
-        self.index.insert(hash, block);
+        self.index.insert((group, hash), block);
         if self.record_events {
-            self.events.push(PoolEvent::Registered { hash, block });
+            self.events
+                .push(PoolEvent::Registered { hash, group, block });
         }
         let meta = &mut self.blocks[block.index()];
         meta.hash = Some(hash);
+        meta.group = group;
         meta.parent = parent;
         self.policy.insert(block, hash.key64());
         self.sync_candidate(block, true);
@@ -313,7 +333,7 @@ impl BlockPool {
                 return Err(format!("{b:?}: in free list {} but {m:?}", in_free[i]));
             }
             if let Some(h) = m.hash {
-                if self.index.get(&h) != Some(&b) {
+                if self.index.get(&(m.group, h)) != Some(&b) {
                     return Err(format!("{b:?} hashed {h:?} but the index disagrees"));
                 }
                 if let Some(p) = m.parent {

@@ -137,7 +137,7 @@ pub fn extend_sequence_rows(
     let batch = [SeqBatch {
         tokens,
         start: tables.num_tokens(seq),
-        blocks: tables.block_table(seq),
+        tables: tables.block_tables(seq),
     }];
     let logits = if every_row {
         model.forward_all(storage, &batch)?

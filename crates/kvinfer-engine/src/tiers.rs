@@ -212,64 +212,94 @@ impl TierSink {
 impl KvEventSink for TierSink {
     fn on_event(&mut self, event: &PoolEvent, tokens: &[TokenId], bytes: &[u8]) {
         match *event {
-            PoolEvent::Registered { hash, .. } if self.through => {
-                self.store.write_registered(hash, tokens, bytes)
+            PoolEvent::Registered { hash, group, .. } if self.through => {
+                self.store.write_registered(group, hash, tokens, bytes)
             }
-            PoolEvent::Evicted { hash, .. } if self.back => {
-                self.store.write_evicted(hash, tokens, bytes)
+            PoolEvent::Evicted { hash, group, .. } if self.back => {
+                self.store.write_evicted(group, hash, tokens, bytes)
             }
             _ => {}
         }
     }
 }
 
-/// What to ask the tiers for a prompt: the blocks after the pool's cached prefix that a prefix
-/// hit may use. `None` when the pool already has them all. Returns (first block to load, the
-/// request).
+/// What to ask the tiers for a prompt: the blocks a prefix hit of every full block the prompt
+/// may take would need that the pool lacks: each full-attention group's blocks after its cached
+/// run, each sliding-window group's blocks of the window before that prefix's end. `None` when
+/// the pool already has them all. Returns (the prompt's first block in the request, the request).
 pub(crate) fn load_request(
     kv: &PagedKv,
     hashes: &[BlockHash],
     prompt: &[TokenId],
 ) -> Option<(usize, LoadRequest)> {
     let max = kv.max_prefix_blocks(prompt.len()).min(hashes.len());
-    let from = kv.lookup_hashed(hashes, prompt.len()).blocks.len();
-    if from >= max {
+    if kv.lookup_hashed(hashes, prompt.len()).num_blocks >= max {
         return None;
     }
+    let starts: Vec<(usize, usize)> = kv
+        .windows()
+        .iter()
+        .enumerate()
+        .map(|(g, w)| match w {
+            None => (
+                g,
+                (0..max)
+                    .take_while(|&i| kv.has_block(g, &hashes[i]))
+                    .count(),
+            ),
+            Some(_) => (g, kv.first_needed(g, max)),
+        })
+        .filter(|&(_, start)| start < max)
+        .collect();
+    let lo = starts.iter().map(|s| s.1).min()?;
     let bs = kv.block_size();
-    Some((
-        from,
-        LoadRequest {
-            hashes: hashes[from..max].to_vec(),
-            tokens: prompt[from * bs..max * bs].to_vec(),
-        },
-    ))
+    let mut req = LoadRequest::chain(hashes[lo..max].to_vec(), prompt[lo * bs..max * bs].to_vec());
+    req.groups = starts.iter().map(|&(g, s)| (g as u16, s - lo)).collect();
+    Some((lo, req))
 }
 
-/// Imports a load's verified blocks (they start at block `from`) into the pool. The pool may
-/// have changed meanwhile: blocks it now has are skipped; if it lost part of the prefix before
-/// `from`, the loaded blocks cannot chain and are dropped (a miss). Returns blocks imported.
+/// Imports a load's verified blocks (the request began at the prompt's block `lo`) into the
+/// pool: those the longest prefix the pool and the load together can serve needs and the pool
+/// lacks. The pool may have changed meanwhile: what it has is skipped, and a full-attention
+/// chain that lost a block before the loaded ones cannot take them (a shorter hit). Returns
+/// the blocks the prompt's cached prefix grew by.
 pub(crate) fn import_loaded(
     kv: &mut PagedKv,
     hashes: &[BlockHash],
     prompt: &[TokenId],
-    from: usize,
+    lo: usize,
     result: &LoadResult,
 ) -> usize {
-    let end = from + result.payloads.len();
-    let have = kv.lookup_hashed(&hashes[..end], prompt.len()).blocks.len();
-    if have < from || have >= end {
+    let loaded = |g: usize, i: usize| -> Option<&[u8]> {
+        result
+            .runs
+            .iter()
+            .find(|r| r.group as usize == g)
+            .and_then(|r| {
+                let k = i.checked_sub(lo + r.start)?;
+                r.payloads.get(k).map(|p| &p[..])
+            })
+    };
+    let max = kv.max_prefix_blocks(prompt.len()).min(hashes.len());
+    let n = kv.prefix_blocks(&hashes[..max], |g, i| {
+        kv.has_block(g, &hashes[i]) || loaded(g, i).is_some()
+    });
+    let mut wanted = Vec::new();
+    let mut payloads = Vec::new();
+    for g in 0..kv.num_groups() {
+        for i in kv.first_needed(g, n)..n {
+            if !kv.has_block(g, &hashes[i]) {
+                wanted.push((g, i));
+                payloads.push(loaded(g, i).expect("prefix_blocks saw it"));
+            }
+        }
+    }
+    if wanted.is_empty() {
         return 0;
     }
-    let bs = kv.block_size();
-    let payloads: Vec<&[u8]> = result.payloads[have - from..]
-        .iter()
-        .map(|p| &p[..])
-        .collect();
-    kv.import(
-        &hashes[..end],
-        have,
-        &payloads,
-        &prompt[have * bs..end * bs],
-    )
+    let before = kv.lookup_hashed(hashes, prompt.len()).num_blocks;
+    kv.import(hashes, &wanted, &payloads, prompt);
+    kv.lookup_hashed(hashes, prompt.len())
+        .num_blocks
+        .saturating_sub(before)
 }

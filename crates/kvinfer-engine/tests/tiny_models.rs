@@ -147,7 +147,7 @@ fn a_batch_of_sequences_equals_each_alone() {
             .map(|(p, &s)| SeqBatch {
                 tokens: p,
                 start: 0,
-                blocks: tables.block_table(s),
+                tables: tables.block_tables(s),
             })
             .collect();
         let together = model.forward(storage, &batch).unwrap();
@@ -218,15 +218,15 @@ fn bad_input_is_an_error_not_a_panic() {
     let mut kv = paged(&model, 4, 4, PolicyKind::Lru);
     let (seq, _) = kv.add_sequence(&[5; 8], false);
     kv.reserve(seq, 8).unwrap();
-    let blocks = kv.block_table(seq).to_vec();
+    let blocks = kv.block_tables(seq).to_vec();
     let run =
-        |kv: &mut PagedKv, tokens: &[u32], start: usize, blocks: &[kvinfer_cache::BlockId]| {
+        |kv: &mut PagedKv, tokens: &[u32], start: usize, tables: &[Vec<kvinfer_cache::BlockId>]| {
             model.forward(
                 kv.tables_and_storage().1,
                 &[SeqBatch {
                     tokens,
                     start,
-                    blocks,
+                    tables,
                 }],
             )
         };

@@ -10,8 +10,8 @@ use crate::config::ModelConfig;
 use crate::gguf::GgufFile;
 use crate::kernels::matmul;
 use crate::layers::{
-    attention, geglu, lm_head, rmsnorm, rmsnorm_into, rope_spans, store_kv, AttnShape, RopeStyle,
-    SeqSpan,
+    attention, geglu, lm_head, rmsnorm, rmsnorm_into, rope_spans, store_kv, AttnShape, KvSpans,
+    RopeStyle,
 };
 use crate::llama::add;
 use crate::weights::{load_vec, QMat};
@@ -87,7 +87,7 @@ impl Weights {
         f: &GgufFile,
         c: &ModelConfig,
         tokens: &[u32],
-        spans: &[SeqSpan],
+        spans: &KvSpans,
         kv: &mut KvStorage,
         every_row: bool,
     ) -> Vec<Vec<f32>> {
@@ -115,16 +115,24 @@ impl Weights {
             matmul(w.wv.view(f), &xb, n, &mut v);
             rmsnorm(&mut q, &w.q_norm, c.rms_eps); // per head: rows of head_dim
             rmsnorm(&mut k, &w.k_norm, c.rms_eps);
-            rope_spans(&mut q, spans, c.n_heads, c.head_dim, base, RopeStyle::Neox);
+            rope_spans(
+                &mut q,
+                spans.rows(),
+                c.n_heads,
+                c.head_dim,
+                base,
+                RopeStyle::Neox,
+            );
             rope_spans(
                 &mut k,
-                spans,
+                spans.rows(),
                 c.n_kv_heads,
                 c.head_dim,
                 base,
                 RopeStyle::Neox,
             );
-            store_kv(kv, l, spans, &k, &v);
+            let (slot, layer_spans) = spans.layer(l);
+            store_kv(kv, slot, layer_spans, &k, &v);
             let shape = AttnShape {
                 n_heads: c.n_heads,
                 n_kv_heads: c.n_kv_heads,
@@ -132,7 +140,7 @@ impl Weights {
                 scale: 1.0 / (c.head_dim as f32).sqrt(),
                 window: if swa { c.sliding_window } else { None },
             };
-            attention(&q, kv, l, spans, shape, &mut att);
+            attention(&q, kv, slot, layer_spans, shape, &mut att);
             matmul(w.wo.view(f), &att, n, &mut xb);
             rmsnorm(&mut xb, &w.post_attn_norm, c.rms_eps);
             add(&mut x, &xb);
@@ -147,7 +155,7 @@ impl Weights {
         }
         lm_head(
             &x,
-            spans,
+            spans.rows(),
             &self.output_norm,
             c.rms_eps,
             self.output.view(f),

@@ -4,7 +4,7 @@
 use crate::kernels::kv_quant::{self, KvQuery};
 use crate::kernels::{axpy_f16_rows, dot_f16_rows, matmul, QMatRef};
 use half::f16;
-use kvinfer_cache::{BlockId, KvDtype, KvStorage};
+use kvinfer_cache::{BlockId, KvDtype, KvGroups, KvStorage};
 use rayon::prelude::*;
 use std::ops::Range;
 
@@ -195,6 +195,32 @@ pub struct SeqSpan<'a> {
     pub start: usize,
     /// Its token rows in the batch: row `r` is position `start + (r - rows.start)`.
     pub rows: Range<usize>,
+}
+
+/// A batch's spans per layer group: layer `l` reads and writes its group's block tables at its
+/// slot in the group's blocks.
+pub struct KvSpans<'a> {
+    groups: KvGroups,
+    spans: Vec<Vec<SeqSpan<'a>>>,
+}
+
+impl<'a> KvSpans<'a> {
+    /// `spans[g]`: the batch's spans over group `g`'s tables (equal rows and positions).
+    pub fn new(groups: KvGroups, spans: Vec<Vec<SeqSpan<'a>>>) -> Self {
+        debug_assert_eq!(groups.len(), spans.len(), "one span list per group");
+        Self { groups, spans }
+    }
+
+    /// The spans for what does not read the cache (positions, rows).
+    pub fn rows(&self) -> &[SeqSpan<'a>] {
+        &self.spans[0]
+    }
+
+    /// Layer `l`'s slot in its group's blocks and the spans over that group's tables.
+    pub fn layer(&self, l: usize) -> (usize, &[SeqSpan<'a>]) {
+        let (g, slot) = self.groups.of_layer(l);
+        (slot, &self.spans[g])
+    }
 }
 
 /// Rotates each sequence's rows of `x` (`[N][n_heads][head_dim]`) at its own positions.

@@ -12,7 +12,7 @@ use crate::config::ModelConfig;
 use crate::gguf::GgufFile;
 use crate::kernels::matmul;
 use crate::layers::{
-    attention, lm_head, rmsnorm_into, rope_spans, store_kv, swiglu, AttnShape, RopeStyle, SeqSpan,
+    attention, lm_head, rmsnorm_into, rope_spans, store_kv, swiglu, AttnShape, KvSpans, RopeStyle,
 };
 use crate::weights::{load_vec, QMat};
 use crate::ModelError;
@@ -80,7 +80,7 @@ impl Weights {
         f: &GgufFile,
         c: &ModelConfig,
         tokens: &[u32],
-        spans: &[SeqSpan],
+        spans: &KvSpans,
         kv: &mut KvStorage,
         every_row: bool,
     ) -> Vec<Vec<f32>> {
@@ -111,7 +111,7 @@ impl Weights {
             matmul(w.wv.view(f), &xb, n, &mut v);
             rope_spans(
                 &mut q,
-                spans,
+                spans.rows(),
                 c.n_heads,
                 c.head_dim,
                 c.rope_base,
@@ -119,14 +119,15 @@ impl Weights {
             );
             rope_spans(
                 &mut k,
-                spans,
+                spans.rows(),
                 c.n_kv_heads,
                 c.head_dim,
                 c.rope_base,
                 RopeStyle::Normal,
             );
-            store_kv(kv, l, spans, &k, &v);
-            attention(&q, kv, l, spans, shape, &mut att);
+            let (slot, layer_spans) = spans.layer(l);
+            store_kv(kv, slot, layer_spans, &k, &v);
+            attention(&q, kv, slot, layer_spans, shape, &mut att);
             matmul(w.wo.view(f), &att, n, &mut xb);
             add(&mut x, &xb);
 
@@ -139,7 +140,7 @@ impl Weights {
         }
         lm_head(
             &x,
-            spans,
+            spans.rows(),
             &self.output_norm,
             c.rms_eps,
             self.output.view(f),

@@ -3,10 +3,12 @@
 use crate::chat::ChatTemplate;
 use crate::config::{Arch, ModelConfig};
 use crate::gguf::GgufFile;
-use crate::layers::SeqSpan;
+use crate::layers::{KvSpans, SeqSpan};
 use crate::tokenizer::{Tokenizer, TokenizerSpec};
 use crate::{gemma3, llama, ModelError};
-use kvinfer_cache::{BlockId, KvDtype, KvLayout, KvStorage, ModelFingerprint};
+use kvinfer_cache::{
+    first_needed_block, BlockId, KvDtype, KvGroups, KvLayout, KvStorage, ModelFingerprint, HOLE,
+};
 use std::path::Path;
 
 enum ArchWeights {
@@ -21,8 +23,9 @@ pub struct SeqBatch<'a> {
     pub tokens: &'a [u32],
     /// Positions already cached (K/V written) before these tokens.
     pub start: usize,
-    /// The sequence's block table, covering at least `start + tokens.len()` positions.
-    pub blocks: &'a [BlockId],
+    /// The sequence's block tables, one per layer group (see [`Model::kv_groups`]), each
+    /// covering at least `start + tokens.len()` positions.
+    pub tables: &'a [Vec<BlockId>],
 }
 
 /// Version of the KV byte format; part of the fingerprint, so a change invalidates old blocks.
@@ -96,8 +99,39 @@ impl Model {
 
     /// As [`Self::kv_layout`], storing rows as `dtype`.
     pub fn kv_layout_of(&self, block_size: usize, num_blocks: usize, dtype: KvDtype) -> KvLayout {
+        self.kv_layout_for(
+            block_size,
+            num_blocks,
+            dtype,
+            &KvGroups::single(self.config.n_layers),
+        )
+    }
+
+    /// How the layers share blocks: with `windowed`, sliding-window layers get groups of their
+    /// own whose blocks before the window are let go (Gemma 3: one full-attention group and five
+    /// sliding ones of 3 layers); else, or for models without sliding windows, one group of
+    /// every layer.
+    pub fn kv_groups(&self, windowed: bool) -> KvGroups {
+        let c = &self.config;
+        if !windowed || c.sliding_window.is_none() {
+            return KvGroups::single(c.n_layers);
+        }
+        let per_layer: Vec<Option<usize>> = (0..c.n_layers)
+            .map(|l| c.sliding_window.filter(|_| c.is_swa_layer(l)))
+            .collect();
+        KvGroups::by_window(&per_layer)
+    }
+
+    /// As [`Self::kv_layout_of`], for blocks of one group of `groups` each.
+    pub fn kv_layout_for(
+        &self,
+        block_size: usize,
+        num_blocks: usize,
+        dtype: KvDtype,
+        groups: &KvGroups,
+    ) -> KvLayout {
         KvLayout {
-            n_layers: self.config.n_layers,
+            n_layers: groups.layers_per_block(),
             n_kv_heads: self.config.n_kv_heads,
             head_dim: self.config.head_dim,
             block_size,
@@ -118,6 +152,17 @@ impl Model {
     /// As [`Self::fingerprint`], for blocks stored as `dtype` (a block is only ever used under
     /// the dtype it was written with; f16 keeps the digest it always had).
     pub fn fingerprint_of(&self, block_size: usize, dtype: KvDtype) -> ModelFingerprint {
+        self.fingerprint_for(block_size, dtype, &KvGroups::single(self.config.n_layers))
+    }
+
+    /// As [`Self::fingerprint_of`], for blocks of layer groups `groups` (one group keeps the
+    /// digest it always had; grouped blocks hold other layers, so they get another).
+    pub fn fingerprint_for(
+        &self,
+        block_size: usize,
+        dtype: KvDtype,
+        groups: &KvGroups,
+    ) -> ModelFingerprint {
         const WINDOWS: usize = 16;
         const WINDOW_BYTES: usize = 4 << 10; // 4 KiB
         let mut h = blake3::Hasher::new();
@@ -126,6 +171,10 @@ impl Model {
         h.update(format!("{:?}", self.config.arch).as_bytes());
         h.update(dtype.name().as_bytes());
         h.update(&(block_size as u64).to_le_bytes());
+        if groups.len() > 1 {
+            h.update(b"groups");
+            h.update(groups.describe().as_bytes());
+        }
         for t in self.file.tensors() {
             h.update(t.name.as_bytes());
             h.update(format!("{:?}{:?}", t.ty, t.dims).as_bytes());
@@ -167,28 +216,39 @@ impl Model {
         batch: &[SeqBatch],
         every_row: bool,
     ) -> Result<Vec<Vec<f32>>, ModelError> {
+        let n_tables = batch.first().map_or(1, |s| s.tables.len());
+        let groups = self.kv_groups(n_tables > 1);
+        if groups.len() != n_tables {
+            return Err(ModelError::Input(format!(
+                "{n_tables} block tables per sequence, but the model has {} layer groups",
+                groups.len()
+            )));
+        }
         let l = kv.layout();
-        let layout = self.kv_layout_of(l.block_size, l.num_blocks, l.dtype);
+        let layout = self.kv_layout_for(l.block_size, l.num_blocks, l.dtype, &groups);
         if *kv.layout() != layout || l.dtype.check_head_dim(l.head_dim).is_err() {
             return Err(ModelError::Input(
                 "KV storage was made for another model".into(),
             ));
         }
         let mut tokens = Vec::new();
-        let mut spans = Vec::with_capacity(batch.len());
+        let mut spans: Vec<Vec<SeqSpan>> = vec![Vec::with_capacity(batch.len()); groups.len()];
         for s in batch {
-            self.check_seq(s, &layout)?;
+            self.check_seq(s, &layout, &groups)?;
             let r0 = tokens.len();
             tokens.extend_from_slice(s.tokens);
-            spans.push(SeqSpan {
-                blocks: s.blocks,
-                start: s.start,
-                rows: r0..tokens.len(),
-            });
+            for (g, t) in s.tables.iter().enumerate() {
+                spans[g].push(SeqSpan {
+                    blocks: t,
+                    start: s.start,
+                    rows: r0..tokens.len(),
+                });
+            }
         }
         if tokens.is_empty() {
             return Err(ModelError::Input("no tokens to run".into()));
         }
+        let spans = KvSpans::new(groups, spans);
         let (f, c) = (&self.file, &self.config);
         Ok(match &self.weights {
             ArchWeights::Llama(w) => w.forward(f, c, &tokens, &spans, kv, every_row),
@@ -196,7 +256,12 @@ impl Model {
         })
     }
 
-    fn check_seq(&self, s: &SeqBatch, layout: &KvLayout) -> Result<(), ModelError> {
+    fn check_seq(
+        &self,
+        s: &SeqBatch,
+        layout: &KvLayout,
+        groups: &KvGroups,
+    ) -> Result<(), ModelError> {
         if s.tokens.is_empty() {
             return Err(ModelError::Input("no tokens to run".into()));
         }
@@ -217,14 +282,32 @@ impl Model {
                 max: self.config.context_length,
             });
         }
-        if s.blocks.len() * layout.block_size < end {
+        if s.tables.len() != groups.len() {
             return Err(ModelError::Input(format!(
-                "block table of {} blocks cannot hold {end} positions",
-                s.blocks.len()
+                "{} block tables for {} layer groups",
+                s.tables.len(),
+                groups.len()
             )));
         }
-        if let Some(b) = s.blocks.iter().find(|b| b.index() >= layout.num_blocks) {
-            return Err(ModelError::Input(format!("{b:?} is outside the KV arena")));
+        for (g, t) in s.tables.iter().enumerate() {
+            if t.len() * layout.block_size < end {
+                return Err(ModelError::Input(format!(
+                    "block table of {} blocks cannot hold {end} positions",
+                    t.len()
+                )));
+            }
+            // Holes (blocks let go) only where no query of this pass looks.
+            let first = first_needed_block(groups.window(g), s.start, layout.block_size);
+            for (i, b) in t[..end.div_ceil(layout.block_size)].iter().enumerate() {
+                if *b == HOLE && i >= first {
+                    return Err(ModelError::Input(format!(
+                        "block {i} of group {g} is needed but was let go"
+                    )));
+                }
+                if *b != HOLE && b.index() >= layout.num_blocks {
+                    return Err(ModelError::Input(format!("{b:?} is outside the KV arena")));
+                }
+            }
         }
         Ok(())
     }

@@ -32,7 +32,9 @@ pub use disk::{DiskScan, DiskTier, DiskTierConfig};
 pub use ram::RamTier;
 pub use redis_tier::{RedisTarget, RedisTier, RedisTierConfig};
 pub use stats::{LatencyHistogram, TierCounters, TierStats, TIER_LATENCY_BUCKETS_S};
-pub use store::{LoadRequest, LoadResult, TierSpec, TieredStore, TieredStoreConfig, WriteMode};
+pub use store::{
+    LoadRequest, LoadResult, LoadRun, TierSpec, TieredStore, TieredStoreConfig, WriteMode,
+};
 pub use wire::BlockSpec;
 
 use kvinfer_cache::{BlockHash, ModelFingerprint};

@@ -70,24 +70,56 @@ pub struct TieredStoreConfig {
     pub load_queue: usize,
 }
 
-/// Blocks to fetch: `hashes` in chain order, `tokens` their token ids (`block_size` each).
+/// Blocks to fetch: `hashes` in chain order, `tokens` their token ids (`block_size` each), and
+/// for each `(group, start)` of `groups`, that layer group's blocks of `hashes[start..]`.
 #[derive(Debug, Clone)]
 pub struct LoadRequest {
     /// Content hashes, in chain order.
     pub hashes: Vec<BlockHash>,
     /// `block_size` token ids per hash.
     pub tokens: Vec<u32>,
+    /// Which layer groups' blocks to fetch, each from its first hash on.
+    pub groups: Vec<(u16, usize)>,
 }
 
-/// What a load found: the verified payloads of the longest leading run of `hashes`.
+impl LoadRequest {
+    /// Group 0's blocks of every hash (a model with one layer group).
+    pub fn chain(hashes: Vec<BlockHash>, tokens: Vec<u32>) -> Self {
+        Self {
+            hashes,
+            tokens,
+            groups: vec![(0, 0)],
+        }
+    }
+}
+
+/// One layer group's answer: the verified payloads of the longest leading run of its blocks.
+#[derive(Debug, Clone, Default)]
+pub struct LoadRun {
+    /// The layer group.
+    pub group: u16,
+    /// Its first hash in the request.
+    pub start: usize,
+    /// One block each, in chain order, from `hashes[start]` on.
+    pub payloads: Vec<Vec<u8>>,
+}
+
+/// What a load found, per group asked.
 #[derive(Debug, Clone, Default)]
 pub struct LoadResult {
-    /// One block each, in chain order, from `hashes[0]` on.
-    pub payloads: Vec<Vec<u8>>,
+    /// One run per entry of the request's `groups`, in order.
+    pub runs: Vec<LoadRun>,
     /// Blocks of the run each tier served, in tier order.
     pub per_tier: Vec<usize>,
     /// Time the load took.
     pub elapsed: Duration,
+}
+
+impl LoadResult {
+    /// The first group's run (the only one of a model with one layer group).
+    pub fn payloads(&self) -> &[Vec<u8>] {
+        self.runs.first().map_or(&[], |r| &r.payloads[..])
+    }
 }
 
 /// Called with a load's result, on the loader thread.
@@ -95,6 +127,7 @@ pub type LoadReply = Box<dyn FnOnce(LoadResult) + Send>;
 
 enum WriteJob {
     Put {
+        group: u16,
         hash: BlockHash,
         tokens: Arc<[u32]>,
         raw: Arc<[u8]>,
@@ -194,14 +227,16 @@ impl TieredStore {
         load(&self.inner, req)
     }
 
-    /// A block was registered in the pool: write-through tiers take it (asynchronously).
-    pub fn write_registered(&self, hash: BlockHash, tokens: &[u32], raw: &[u8]) {
-        self.enqueue(WriteMode::Through, hash, tokens, raw);
+    /// A block of layer group `group` was registered in the pool: write-through tiers take it
+    /// (asynchronously).
+    pub fn write_registered(&self, group: u16, hash: BlockHash, tokens: &[u32], raw: &[u8]) {
+        self.enqueue(WriteMode::Through, group, hash, tokens, raw);
     }
 
-    /// A block was evicted from the pool: write-back tiers take it (asynchronously).
-    pub fn write_evicted(&self, hash: BlockHash, tokens: &[u32], raw: &[u8]) {
-        self.enqueue(WriteMode::Back, hash, tokens, raw);
+    /// A block of layer group `group` was evicted from the pool: write-back tiers take it
+    /// (asynchronously).
+    pub fn write_evicted(&self, group: u16, hash: BlockHash, tokens: &[u32], raw: &[u8]) {
+        self.enqueue(WriteMode::Back, group, hash, tokens, raw);
     }
 
     /// Whether any tier takes blocks in `mode`.
@@ -209,7 +244,7 @@ impl TieredStore {
         self.inner.tiers.iter().any(|t| t.write == mode)
     }
 
-    fn enqueue(&self, mode: WriteMode, hash: BlockHash, tokens: &[u32], raw: &[u8]) {
+    fn enqueue(&self, mode: WriteMode, group: u16, hash: BlockHash, tokens: &[u32], raw: &[u8]) {
         let mut shared: Option<(Arc<[u32]>, Arc<[u8]>)> = None;
         for (t, w) in self.inner.tiers.iter().zip(&self.writers) {
             let (Some(w), true) = (w, t.write == mode) else {
@@ -218,7 +253,13 @@ impl TieredStore {
             let (tokens, raw) = shared
                 .get_or_insert_with(|| (Arc::from(tokens), Arc::from(raw)))
                 .clone();
-            if w.try_send(WriteJob::Put { hash, tokens, raw }).is_err() {
+            let job = WriteJob::Put {
+                group,
+                hash,
+                tokens,
+                raw,
+            };
+            if w.try_send(job).is_err() {
                 TierCounters::add(&t.tier.counters().put_dropped, 1);
             }
         }
@@ -275,23 +316,35 @@ impl Drop for TieredStore {
     }
 }
 
-/// The longest leading run of `req.hashes` that some tier holds, verified. Each tier is asked
-/// (in one batch) for the blocks the tiers before it did not have; a block failing any check is
-/// deleted from its tier, counted, and treated as missing.
+/// For each group asked, the longest leading run of its blocks that some tier holds, verified.
+/// Each tier is asked (in one batch) for the blocks the tiers before it did not have; a block
+/// failing any check is deleted from its tier, counted, and treated as missing.
 fn load(inner: &Inner, req: &LoadRequest) -> LoadResult {
     let t0 = Instant::now();
     let spec = &inner.spec;
     let bs = spec.block_size as usize;
     let n = req.hashes.len().min(req.tokens.len() / bs.max(1));
-    let mut got: Vec<Option<(Vec<u8>, usize)>> = vec![None; n];
+    // Every (entry of req.groups, hash index) asked for.
+    let asked: Vec<(usize, usize)> = req
+        .groups
+        .iter()
+        .enumerate()
+        .flat_map(|(e, &(_, start))| (start.min(n)..n).map(move |i| (e, i)))
+        .collect();
+    let mut got: Vec<Option<(Vec<u8>, usize)>> = vec![None; asked.len()];
     for (ti, t) in inner.tiers.iter().enumerate() {
-        // Only what could still extend the run: positions before the first one no tier so far
-        // had are all found, so ask for every missing position (a later tier may fill a gap).
-        let want: Vec<usize> = (0..n).filter(|&i| got[i].is_none()).collect();
+        // Ask for every missing block (a later tier may fill a gap in a run).
+        let want: Vec<usize> = (0..asked.len()).filter(|&a| got[a].is_none()).collect();
         if want.is_empty() {
             break;
         }
-        let keys: Vec<TierKey> = want.iter().map(|&i| spec.key(req.hashes[i])).collect();
+        let keys: Vec<TierKey> = want
+            .iter()
+            .map(|&a| {
+                let (e, i) = asked[a];
+                spec.in_group(req.groups[e].0).key(req.hashes[i])
+            })
+            .collect();
         let c = t.tier.counters();
         let r0 = Instant::now();
         let Ok(values) = t.tier.get_many(&keys) else {
@@ -301,21 +354,21 @@ fn load(inner: &Inner, req: &LoadRequest) -> LoadResult {
         };
         c.read_latency.observe(r0.elapsed().as_secs_f64());
         let mut fetched = Vec::new();
-        for ((&i, key), v) in want.iter().zip(&keys).zip(values) {
+        for ((&a, key), v) in want.iter().zip(&keys).zip(values) {
             match v {
                 Some(bytes) => {
                     TierCounters::add(&c.bytes_read, bytes.len() as u64);
-                    fetched.push((i, key, bytes));
+                    fetched.push((asked[a].1, key, bytes, a));
                 }
                 None => TierCounters::add(&c.misses, 1),
             }
         }
         let checked = verify_all(spec, req, &fetched);
-        for ((i, key, _), result) in fetched.iter().zip(checked) {
+        for ((_, key, _, a), result) in fetched.iter().zip(checked) {
             match result {
                 Ok(payload) => {
                     TierCounters::add(&c.hits, 1);
-                    got[*i] = Some((payload, ti));
+                    got[*a] = Some((payload, ti));
                 }
                 Err(e) => {
                     TierCounters::add(&c.corrupt, 1);
@@ -333,25 +386,41 @@ fn load(inner: &Inner, req: &LoadRequest) -> LoadResult {
         per_tier: vec![0; inner.tiers.len()],
         ..LoadResult::default()
     };
-    for (payload, ti) in got.into_iter().map_while(|g| g) {
-        out.per_tier[ti] += 1;
-        out.payloads.push(payload);
+    let mut got = got.into_iter();
+    for &(group, start) in &req.groups {
+        let mut run = LoadRun {
+            group,
+            start,
+            payloads: Vec::new(),
+        };
+        let mut open = true;
+        for g in got.by_ref().take(n.saturating_sub(start)) {
+            match g {
+                Some((payload, ti)) if open => {
+                    out.per_tier[ti] += 1;
+                    run.payloads.push(payload);
+                }
+                _ => open = false,
+            }
+        }
+        out.runs.push(run);
     }
     out.elapsed = t0.elapsed();
     out
 }
 
-/// Checks and decodes fetched blocks, on up to 4 threads: decompression and checksums are the
-/// CPU cost of a tier hit, and a prefix is many independent blocks.
+/// Checks and decodes fetched blocks `(hash index, key, bytes, _)`, on up to 4 threads:
+/// decompression and checksums are the CPU cost of a tier hit, and a prefix is many
+/// independent blocks.
 fn verify_all(
     spec: &BlockSpec,
     req: &LoadRequest,
-    fetched: &[(usize, &TierKey, Vec<u8>)],
+    fetched: &[(usize, &TierKey, Vec<u8>, usize)],
 ) -> Vec<Result<Vec<u8>, wire::WireError>> {
     let bs = spec.block_size as usize;
-    let one = |(i, _, bytes): &(usize, &TierKey, Vec<u8>)| {
+    let one = |(i, key, bytes, _): &(usize, &TierKey, Vec<u8>, usize)| {
         wire::decode(
-            spec,
+            &spec.in_group(key.group),
             &req.hashes[*i],
             &req.tokens[i * bs..(i + 1) * bs],
             bytes,
@@ -395,22 +464,29 @@ fn write_loop(inner: &Inner, i: usize, rx: Receiver<WriteJob>) {
         for job in batch {
             match job {
                 WriteJob::Flush(ack) => acks.push(ack),
-                WriteJob::Put { hash, tokens, raw } => puts.push((hash, tokens, raw)),
+                WriteJob::Put {
+                    group,
+                    hash,
+                    tokens,
+                    raw,
+                } => puts.push((inner.spec.in_group(group), hash, tokens, raw)),
             }
         }
         // Skip what the tier holds: one batched check (one round trip for Redis).
-        let keys: Vec<TierKey> = puts.iter().map(|p| inner.spec.key(p.0)).collect();
+        let keys: Vec<TierKey> = puts.iter().map(|p| p.0.key(p.1)).collect();
         let held = t
             .tier
             .contains_many(&keys)
             .unwrap_or_else(|_| vec![false; keys.len()]);
         let mut entries = Vec::new();
-        for ((hash, tokens, raw), (key, held)) in puts.into_iter().zip(keys.into_iter().zip(held)) {
+        for ((spec, hash, tokens, raw), (key, held)) in
+            puts.into_iter().zip(keys.into_iter().zip(held))
+        {
             if held {
                 TierCounters::add(&c.put_skipped, 1);
                 continue;
             }
-            let bytes = wire::encode(&inner.spec, &hash, &tokens, &raw, t.codec);
+            let bytes = wire::encode(&spec, &hash, &tokens, &raw, t.codec);
             entries.push((key, bytes));
         }
         if !entries.is_empty() {
@@ -491,10 +567,10 @@ mod tests {
     }
 
     fn request(ids: &[u8]) -> LoadRequest {
-        LoadRequest {
-            hashes: ids.iter().map(|&i| block(i).0).collect(),
-            tokens: ids.iter().flat_map(|&i| block(i).1).collect(),
-        }
+        LoadRequest::chain(
+            ids.iter().map(|&i| block(i).0).collect(),
+            ids.iter().flat_map(|&i| block(i).1).collect(),
+        )
     }
 
     #[test]
@@ -504,24 +580,24 @@ mod tests {
         let (s, disk) = store(&dir, WriteMode::Back);
         for i in 0..4 {
             let (h, t, raw) = block(i);
-            s.write_registered(h, &t, &raw); // disk only
+            s.write_registered(0, h, &t, &raw); // disk only
         }
         let (h, t, raw) = block(0);
-        s.write_evicted(h, &t, &raw); // RAM only
+        s.write_evicted(0, h, &t, &raw); // RAM only
         s.flush();
         let st = s.stats();
         assert_eq!((st[0].entries, st[1].entries), (1, 4));
         let r = s.load_blocking(&request(&[0, 1, 2, 3]));
-        assert_eq!(r.payloads.len(), 4);
+        assert_eq!(r.payloads().len(), 4);
         assert_eq!(r.per_tier, vec![1, 3], "RAM first, disk for the rest");
-        for (i, p) in r.payloads.iter().enumerate() {
+        for (i, p) in r.payloads().iter().enumerate() {
             assert_eq!(p, &block(i as u8).2);
         }
         // Asking with other tokens than the block holds is refused (the block is deleted).
         let mut wrong = request(&[0, 1]);
         wrong.tokens[2] = 999;
         let r = s.load_blocking(&wrong);
-        assert_eq!(r.payloads.len(), 1);
+        assert_eq!(r.payloads().len(), 1);
         assert_eq!(s.stats()[1].corrupt, 1);
         // A flipped bit on disk: block 2 is refused, deleted, counted; the run stops before it.
         let p = disk.path(&spec().key(block(2).0));
@@ -530,19 +606,19 @@ mod tests {
         bytes[last] ^= 1;
         std::fs::write(&p, bytes).unwrap();
         let r = s.load_blocking(&request(&[0, 2, 3]));
-        assert_eq!(r.payloads.len(), 1);
+        assert_eq!(r.payloads().len(), 1);
         assert!(!p.exists(), "the corrupt file is deleted");
         assert_eq!(s.stats()[1].corrupt, 2);
         // A repeated write of a block the tier holds is skipped.
         let (h, t, raw) = block(3);
-        s.write_registered(h, &t, &raw);
+        s.write_registered(0, h, &t, &raw);
         s.flush();
         assert_eq!(s.stats()[1].put_skipped, 1);
         // Asynchronous loads reply on the loader thread.
         let (tx, rx) = std::sync::mpsc::channel();
         s.request_load(request(&[0]), Box::new(move |r| tx.send(r).unwrap()))
             .unwrap();
-        assert_eq!(rx.recv().unwrap().payloads.len(), 1);
+        assert_eq!(rx.recv().unwrap().payloads().len(), 1);
         let cleared = s.clear();
         assert_eq!(cleared[1], ("disk", Ok(2)));
         drop(s);
@@ -556,12 +632,12 @@ mod tests {
         let (s, _) = store(&dir, WriteMode::Off);
         for i in 0..20 {
             let (h, t, raw) = block(i);
-            s.write_registered(h, &t, &raw);
+            s.write_registered(0, h, &t, &raw);
         }
         drop(s);
         let (s, _) = store(&dir, WriteMode::Off);
         let ids: Vec<u8> = (0..20).collect();
-        assert_eq!(s.load_blocking(&request(&ids)).payloads.len(), 20);
+        assert_eq!(s.load_blocking(&request(&ids)).payloads().len(), 20);
         drop(s);
         let _ = std::fs::remove_dir_all(&dir);
     }

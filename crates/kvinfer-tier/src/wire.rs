@@ -64,6 +64,11 @@ impl BlockSpec {
             * dtype.row_bytes(self.head_dim as usize)
     }
 
+    /// The same blocks of layer group `group`.
+    pub fn in_group(&self, group: u16) -> BlockSpec {
+        BlockSpec { group, ..*self }
+    }
+
     /// The tier key of `hash` under this spec.
     pub fn key(&self, hash: BlockHash) -> TierKey {
         TierKey {

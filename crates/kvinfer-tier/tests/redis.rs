@@ -58,16 +58,16 @@ fn store(s: BlockSpec, t: Arc<RedisTier>) -> TieredStore {
 }
 
 fn request(s: &BlockSpec, ids: std::ops::Range<u32>) -> LoadRequest {
-    LoadRequest {
-        hashes: ids.clone().map(|i| block(s, i).0).collect(),
-        tokens: ids.flat_map(|i| block(s, i).1).collect(),
-    }
+    LoadRequest::chain(
+        ids.clone().map(|i| block(s, i).0).collect(),
+        ids.flat_map(|i| block(s, i).1).collect(),
+    )
 }
 
 fn write(store: &TieredStore, ids: std::ops::Range<u32>) {
     for i in ids {
         let (h, t, raw) = block(store.spec(), i);
-        store.write_registered(h, &t, &raw);
+        store.write_registered(0, h, &t, &raw);
     }
     store.flush();
 }
@@ -79,8 +79,8 @@ fn blocks_round_trip_with_jittered_ttls_and_models_stay_apart() {
     let a = store(spec(1), t.clone());
     write(&a, 0..20);
     let r = a.load_blocking(&request(&spec(1), 0..20));
-    assert_eq!(r.payloads.len(), 20);
-    assert_eq!(r.payloads[7], block(&spec(1), 7).2);
+    assert_eq!(r.payloads().len(), 20);
+    assert_eq!(r.payloads()[7], block(&spec(1), 7).2);
     // TTLs near 1000 s, not all equal.
     let ttls: Vec<i64> = (0..20)
         .map(|i| {
@@ -92,24 +92,33 @@ fn blocks_round_trip_with_jittered_ttls_and_models_stay_apart() {
     assert!(ttls.iter().any(|&x| x != ttls[0]), "jitter: {ttls:?}");
     // Another model on the same Redis finds nothing of the first's.
     let b = store(spec(2), t.clone());
-    assert_eq!(b.load_blocking(&request(&spec(2), 0..20)).payloads.len(), 0);
+    assert_eq!(
+        b.load_blocking(&request(&spec(2), 0..20)).payloads().len(),
+        0
+    );
     // A block overwritten with another model's bytes under this key is refused and deleted.
     let key = RedisTier::redis_key(&spec(1).key(block(&spec(1), 3).0));
     let (h, tk, raw) = block(&spec(2), 3);
     let foreign = kvinfer_tier::wire::encode(&spec(2), &h, &tk, &raw, Codec::None);
     t.put(&spec(1).key(block(&spec(1), 3).0), &foreign).unwrap();
-    assert_eq!(a.load_blocking(&request(&spec(1), 0..20)).payloads.len(), 3);
+    assert_eq!(
+        a.load_blocking(&request(&spec(1), 0..20)).payloads().len(),
+        3
+    );
     assert_eq!(server.cli(&["EXISTS", &key]).unwrap().trim(), "0");
     assert_eq!(t.stats().corrupt, 1);
     // Written again: found again; clear removes this model's blocks only.
     write(&a, 3..4);
     write(&b, 0..5);
     assert_eq!(
-        a.load_blocking(&request(&spec(1), 0..20)).payloads.len(),
+        a.load_blocking(&request(&spec(1), 0..20)).payloads().len(),
         20
     );
     assert_eq!(a.clear(), vec![("redis", Ok(20))]);
-    assert_eq!(b.load_blocking(&request(&spec(2), 0..5)).payloads.len(), 5);
+    assert_eq!(
+        b.load_blocking(&request(&spec(2), 0..5)).payloads().len(),
+        5
+    );
 }
 
 #[test]
@@ -121,7 +130,10 @@ fn a_dead_redis_is_a_miss_opens_the_circuit_and_recovers_when_it_returns() {
     server.kill();
     let t0 = Instant::now();
     for _ in 0..10 {
-        assert_eq!(s.load_blocking(&request(&spec(1), 0..4)).payloads.len(), 0);
+        assert_eq!(
+            s.load_blocking(&request(&spec(1), 0..4)).payloads().len(),
+            0
+        );
     }
     assert!(
         t0.elapsed() < Duration::from_secs(3),
@@ -136,7 +148,7 @@ fn a_dead_redis_is_a_miss_opens_the_circuit_and_recovers_when_it_returns() {
     let t0 = Instant::now();
     loop {
         write(&s, 0..4);
-        if s.load_blocking(&request(&spec(1), 0..4)).payloads.len() == 4 {
+        if s.load_blocking(&request(&spec(1), 0..4)).payloads().len() == 4 {
             break;
         }
         assert!(t0.elapsed() < Duration::from_secs(10), "never recovered");
@@ -151,7 +163,10 @@ fn a_slow_redis_is_a_miss_within_the_deadline() {
     let t = tier(RedisTarget::Single(server.url()), 100);
     let s = store(spec(1), t.clone());
     write(&s, 0..4);
-    assert_eq!(s.load_blocking(&request(&spec(1), 0..4)).payloads.len(), 4);
+    assert_eq!(
+        s.load_blocking(&request(&spec(1), 0..4)).payloads().len(),
+        4
+    );
     // Block the server for 2 s from another client.
     let port = server.port.to_string();
     let sleeper = std::thread::spawn(move || {
@@ -161,7 +176,10 @@ fn a_slow_redis_is_a_miss_within_the_deadline() {
     });
     std::thread::sleep(Duration::from_millis(200));
     let t0 = Instant::now();
-    assert_eq!(s.load_blocking(&request(&spec(1), 0..4)).payloads.len(), 0);
+    assert_eq!(
+        s.load_blocking(&request(&spec(1), 0..4)).payloads().len(),
+        0
+    );
     assert!(
         t0.elapsed() < Duration::from_millis(1000),
         "took {:?}",
@@ -178,8 +196,8 @@ fn a_cluster_spreads_blocks_over_its_nodes_and_serves_them_back() {
     let s = store(spec(1), t.clone());
     write(&s, 0..60);
     let r = s.load_blocking(&request(&spec(1), 0..60));
-    assert_eq!(r.payloads.len(), 60);
-    assert_eq!(r.payloads[59], block(&spec(1), 59).2);
+    assert_eq!(r.payloads().len(), 60);
+    assert_eq!(r.payloads()[59], block(&spec(1), 59).2);
     let per_node: Vec<u64> = cluster
         .nodes
         .iter()
@@ -189,5 +207,8 @@ fn a_cluster_spreads_blocks_over_its_nodes_and_serves_them_back() {
     assert!(per_node.iter().all(|&n| n > 0), "spread: {per_node:?}");
     assert_eq!(t.count().unwrap().0, 60);
     assert_eq!(s.clear(), vec![("redis-cluster", Ok(60))]);
-    assert_eq!(s.load_blocking(&request(&spec(1), 0..60)).payloads.len(), 0);
+    assert_eq!(
+        s.load_blocking(&request(&spec(1), 0..60)).payloads().len(),
+        0
+    );
 }

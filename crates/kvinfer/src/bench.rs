@@ -285,7 +285,7 @@ pub fn run_batch(a: BatchBenchArgs, threads: usize) -> Result<()> {
                 .map(|(&seq, id)| SeqBatch {
                     tokens: id,
                     start: tables.num_tokens(seq),
-                    blocks: tables.block_table(seq),
+                    tables: tables.block_tables(seq),
                 })
                 .collect();
             model.forward(storage, &batch)?;

@@ -85,7 +85,7 @@ fn capacity(model: &Model, dtype: KvDtype, budget_mb: usize, seq_tokens: usize) 
             .map(|(&s, t)| SeqBatch {
                 tokens: std::slice::from_ref(t),
                 start: tables.num_tokens(s),
-                blocks: tables.block_table(s),
+                tables: tables.block_tables(s),
             })
             .collect();
         model.forward(storage, &batch)?;

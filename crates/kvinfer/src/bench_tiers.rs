@@ -263,11 +263,8 @@ pub fn run(a: TierBenchArgs, threads: usize) -> Result<()> {
         );
         // The prompt's verified blocks, for the I/O and codec measurements.
         if payloads.is_empty() {
-            let lr = LoadRequest {
-                hashes: hashes.clone(),
-                tokens: prefix[..hashes.len() * bs].to_vec(),
-            };
-            payloads = store.load_blocking(&lr).payloads;
+            let lr = LoadRequest::chain(hashes.clone(), prefix[..hashes.len() * bs].to_vec());
+            payloads = store.load_blocking(&lr).payloads().to_vec();
         }
         io.push(tier_io(case, &spec, &hashes, prefix, &payloads, codec)?);
         let _ = store.clear();

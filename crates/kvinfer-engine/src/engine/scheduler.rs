@@ -494,7 +494,7 @@ impl Scheduler {
                 SeqBatch {
                     tokens: &c.tokens[c.computed..c.computed + ch.len],
                     start: c.computed,
-                    blocks: tables.block_table(c.seq.expect("planned")),
+                    tables: tables.block_tables(c.seq.expect("planned")),
                 }
             })
             .collect();
