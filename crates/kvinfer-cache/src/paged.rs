@@ -29,6 +29,7 @@ pub trait KvEventSink: Send {
 /// alike. The engine owns one; the model reads and writes the storage through block tables
 /// ([`PagedKv::tables_and_storage`]).
 pub struct PagedKv {
+    fingerprint: ModelFingerprint,
     manager: KvCacheManager,
     storage: KvStorage,
     sink: Option<Box<dyn KvEventSink>>,
@@ -94,6 +95,7 @@ impl PagedKv {
             windows,
         });
         Self {
+            fingerprint,
             manager,
             storage: KvStorage::new(layout),
             sink: None,
@@ -137,6 +139,40 @@ impl PagedKv {
     /// Layer groups (block tables per sequence).
     pub fn num_groups(&self) -> usize {
         self.manager.num_groups()
+    }
+
+    /// The identity of the blocks (roots every hash chain).
+    pub fn fingerprint(&self) -> ModelFingerprint {
+        self.fingerprint
+    }
+
+    /// Blocks one sequence of `tokens` positions holds at its peak when run in chunks of at most
+    /// `chunk` tokens: every block in full-attention groups, the window and a chunk in
+    /// sliding-window groups.
+    pub fn peak_blocks(&self, tokens: usize, chunk: usize) -> usize {
+        let bs = self.block_size();
+        let all = tokens.div_ceil(bs);
+        self.windows()
+            .iter()
+            .map(|w| match w {
+                None => all,
+                Some(w) => all.min(w.saturating_add(chunk).div_ceil(bs) + 2),
+            })
+            .sum()
+    }
+
+    /// The longest sequence the pool holds alone, run in chunks of at most `chunk` tokens.
+    pub fn max_sequence_tokens(&self, chunk: usize) -> usize {
+        let (mut lo, mut hi) = (0, self.num_blocks() * self.block_size());
+        while lo < hi {
+            let mid = (lo + hi).div_ceil(2);
+            if self.peak_blocks(mid, chunk) <= self.num_blocks() {
+                lo = mid;
+            } else {
+                hi = mid - 1;
+            }
+        }
+        lo
     }
 
     /// Per layer group, its sliding window (`None`: full attention).

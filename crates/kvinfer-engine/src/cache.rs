@@ -32,6 +32,9 @@ pub struct CacheOptions {
     pub tiers: TierOptions,
     /// How K and V rows are stored (f16 by default).
     pub kv_dtype: KvDtype,
+    /// Keep every position of sliding-window layers (one block table of every layer), as
+    /// llama.cpp's `--swa-full`; by default their blocks before the window are let go.
+    pub swa_full: bool,
 }
 
 impl Default for CacheOptions {
@@ -44,6 +47,7 @@ impl Default for CacheOptions {
             num_blocks: None,
             tiers: TierOptions::default(),
             kv_dtype: KvDtype::F16,
+            swa_full: false,
         }
     }
 }
@@ -76,7 +80,8 @@ pub fn new_paged_kv(model: &Model, opts: &CacheOptions) -> Result<PagedKv, Strin
     }
     opts.kv_dtype.check_head_dim(model.config.head_dim)?;
     let mb = opts.kv_cache_mb.unwrap_or_else(default_kv_cache_mb);
-    let one = model.kv_layout_of(opts.block_size, 1, opts.kv_dtype);
+    let groups = model.kv_groups(!opts.swa_full);
+    let one = model.kv_layout_for(opts.block_size, 1, opts.kv_dtype, &groups);
     let num_blocks = opts.num_blocks.unwrap_or_else(|| one.blocks_in(mb << 20));
     if num_blocks == 0 {
         return Err(format!(
@@ -85,12 +90,13 @@ pub fn new_paged_kv(model: &Model, opts: &CacheOptions) -> Result<PagedKv, Strin
             one.block_bytes().div_ceil(1 << 20)
         ));
     }
-    let layout = model.kv_layout_of(opts.block_size, num_blocks, opts.kv_dtype);
-    Ok(PagedKv::new(
+    let layout = model.kv_layout_for(opts.block_size, num_blocks, opts.kv_dtype, &groups);
+    Ok(PagedKv::with_groups(
         layout,
+        groups.windows().to_vec(),
         opts.policy,
         opts.seed,
-        model.fingerprint_of(opts.block_size, opts.kv_dtype),
+        model.fingerprint_for(opts.block_size, opts.kv_dtype, &groups),
     ))
 }
 
@@ -101,7 +107,12 @@ pub fn new_kv_cache(
     opts: &CacheOptions,
 ) -> Result<(PagedKv, Option<Arc<TieredStore>>), String> {
     let mut kv = new_paged_kv(model, opts)?;
-    let spec = block_spec(model, opts.block_size, opts.kv_dtype);
+    let spec = block_spec(
+        model,
+        opts.block_size,
+        opts.kv_dtype,
+        &model.kv_groups(!opts.swa_full),
+    );
     let store = build_store(spec, &opts.tiers, opts.policy)?;
     if let Some(s) = &store {
         kv.set_sink(Box::new(TierSink::new(s.clone())));

@@ -142,7 +142,7 @@ pub fn generate_tiered(
     let ctx = context_limit(model, req);
     let limits = Limits {
         ctx,
-        pool_tokens: kv.num_blocks() * kv.block_size(),
+        pool_tokens: kv.max_sequence_tokens(usize::MAX),
         vocab: model.config.vocab_size,
     };
     let shape = RequestShape {

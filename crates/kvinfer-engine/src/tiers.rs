@@ -118,10 +118,15 @@ impl TierOptions {
 }
 
 /// What a block of `model` stored as `dtype` looks like on the tiers.
-pub fn block_spec(model: &Model, block_size: usize, dtype: kvinfer_cache::KvDtype) -> BlockSpec {
-    let l = model.kv_layout_of(block_size, 1, dtype);
+pub fn block_spec(
+    model: &Model,
+    block_size: usize,
+    dtype: kvinfer_cache::KvDtype,
+    groups: &kvinfer_cache::KvGroups,
+) -> BlockSpec {
+    let l = model.kv_layout_for(block_size, 1, dtype, groups);
     BlockSpec {
-        fingerprint: model.fingerprint_of(block_size, dtype),
+        fingerprint: model.fingerprint_for(block_size, dtype, groups),
         group: 0,
         dtype: dtype.id(),
         n_layers: l.n_layers as u16,

@@ -20,6 +20,8 @@ fn engine(
     block_size: usize,
     max_batch_tokens: usize,
 ) -> EngineHandle {
+    // `num_blocks` blocks of every layer: gemma3's hold one layer group each.
+    let num_blocks = num_blocks * model.kv_groups(true).len();
     let config = EngineConfig {
         cache: CacheOptions {
             num_blocks: Some(num_blocks),

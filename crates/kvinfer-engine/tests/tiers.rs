@@ -32,14 +32,21 @@ fn engine_as(
     tiers: TierOptions,
     kv_dtype: KvDtype,
 ) -> (EngineHandle, JoinHandle<()>) {
-    let config = EngineConfig {
-        cache: CacheOptions {
+    engine_with(
+        model,
+        CacheOptions {
             num_blocks: Some(num_blocks),
             block_size: BS,
             tiers,
             kv_dtype,
             ..CacheOptions::default()
         },
+    )
+}
+
+fn engine_with(model: Model, cache: CacheOptions) -> (EngineHandle, JoinHandle<()>) {
+    let config = EngineConfig {
+        cache,
         max_batch_tokens: 64,
         max_running: 4,
         ctx_size: 0,
@@ -218,7 +225,12 @@ fn a_restart_finds_its_prefix_on_disk_and_a_damaged_block_is_never_served() {
 
     // Damage four blocks of the prefix four ways: truncated, a flipped bit, another model's
     // fingerprint (checksum valid), another format version (checksum valid).
-    let spec = block_spec(&model, BS, kvinfer_cache::KvDtype::F16);
+    let spec = block_spec(
+        &model,
+        BS,
+        kvinfer_cache::KvDtype::F16,
+        &kvinfer_cache::KvGroups::single(model.config.n_layers),
+    );
     let hashes = {
         let kv = PagedKv::new(
             model.kv_layout(BS, 1),
@@ -474,7 +486,12 @@ fn another_requests_block_under_this_name_is_refused() {
     run(&e.0, &a, 6);
     run(&e.0, &b, 6);
     stop(e);
-    let spec = block_spec(&model, BS, kvinfer_cache::KvDtype::F16);
+    let spec = block_spec(
+        &model,
+        BS,
+        kvinfer_cache::KvDtype::F16,
+        &kvinfer_cache::KvGroups::single(model.config.n_layers),
+    );
     let kv = PagedKv::new(
         model.kv_layout(BS, 1),
         PolicyKind::Lru,
@@ -590,7 +607,8 @@ fn each_kv_dtype_round_trips_through_the_tiers_and_never_crosses_dtypes() {
             ram_tier_mb: 16,
             ..disk(&dir)
         };
-        let e = engine_as(Model::load(&path).unwrap(), 64, tiers.clone(), dtype);
+        // 64 blocks of every layer: Gemma 3's blocks hold one layer group of six.
+        let e = engine_as(Model::load(&path).unwrap(), 64 * 6, tiers.clone(), dtype);
         let (_, text, usage) = run(&e.0, &p, 6);
         assert_eq!(text, want, "{dtype}: first run");
         // Nothing from the dtypes before this one is used.
@@ -600,7 +618,7 @@ fn each_kv_dtype_round_trips_through_the_tiers_and_never_crosses_dtypes() {
         );
         stop(e);
         // Restarted: the prefix comes back from disk, same output.
-        let e = engine_as(Model::load(&path).unwrap(), 64, disk(&dir), dtype);
+        let e = engine_as(Model::load(&path).unwrap(), 64 * 6, disk(&dir), dtype);
         let (_, text, usage) = run(&e.0, &p, 6);
         assert_eq!(text, want, "{dtype}: disk hit");
         assert_eq!(usage.cached_tokens, 40, "{dtype}: no disk hit");
@@ -609,5 +627,80 @@ fn each_kv_dtype_round_trips_through_the_tiers_and_never_crosses_dtypes() {
         assert_eq!(s.kv_dtype, dtype.name());
         stop(e);
     }
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// Gemma 3's layer groups through the tiers: every group's blocks are written under their own
+/// key (group in it); a RAM hit after eviction and a disk hit after restart need the full
+/// group's every block and the sliding groups' window, and equal no cache; a cache keeping
+/// every position (`--swa-full`) has other blocks and never takes these.
+#[test]
+fn layer_groups_travel_through_the_tiers_under_their_own_keys() {
+    let (model, path) = tiny(TinyArch::Gemma3, 12);
+    let groups = model.kv_groups(true).len();
+    assert_eq!(groups, 6);
+    let dir = temp_dir("groups");
+    let p = prompt(5, 41); // 10 full blocks
+    let want = alone(&model, &p, 6);
+    let windowed = |blocks: usize, tiers: TierOptions| CacheOptions {
+        num_blocks: Some(blocks),
+        block_size: BS,
+        tiers,
+        ..CacheOptions::default()
+    };
+    let tiers = TierOptions {
+        ram_tier_mb: 16,
+        ..disk(&dir)
+    };
+    let e = engine_with(Model::load(&path).unwrap(), windowed(24 * groups, tiers));
+    assert_eq!(run(&e.0, &p, 6).1, want);
+    assert_eq!(wait_idle(&e.0).kv_groups, groups);
+    // Other prompts push the first one's blocks out of the pool into RAM.
+    for s in 6..10 {
+        run(&e.0, &prompt(s, 41), 6);
+    }
+    wait_idle(&e.0);
+    let (_, text, usage) = run(&e.0, &p, 6);
+    assert_eq!(text, want, "a RAM tier hit of every group changes nothing");
+    assert_eq!(usage.cached_tokens, 40);
+    let s = wait_idle(&e.0);
+    assert_eq!(s.tier_hit_tokens_total, 40, "{s:?}");
+    // Only what the hit needs: the full group's 10 blocks, and each sliding group's 2 blocks of
+    // the window (8 tokens) before position 40.
+    assert_eq!(s.tiers.iter().map(|t| t.hits).sum::<u64>(), 10 + 2 * 5);
+    assert_eq!(s.tiers.iter().map(|t| t.corrupt).sum::<u64>(), 0);
+    stop(e);
+    // Every group's full blocks of the first prompt are on disk, a file each.
+    assert!(
+        block_files(&dir).len() >= 10 * groups,
+        "{}",
+        block_files(&dir).len()
+    );
+
+    let e = engine_with(
+        Model::load(&path).unwrap(),
+        windowed(24 * groups, disk(&dir)),
+    );
+    let (_, text, usage) = run(&e.0, &p, 6);
+    assert_eq!(
+        text, want,
+        "a disk hit of every group after restart changes nothing"
+    );
+    assert_eq!(usage.cached_tokens, 40);
+    stop(e);
+
+    let full = CacheOptions {
+        swa_full: true,
+        ..windowed(64, disk(&dir))
+    };
+    let e = engine_with(Model::load(&path).unwrap(), full);
+    let (_, text, usage) = run(&e.0, &p, 6);
+    assert_eq!(text, want);
+    assert_eq!(
+        usage.cached_tokens, 0,
+        "grouped blocks used by a full cache"
+    );
+    assert_eq!(wait_idle(&e.0).kv_groups, 1);
+    stop(e);
     let _ = std::fs::remove_dir_all(&dir);
 }

@@ -6,7 +6,9 @@ mod common;
 
 use common::tiny;
 use kvinfer_cache::{KvDtype, PagedKv, PolicyKind};
-use kvinfer_engine::{extend_sequence, generate, FinishReason, GenerateRequest, SamplingParams};
+use kvinfer_engine::{
+    extend_sequence, extend_sequence_rows, generate, FinishReason, GenerateRequest, SamplingParams,
+};
 use kvinfer_model::testing::TinyArch;
 use kvinfer_model::{Model, ModelError, SeqBatch};
 
@@ -15,7 +17,8 @@ fn paged(model: &Model, block_size: usize, num_blocks: usize, policy: PolicyKind
     paged_as(model, block_size, num_blocks, policy, KvDtype::F16)
 }
 
-/// As [`paged`], rows stored as `dtype`.
+/// As [`paged`], rows stored as `dtype`, with sliding-window savings as `kvinfer serve` runs
+/// by default (gemma3: one block table per layer group, `num_blocks` blocks in each).
 fn paged_as(
     model: &Model,
     block_size: usize,
@@ -23,11 +26,25 @@ fn paged_as(
     policy: PolicyKind,
     dtype: KvDtype,
 ) -> PagedKv {
-    PagedKv::new(
-        model.kv_layout_of(block_size, num_blocks, dtype),
+    paged_groups(model, block_size, num_blocks, policy, dtype, true)
+}
+
+/// As [`paged_as`]; `windowed` false keeps every layer's every position (`--swa-full`).
+fn paged_groups(
+    model: &Model,
+    block_size: usize,
+    num_blocks: usize,
+    policy: PolicyKind,
+    dtype: KvDtype,
+    windowed: bool,
+) -> PagedKv {
+    let groups = model.kv_groups(windowed);
+    PagedKv::with_groups(
+        model.kv_layout_for(block_size, num_blocks * groups.len(), dtype, &groups),
+        groups.windows().to_vec(),
         policy,
         11,
-        model.fingerprint_of(block_size, dtype),
+        model.fingerprint_for(block_size, dtype, &groups),
     )
 }
 
@@ -396,4 +413,90 @@ fn quantized_kv_logits_stay_close_to_f16() {
             );
         }
     }
+}
+
+/// Runs `ids` through a fresh sequence of `kv` in chunks of `chunk` tokens: the logits after
+/// every token, and the bytes of the blocks the sequence held at the end.
+fn every_row_chunked(
+    model: &Model,
+    kv: &mut PagedKv,
+    ids: &[u32],
+    chunk: usize,
+) -> (Vec<Vec<f32>>, usize) {
+    let (seq, _) = kv.add_sequence(ids, false);
+    let mut rows = Vec::new();
+    for c in ids.chunks(chunk) {
+        rows.extend(
+            extend_sequence_rows(model, kv, seq, c, true)
+                .unwrap()
+                .expect("room"),
+        );
+    }
+    let held = kv.usage().in_use * kv.layout().block_bytes();
+    kv.release(seq);
+    kv.check_invariants().unwrap();
+    (rows, held)
+}
+
+/// Gemma 3's sliding-window memory: letting go of the blocks before the window changes no
+/// logit, in any dtype, whole or chunked, and holds less.
+#[test]
+fn sliding_window_memory_gives_logits_bit_identical_to_the_full_cache() {
+    for dtype in KvDtype::ALL {
+        let (model, _) = tiny(TinyArch::Gemma3, 8);
+        assert!(
+            model.kv_groups(true).len() > 1,
+            "tiny gemma3 has layer groups"
+        );
+        let ids: Vec<u32> = (0..70).map(|i| (i * 41 % 230) as u32 + 4).collect();
+        let mut full = paged_groups(&model, 4, 24, PolicyKind::Lru, dtype, false);
+        let mut windowed = paged_groups(&model, 4, 24, PolicyKind::Lru, dtype, true);
+        let (want, full_bytes) = every_row_chunked(&model, &mut full, &ids, ids.len());
+        assert_eq!(want.len(), ids.len());
+        for chunk in [ids.len(), 13, 1] {
+            let (got, bytes) = every_row_chunked(&model, &mut windowed, &ids, chunk);
+            assert!(got == want, "{dtype} chunks of {chunk}: logits differ");
+            // 70 tokens, window 8, blocks of 4: the full group holds 18 blocks, each of the
+            // five sliding groups 3 (blocks 15..18), of 1 layer each, against 18 of 6 layers.
+            assert_eq!(bytes * 108, full_bytes * 33, "{dtype} chunks of {chunk}");
+        }
+    }
+}
+
+/// A multi-turn chat keeps reusing its whole history with sliding-window memory: each turn's
+/// prompt is the last one's prompt and answer plus a new message, and it is served from the
+/// cache up to its last full block; the answers equal recomputation's.
+#[test]
+fn a_multi_turn_chat_reuses_its_whole_history_with_sliding_windows() {
+    let (model, _) = tiny(TinyArch::Gemma3, 9);
+    // A small pool: other traffic between turns evicts the blocks the window left behind.
+    let mut kv = paged_as(&model, 4, 16, PolicyKind::Lru, KvDtype::F16);
+    let mut evictions = 0;
+    let mut history: Vec<u32> = (0..11).map(|i| (i * 7 % 200) as u32 + 4).collect();
+    for turn in 0..4 {
+        let out = generate(&model, &mut kv, &request(&history, 9), |_| true).unwrap();
+        let fresh = greedy(&model, &history, 9, false, KvDtype::F16);
+        assert_eq!(
+            out.ids, fresh,
+            "turn {turn}: output differs from recomputation"
+        );
+        if turn > 0 {
+            // The last turn computed its prompt and 8 of its 9 answer tokens; 5 new ones since.
+            assert_eq!(
+                out.timings.cached_tokens,
+                (history.len() - 6) / 4 * 4,
+                "turn {turn}: the whole history, to its last full block"
+            );
+        }
+        // Unrelated traffic between turns.
+        let other: Vec<u32> = (0..30)
+            .map(|i| (i * 11 + turn * 3) as u32 % 220 + 4)
+            .collect();
+        generate(&model, &mut kv, &request(&other, 3), |_| true).unwrap();
+        kv.check_invariants().unwrap();
+        evictions = kv.usage().evictions;
+        history.extend(&out.ids);
+        history.extend((0..5).map(|i| (i + turn as u32 * 5) % 200 + 4));
+    }
+    assert!(evictions > 0, "the pool was under pressure");
 }

@@ -93,11 +93,7 @@ pub fn router_with_shutdown(
     let (cut_tx, cut_rx) = tokio::sync::watch::channel(false);
     let engine_for_state = engine.clone();
     let served = served_name(&engine);
-    let stats = engine.stats();
-    let dtype = stats.kv_dtype.parse().unwrap_or_default();
-    let fp = engine
-        .model()
-        .fingerprint_of(stats.block_size.max(1), dtype);
+    let fp = engine.kv_fingerprint();
     let fingerprint = format!(
         "kvinfer-{}-{}",
         env!("CARGO_PKG_VERSION"),

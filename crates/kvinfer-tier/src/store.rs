@@ -626,6 +626,38 @@ mod tests {
     }
 
     #[test]
+    fn each_layer_group_has_its_own_blocks_under_one_hash() {
+        let dir = std::env::temp_dir().join(format!("kvinfer-store-groups-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        let (s, _) = store(&dir, WriteMode::Through);
+        // Blocks 0..4 in group 0; in group 3 the same hashes hold other bytes, 0..2 only.
+        for i in 0..4 {
+            let (h, t, raw) = block(i);
+            s.write_registered(0, h, &t, &raw);
+            if i < 2 {
+                let other: Vec<u8> = raw.iter().map(|b| !b).collect();
+                s.write_registered(3, h, &t, &other);
+            }
+        }
+        s.flush();
+        let mut req = request(&[0, 1, 2, 3]);
+        req.groups = vec![(0, 0), (3, 0), (3, 1), (5, 2)];
+        let r = s.load_blocking(&req);
+        let lens: Vec<(u16, usize, usize)> = r
+            .runs
+            .iter()
+            .map(|r| (r.group, r.start, r.payloads.len()))
+            .collect();
+        assert_eq!(lens, vec![(0, 0, 4), (3, 0, 2), (3, 1, 1), (5, 2, 0)]);
+        assert_eq!(r.runs[0].payloads[1], block(1).2);
+        let flipped: Vec<u8> = block(1).2.iter().map(|b| !b).collect();
+        assert_eq!(r.runs[1].payloads[1], flipped, "group 3's own bytes");
+        assert_eq!(r.runs[2].payloads[0], flipped);
+        drop(s);
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
     fn dropping_the_store_flushes_pending_writes() {
         let dir = std::env::temp_dir().join(format!("kvinfer-store-drop-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);

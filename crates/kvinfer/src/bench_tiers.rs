@@ -216,7 +216,12 @@ pub fn run(a: TierBenchArgs, threads: usize) -> Result<()> {
     let dir = std::env::temp_dir().join(format!("kvinfer-bench-tiers-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
     let (cases, _servers) = cases(&a, &dir)?;
-    let spec = block_spec(&model, bs, a.model.kv_dtype);
+    let spec = block_spec(
+        &model,
+        bs,
+        a.model.kv_dtype,
+        &model.kv_groups(!a.model.swa_full),
+    );
     let codec_of = |_: &Case| {
         a.model
             .tiers

@@ -87,6 +87,12 @@ pub struct ModelArgs {
     /// reused, from the pool or a tier, under the dtype it was written with.
     #[arg(long, env = "KVINFER_KV_DTYPE", default_value = "f16")]
     pub kv_dtype: kvinfer_cache::KvDtype,
+    /// Keep every position of sliding-window layers (as llama.cpp's --swa-full). By default
+    /// Gemma 3's 15 sliding-window layers keep only the blocks of their 512-token window (the
+    /// older ones stay cached, evictable, for prefix hits): ~4.5x less KV at 8k tokens, same
+    /// output. No effect on models without sliding windows.
+    #[arg(long, env = "KVINFER_SWA_FULL")]
+    pub swa_full: bool,
     #[command(flatten)]
     pub tiers: TierArgs,
 }

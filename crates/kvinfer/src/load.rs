@@ -138,6 +138,7 @@ pub fn cache_options(args: &ModelArgs) -> kvinfer_engine::CacheOptions {
         num_blocks: None,
         tiers: args.tiers.options(),
         kv_dtype: args.kv_dtype,
+        swa_full: args.swa_full,
     }
 }
 

@@ -50,6 +50,8 @@ pub struct EngineStats {
     pub kv_dtype: String,
     /// KV bytes per token (all layers, K and V) in that dtype.
     pub kv_bytes_per_token: usize,
+    /// Layer groups, a block table each (1, or Gemma 3's 6 with sliding-window savings).
+    pub kv_groups: usize,
     /// Requests accepted.
     pub requests_total: u64,
     /// Requests finished, by outcome.

@@ -191,6 +191,8 @@ pub struct EngineHandle {
     /// Requests accepted and not yet admitted (the scheduler takes them off at admission).
     queued: Arc<std::sync::atomic::AtomicUsize>,
     max_waiting: usize,
+    /// The identity of the pool's blocks (model, dtype, block size, layer groups).
+    kv_fingerprint: kvinfer_cache::ModelFingerprint,
     /// Built on first use (the vocabulary's token trie).
     grammar: Arc<std::sync::OnceLock<Result<Arc<GrammarCompiler>, String>>>,
 }
@@ -202,6 +204,11 @@ impl EngineHandle {
     /// The model (for tokenizing and the chat template; the engine thread runs it).
     pub fn model(&self) -> &Model {
         &self.model
+    }
+
+    /// The identity of the KV blocks this engine writes (model, dtype, block size, groups).
+    pub fn kv_fingerprint(&self) -> kvinfer_cache::ModelFingerprint {
+        self.kv_fingerprint
     }
 
     /// The grammar compiler for this model's vocabulary, built on first call (blocking: tens
@@ -292,7 +299,7 @@ pub fn start(
     };
     let limits = Limits {
         ctx,
-        pool_tokens: kv.num_blocks() * kv.block_size(),
+        pool_tokens: kv.max_sequence_tokens(config.max_batch_tokens),
         vocab: model.config.vocab_size,
     };
     let stats = Arc::new(Mutex::new(EngineStats::default()));
@@ -306,6 +313,7 @@ pub fn start(
         tiers: tiers.clone(),
         queued: queued.clone(),
         max_waiting: config.max_waiting.max(1),
+        kv_fingerprint: kv.fingerprint(),
         grammar: Arc::default(),
     };
     let mut sched = scheduler::Scheduler::new(model, kv, config, ctx, stats, tiers);

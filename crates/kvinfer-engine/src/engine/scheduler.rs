@@ -130,7 +130,8 @@ impl Scheduler {
             policy: kv.policy().to_string(),
             block_size: kv.block_size(),
             kv_dtype: kv.layout().dtype.name().to_string(),
-            kv_bytes_per_token: kv.layout().token_bytes(),
+            kv_bytes_per_token: kv.layout().token_bytes() * kv.num_groups(),
+            kv_groups: kv.num_groups(),
             ..EngineStats::default()
         };
         let mut s = Self {
