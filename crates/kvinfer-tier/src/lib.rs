@@ -44,7 +44,8 @@ use kvinfer_cache::{BlockHash, ModelFingerprint};
 pub struct TierKey {
     /// Digest of the weights, KV dtype, block size and format version.
     pub fingerprint: ModelFingerprint,
-    /// Layers that share block tables (one group today; Gemma 3's sliding layers later).
+    /// Layers that share block tables (0 for models with one group; Gemma 3: 0 full attention,
+    /// 1-5 sliding window).
     pub group: u16,
     /// The block's content hash (chained from the fingerprint's root).
     pub hash: BlockHash,

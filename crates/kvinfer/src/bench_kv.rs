@@ -11,22 +11,76 @@ use kvinfer_model::{Model, SeqBatch};
 use serde_json::{json, Value};
 use std::time::Instant;
 
-fn cache(model: &Model, dtype: KvDtype, blocks: usize) -> PagedKv {
+/// A pool of `blocks` blocks of every layer (`windowed`: grouped as `kvinfer serve` runs by
+/// default, blocks of one layer group each, as many bytes).
+fn cache_as(model: &Model, dtype: KvDtype, blocks: usize, windowed: bool) -> PagedKv {
     let bs = DEFAULT_BLOCK_SIZE;
-    PagedKv::new(
-        model.kv_layout_of(bs, blocks, dtype),
+    let groups = model.kv_groups(windowed);
+    PagedKv::with_groups(
+        model.kv_layout_for(bs, blocks * groups.len(), dtype, &groups),
+        groups.windows().to_vec(),
         PolicyKind::Lru,
         0,
-        model.fingerprint_of(bs, dtype),
+        model.fingerprint_for(bs, dtype, &groups),
     )
+}
+
+fn cache(model: &Model, dtype: KvDtype, blocks: usize) -> PagedKv {
+    cache_as(model, dtype, blocks, true)
+}
+
+/// Prefills `ids` into `seq` in chunks of at most 512 tokens; the last logits, or `None` when
+/// the pool ran out of room.
+fn prefill_in(
+    model: &Model,
+    kv: &mut PagedKv,
+    seq: SeqId,
+    ids: &[u32],
+) -> Result<Option<Vec<f32>>> {
+    let mut last = None;
+    for c in ids.chunks(512) {
+        match extend_sequence(model, kv, seq, c)? {
+            Some(l) => last = Some(l),
+            None => return Ok(None),
+        }
+    }
+    Ok(last)
 }
 
 /// Prefills `ids` into `seq` in chunks of at most 512 tokens.
 fn prefill(model: &Model, kv: &mut PagedKv, seq: SeqId, ids: &[u32]) -> Result<()> {
-    for c in ids.chunks(512) {
-        extend_sequence(model, kv, seq, c)?.context("the pool is too small")?;
-    }
+    prefill_in(model, kv, seq, ids)?.context("the pool is too small")?;
     Ok(())
+}
+
+/// One sequence of `n` tokens with and without sliding-window savings: KV bytes held per
+/// token at its end, and whether the last logits agree bit for bit.
+fn window_savings(model: &Model, dtype: KvDtype, n: usize) -> Result<Value> {
+    let ids = tokens(model, n, 21);
+    let mut out = Vec::new();
+    for windowed in [false, true] {
+        let mut kv = cache_as(model, dtype, n.div_ceil(DEFAULT_BLOCK_SIZE) + 1, windowed);
+        let (seq, _) = kv.add_sequence(&[], false);
+        let t = Instant::now();
+        let logits = prefill_in(model, &mut kv, seq, &ids)?.context("room")?;
+        let held = kv.usage().in_use * kv.layout().block_bytes();
+        eprintln!(
+            "bench kv: {n} tokens {dtype} {}: {} B/token held ({:.0} s)",
+            if windowed { "windowed" } else { "swa-full" },
+            held / n,
+            t.elapsed().as_secs_f64()
+        );
+        out.push((held, logits));
+    }
+    Ok(json!({
+        "kv_dtype": dtype.name(),
+        "tokens": n,
+        "bytes_per_token_full": out[0].0 as f64 / n as f64,
+        "bytes_per_token_windowed": out[1].0 as f64 / n as f64,
+        "saving": out[0].0 as f64 / out[1].0 as f64,
+        "logits_bit_identical": out[0].1 == out[1].1,
+        "groups": model.kv_groups(true).describe(),
+    }))
 }
 
 /// Decode tok/s after `context` cached tokens.
@@ -54,23 +108,22 @@ fn prefill_speed(model: &Model, dtype: KvDtype, n: usize) -> Result<f64> {
 
 /// How many sequences of `seq_tokens` run at once in a pool of `budget_mb`: each is
 /// prefilled, then all take one decode step together in one batch.
-fn capacity(model: &Model, dtype: KvDtype, budget_mb: usize, seq_tokens: usize) -> Result<usize> {
+fn capacity(
+    model: &Model,
+    dtype: KvDtype,
+    budget_mb: usize,
+    seq_tokens: usize,
+    windowed: bool,
+) -> Result<usize> {
     let one = model.kv_layout_of(DEFAULT_BLOCK_SIZE, 1, dtype);
-    let mut kv = cache(model, dtype, one.blocks_in(budget_mb << 20));
+    let mut kv = cache_as(model, dtype, one.blocks_in(budget_mb << 20), windowed);
     let mut seqs = Vec::new();
     loop {
         let ids = tokens(model, seq_tokens, 100 + seqs.len() as u64);
         let (seq, _) = kv.add_sequence(&ids, false);
-        // Room for the prompt and the decode step, or the pool is full.
-        if kv.reserve(seq, seq_tokens + 1).is_err() {
-            kv.release(seq);
-            break;
-        }
-        kv.release(seq);
-        let (seq, _) = kv.add_sequence(&ids, false);
-        prefill(model, &mut kv, seq, &ids)?;
-        // Hold the room of its decode step now, so the next sequence cannot take it.
-        if kv.reserve(seq, 1).is_err() {
+        // The prompt in chunks, then the room of its decode step (held now, so the next
+        // sequence cannot take it), or the pool is full.
+        if prefill_in(model, &mut kv, seq, &ids)?.is_none() || kv.reserve(seq, 1).is_err() {
             kv.release(seq);
             break;
         }
@@ -134,10 +187,16 @@ pub fn run(a: KvBenchArgs, threads: usize) -> Result<()> {
     }
     let mut rows: Vec<Value> = Vec::new();
     let (mut base_dec, mut base_pre) = (0.0, 0.0);
+    let sliding = model.kv_groups(true).len() > 1;
     for (i, &d) in a.dtypes.iter().enumerate() {
-        let fit = capacity(&model, d, a.budget_mb, a.seq_tokens)?;
+        let fit = capacity(&model, d, a.budget_mb, a.seq_tokens, false)?;
+        let fit_windowed = match sliding {
+            true => Some(capacity(&model, d, a.budget_mb, a.seq_tokens, true)?),
+            false => None,
+        };
         eprintln!(
-            "bench kv: {d}: {fit} sequences of {} tokens in {} MiB",
+            "bench kv: {d}: {fit} sequences of {} tokens in {} MiB ({fit_windowed:?} with \
+             sliding-window savings)",
             a.seq_tokens, a.budget_mb
         );
         let (dm, pm) = (median(&mut dec[i]), median(&mut pre[i]));
@@ -148,6 +207,7 @@ pub fn run(a: KvBenchArgs, threads: usize) -> Result<()> {
             "kv_dtype": d.name(),
             "kv_bytes_per_token": model.kv_layout_of(DEFAULT_BLOCK_SIZE, 1, d).token_bytes(),
             "sequences_fit": fit,
+            "sequences_fit_windowed": fit_windowed,
             "decode_tok_s": dm,
             "decode_tok_s_all": dec[i],
             "prefill_tok_s": pm,
@@ -156,6 +216,17 @@ pub fn run(a: KvBenchArgs, threads: usize) -> Result<()> {
             "prefill_vs_first": pm / base_pre,
         }));
     }
+    let window = match (sliding, a.window_context) {
+        (true, n) if n > 0 => {
+            ensure!(
+                n <= model.config.context_length,
+                "--window-context {n} is past this model's context of {}",
+                model.config.context_length
+            );
+            Some(window_savings(&model, a.dtypes[0], n)?)
+        }
+        _ => None,
+    };
     let name = a.model.model.clone();
     let out = json!({
         "model": name,
@@ -167,6 +238,7 @@ pub fn run(a: KvBenchArgs, threads: usize) -> Result<()> {
         "seq_tokens": a.seq_tokens,
         "repetitions": a.repetitions,
         "dtypes": rows,
+        "window_savings": window,
     });
     if a.json {
         println!("{}", serde_json::to_string_pretty(&out)?);
@@ -185,6 +257,14 @@ pub fn run(a: KvBenchArgs, threads: usize) -> Result<()> {
                 r["decode_vs_first"].as_f64().unwrap_or(0.0),
                 r["prefill_tok_s"].as_f64().unwrap_or(0.0),
                 r["prefill_vs_first"].as_f64().unwrap_or(0.0),
+            );
+        }
+        if let Some(w) = &out["window_savings"].as_object() {
+            println!(
+                "sliding-window savings at {} tokens ({}): {:.0} -> {:.0} B/token ({:.2}x), \
+                 logits bit-identical: {}",
+                w["tokens"], w["kv_dtype"], w["bytes_per_token_full"],
+                w["bytes_per_token_windowed"], w["saving"], w["logits_bit_identical"]
             );
         }
     }

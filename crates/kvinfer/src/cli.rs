@@ -297,6 +297,11 @@ pub struct KvBenchArgs {
     /// Tokens per sequence of the capacity test.
     #[arg(long, default_value_t = 2048)]
     pub seq_tokens: usize,
+    /// Models with sliding windows: the sequence length of the window-savings measurement
+    /// (KV bytes held per token with and without --swa-full, and whether the logits agree);
+    /// 0 skips it.
+    #[arg(long, default_value_t = 8192)]
+    pub window_context: usize,
     /// Rounds; each runs every dtype once, in turn (the median is reported).
     #[arg(long, short = 'r', default_value_t = 3)]
     pub repetitions: usize,
