@@ -393,8 +393,9 @@ impl KvCacheManager {
 
     /// First step of bringing blocks in from a tier: `wanted` lists (group, block index) of
     /// blocks of the prompt hashed `hashes` to import, none registered here. A full-attention
-    /// group's blocks must extend its cached run: its blocks before the first wanted one are
-    /// registered here (they are held meanwhile, so nothing evicts what the imports chain to).
+    /// group's blocks must extend its cached run: its other blocks up to the last wanted one
+    /// must be registered here. What the pool has of the hit they make is held meanwhile, so
+    /// the allocation evicts none of it.
     /// Allocates one block per wanted block. All or nothing: `None` (nothing changed) when the
     /// pool has no room or a chain is broken. The caller writes the bytes, then calls
     /// [`Self::import_finish`].
@@ -403,13 +404,22 @@ impl KvCacheManager {
         hashes: &[BlockHash],
         wanted: &[(usize, usize)],
     ) -> Option<Import> {
+        // Hold what the hit these imports make will use and the pool has: every block of a
+        // full-attention group (a missing one breaks its chain: nothing to import), the
+        // window's blocks of a sliding group.
+        let n = wanted.iter().map(|w| w.1 + 1).max().unwrap_or(0);
+        let asked: std::collections::HashSet<(usize, usize)> = wanted.iter().copied().collect();
         let mut held = Vec::new();
-        for g in (0..self.windows.len()).filter(|&g| self.windows[g].is_none()) {
-            let Some(from) = wanted.iter().filter(|w| w.0 == g).map(|w| w.1).min() else {
-                continue;
-            };
-            for h in &hashes[..from] {
-                held.push(self.pool.lookup(g as u16, h)?);
+        for g in 0..self.windows.len() {
+            for i in self.first_needed(g, n)..n {
+                if asked.contains(&(g, i)) {
+                    continue;
+                }
+                match (self.pool.lookup(g as u16, &hashes[i]), self.windows[g]) {
+                    (Some(b), _) => held.push(b),
+                    (None, None) => return None,
+                    (None, Some(_)) => {} // a shorter hit, unless it comes back
+                }
             }
         }
         if wanted.len() > self.pool.num_available() {

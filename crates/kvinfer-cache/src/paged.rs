@@ -156,7 +156,7 @@ impl PagedKv {
             .iter()
             .map(|w| match w {
                 None => all,
-                Some(w) => all.min(w.saturating_add(chunk).div_ceil(bs) + 2),
+                Some(w) => all.min(w.saturating_add(chunk).div_ceil(bs).saturating_add(2)),
             })
             .sum()
     }

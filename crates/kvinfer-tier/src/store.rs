@@ -439,9 +439,14 @@ fn verify_all(
             .chunks(per)
             .map(|chunk| s.spawn(move || chunk.iter().map(one).collect::<Vec<_>>()))
             .collect();
+        // A worker that panicked refuses its blocks (one result per block, in order).
         handles
             .into_iter()
-            .flat_map(|h| h.join().unwrap_or_default())
+            .zip(fetched.chunks(per))
+            .flat_map(|(h, chunk)| {
+                h.join()
+                    .unwrap_or_else(|_| vec![Err(wire::WireError::Payload); chunk.len()])
+            })
             .collect()
     })
 }

@@ -189,16 +189,19 @@ pub fn run(a: KvBenchArgs, threads: usize) -> Result<()> {
     let (mut base_dec, mut base_pre) = (0.0, 0.0);
     let sliding = model.kv_groups(true).len() > 1;
     for (i, &d) in a.dtypes.iter().enumerate() {
-        let fit = capacity(&model, d, a.budget_mb, a.seq_tokens, false)?;
-        let fit_windowed = match sliding {
-            true => Some(capacity(&model, d, a.budget_mb, a.seq_tokens, true)?),
-            false => None,
-        };
-        eprintln!(
-            "bench kv: {d}: {fit} sequences of {} tokens in {} MiB ({fit_windowed:?} with \
-             sliding-window savings)",
-            a.seq_tokens, a.budget_mb
-        );
+        // The capacity test (skipped with --budget-mb 0): with and without window savings.
+        let (mut fit, mut fit_windowed) = (None, None);
+        if a.budget_mb > 0 {
+            fit = Some(capacity(&model, d, a.budget_mb, a.seq_tokens, false)?);
+            if sliding {
+                fit_windowed = Some(capacity(&model, d, a.budget_mb, a.seq_tokens, true)?);
+            }
+            eprintln!(
+                "bench kv: {d}: {fit:?} sequences of {} tokens in {} MiB ({fit_windowed:?} with \
+                 sliding-window savings)",
+                a.seq_tokens, a.budget_mb
+            );
+        }
         let (dm, pm) = (median(&mut dec[i]), median(&mut pre[i]));
         if i == 0 {
             (base_dec, base_pre) = (dm, pm);
@@ -252,7 +255,14 @@ pub fn run(a: KvBenchArgs, threads: usize) -> Result<()> {
                 "{:<6} {:>10} {:>6} {:>12.1} {:>8.2} {:>12.0} {:>8.2}",
                 r["kv_dtype"].as_str().unwrap_or(""),
                 r["kv_bytes_per_token"].as_u64().unwrap_or(0),
-                r["sequences_fit"].as_u64().unwrap_or(0),
+                match (
+                    r["sequences_fit"].as_u64(),
+                    r["sequences_fit_windowed"].as_u64()
+                ) {
+                    (Some(f), Some(w)) => format!("{f}/{w}"),
+                    (Some(f), None) => f.to_string(),
+                    _ => "-".into(),
+                },
                 r["decode_tok_s"].as_f64().unwrap_or(0.0),
                 r["decode_vs_first"].as_f64().unwrap_or(0.0),
                 r["prefill_tok_s"].as_f64().unwrap_or(0.0),
@@ -263,8 +273,12 @@ pub fn run(a: KvBenchArgs, threads: usize) -> Result<()> {
             println!(
                 "sliding-window savings at {} tokens ({}): {:.0} -> {:.0} B/token ({:.2}x), \
                  logits bit-identical: {}",
-                w["tokens"], w["kv_dtype"], w["bytes_per_token_full"],
-                w["bytes_per_token_windowed"], w["saving"], w["logits_bit_identical"]
+                w["tokens"],
+                w["kv_dtype"],
+                w["bytes_per_token_full"],
+                w["bytes_per_token_windowed"],
+                w["saving"],
+                w["logits_bit_identical"]
             );
         }
     }

@@ -291,7 +291,7 @@ pub struct KvBenchArgs {
     /// Tokens of the timed prefill.
     #[arg(long, default_value_t = 512)]
     pub prompt_tokens: usize,
-    /// The pool of the capacity test, in MiB.
+    /// The pool of the capacity test, in MiB (0 skips the capacity test).
     #[arg(long, default_value_t = 64)]
     pub budget_mb: usize,
     /// Tokens per sequence of the capacity test.
