@@ -21,12 +21,18 @@ pub fn run(a: ServeArgs) -> Result<()> {
     let (engine, engine_thread) =
         start_engine(model, config, move |f| pool.install(f)).map_err(anyhow::Error::msg)?;
     let stats = engine.stats();
+    let groups = match stats.kv_groups {
+        1 => String::new(),
+        g => format!(", {g} layer groups: sliding-window memory"),
+    };
     eprintln!(
-        "kvinfer: {} | {} threads | KV cache {} blocks of {} tokens ({} eviction) | context {}",
+        "kvinfer: {} | {} threads | KV cache {} blocks of {} tokens, {} ({} eviction{groups}) | \
+         context {}",
         stats.model,
         threads,
         stats.blocks.total,
         stats.block_size,
+        stats.kv_dtype,
         stats.policy,
         engine.context_size()
     );
