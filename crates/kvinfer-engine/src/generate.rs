@@ -142,7 +142,7 @@ pub fn generate_tiered(
     let ctx = context_limit(model, req);
     let limits = Limits {
         ctx,
-        pool_tokens: kv.max_sequence_tokens(usize::MAX),
+        pool_tokens: kv.max_sequence_tokens(PREFILL_CHUNK),
         vocab: model.config.vocab_size,
     };
     let shape = RequestShape {
@@ -169,6 +169,9 @@ pub fn generate_tiered(
     }
     out
 }
+
+/// Most prompt tokens one forward pass of [`generate`] runs.
+pub const PREFILL_CHUNK: usize = 512;
 
 /// Most positions a request may use.
 fn context_limit(model: &Model, req: &GenerateRequest) -> usize {
@@ -220,7 +223,16 @@ impl Run<'_> {
         }
         let (seq, cached) = self.kv.add_sequence_hashed(ids, hashes, reuse);
         self.seq = Some(seq);
-        Ok((self.step(seq, &ids[cached..])?, cached))
+        // In chunks, as the engine does: a sliding-window group then holds its window and one
+        // chunk, not the whole prompt (same logits: chunked prefill is bit-identical).
+        let mut last = None;
+        for c in ids[cached..].chunks(PREFILL_CHUNK) {
+            last = self.step(seq, c)?;
+            if last.is_none() {
+                break;
+            }
+        }
+        Ok((last, cached))
     }
 
     fn generate(

@@ -25,6 +25,7 @@ pub use engine::{
 };
 pub use generate::{
     generate, generate_tiered, FinishReason, GenerateOutput, GenerateRequest, Timings,
+    PREFILL_CHUNK,
 };
 pub use grammar::{Constraint, GrammarCompiler, GrammarSpec, Mask};
 /// The chat message type of the model's template (for servers building prompts).

@@ -48,8 +48,10 @@ pub fn run(a: GenerateArgs, threads: usize) -> Result<()> {
     };
     let t = &out.timings;
     // Bytes of the blocks this sequence held at its longest.
-    let kv_bytes = kv.peak_blocks(prompt_ids.len() + out.ids.len(), prompt_ids.len())
-        * kv.layout().block_bytes();
+    let kv_bytes = kv.peak_blocks(
+        prompt_ids.len() + out.ids.len(),
+        kvinfer_engine::PREFILL_CHUNK,
+    ) * kv.layout().block_bytes();
     if a.json {
         let j = serde_json::json!({
             "model": model.name,
