@@ -228,10 +228,11 @@ impl KvEventSink for TierSink {
     }
 }
 
-/// What to ask the tiers for a prompt: the blocks a prefix hit of every full block the prompt
-/// may take would need that the pool lacks: each full-attention group's blocks after its cached
-/// run, each sliding-window group's blocks of the window before that prefix's end. `None` when
-/// the pool already has them all. Returns (the prompt's first block in the request, the request).
+/// What to ask the tiers for a prompt whose longest possible hit is every full block it may
+/// take: each full-attention group's blocks after its cached run, then each sliding-window
+/// group's blocks of the window before the end of the shortest run that came back (the hit
+/// point, known only then). `None` when the pool already has that hit. Returns (the prompt's
+/// first block in the request, the request).
 pub(crate) fn load_request(
     kv: &PagedKv,
     hashes: &[BlockHash],
@@ -241,25 +242,29 @@ pub(crate) fn load_request(
     if kv.lookup_hashed(hashes, prompt.len()).num_blocks >= max {
         return None;
     }
-    let starts: Vec<(usize, usize)> = kv
-        .windows()
-        .iter()
-        .enumerate()
-        .map(|(g, w)| match w {
-            None => (
+    let bs = kv.block_size();
+    let windows = kv.windows();
+    let chains: Vec<(usize, usize)> = (0..windows.len())
+        .filter(|&g| windows[g].is_none())
+        .map(|g| {
+            (
                 g,
                 (0..max)
                     .take_while(|&i| kv.has_block(g, &hashes[i]))
                     .count(),
-            ),
-            Some(_) => (g, kv.first_needed(g, max)),
+            )
         })
-        .filter(|&(_, start)| start < max)
         .collect();
-    let lo = starts.iter().map(|s| s.1).min()?;
-    let bs = kv.block_size();
+    // Blocks of the window before a hit point (first_needed_block's reach back).
+    let tails: Vec<(usize, usize)> = (0..windows.len())
+        .filter_map(|g| windows[g].map(|w| (g, w.saturating_sub(1).div_ceil(bs))))
+        .collect();
+    let first_end = chains.iter().map(|c| c.1).min()?;
+    let reach = tails.iter().map(|t| t.1).max().unwrap_or(0);
+    let lo = first_end.saturating_sub(reach);
     let mut req = LoadRequest::chain(hashes[lo..max].to_vec(), prompt[lo * bs..max * bs].to_vec());
-    req.groups = starts.iter().map(|&(g, s)| (g as u16, s - lo)).collect();
+    req.groups = chains.iter().map(|&(g, s)| (g as u16, s - lo)).collect();
+    req.tails = tails.iter().map(|&(g, k)| (g as u16, k)).collect();
     Some((lo, req))
 }
 

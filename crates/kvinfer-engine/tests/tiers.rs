@@ -689,6 +689,23 @@ fn layer_groups_travel_through_the_tiers_under_their_own_keys() {
     assert_eq!(usage.cached_tokens, 40);
     stop(e);
 
+    // Restarted again, a prompt sharing only p's first 7 blocks: the sliding groups' window
+    // before that hit point (not before the longest one) comes from disk.
+    let mut q = p[..28].to_vec();
+    q.extend(prompt(77, 13));
+    let want_q = alone(&model, &q, 6);
+    let e = engine_with(
+        Model::load(&path).unwrap(),
+        windowed(24 * groups, disk(&dir)),
+    );
+    let (_, text, usage) = run(&e.0, &q, 6);
+    assert_eq!(text, want_q, "a shorter disk hit changes nothing");
+    assert_eq!(
+        usage.cached_tokens, 28,
+        "p's first 7 blocks of every group from disk"
+    );
+    stop(e);
+
     let full = CacheOptions {
         swa_full: true,
         ..windowed(64, disk(&dir))

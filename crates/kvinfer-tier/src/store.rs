@@ -70,8 +70,10 @@ pub struct TieredStoreConfig {
     pub load_queue: usize,
 }
 
-/// Blocks to fetch: `hashes` in chain order, `tokens` their token ids (`block_size` each), and
-/// for each `(group, start)` of `groups`, that layer group's blocks of `hashes[start..]`.
+/// Blocks to fetch: `hashes` in chain order, `tokens` their token ids (`block_size` each); for
+/// each `(group, start)` of `groups`, that layer group's blocks of `hashes[start..]`; then for
+/// each `(group, k)` of `tails`, that group's `k` blocks before the end of the shortest run
+/// the `groups` got (a sliding window's blocks before the hit point, which is only known then).
 #[derive(Debug, Clone)]
 pub struct LoadRequest {
     /// Content hashes, in chain order.
@@ -80,6 +82,8 @@ pub struct LoadRequest {
     pub tokens: Vec<u32>,
     /// Which layer groups' blocks to fetch, each from its first hash on.
     pub groups: Vec<(u16, usize)>,
+    /// Layer groups whose last blocks before the `groups`' end to fetch, and how many.
+    pub tails: Vec<(u16, usize)>,
 }
 
 impl LoadRequest {
@@ -89,6 +93,7 @@ impl LoadRequest {
             hashes,
             tokens,
             groups: vec![(0, 0)],
+            tails: Vec::new(),
         }
     }
 }
@@ -107,7 +112,8 @@ pub struct LoadRun {
 /// What a load found, per group asked.
 #[derive(Debug, Clone, Default)]
 pub struct LoadResult {
-    /// One run per entry of the request's `groups`, in order.
+    /// One run per entry of the request's `groups`, then one per entry of its `tails` (each
+    /// with the start it got), in order.
     pub runs: Vec<LoadRun>,
     /// Blocks of the run each tier served, in tier order.
     pub per_tier: Vec<usize>,
@@ -316,20 +322,53 @@ impl Drop for TieredStore {
     }
 }
 
-/// For each group asked, the longest leading run of its blocks that some tier holds, verified.
-/// Each tier is asked (in one batch) for the blocks the tiers before it did not have; a block
-/// failing any check is deleted from its tier, counted, and treated as missing.
+/// For each group asked, the longest leading run of its blocks that some tier holds, verified;
+/// then each tail group's blocks before the end of the shortest of those runs.
 fn load(inner: &Inner, req: &LoadRequest) -> LoadResult {
     let t0 = Instant::now();
-    let spec = &inner.spec;
-    let bs = spec.block_size as usize;
+    let bs = inner.spec.block_size as usize;
     let n = req.hashes.len().min(req.tokens.len() / bs.max(1));
-    // Every (entry of req.groups, hash index) asked for.
-    let asked: Vec<(usize, usize)> = req
-        .groups
+    let mut out = LoadResult {
+        per_tier: vec![0; inner.tiers.len()],
+        ..LoadResult::default()
+    };
+    let chains: Vec<(u16, usize)> = req.groups.iter().map(|&(g, s)| (g, s.min(n))).collect();
+    fetch_runs(inner, req, &chains, n, &mut out);
+    if !req.tails.is_empty() {
+        let end = out
+            .runs
+            .iter()
+            .map(|r| r.start + r.payloads.len())
+            .min()
+            .unwrap_or(n);
+        let tails: Vec<(u16, usize)> = req
+            .tails
+            .iter()
+            .map(|&(g, k)| (g, end.saturating_sub(k)))
+            .collect();
+        fetch_runs(inner, req, &tails, end, &mut out);
+    }
+    out.elapsed = t0.elapsed();
+    out
+}
+
+/// Fetches each `(group, start)`'s blocks of `req.hashes[start..end]` and appends its verified
+/// leading run to `out.runs`. Each tier is asked (in one batch) for the blocks the tiers
+/// before it did not have; a block failing any check is deleted from its tier, counted, and
+/// treated as missing.
+fn fetch_runs(
+    inner: &Inner,
+    req: &LoadRequest,
+    entries: &[(u16, usize)],
+    end: usize,
+    out: &mut LoadResult,
+) {
+    let spec = &inner.spec;
+    // Every (entry, hash index) asked for.
+    let asked: Vec<(usize, usize)> = entries
         .iter()
         .enumerate()
-        .flat_map(|(e, &(_, start))| (start.min(n)..n).map(move |i| (e, i)))
+        .flat_map(|(e, &(_, start))| (start.min(end)..end).map(move |i| (e, i)))
         .collect();
     let mut got: Vec<Option<(Vec<u8>, usize)>> = vec![None; asked.len()];
     for (ti, t) in inner.tiers.iter().enumerate() {
@@ -342,7 +381,7 @@ fn load(inner: &Inner, req: &LoadRequest) -> LoadResult {
             .iter()
             .map(|&a| {
                 let (e, i) = asked[a];
-                spec.in_group(req.groups[e].0).key(req.hashes[i])
+                spec.in_group(entries[e].0).key(req.hashes[i])
             })
             .collect();
         let c = t.tier.counters();
@@ -382,19 +421,15 @@ fn load(inner: &Inner, req: &LoadRequest) -> LoadResult {
             }
         }
     }
-    let mut out = LoadResult {
-        per_tier: vec![0; inner.tiers.len()],
-        ..LoadResult::default()
-    };
     let mut got = got.into_iter();
-    for &(group, start) in &req.groups {
+    for &(group, start) in entries {
         let mut run = LoadRun {
             group,
             start,
             payloads: Vec::new(),
         };
         let mut open = true;
-        for g in got.by_ref().take(n.saturating_sub(start)) {
+        for g in got.by_ref().take(end.saturating_sub(start)) {
             match g {
                 Some((payload, ti)) if open => {
                     out.per_tier[ti] += 1;
@@ -405,8 +440,6 @@ fn load(inner: &Inner, req: &LoadRequest) -> LoadResult {
         }
         out.runs.push(run);
     }
-    out.elapsed = t0.elapsed();
-    out
 }
 
 /// Checks and decodes fetched blocks `(hash index, key, bytes, _)`, on up to 4 threads:
@@ -658,6 +691,20 @@ mod tests {
         let flipped: Vec<u8> = block(1).2.iter().map(|b| !b).collect();
         assert_eq!(r.runs[1].payloads[1], flipped, "group 3's own bytes");
         assert_eq!(r.runs[2].payloads[0], flipped);
+        // Tails: group 3's 2 blocks before the end of group 0's run, which stops at block 2
+        // when block 2 is asked with other tokens.
+        let mut req = request(&[0, 1, 2, 3]);
+        req.tokens[4] = 999; // block 2's tokens
+        req.groups = vec![(0, 0)];
+        req.tails = vec![(3, 2), (3, 5)];
+        let r = s.load_blocking(&req);
+        let lens: Vec<(u16, usize, usize)> = r
+            .runs
+            .iter()
+            .map(|r| (r.group, r.start, r.payloads.len()))
+            .collect();
+        assert_eq!(lens, vec![(0, 0, 2), (3, 0, 2), (3, 0, 2)]);
+        assert_eq!(r.runs[1].payloads[1], flipped);
         drop(s);
         let _ = std::fs::remove_dir_all(&dir);
     }
