@@ -509,4 +509,67 @@ mod tests {
         );
         tiny.check_invariants().unwrap();
     }
+
+    #[test]
+    fn an_import_never_evicts_the_hit_it_completes() {
+        // A full group and a sliding one (window 4, blocks of 2). The pool has the full
+        // group's 4 blocks of a prompt, cached; the sliding window before them (blocks 2, 3)
+        // comes from a "tier". With room for one more block only, the import is refused
+        // rather than evict the full group's chain to make room.
+        let layout = KvLayout {
+            n_layers: 1,
+            n_kv_heads: 1,
+            head_dim: 2,
+            block_size: 2,
+            num_blocks: 5,
+            dtype: crate::KvDtype::F16,
+        };
+        let windows = vec![None, Some(4)];
+        let mut kv = PagedKv::with_groups(
+            layout,
+            windows,
+            PolicyKind::Lru,
+            0,
+            ModelFingerprint([9; 32]),
+        );
+        let prompt: Vec<u32> = (1..=9).collect();
+        let hashes = kv.hash_blocks(&prompt);
+        let one = vec![7u8; kv.layout().block_bytes()];
+        let full: Vec<(usize, usize)> = (0..4).map(|i| (0, i)).collect();
+        assert_eq!(kv.import(&hashes, &full, &[&one[..]; 4], &prompt), 4);
+        assert_eq!(kv.usage().cached, 4);
+        assert_eq!(
+            kv.lookup_hashed(&hashes, prompt.len()).num_blocks,
+            0,
+            "no window yet"
+        );
+        assert_eq!(
+            kv.import(&hashes, &[(1, 2), (1, 3)], &[&one[..]; 2], &prompt),
+            0
+        );
+        assert_eq!(kv.usage().cached, 4, "the full group's chain is intact");
+        assert_eq!(kv.usage().evictions, 0);
+        kv.check_invariants().unwrap();
+        // With room, the window comes in and the whole prompt is a hit.
+        kv.clear_cached();
+        let mut kv2 = PagedKv::with_groups(
+            KvLayout {
+                num_blocks: 6,
+                ..layout
+            },
+            vec![None, Some(4)],
+            PolicyKind::Lru,
+            0,
+            ModelFingerprint([9; 32]),
+        );
+        assert_eq!(kv2.import(&hashes, &full, &[&one[..]; 4], &prompt), 4);
+        assert_eq!(
+            kv2.import(&hashes, &[(1, 2), (1, 3)], &[&one[..]; 2], &prompt),
+            2
+        );
+        let hit = kv2.lookup_hashed(&hashes, prompt.len());
+        assert_eq!(hit.num_blocks, 4);
+        assert_eq!(&hit.tables[1][..2], &[crate::HOLE; 2]);
+        kv2.check_invariants().unwrap();
+    }
 }
