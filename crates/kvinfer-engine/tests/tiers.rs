@@ -630,6 +630,15 @@ fn each_kv_dtype_round_trips_through_the_tiers_and_never_crosses_dtypes() {
     let _ = std::fs::remove_dir_all(&dir);
 }
 
+/// A fresh engine of the model at `path` runs `prompt` (6 tokens) and stops: its text and
+/// cached prompt tokens.
+fn run_restarted(path: &Path, cache: CacheOptions, prompt: &[u32]) -> (String, usize) {
+    let e = engine_with(Model::load(path).unwrap(), cache);
+    let (_, text, usage) = run(&e.0, prompt, 6);
+    stop(e);
+    (text, usage.cached_tokens)
+}
+
 /// Gemma 3's layer groups through the tiers: every group's blocks are written under their own
 /// key (group in it); a RAM hit after eviction and a disk hit after restart need the full
 /// group's every block and the sliding groups' window, and equal no cache; a cache keeping
@@ -677,34 +686,21 @@ fn layer_groups_travel_through_the_tiers_under_their_own_keys() {
         block_files(&dir).len()
     );
 
-    let e = engine_with(
-        Model::load(&path).unwrap(),
-        windowed(24 * groups, disk(&dir)),
-    );
-    let (_, text, usage) = run(&e.0, &p, 6);
+    let (text, cached) = run_restarted(&path, windowed(24 * groups, disk(&dir)), &p);
     assert_eq!(
         text, want,
         "a disk hit of every group after restart changes nothing"
     );
-    assert_eq!(usage.cached_tokens, 40);
-    stop(e);
+    assert_eq!(cached, 40);
 
     // Restarted again, a prompt sharing only p's first 7 blocks: the sliding groups' window
     // before that hit point (not before the longest one) comes from disk.
     let mut q = p[..28].to_vec();
     q.extend(prompt(77, 13));
     let want_q = alone(&model, &q, 6);
-    let e = engine_with(
-        Model::load(&path).unwrap(),
-        windowed(24 * groups, disk(&dir)),
-    );
-    let (_, text, usage) = run(&e.0, &q, 6);
+    let (text, cached) = run_restarted(&path, windowed(24 * groups, disk(&dir)), &q);
     assert_eq!(text, want_q, "a shorter disk hit changes nothing");
-    assert_eq!(
-        usage.cached_tokens, 28,
-        "p's first 7 blocks of every group from disk"
-    );
-    stop(e);
+    assert_eq!(cached, 28, "p's first 7 blocks of every group from disk");
 
     let full = CacheOptions {
         swa_full: true,

@@ -663,6 +663,14 @@ mod tests {
         let _ = std::fs::remove_dir_all(&dir);
     }
 
+    /// (group, start, blocks) of each run of a load.
+    fn run_shapes(r: &LoadResult) -> Vec<(u16, usize, usize)> {
+        r.runs
+            .iter()
+            .map(|r| (r.group, r.start, r.payloads.len()))
+            .collect()
+    }
+
     #[test]
     fn each_layer_group_has_its_own_blocks_under_one_hash() {
         let dir = std::env::temp_dir().join(format!("kvinfer-store-groups-{}", std::process::id()));
@@ -681,11 +689,7 @@ mod tests {
         let mut req = request(&[0, 1, 2, 3]);
         req.groups = vec![(0, 0), (3, 0), (3, 1), (5, 2)];
         let r = s.load_blocking(&req);
-        let lens: Vec<(u16, usize, usize)> = r
-            .runs
-            .iter()
-            .map(|r| (r.group, r.start, r.payloads.len()))
-            .collect();
+        let lens = run_shapes(&r);
         assert_eq!(lens, vec![(0, 0, 4), (3, 0, 2), (3, 1, 1), (5, 2, 0)]);
         assert_eq!(r.runs[0].payloads[1], block(1).2);
         let flipped: Vec<u8> = block(1).2.iter().map(|b| !b).collect();
@@ -698,11 +702,7 @@ mod tests {
         req.groups = vec![(0, 0)];
         req.tails = vec![(3, 2), (3, 5)];
         let r = s.load_blocking(&req);
-        let lens: Vec<(u16, usize, usize)> = r
-            .runs
-            .iter()
-            .map(|r| (r.group, r.start, r.payloads.len()))
-            .collect();
+        let lens = run_shapes(&r);
         assert_eq!(lens, vec![(0, 0, 2), (3, 0, 2), (3, 0, 2)]);
         assert_eq!(r.runs[1].payloads[1], flipped);
         drop(s);
