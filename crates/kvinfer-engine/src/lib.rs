@@ -9,6 +9,7 @@ mod cache;
 mod engine;
 mod generate;
 mod grammar;
+pub mod json_numbers;
 mod request;
 mod sampler;
 mod stop;

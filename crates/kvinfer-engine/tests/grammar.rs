@@ -193,3 +193,123 @@ fn a_bad_grammar_is_refused_at_compile_time() {
         .is_err());
     assert!(c.compile(&GrammarSpec::Lark("start: (".into())).is_err());
 }
+
+/// Every number in `text` (outside strings), as (integer, fraction, exponent) digit counts.
+fn number_digits(text: &str) -> Vec<(usize, usize, usize)> {
+    let (mut out, mut in_str, mut esc) = (Vec::new(), false, false);
+    let b = text.as_bytes();
+    let mut i = 0;
+    while i < b.len() {
+        let c = b[i];
+        if in_str {
+            (esc, in_str) = match (esc, c) {
+                (true, _) => (false, true),
+                (false, b'\\') => (true, true),
+                (false, b'"') => (false, false),
+                _ => (false, true),
+            };
+        } else if c == b'"' {
+            in_str = true;
+        } else if c == b'-' || c.is_ascii_digit() {
+            let mut parts = [0usize; 3];
+            let mut part = 0;
+            while i < b.len() {
+                match b[i] {
+                    d if d.is_ascii_digit() => parts[part] += 1,
+                    b'.' => part = 1,
+                    b'e' | b'E' => part = 2,
+                    b'-' | b'+' => {}
+                    _ => break,
+                }
+                i += 1;
+            }
+            out.push((parts[0], parts[1], parts[2]));
+            continue;
+        }
+        i += 1;
+    }
+    out
+}
+
+#[test]
+fn json_numbers_are_bounded_unless_the_schema_asks_for_more() {
+    use kvinfer_engine::json_numbers::{MAX_EXP_DIGITS, MAX_FRAC_DIGITS, MAX_INT_DIGITS};
+    let h = engine(TinyArch::Llama);
+    let numbers = GrammarSpec::JsonSchema(json!({
+        "type": "object",
+        "properties": {"xs": {"type": "array", "items": {"type": "number"}, "minItems": 3}},
+        "required": ["xs"],
+    }));
+    let mut seen = 0;
+    for spec in [GrammarSpec::JsonObject, numbers] {
+        for p in prompts().iter().take(4) {
+            for (text, reason) in outputs(h.submit(request(&h, &spec, p, 1.5)).unwrap(), 2) {
+                let digits = number_digits(&text);
+                for &(i, f, e) in &digits {
+                    assert!(
+                        i <= MAX_INT_DIGITS as usize
+                            && f <= MAX_FRAC_DIGITS as usize
+                            && e <= MAX_EXP_DIGITS as usize,
+                        "{text}"
+                    );
+                }
+                seen += digits.len();
+                if reason == FinishReason::Stop {
+                    let v: Value =
+                        serde_json::from_str(&text).unwrap_or_else(|e| panic!("{text:?}: {e}"));
+                    assert!(v.is_object(), "{text}");
+                }
+            }
+        }
+    }
+    assert!(seen >= 3, "the schema's numbers were written");
+    // A schema that asks for a longer number gets it.
+    let big = GrammarSpec::JsonSchema(json!({"type": "integer", "minimum": 1e17}));
+    for (text, reason) in outputs(h.submit(request(&h, &big, &prompts()[0], 1.0)).unwrap(), 2) {
+        if reason == FinishReason::Stop {
+            let v: f64 = text.parse().unwrap_or_else(|e| panic!("{text:?}: {e}"));
+            assert!(v >= 1e17, "{text}");
+        }
+    }
+}
+
+#[test]
+fn schemas_that_cannot_be_followed_are_refused_at_compile_time_without_parser_state() {
+    let h = engine(TinyArch::Llama);
+    let c = h.grammar_compiler().unwrap();
+    let cycle = json!({
+        "$defs": {"a": {"$ref": "#/$defs/b"}, "b": {"$ref": "#/$defs/a"}},
+        "$ref": "#/$defs/a"
+    });
+    let self_all_of =
+        json!({"$defs": {"x": {"allOf": [{"$ref": "#/$defs/x"}]}}, "$ref": "#/$defs/x"});
+    let props: serde_json::Map<String, Value> = (0..5000)
+        .map(|i| {
+            (
+                format!("p{i:05}"),
+                json!({"type": "string", "description": "a property ".repeat(40)}),
+            )
+        })
+        .collect();
+    let wide = json!({"type": "object", "properties": props, "required": ["p00000"]});
+    let props: serde_json::Map<String, Value> = (0..600)
+        .map(|i| (format!("p{i}"), json!({"type": "integer"})))
+        .collect();
+    let many = json!({"type": "object", "properties": {"inner": {"properties": props}}});
+    for (what, schema) in [
+        ("cycle", cycle),
+        ("allOf", self_all_of),
+        ("wide", wide),
+        ("many", many),
+    ] {
+        let e = c
+            .compile(&GrammarSpec::JsonSchema(schema))
+            .err()
+            .unwrap_or_else(|| panic!("{what} compiled"));
+        assert!(e.len() < 400, "{what}: {e}");
+        assert!(
+            !e.contains("NoExtensionBias") && !e.contains("row"),
+            "{what}: {e}"
+        );
+    }
+}
