@@ -11,6 +11,9 @@ pub enum ModelError {
     /// Metadata is missing or unsupported.
     #[error("model config: {0}")]
     Config(String),
+    /// The file asks for a computation kvinfer does not implement (named).
+    #[error("unsupported model: {0}")]
+    Unsupported(String),
     /// A tensor the architecture needs is absent.
     #[error("model file lacks tensor {0}")]
     MissingTensor(String),

@@ -52,10 +52,12 @@ impl Model {
     pub fn load(path: &Path) -> Result<Self, ModelError> {
         let file = GgufFile::open(path)?;
         let config = ModelConfig::from_gguf(&file)?;
+        crate::support::check_metadata(&file, config.arch, config.head_dim)?;
         let weights = match config.arch {
             Arch::Llama => ArchWeights::Llama(llama::Weights::load(&file, &config)?),
             Arch::Gemma3 => ArchWeights::Gemma3(gemma3::Weights::load(&file, &config)?),
         };
+        crate::support::check_tensors(&file, config.arch)?;
         let tokenizer = Tokenizer::from_spec(TokenizerSpec::from_gguf(&file)?)?;
         if tokenizer.vocab_size() != config.vocab_size {
             return Err(ModelError::Config(format!(

@@ -189,6 +189,18 @@ pub fn write_tiny_model_ctx(
     seed: u64,
     context_length: u32,
 ) -> std::io::Result<()> {
+    write_tiny_model_with(path, arch, seed, context_length, |_| {})
+}
+
+/// As [`write_tiny_model_ctx`], with `extra` adding metadata or tensors before the file is
+/// written (what a file kvinfer must refuse looks like).
+pub fn write_tiny_model_with(
+    path: &Path,
+    arch: TinyArch,
+    seed: u64,
+    context_length: u32,
+    extra: impl FnOnce(&mut GgufWriter),
+) -> std::io::Result<()> {
     let mut w = GgufWriter::new();
     let mut rng = Rng(seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1);
     let (name, n_layers, n_embd, n_ff, n_heads, n_kv, head_dim) = match arch {
@@ -263,5 +275,6 @@ pub fn write_tiny_model_ctx(
             norm(&mut w, &p("post_ffw_norm"), n_embd);
         }
     }
+    extra(&mut w);
     w.write(path)
 }

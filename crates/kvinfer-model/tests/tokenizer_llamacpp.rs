@@ -285,3 +285,18 @@ fn gemma3_builtin_chat_template() {
     assert_eq!(ids.iter().filter(|&&id| id == start).count(), 2);
     assert_eq!(ids.iter().filter(|&&id| id == end).count(), 1);
 }
+
+/// The models kvinfer installs pass the load-time support check (every metadata key known,
+/// every tensor read).
+#[test]
+fn installed_models_pass_the_support_check() {
+    for file in [
+        "SmolLM2-135M-Instruct.Q4_1.gguf",
+        "gemma-3-270m-q4_k_m.gguf",
+    ] {
+        let (gguf, _) = load_model(file);
+        let path = gguf.path().to_path_buf();
+        drop(gguf);
+        kvinfer_model::Model::load(&path).unwrap_or_else(|e| panic!("{file}: {e}"));
+    }
+}

@@ -19,6 +19,7 @@ use memmap2::Mmap;
 use std::collections::HashMap;
 use std::fs::File;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
 
 /// "GGUF" read as a little-endian u32.
 const GGUF_MAGIC: u32 = 0x4655_4747;
@@ -63,7 +64,11 @@ pub enum GgufError {
     #[error("malformed GGUF file: {0}")]
     Malformed(String),
     /// A tensor uses a type kvinfer does not implement.
-    #[error("tensor {name} has unsupported ggml type id {type_id}")]
+    #[error(
+        "tensor {name} has type {} (ggml type id {type_id}), which kvinfer does not support \
+         (it runs F32, F16, BF16, Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q4_K, Q6_K)",
+        GgmlType::id_name(*type_id).unwrap_or("unknown")
+    )]
     UnsupportedTensorType {
         /// The tensor.
         name: String,
@@ -161,6 +166,9 @@ pub struct GgufFile {
     keys: Vec<String>,
     tensors: Vec<TensorInfo>,
     by_name: HashMap<String, usize>,
+    /// Which tensors were looked up by name: a model that leaves one unread is refused
+    /// (an unknown tensor is never ignored).
+    looked_up: Vec<AtomicBool>,
 }
 
 struct Cursor<'a> {
@@ -379,6 +387,7 @@ impl GgufFile {
             version,
             metadata,
             keys,
+            looked_up: tensors.iter().map(|_| AtomicBool::new(false)).collect(),
             tensors,
             by_name,
         })
@@ -387,6 +396,14 @@ impl GgufFile {
     /// The file this was read from.
     pub fn path(&self) -> &Path {
         &self.path
+    }
+
+    /// The names of the tensors never looked up with [`Self::tensor`], in file order.
+    pub fn unread_tensors(&self) -> Vec<&str> {
+        (self.tensors.iter().zip(&self.looked_up))
+            .filter(|(_, u)| !u.load(Ordering::Relaxed))
+            .map(|(t, _)| t.name.as_str())
+            .collect()
     }
 
     /// Metadata keys in file order.
@@ -463,7 +480,9 @@ impl GgufFile {
 
     /// A tensor's index entry.
     pub fn tensor(&self, name: &str) -> Option<&TensorInfo> {
-        self.by_name.get(name).map(|&i| &self.tensors[i])
+        let i = *self.by_name.get(name)?;
+        self.looked_up[i].store(true, Ordering::Relaxed);
+        Some(&self.tensors[i])
     }
 
     /// A tensor's bytes (bounds were checked at open).

@@ -94,6 +94,14 @@ fn bad_magic_version_and_types() {
         matches!(e, GgufError::UnsupportedTensorType { type_id: 99, .. }),
         "{e}"
     );
+    // A known ggml type kvinfer does not run is named.
+    for (id, name) in [(13u8, "Q5_K"), (23, "IQ4_XS")] {
+        bytes[info_end - 12] = id;
+        let e = GgufFile::open(&write_tmp("type.gguf", &bytes))
+            .err()
+            .unwrap();
+        assert!(e.to_string().contains(&format!("type {name} ")), "{e}");
+    }
 
     let mut bytes = sample().to_bytes();
     bytes[8..16].copy_from_slice(&u64::MAX.to_le_bytes()); // absurd tensor count
