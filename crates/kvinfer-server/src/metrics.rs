@@ -211,7 +211,7 @@ fn tiers(o: &mut String, tiers: &[TierStats]) {
         return;
     }
     type Get = fn(&TierStats) -> u64;
-    let families: [(&str, &str, &str, Get); 13] = [
+    let families: [(&str, &str, &str, Get); 14] = [
         (
             "kvinfer_tier_hits_total",
             "counter",
@@ -259,6 +259,12 @@ fn tiers(o: &mut String, tiers: &[TierStats]) {
             "counter",
             "Failed tier operations.",
             |t| t.errors,
+        ),
+        (
+            "kvinfer_tier_timeouts_total",
+            "counter",
+            "Tier reads past their deadline (Redis); the blocks from there on were misses.",
+            |t| t.timeouts,
         ),
         (
             "kvinfer_tier_evictions_total",

@@ -17,11 +17,17 @@
 //! - **Size cap** (`--disk-tier-mb`): least recently used files are deleted to stay under it.
 //! - **TTL** (optional): files older than it are deleted at start-up and treated as misses
 //!   (and deleted) when read.
+//! - **An unreadable entry** (no permission, a directory in the file's place, an I/O error)
+//!   is a miss for that block only: counted in `errors`, dropped from the index and deleted
+//!   (file or directory), so the writer stores the block again and the next request hits.
+//!   Left in place, it would cost every later request with its prefix the rest of the prefix.
+//!   A failure that may pass (interrupted, out of memory) is counted and the entry kept.
 
 use crate::index::EntryIndex;
 use crate::stats::{TierCounters, TierStats};
 use crate::{unhex, Tier, TierError, TierKey};
 use kvinfer_cache::{BlockHash, ModelFingerprint, PolicyKind};
+use std::io::ErrorKind;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Mutex;
@@ -181,8 +187,38 @@ impl DiskTier {
 
     fn forget(&self, key: &TierKey) {
         self.index().remove(key);
-        let _ = std::fs::remove_file(self.path(key));
+        remove_path(&self.path(key));
     }
+
+    /// `key`'s entry is there but its file cannot be read: counted, and forgotten unless the
+    /// failure may pass (see the module docs). Returns the error for the caller.
+    fn unreadable(&self, key: &TierKey, e: std::io::Error) -> TierError {
+        TierCounters::add(&self.counters.errors, 1);
+        let lasting = !matches!(
+            e.kind(),
+            ErrorKind::Interrupted | ErrorKind::OutOfMemory | ErrorKind::WouldBlock
+        );
+        if lasting {
+            self.forget(key);
+        }
+        tracing::warn!(
+            "disk tier: block {} unreadable ({e}){}",
+            key.hash_hex(),
+            if lasting { "; removed" } else { "" }
+        );
+        e.into()
+    }
+}
+
+/// Deletes what is at a block's path: its file, or whatever took its place (a directory and
+/// its contents; a link itself, never what it points to).
+fn remove_path(path: &Path) {
+    let is_dir = std::fs::symlink_metadata(path).is_ok_and(|m| m.is_dir());
+    let _ = if is_dir {
+        std::fs::remove_dir_all(path)
+    } else {
+        std::fs::remove_file(path)
+    };
 }
 
 fn read_dirs(dir: &Path) -> Result<Vec<PathBuf>, TierError> {
@@ -232,11 +268,11 @@ impl Tier for DiskTier {
         }
         match std::fs::read(self.path(key)) {
             Ok(b) => Ok(Some(b)),
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            Err(e) if e.kind() == ErrorKind::NotFound => {
                 self.index().remove(&k);
                 Ok(None)
             }
-            Err(e) => Err(e.into()),
+            Err(e) => Err(self.unreadable(&k, e)),
         }
     }
 
@@ -279,12 +315,12 @@ impl Tier for DiskTier {
     }
 
     fn clear(&self, model: Option<&ModelFingerprint>) -> Result<u64, TierError> {
-        let ns = model.map(|m| ns_key_fp(m));
+        let ns = model.map(ns_key_fp);
         let gone = self
             .index()
             .remove_where(|k, _| ns.is_none_or(|m| k.fingerprint == m));
         for k in &gone {
-            let _ = std::fs::remove_file(self.path(k));
+            remove_path(&self.path(k));
         }
         Ok(gone.len() as u64)
     }
@@ -370,6 +406,48 @@ mod tests {
         );
         assert_eq!(t.clear(Some(&ModelFingerprint([1; 32]))).unwrap(), 3);
         assert_eq!(t.stats().entries, 0);
+        let _ = std::fs::remove_dir_all(&d);
+    }
+
+    #[test]
+    fn an_unreadable_block_is_counted_forgotten_and_does_not_fail_its_batch() {
+        let d = dir("unreadable");
+        let cfg = DiskTierConfig {
+            dir: d.clone(),
+            budget_bytes: 1 << 20,
+            ttl: None,
+        };
+        let t = DiskTier::open(&cfg).unwrap();
+        let keys: Vec<TierKey> = (0..4).map(|i| key(1, i)).collect();
+        for (i, k) in keys.iter().enumerate() {
+            t.put(k, &[i as u8; 10]).unwrap();
+        }
+        // A directory (with something in it) where block 1's file should be: unreadable even
+        // for root.
+        let p = t.path(&keys[1]);
+        std::fs::remove_file(&p).unwrap();
+        std::fs::create_dir_all(p.join("junk")).unwrap();
+        let got = t.get_many(&keys).unwrap();
+        assert_eq!(
+            got,
+            vec![
+                Some(vec![0; 10]),
+                None,
+                Some(vec![2; 10]),
+                Some(vec![3; 10])
+            ],
+            "the others are served"
+        );
+        let st = t.stats();
+        assert_eq!((st.errors, st.entries), (1, 3), "counted and forgotten");
+        assert!(!p.exists(), "the directory is removed");
+        assert!(
+            !t.contains(&keys[1]).unwrap(),
+            "so the writer stores it again"
+        );
+        t.put(&keys[1], &[1; 10]).unwrap();
+        assert_eq!(t.get(&keys[1]).unwrap(), Some(vec![1; 10]));
+        assert_eq!(t.stats().errors, 1);
         let _ = std::fs::remove_dir_all(&d);
     }
 

@@ -104,7 +104,8 @@ pub trait Tier: Send + Sync {
     /// Short name: `ram`, `disk`, `redis`, `redis-cluster`.
     fn name(&self) -> &'static str;
 
-    /// The stored value of `key`, if any.
+    /// The stored value of `key`, if any. A tier counts its own failures (`errors`,
+    /// `timeouts`); the store counts hits, misses and corrupt blocks.
     fn get(&self, key: &TierKey) -> Result<Option<Vec<u8>>, TierError>;
 
     /// Stores `value` under `key` (replacing any). May evict other entries to stay in budget.
@@ -116,9 +117,24 @@ pub trait Tier: Send + Sync {
     /// Removes `key` (a corrupt block, or a clear).
     fn delete(&self, key: &TierKey) -> Result<(), TierError>;
 
-    /// `get` of many keys, in order (pipelined where the tier is remote).
+    /// `get` of many keys, in order (pipelined where the tier is remote). One value per key; a
+    /// key that could not be read (an unreadable file, a failed or late Redis round trip) is
+    /// `None`, counted by the tier in `errors` or `timeouts`: one bad entry never costs the
+    /// others, and a prefix is served up to it. `Err` only when nothing could be read (circuit
+    /// open, Redis unreachable).
     fn get_many(&self, keys: &[TierKey]) -> Result<Vec<Option<Vec<u8>>>, TierError> {
-        keys.iter().map(|k| self.get(k)).collect()
+        Ok(keys.iter().map(|k| self.get(k).unwrap_or(None)).collect())
+    }
+
+    /// `get_many` of values of about `value_bytes` each (the store knows a block's size from
+    /// its [`BlockSpec`]): a remote tier sizes its round trips and their deadlines by it.
+    fn get_many_sized(
+        &self,
+        keys: &[TierKey],
+        value_bytes: usize,
+    ) -> Result<Vec<Option<Vec<u8>>>, TierError> {
+        let _ = value_bytes;
+        self.get_many(keys)
     }
 
     /// `contains` of many keys, in order (one round trip where the tier is remote).

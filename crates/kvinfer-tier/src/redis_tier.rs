@@ -6,8 +6,19 @@
 //!   `kvinfer:v1:<model: 32 hex>:<group>:<hash: 32 hex>`.
 //! - Written with `SET .. EX ttl` where ttl has +-10% jitter, so blocks written together do not
 //!   all expire together.
-//! - Reads are pipelined (one round trip for a whole prefix) under a short deadline per read
-//!   (`--redis-timeout-ms`): a slow Redis is a miss, not a stall.
+//! - Reads are pipelined in round trips of at most [`RedisTier::READ_BATCH_BYTES`] (4 MiB, by
+//!   the block size the store knows from its `BlockSpec`), each under a deadline that grows
+//!   with what it asks for: `deadline = --redis-timeout-ms + bytes asked / 50 MiB/s`
+//!   ([`RedisTier::READ_FLOOR_BYTES_PER_S`]). 99 blocks of 352 KiB (36 MB) are 9 round trips
+//!   of 11 blocks, each allowed 100 + 76 ms.
+//! - A failed or late reply ends the read there: the blocks before it are served, the rest are
+//!   misses. A slow Redis costs the tail of a prefix, neither the whole prefix nor a stall.
+//!   Missed deadlines are counted in `timeouts`, other failures in `errors`.
+//! - One server: a round trip's replies are read one by one, each wait bounded by the time
+//!   left (the `redis` crate's pipeline waits a whole timeout again for every reply left after
+//!   one timed out). A cluster goes through its client's pipeline, which does just that, so
+//!   its round trips are also bounded to 16 keys; one that finishes past its deadline is
+//!   served, counted as late, and ends the read.
 //! - Circuit breaker: after 3 failures in a row the tier answers "unavailable" at once for a
 //!   backoff (1 s, doubling to 30 s); then one call tries again (reconnecting), and a success
 //!   closes the circuit. Reads and writes use separate connections, so a large write does not
@@ -19,6 +30,8 @@ use kvinfer_cache::ModelFingerprint;
 use rand::Rng;
 use redis::cluster::{ClusterClient, ClusterConnection};
 use redis::{Client, Connection};
+use std::ops::Range;
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
@@ -38,7 +51,8 @@ pub struct RedisTierConfig {
     pub target: RedisTarget,
     /// Lifetime of a block (before jitter).
     pub ttl: Duration,
-    /// Deadline of one read (and of connecting).
+    /// Deadline of one read round trip before its transfer time (see the module docs), and of
+    /// connecting.
     pub read_timeout: Duration,
     /// Deadline of one write.
     pub write_timeout: Duration,
@@ -46,7 +60,7 @@ pub struct RedisTierConfig {
 
 enum Conn {
     Single(Connection),
-    Cluster(ClusterConnection),
+    Cluster(Box<ClusterConnection>),
 }
 
 /// Commands sent in one round trip; `ignore`: their replies are not wanted.
@@ -69,7 +83,80 @@ impl Batch {
     }
 }
 
+/// Most keys one read round trip asks a cluster for: its client waits up to the deadline for
+/// each reply of a stalled node (see [`Conn::get_until`]), so this bounds what a stall costs
+/// (16 x 180 ms at the defaults) at a small price in round trips for small blocks.
+const CLUSTER_READ_BATCH_KEYS: usize = 16;
+
+/// The shortest socket timeout set (zero would mean none).
+const MIN_WAIT: Duration = Duration::from_millis(1);
+
+/// The error of a read whose deadline passed.
+fn late() -> redis::RedisError {
+    std::io::Error::from(std::io::ErrorKind::TimedOut).into()
+}
+
+/// A GET's reply as a block: its bytes, or none (absent, or not a string: no block either).
+fn as_value(v: redis::Value) -> Option<Vec<u8>> {
+    redis::from_redis_value(v).ok().flatten()
+}
+
 impl Conn {
+    /// The longest wait for reply bytes from now on.
+    fn set_read_timeout(&self, timeout: Duration) -> redis::RedisResult<()> {
+        let t = Some(timeout.max(MIN_WAIT));
+        match self {
+            Conn::Single(c) => c.set_read_timeout(t),
+            Conn::Cluster(c) => c.set_read_timeout(t),
+        }
+    }
+
+    /// GETs `keys` in one round trip, reading the replies until `deadline`; each value read is
+    /// pushed to `values` as it comes, so a failure leaves the ones before it there. After an
+    /// `Err` the connection holds unread replies: drop it.
+    ///
+    /// One server: reply by reply, each wait bounded by the time left. A cluster: its pipeline
+    /// (which splits the keys by node), each wait bounded by the whole deadline; it reads every
+    /// reply even after one timed out, so a stalled node costs up to one deadline per key it
+    /// holds ([`CLUSTER_READ_BATCH_KEYS`] bounds that).
+    fn get_until(
+        &mut self,
+        keys: &[TierKey],
+        deadline: Instant,
+        values: &mut Vec<Option<Vec<u8>>>,
+    ) -> redis::RedisResult<()> {
+        let left = || deadline.saturating_duration_since(Instant::now());
+        match self {
+            Conn::Single(c) => {
+                let mut p = redis::pipe();
+                for k in keys {
+                    p.cmd("GET").arg(RedisTier::redis_key(k));
+                }
+                c.send_packed_command(&p.get_packed_pipeline())?;
+                for _ in keys {
+                    if left().is_zero() {
+                        return Err(late());
+                    }
+                    c.set_read_timeout(Some(left().max(MIN_WAIT)))?;
+                    values.push(as_value(c.recv_response()?));
+                }
+            }
+            Conn::Cluster(c) => {
+                let mut p = redis::cluster::cluster_pipe();
+                for k in keys {
+                    p.cmd("GET").arg(RedisTier::redis_key(k));
+                }
+                c.set_read_timeout(Some(left().max(MIN_WAIT)))?;
+                let got: Vec<redis::Value> = p.query(c)?;
+                values.extend(got.into_iter().map(as_value));
+                if left().is_zero() {
+                    return Err(late()); // served, but the read's time is spent
+                }
+            }
+        }
+        Ok(())
+    }
+
     /// A cluster needs its own pipeline type (it splits the batch by slot and node).
     fn query<T: redis::FromRedisValue>(&mut self, batch: &Batch) -> redis::RedisResult<T> {
         match self {
@@ -97,6 +184,14 @@ impl Conn {
     }
 }
 
+/// What one read round trip brought back.
+struct BatchRead {
+    /// The values that came in time, in key order: one per key of a prefix of the keys.
+    values: Vec<Option<Vec<u8>>>,
+    /// Whether every key's value came (if not, the read asks for nothing more).
+    complete: bool,
+}
+
 #[derive(Debug)]
 struct Breaker {
     failures: u32,
@@ -119,12 +214,27 @@ pub struct RedisTier {
     conns: [Mutex<Option<Conn>>; 2],
     breaker: Mutex<Breaker>,
     counters: TierCounters,
+    /// The largest value written or read so far (bytes): the block size assumed by a read that
+    /// is not told one; 0 until one is seen.
+    value_bytes_seen: AtomicU64,
 }
 
 const READ: usize = 0;
 const WRITE: usize = 1;
 
 impl RedisTier {
+    /// Most bytes one read round trip asks for: large enough that a round trip's fixed cost
+    /// (~0.1 ms on loopback, ~0.5 ms across a LAN) is small against its transfer (4 ms at
+    /// 1 GB/s), small enough that a late one loses about a dozen blocks, not the prefix.
+    pub const READ_BATCH_BYTES: usize = 4 << 20; // 4 MiB
+
+    /// The slowest transfer a read round trip is granted before it is late: half a gigabit
+    /// link, so that only a stalled Redis (or a link far below that) misses its deadline.
+    pub const READ_FLOOR_BYTES_PER_S: u64 = 50 << 20; // 50 MiB/s
+
+    /// Block size assumed before any is known: the largest blocks (module docs of disk.rs).
+    const DEFAULT_VALUE_BYTES: usize = 1 << 20; // 1 MiB
+
     /// A tier over `config.target`. Connects lazily: a Redis that is down at start-up is a tier
     /// of misses until it comes up.
     pub fn new(config: RedisTierConfig) -> Result<Self, TierError> {
@@ -166,6 +276,7 @@ impl RedisTier {
                 backoff: BACKOFF_MIN,
             }),
             counters: TierCounters::default(),
+            value_bytes_seen: AtomicU64::new(0),
         })
     }
 
@@ -192,50 +303,134 @@ impl RedisTier {
             Ok(Conn::Single(con))
         } else {
             let c = self.cluster.as_ref().expect("single or cluster");
-            Ok(Conn::Cluster(c[which].get_connection()?))
+            Ok(Conn::Cluster(Box::new(c[which].get_connection()?)))
         }
     }
 
-    /// Runs `pipe` on connection `which` under the breaker.
-    fn run<T: redis::FromRedisValue>(&self, which: usize, pipe: &Batch) -> Result<T, TierError> {
-        {
-            let b = self.breaker.lock().unwrap_or_else(|e| e.into_inner());
-            if b.open_until.is_some_and(|t| Instant::now() < t) {
-                return Err(TierError::Unavailable(self.name));
-            }
+    /// `Err(Unavailable)` while the circuit is open.
+    fn check_circuit(&self) -> Result<(), TierError> {
+        let b = self.breaker.lock().unwrap_or_else(|e| e.into_inner());
+        if b.open_until.is_some_and(|t| Instant::now() < t) {
+            return Err(TierError::Unavailable(self.name));
         }
-        let mut slot = self.conns[which].lock().unwrap_or_else(|e| e.into_inner());
-        let result = match slot.as_mut() {
-            Some(c) => c.query(pipe),
-            None => self.connect(which).and_then(|mut c| {
-                let r = c.query(pipe);
-                *slot = Some(c);
-                r
-            }),
-        };
+        Ok(())
+    }
+
+    /// Closes the circuit after a call that worked.
+    fn succeeded(&self) {
         let mut b = self.breaker.lock().unwrap_or_else(|e| e.into_inner());
+        b.failures = 0;
+        b.open_until = None;
+        b.backoff = BACKOFF_MIN;
+    }
+
+    /// Counts a failed call (in `timeouts` if `late`, else in `errors`) and opens the circuit
+    /// after [`BREAKER_THRESHOLD`] in a row.
+    fn failed(&self, e: &redis::RedisError, late: bool) -> TierError {
+        let counter = if late {
+            &self.counters.timeouts
+        } else {
+            &self.counters.errors
+        };
+        TierCounters::add(counter, 1);
+        let mut b = self.breaker.lock().unwrap_or_else(|e| e.into_inner());
+        b.failures += 1;
+        if b.failures >= BREAKER_THRESHOLD {
+            b.open_until = Some(Instant::now() + b.backoff);
+            tracing::warn!(
+                "{} tier failing ({e}); trying again in {:?}",
+                self.name,
+                b.backoff
+            );
+            b.backoff = (b.backoff * 2).min(BACKOFF_MAX);
+        }
+        TierError::Redis(e.to_string())
+    }
+
+    /// The connection in `slot`, connecting first if there is none.
+    fn conn<'a>(
+        &self,
+        slot: &'a mut Option<Conn>,
+        which: usize,
+    ) -> redis::RedisResult<&'a mut Conn> {
+        if slot.is_none() {
+            *slot = Some(self.connect(which)?);
+        }
+        Ok(slot.as_mut().expect("connected above"))
+    }
+
+    /// Runs `pipe` on connection `which` under the breaker, waiting at most `timeout` for each
+    /// part of the reply. A failure drops the connection (replies may still be on their way).
+    fn run<T: redis::FromRedisValue>(
+        &self,
+        which: usize,
+        pipe: &Batch,
+        timeout: Duration,
+    ) -> Result<T, TierError> {
+        self.check_circuit()?;
+        let mut slot = self.conns[which].lock().unwrap_or_else(|e| e.into_inner());
+        let t0 = Instant::now();
+        let result = self.conn(&mut slot, which).and_then(|c| {
+            c.set_read_timeout(timeout)?;
+            c.query(pipe)
+        });
         match result {
             Ok(v) => {
-                b.failures = 0;
-                b.open_until = None;
-                b.backoff = BACKOFF_MIN;
+                self.succeeded();
                 Ok(v)
             }
             Err(e) => {
                 *slot = None; // reconnect next time
-                TierCounters::add(&self.counters.errors, 1);
-                b.failures += 1;
-                if b.failures >= BREAKER_THRESHOLD {
-                    b.open_until = Some(Instant::now() + b.backoff);
-                    tracing::warn!(
-                        "{} tier failing ({e}); trying again in {:?}",
-                        self.name,
-                        b.backoff
-                    );
-                    b.backoff = (b.backoff * 2).min(BACKOFF_MAX);
-                }
-                Err(TierError::Redis(e.to_string()))
+                              // A cluster may wrap the socket's timeout in its own error: the clock decides.
+                let late = e.is_timeout() || t0.elapsed() >= timeout;
+                Err(self.failed(&e, late))
             }
+        }
+    }
+
+    /// One read round trip under `deadline`. `Err` when no value came (or the circuit is open).
+    fn read_batch(&self, keys: &[TierKey], deadline: Duration) -> Result<BatchRead, TierError> {
+        self.check_circuit()?;
+        let mut slot = self.conns[READ].lock().unwrap_or_else(|e| e.into_inner());
+        let t0 = Instant::now();
+        let mut values = Vec::with_capacity(keys.len());
+        let result = self
+            .conn(&mut slot, READ)
+            .and_then(|c| c.get_until(keys, t0 + deadline, &mut values));
+        let largest = values.iter().flatten().map(|v| v.len()).max().unwrap_or(0);
+        self.saw_value(largest);
+        match result {
+            Ok(()) => {
+                self.succeeded();
+                Ok(BatchRead {
+                    values,
+                    complete: true,
+                })
+            }
+            Err(e) => {
+                *slot = None; // unread replies
+                let err = self.failed(&e, e.is_timeout() || t0.elapsed() >= deadline);
+                if values.is_empty() {
+                    Err(err)
+                } else {
+                    Ok(BatchRead {
+                        values,
+                        complete: false,
+                    })
+                }
+            }
+        }
+    }
+
+    fn saw_value(&self, bytes: usize) {
+        self.value_bytes_seen.fetch_max(bytes as u64, Relaxed);
+    }
+
+    /// The block size a read assumes when not told: the largest value seen, else 1 MiB.
+    fn value_bytes_guess(&self) -> usize {
+        match self.value_bytes_seen.load(Relaxed) {
+            0 => Self::DEFAULT_VALUE_BYTES,
+            n => n as usize,
         }
     }
 
@@ -336,6 +531,24 @@ impl RedisTier {
     }
 }
 
+/// `n` keys of about `value_bytes` each in read round trips of at most
+/// [`RedisTier::READ_BATCH_BYTES`] and `max_keys` (one key at least): their index ranges, in
+/// order.
+fn read_batches(
+    n: usize,
+    value_bytes: usize,
+    max_keys: usize,
+) -> impl Iterator<Item = Range<usize>> {
+    let per = (RedisTier::READ_BATCH_BYTES / value_bytes.max(1)).clamp(1, max_keys.max(1));
+    (0..n).step_by(per).map(move |s| s..(s + per).min(n))
+}
+
+/// The deadline of a read round trip asking for `bytes`: `timeout` (the round trip and Redis's
+/// own work) plus the transfer at [`RedisTier::READ_FLOOR_BYTES_PER_S`].
+fn read_deadline(timeout: Duration, bytes: usize) -> Duration {
+    timeout + Duration::from_secs_f64(bytes as f64 / RedisTier::READ_FLOOR_BYTES_PER_S as f64)
+}
+
 fn node_url(node: &str) -> String {
     if node.starts_with("redis://") {
         node.to_string()
@@ -354,14 +567,36 @@ impl Tier for RedisTier {
     }
 
     fn get_many(&self, keys: &[TierKey]) -> Result<Vec<Option<Vec<u8>>>, TierError> {
-        if keys.is_empty() {
-            return Ok(Vec::new());
+        self.get_many_sized(keys, self.value_bytes_guess())
+    }
+
+    /// Round trip after round trip (see the module docs) until one fails or is late: the keys
+    /// from there on are `None`. `Err` when the first one fails (nothing was read).
+    fn get_many_sized(
+        &self,
+        keys: &[TierKey],
+        value_bytes: usize,
+    ) -> Result<Vec<Option<Vec<u8>>>, TierError> {
+        let mut out = Vec::with_capacity(keys.len());
+        let max_keys = match self.config.target {
+            RedisTarget::Single(_) => usize::MAX,
+            RedisTarget::Cluster(_) => CLUSTER_READ_BATCH_KEYS,
+        };
+        for batch in read_batches(keys.len(), value_bytes, max_keys) {
+            let deadline = read_deadline(self.config.read_timeout, batch.len() * value_bytes);
+            match self.read_batch(&keys[batch], deadline) {
+                Ok(read) => {
+                    out.extend(read.values);
+                    if !read.complete {
+                        break;
+                    }
+                }
+                Err(e) if out.is_empty() => return Err(e),
+                Err(_) => break,
+            }
         }
-        let mut p = Batch::new(false);
-        for k in keys {
-            p.add("GET").arg(Self::redis_key(k));
-        }
-        self.run(READ, &p)
+        out.resize(keys.len(), None);
+        Ok(out)
     }
 
     fn put(&self, key: &TierKey, value: &[u8]) -> Result<(), TierError> {
@@ -371,7 +606,8 @@ impl Tier for RedisTier {
             .arg(value)
             .arg("EX")
             .arg(self.ttl_secs());
-        self.run::<()>(WRITE, &p)
+        self.saw_value(value.len());
+        self.run::<()>(WRITE, &p, self.config.write_timeout)
     }
 
     fn put_many(&self, entries: &[(TierKey, Vec<u8>)]) -> Result<(), TierError> {
@@ -386,13 +622,14 @@ impl Tier for RedisTier {
                 .arg("EX")
                 .arg(self.ttl_secs());
         }
-        self.run::<()>(WRITE, &p)
+        self.saw_value(entries.iter().map(|e| e.1.len()).max().unwrap_or(0));
+        self.run::<()>(WRITE, &p, self.config.write_timeout)
     }
 
     fn contains(&self, key: &TierKey) -> Result<bool, TierError> {
         let mut p = Batch::new(false);
         p.add("EXISTS").arg(Self::redis_key(key));
-        let v: Vec<u32> = self.run(WRITE, &p)?;
+        let v: Vec<u32> = self.run(WRITE, &p, self.config.write_timeout)?;
         Ok(v.first().copied().unwrap_or(0) > 0)
     }
 
@@ -404,14 +641,14 @@ impl Tier for RedisTier {
         for k in keys {
             p.add("EXISTS").arg(Self::redis_key(k));
         }
-        let v: Vec<u32> = self.run(WRITE, &p)?;
+        let v: Vec<u32> = self.run(WRITE, &p, self.config.write_timeout)?;
         Ok(v.into_iter().map(|n| n > 0).collect())
     }
 
     fn delete(&self, key: &TierKey) -> Result<(), TierError> {
         let mut p = Batch::new(true);
         p.add("DEL").arg(Self::redis_key(key));
-        self.run::<()>(WRITE, &p)
+        self.run::<()>(WRITE, &p, self.config.write_timeout)
     }
 
     fn clear(&self, model: Option<&ModelFingerprint>) -> Result<u64, TierError> {
@@ -448,5 +685,40 @@ impl Tier for RedisTier {
 
     fn stats(&self) -> TierStats {
         self.counters.snapshot(self.name, 0, 0, self.healthy())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reads_are_cut_into_round_trips_of_at_most_4_mib() {
+        let block = 360_600; // a 352 KiB block and its header
+        let batches: Vec<Range<usize>> = read_batches(99, block, usize::MAX).collect();
+        assert_eq!(batches.len(), 9);
+        assert_eq!(batches[0], 0..11);
+        assert_eq!(batches[8], 88..99);
+        assert!(batches
+            .iter()
+            .all(|b| b.len() * block <= RedisTier::READ_BATCH_BYTES));
+        // A block larger than a round trip still goes, alone; nothing asked, nothing sent.
+        let all = |n, bytes, max| read_batches(n, bytes, max).collect::<Vec<_>>();
+        assert_eq!(all(3, 8 << 20, usize::MAX), [0..1, 1..2, 2..3]);
+        assert_eq!(all(0, block, usize::MAX), []);
+        assert_eq!(all(5, 0, usize::MAX), [Range { start: 0, end: 5 }]);
+        // A cluster's round trips are bounded in keys too.
+        assert_eq!(
+            all(40, 1024, CLUSTER_READ_BATCH_KEYS),
+            [0..16, 16..32, 32..40]
+        );
+    }
+
+    #[test]
+    fn a_deadline_is_the_timeout_plus_the_bytes_at_50_mib_per_s() {
+        let t = Duration::from_millis(100);
+        assert_eq!(read_deadline(t, 0), t);
+        let d = read_deadline(t, 4 << 20);
+        assert_eq!(d.as_millis(), 180, "4 MiB at 50 MiB/s is 80 ms");
     }
 }

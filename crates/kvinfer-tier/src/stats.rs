@@ -66,8 +66,12 @@ pub struct TierCounters {
     pub bytes_read: AtomicU64,
     /// Bytes written (wire form).
     pub bytes_written: AtomicU64,
-    /// Failed operations (I/O, network, timeouts).
+    /// Failed operations (I/O, network); a missed deadline is counted in `timeouts` instead.
     pub errors: AtomicU64,
+    /// Round trips that missed their deadline (Redis): the blocks from there on are misses.
+    /// Apart from `errors` because a slow tier wants another fix (a longer
+    /// `--redis-timeout-ms`, a closer Redis) than a failing one.
+    pub timeouts: AtomicU64,
     /// Entries evicted to stay within the budget (or expired).
     pub evictions: AtomicU64,
     /// Blocks that failed a check: deleted, counted, never served.
@@ -105,6 +109,7 @@ impl TierCounters {
             bytes_read: self.bytes_read.load(Relaxed),
             bytes_written: self.bytes_written.load(Relaxed),
             errors: self.errors.load(Relaxed),
+            timeouts: self.timeouts.load(Relaxed),
             evictions: self.evictions.load(Relaxed),
             corrupt: self.corrupt.load(Relaxed),
             read_latency: self.read_latency.snapshot(),
@@ -140,6 +145,8 @@ pub struct TierStats {
     pub bytes_written: u64,
     /// See [`TierCounters`].
     pub errors: u64,
+    /// See [`TierCounters`].
+    pub timeouts: u64,
     /// See [`TierCounters`].
     pub evictions: u64,
     /// See [`TierCounters`].

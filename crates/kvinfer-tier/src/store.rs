@@ -128,6 +128,9 @@ impl LoadResult {
     }
 }
 
+/// A block's token ids and bytes, shared by the write jobs of every tier taking it.
+type SharedBlock = (Arc<[u32]>, Arc<[u8]>);
+
 /// Called with a load's result, on the loader thread.
 pub type LoadReply = Box<dyn FnOnce(LoadResult) + Send>;
 
@@ -251,7 +254,8 @@ impl TieredStore {
     }
 
     fn enqueue(&self, mode: WriteMode, group: u16, hash: BlockHash, tokens: &[u32], raw: &[u8]) {
-        let mut shared: Option<(Arc<[u32]>, Arc<[u8]>)> = None;
+        // The token ids and bytes, copied once for every tier that takes them.
+        let mut shared: Option<SharedBlock> = None;
         for (t, w) in self.inner.tiers.iter().zip(&self.writers) {
             let (Some(w), true) = (w, t.write == mode) else {
                 continue;
@@ -355,7 +359,8 @@ fn load(inner: &Inner, req: &LoadRequest) -> LoadResult {
 /// Fetches each `(group, start)`'s blocks of `req.hashes[start..end]` and appends its verified
 /// leading run to `out.runs`. Each tier is asked (in one batch) for the blocks the tiers
 /// before it did not have; a block failing any check is deleted from its tier, counted, and
-/// treated as missing.
+/// treated as missing. A block a tier could not read is missing too (the tier counted the
+/// failure), and only it: a run ends at its first missing block, the blocks before are served.
 fn fetch_runs(
     inner: &Inner,
     req: &LoadRequest,
@@ -386,12 +391,14 @@ fn fetch_runs(
             .collect();
         let c = t.tier.counters();
         let r0 = Instant::now();
-        let Ok(values) = t.tier.get_many(&keys) else {
+        let Ok(values) = t.tier.get_many_sized(&keys, spec.wire_bytes()) else {
             // The tier counted its error; every block asked of it is a miss.
             TierCounters::add(&c.misses, keys.len() as u64);
             continue;
         };
         c.read_latency.observe(r0.elapsed().as_secs_f64());
+        // A tier answering fewer values than keys has not got the rest.
+        let values = values.into_iter().chain(std::iter::repeat_with(|| None));
         let mut fetched = Vec::new();
         for ((&a, key), v) in want.iter().zip(&keys).zip(values) {
             match v {
@@ -444,7 +451,8 @@ fn fetch_runs(
 
 /// Checks and decodes fetched blocks `(hash index, key, bytes, _)`, on up to 4 threads:
 /// decompression and checksums are the CPU cost of a tier hit, and a prefix is many
-/// independent blocks.
+/// independent blocks. Each block is judged alone: one that makes the decoder panic is refused
+/// (and deleted as corrupt), and the blocks beside it are not.
 fn verify_all(
     spec: &BlockSpec,
     req: &LoadRequest,
@@ -452,12 +460,17 @@ fn verify_all(
 ) -> Vec<Result<Vec<u8>, wire::WireError>> {
     let bs = spec.block_size as usize;
     let one = |(i, key, bytes, _): &(usize, &TierKey, Vec<u8>, usize)| {
-        wire::decode(
-            &spec.in_group(key.group),
-            &req.hashes[*i],
-            &req.tokens[i * bs..(i + 1) * bs],
-            bytes,
-        )
+        let decode = || {
+            wire::decode(
+                &spec.in_group(key.group),
+                &req.hashes[*i],
+                &req.tokens[i * bs..(i + 1) * bs],
+                bytes,
+            )
+        };
+        // Only reads shared data and builds its own result: nothing is left half-done.
+        std::panic::catch_unwind(std::panic::AssertUnwindSafe(decode))
+            .unwrap_or(Err(wire::WireError::Payload))
     };
     let workers = std::thread::available_parallelism()
         .map_or(1, |n| n.get())
@@ -472,7 +485,8 @@ fn verify_all(
             .chunks(per)
             .map(|chunk| s.spawn(move || chunk.iter().map(one).collect::<Vec<_>>()))
             .collect();
-        // A worker that panicked refuses its blocks (one result per block, in order).
+        // Unreachable (each block is caught alone); if a worker still died, it refuses its
+        // blocks (one result per block, in order).
         handles
             .into_iter()
             .zip(fetched.chunks(per))
@@ -661,6 +675,96 @@ mod tests {
         assert_eq!(cleared[1], ("disk", Ok(2)));
         drop(s);
         let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    /// Ways a block file can be there and yet unreadable.
+    #[derive(Debug, Clone, Copy)]
+    enum Damage {
+        /// A directory in its place (unreadable even for root).
+        Directory,
+        /// Mode 000 (readable all the same when the tests run as root).
+        NoPermission,
+        /// A symbolic link to itself (ELOOP, for root too).
+        SymlinkLoop,
+    }
+
+    /// Damages the file at `p`; whether this process can no longer read it.
+    #[cfg(unix)]
+    fn damage(p: &std::path::Path, how: Damage) -> bool {
+        use std::os::unix::fs::PermissionsExt;
+        match how {
+            Damage::Directory => {
+                std::fs::remove_file(p).unwrap();
+                std::fs::create_dir_all(p.join("junk")).unwrap();
+            }
+            Damage::NoPermission => {
+                std::fs::set_permissions(p, std::fs::Permissions::from_mode(0o000)).unwrap();
+            }
+            Damage::SymlinkLoop => {
+                std::fs::remove_file(p).unwrap();
+                std::os::unix::fs::symlink(p, p).unwrap();
+            }
+        }
+        std::fs::read(p).is_err()
+    }
+
+    #[cfg(unix)]
+    #[test]
+    fn an_unreadable_block_ends_the_run_there_is_counted_removed_and_comes_back() {
+        let ids = [0, 1, 2, 3, 4];
+        for how in [Damage::Directory, Damage::NoPermission, Damage::SymlinkLoop] {
+            let dir = std::env::temp_dir().join(format!(
+                "kvinfer-store-unreadable-{how:?}-{}",
+                std::process::id()
+            ));
+            let _ = std::fs::remove_dir_all(&dir);
+            let (s, disk) = store(&dir, WriteMode::Off);
+            for i in ids {
+                let (h, t, raw) = block(i);
+                s.write_registered(0, h, &t, &raw);
+            }
+            s.flush();
+            let p = disk.path(&spec().key(block(2).0));
+            if !damage(&p, how) {
+                // Root reads a mode-000 file: nothing failed, nothing may be lost.
+                assert_eq!(
+                    s.load_blocking(&request(&ids)).payloads().len(),
+                    5,
+                    "{how:?}"
+                );
+                assert_eq!(s.stats()[1].errors, 0, "{how:?}");
+                drop(s);
+                let _ = std::fs::remove_dir_all(&dir);
+                continue;
+            }
+            let r = s.load_blocking(&request(&ids));
+            assert_eq!(
+                r.payloads().len(),
+                2,
+                "{how:?}: the blocks before it are served"
+            );
+            assert_eq!(r.per_tier, vec![0, 2], "{how:?}");
+            let st = &s.stats()[1];
+            assert_eq!(
+                (st.errors, st.corrupt, st.entries),
+                (1, 0, 4),
+                "{how:?}: {st:?}"
+            );
+            assert!(
+                std::fs::symlink_metadata(&p).is_err(),
+                "{how:?}: removed from disk"
+            );
+            // The pool registers the recomputed block again: written, and a hit from then on.
+            let (h, t, raw) = block(2);
+            s.write_registered(0, h, &t, &raw);
+            s.flush();
+            let r = s.load_blocking(&request(&ids));
+            assert_eq!(r.payloads().len(), 5, "{how:?}: its hit is back");
+            assert_eq!(r.payloads()[2], block(2).2);
+            assert_eq!(s.stats()[1].errors, 1, "{how:?}");
+            drop(s);
+            let _ = std::fs::remove_dir_all(&dir);
+        }
     }
 
     /// (group, start, blocks) of each run of a load.

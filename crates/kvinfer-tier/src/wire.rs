@@ -64,6 +64,13 @@ impl BlockSpec {
             * dtype.row_bytes(self.head_dim as usize)
     }
 
+    /// Bytes of one block on a tier when stored as is (header with its token ids, then the
+    /// payload): what a reader plans its round trips by. A compressed block is smaller; an
+    /// incompressible one may exceed it by the codec's framing (a fraction of a percent).
+    pub fn wire_bytes(&self) -> usize {
+        FIXED + 4 * self.block_size as usize + 4 + self.payload_bytes()
+    }
+
     /// The same blocks of layer group `group`.
     pub fn in_group(&self, group: u16) -> BlockSpec {
         BlockSpec { group, ..*self }
@@ -248,6 +255,7 @@ mod tests {
             assert_eq!(s.payload_bytes(), want, "{d}");
             let raw = vec![7u8; want];
             let b = encode(&s, &h, &[1, 2], &raw, Codec::None);
+            assert_eq!(b.len(), s.wire_bytes(), "{d}");
             assert_eq!(decode(&s, &h, &[1, 2], &b).unwrap(), raw, "{d}");
             // Read back under any other dtype: refused.
             for other in kvinfer_cache::KvDtype::ALL.into_iter().filter(|&o| o != d) {

@@ -6,6 +6,9 @@ use kvinfer_tier::{
     BlockSpec, Codec, LoadRequest, RedisTarget, RedisTier, RedisTierConfig, Tier, TierSpec,
     TieredStore, TieredStoreConfig, WriteMode,
 };
+use std::io::{Read, Write};
+use std::net::{Shutdown, TcpListener, TcpStream};
+use std::sync::atomic::{AtomicBool, Ordering::SeqCst};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -21,13 +24,33 @@ fn spec(model: u8) -> BlockSpec {
     }
 }
 
+/// Blocks the size of a small real model's: TinyLlama's 22 layers, 4 KV heads of 64 values,
+/// 16 tokens, f16: 352 KiB each, 36 MB for 100 blocks.
+fn real_spec(model: u8) -> BlockSpec {
+    BlockSpec {
+        n_layers: 22,
+        n_kv_heads: 4,
+        head_dim: 64,
+        block_size: 16,
+        ..spec(model)
+    }
+}
+
+fn hash(i: u32) -> BlockHash {
+    let mut h = [0u8; 16];
+    h[..4].copy_from_slice(&i.to_le_bytes());
+    BlockHash(h)
+}
+
+fn tokens(s: &BlockSpec, i: u32) -> Vec<u32> {
+    (0..s.block_size as u32).map(|t| i * 100 + t).collect()
+}
+
 fn block(s: &BlockSpec, i: u32) -> (BlockHash, Vec<u32>, Vec<u8>) {
     let raw: Vec<u8> = (0..s.payload_bytes())
         .map(|j| (j as u32 * 31 + i) as u8)
         .collect();
-    let mut h = [0u8; 16];
-    h[..4].copy_from_slice(&i.to_le_bytes());
-    (BlockHash(h), (0..4).map(|t| i * 10 + t).collect(), raw)
+    (hash(i), tokens(s, i), raw)
 }
 
 fn tier(target: RedisTarget, timeout_ms: u64) -> Arc<RedisTier> {
@@ -59,8 +82,8 @@ fn store(s: BlockSpec, t: Arc<RedisTier>) -> TieredStore {
 
 fn request(s: &BlockSpec, ids: std::ops::Range<u32>) -> LoadRequest {
     LoadRequest::chain(
-        ids.clone().map(|i| block(s, i).0).collect(),
-        ids.flat_map(|i| block(s, i).1).collect(),
+        ids.clone().map(hash).collect(),
+        ids.flat_map(|i| tokens(s, i)).collect(),
     )
 }
 
@@ -210,5 +233,161 @@ fn a_cluster_spreads_blocks_over_its_nodes_and_serves_them_back() {
     assert_eq!(
         s.load_blocking(&request(&spec(1), 0..60)).payloads().len(),
         0
+    );
+}
+
+/// A TCP relay to a real redis-server whose replies, once, stop for `stall` after `after_bytes`
+/// of them went through: a link that goes slow in the middle of a long read. Only the path
+/// is slowed; the server is the real one.
+struct SlowLink {
+    port: u16,
+}
+
+impl SlowLink {
+    fn start(upstream: u16, after_bytes: u64, stall: Duration) -> Self {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let stalled = Arc::new(AtomicBool::new(false));
+        std::thread::spawn(move || {
+            for client in listener.incoming().flatten() {
+                let Ok(server) = TcpStream::connect(("127.0.0.1", upstream)) else {
+                    continue;
+                };
+                let (c, s) = (client.try_clone().unwrap(), server.try_clone().unwrap());
+                std::thread::spawn(move || {
+                    let _ = std::io::copy(&mut &c, &mut &s);
+                    let _ = s.shutdown(Shutdown::Write);
+                });
+                let stalled = stalled.clone();
+                std::thread::spawn(move || {
+                    relay_replies(server, client, after_bytes, stall, &stalled)
+                });
+            }
+        });
+        Self { port }
+    }
+
+    fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}", self.port)
+    }
+}
+
+/// Copies `from` to `to`, sleeping `stall` once (across connections) at byte `after`.
+fn relay_replies(
+    mut from: TcpStream,
+    mut to: TcpStream,
+    after: u64,
+    stall: Duration,
+    stalled: &AtomicBool,
+) {
+    let mut buf = vec![0u8; 64 << 10];
+    let mut sent = 0u64;
+    loop {
+        let n = match from.read(&mut buf) {
+            Ok(0) | Err(_) => break,
+            Ok(n) => n,
+        };
+        let mut chunk = &buf[..n];
+        if sent < after && sent + n as u64 >= after && !stalled.swap(true, SeqCst) {
+            let head = (after - sent) as usize;
+            if to.write_all(&chunk[..head]).is_err() {
+                break;
+            }
+            sent += head as u64;
+            chunk = &chunk[head..];
+            std::thread::sleep(stall);
+        }
+        if to.write_all(chunk).is_err() {
+            break;
+        }
+        sent += chunk.len() as u64;
+    }
+    let _ = to.shutdown(Shutdown::Both);
+}
+
+/// Writes blocks `ids` of `s` through a tier straight to `server`.
+fn write_direct(server: &RedisServer, s: BlockSpec, ids: std::ops::Range<u32>) {
+    let w = store(s, tier(RedisTarget::Single(server.url()), 1000));
+    write(&w, ids);
+}
+
+#[test]
+fn a_late_batch_cuts_a_long_prefix_there_and_the_batches_before_it_are_served() {
+    let server = RedisServer::start().expect("redis-server");
+    let s = real_spec(1);
+    let n = 120;
+    write_direct(&server, s, 0..n);
+    // Another instance reads over a link that stops for 3 s once 20 MiB of replies went by.
+    let stall_at: u64 = 20 << 20;
+    let link = SlowLink::start(server.port, stall_at, Duration::from_secs(3));
+    let t = tier(RedisTarget::Single(link.url()), 100);
+    let r = store(s, t.clone());
+    let t0 = Instant::now();
+    let got = r.load_blocking(&request(&s, 0..n));
+    let took = t0.elapsed();
+    let served = got.payloads().len() as u64;
+    // Each reply is the value plus RESP framing ("$360xxx\r\n" .. "\r\n").
+    let reply = s.wire_bytes() as u64 + 12;
+    let per_batch = (RedisTier::READ_BATCH_BYTES / s.wire_bytes()).max(1) as u64;
+    let before_stall = stall_at / reply;
+    assert!(
+        served > 0 && served <= before_stall && served + per_batch > before_stall,
+        "served {served} blocks; {before_stall} came before the stall, {per_batch} a batch"
+    );
+    assert_eq!(
+        got.payloads()[served as usize - 1],
+        block(&s, served as u32 - 1).2
+    );
+    // About the batches before it and one deadline (~180 ms), not the 3 s stall.
+    assert!(
+        took < Duration::from_millis(1000),
+        "the late batch cost {took:?}"
+    );
+    let st = t.stats();
+    assert_eq!((st.timeouts, st.errors), (1, 0), "{st:?}");
+    assert_eq!((st.hits, st.misses), (served, n as u64 - served), "{st:?}");
+    assert!(st.healthy, "one late batch does not open the circuit");
+    // The link is fast again: the whole prefix comes back.
+    assert_eq!(
+        r.load_blocking(&request(&s, 0..n)).payloads().len(),
+        n as usize
+    );
+}
+
+#[test]
+fn a_long_prefix_of_real_sized_blocks_is_served_under_the_default_timeout_on_a_busy_machine() {
+    let server = RedisServer::start().expect("redis-server");
+    let s = real_spec(1);
+    let n = 120; // 43 MB
+    write_direct(&server, s, 0..n);
+    let t = tier(RedisTarget::Single(server.url()), 100); // --redis-timeout-ms's default
+    let r = store(s, t.clone());
+    // Twice as many spinning threads as cores, for the whole read.
+    let busy = Arc::new(AtomicBool::new(true));
+    let cores = std::thread::available_parallelism().map_or(2, |c| c.get());
+    let hogs: Vec<_> = (0..2 * cores)
+        .map(|_| {
+            let busy = busy.clone();
+            std::thread::spawn(move || {
+                let mut x = 0u64;
+                while busy.load(SeqCst) {
+                    x = std::hint::black_box(x.wrapping_mul(31).wrapping_add(7));
+                }
+            })
+        })
+        .collect();
+    let lens: Vec<usize> = (0..3)
+        .map(|_| r.load_blocking(&request(&s, 0..n)).payloads().len())
+        .collect();
+    busy.store(false, SeqCst);
+    for h in hogs {
+        h.join().unwrap();
+    }
+    let st = t.stats();
+    assert_eq!(lens, vec![n as usize; 3], "{st:?}");
+    assert_eq!(
+        (st.timeouts, st.errors, st.hits),
+        (0, 0, 3 * n as u64),
+        "{st:?}"
     );
 }
