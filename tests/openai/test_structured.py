@@ -173,6 +173,26 @@ def test_tool_call_round_trip():
     check_call("get_time", calls[0].function.arguments)
 
 
+def test_named_tool_choice_is_one_call_and_no_markup():
+    """A named tool_choice (parallel_tool_calls left at its default) is exactly one call: the
+    grammar ends after it. No call text, complete or cut, ever goes into content."""
+    named = {"type": "function", "function": {"name": "get_weather"}}
+    for max_tokens in (64, 200):
+        r = client.chat.completions.create(model=MODEL, temperature=0, max_tokens=max_tokens,
+                                           messages=QUESTION, tools=TOOLS, tool_choice=named)
+        c = r.choices[0]
+        assert c.finish_reason == "tool_calls", (max_tokens, c)
+        assert len(c.message.tool_calls) == 1, (max_tokens, c.message.tool_calls)
+        assert c.message.tool_calls[0].function.name == "get_weather"
+        assert not c.message.content, (max_tokens, c.message.content)
+    # Cut by the length limit mid-call: the cut call is not content.
+    r = client.chat.completions.create(model=MODEL, temperature=0, max_tokens=6, messages=QUESTION,
+                                       tools=TOOLS, tool_choice=named)
+    c = r.choices[0]
+    assert c.finish_reason == "length", c
+    assert "<tool_call" not in (c.message.content or ""), c.message.content
+
+
 def test_tool_call_streamed():
     s = client.chat.completions.create(model=MODEL, temperature=0, max_tokens=100, messages=QUESTION,
                                        tools=TOOLS, tool_choice="required", stream=True)

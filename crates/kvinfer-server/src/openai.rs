@@ -375,6 +375,17 @@ pub fn parse<T: serde::de::DeserializeOwned>(
     body: &[u8],
     own: &[&str],
 ) -> Result<(T, Common), ApiError> {
+    if let Some(field) = too_deep(body) {
+        let param = field.as_deref().map(short);
+        return Err(ApiError::invalid(
+            format!(
+                "{} nests arrays and objects more than {MAX_NESTING} levels deep; the limit \
+                 is {MAX_NESTING}",
+                param.as_deref().unwrap_or("the body")
+            ),
+            param.as_deref(),
+        ));
+    }
     let value: Value = serde_json::from_slice(body)
         .map_err(|e| ApiError::invalid(format!("the body is not valid JSON: {e}"), None))?;
     if !value.is_object() {
@@ -382,6 +393,52 @@ pub fn parse<T: serde::de::DeserializeOwned>(
     }
     check_fields(&value, own)?;
     Ok((typed(&value)?, typed(&value)?))
+}
+
+/// The deepest a request body may nest arrays and objects (serde_json stops at 128; a JSON
+/// schema in `response_format` or `tools` is the usual deep value).
+pub const MAX_NESTING: usize = 100;
+
+/// When `body` nests deeper than [`MAX_NESTING`]: the top-level field it does so in. Strings are skipped; the body
+/// need not be valid JSON (parsing says what else is wrong with it).
+fn too_deep(body: &[u8]) -> Option<Option<String>> {
+    let (mut depth, mut in_str, mut esc) = (0usize, false, false);
+    let (mut key_start, mut last_key) = (None, None::<String>);
+    for (i, &b) in body.iter().enumerate() {
+        if in_str {
+            match (esc, b) {
+                (true, _) => esc = false,
+                (false, b'\\') => esc = true,
+                (false, b'"') => {
+                    in_str = false;
+                    if let Some(start) = key_start.take() {
+                        last_key = Some(String::from_utf8_lossy(&body[start..i]).into_owned());
+                    }
+                }
+                _ => {}
+            }
+            continue;
+        }
+        match b {
+            b'"' => {
+                in_str = true;
+                // A string at depth 1 right after `{` or `,` is a top-level key.
+                let prev = body[..i].iter().rev().find(|c| !c.is_ascii_whitespace());
+                if depth == 1 && matches!(prev, Some(b'{') | Some(b',')) {
+                    key_start = Some(i + 1);
+                }
+            }
+            b'{' | b'[' => {
+                depth += 1;
+                if depth > MAX_NESTING {
+                    return Some(if depth > 1 { last_key } else { None });
+                }
+            }
+            b'}' | b']' => depth = depth.saturating_sub(1),
+            _ => {}
+        }
+    }
+    None
 }
 
 /// `T` from `value`; an error names the field's path.

@@ -185,7 +185,10 @@ impl ToolPlan {
         schema["x-guidance"] =
             json!({"whitespace_flexible": false, "item_separator": ", ", "key_separator": ": "});
         let call = format!("\"{OPEN}\\n\" %json {schema} \"\\n{CLOSE}\"");
-        let lark = if self.parallel {
+        // A named function is exactly one call; `required` allows several only when parallel
+        // calls are allowed. The grammar ends after the last call it allows.
+        let several = self.parallel && matches!(forced, Forced::Any);
+        let lark = if several {
             format!("start: call (\"\\n\" call)*\ncall: {call}\n")
         } else {
             format!("start: {call}\n")
@@ -430,12 +433,12 @@ impl CallParser {
         }
     }
 
-    /// The output ended: whatever is held is text (an unfinished call included), except
-    /// whitespace after a call.
+    /// The output ended: whatever is held is text, except whitespace after a call and a call
+    /// cut short (by the length limit): text that is part of a call never becomes content.
     pub fn finish(&mut self) -> Vec<Piece> {
         let mut out = Vec::new();
         let rest = std::mem::take(&mut self.buf);
-        if !(self.after_call && rest.trim().is_empty()) {
+        if !(self.after_call && rest.trim().is_empty()) && !rest.starts_with(OPEN) {
             self.text(&mut out, rest);
         }
         out
@@ -538,15 +541,23 @@ mod tests {
     #[test]
     fn unknown_tools_bad_json_and_unfinished_calls_stay_text() {
         let mut p = CallParser::new(&plan(None));
-        let text = "<tool_call>{\"name\": \"nope\"}</tool_call><tool_call>{bad</tool_call><tool_call>{\"name\"";
-        let out: String = run(&mut p, &[text])
+        let text = "<tool_call>{\"name\": \"nope\"}</tool_call><tool_call>{bad</tool_call>";
+        let cut = "<tool_call>{\"name\": \"time\"}\n</tool_call";
+        let out: String = run(&mut p, &[text, cut])
             .into_iter()
             .map(|x| match x {
                 Piece::Text(t) => t,
                 Piece::Call(c) => panic!("{c:?}"),
             })
             .collect();
+        // Blocks that are not calls stay text; a call cut short is not content.
         assert_eq!(out, text);
+        let after_call = run(
+            &mut CallParser::new(&plan(None)),
+            &["<tool_call>{\"name\": \"time\"}</tool_call>\n<tool_call>\n{\"na"],
+        );
+        assert_eq!(after_call.len(), 1, "{after_call:?}");
+        assert!(matches!(&after_call[0], Piece::Call(_)));
         // Text that only looks like the start of a tag is released at the end.
         let held = run(&mut CallParser::new(&plan(None)), &["a <tool"]);
         assert_eq!(

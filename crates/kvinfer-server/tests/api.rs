@@ -916,3 +916,36 @@ async fn forced_tool_calls_come_back_as_tool_calls_json_and_stream() {
     .await;
     assert_eq!(s, StatusCode::OK, "{v}");
 }
+
+#[tokio::test]
+async fn schemas_that_cannot_be_followed_are_400s_naming_response_format() {
+    let app = app(None);
+    let with_schema = |schema: Value| {
+        json!({"messages": [{"role": "user", "content": "x"}], "max_tokens": 4,
+               "response_format": {"type": "json_schema",
+                                   "json_schema": {"name": "s", "schema": schema}}})
+    };
+    let cycle = json!({"$defs": {"a": {"$ref": "#/$defs/b"}, "b": {"$ref": "#/$defs/a"}},
+                       "$ref": "#/$defs/a"});
+    let self_all_of =
+        json!({"$defs": {"x": {"allOf": [{"$ref": "#/$defs/x"}]}}, "$ref": "#/$defs/x"});
+    let mut deep = json!({"type": "string"});
+    for _ in 0..200 {
+        deep = json!({"type": "array", "items": deep});
+    }
+    for (what, schema) in [("cycle", cycle), ("allOf", self_all_of), ("deep", deep)] {
+        let (s, v) = post(&app, "/v1/chat/completions", with_schema(schema)).await;
+        assert_eq!(s, StatusCode::BAD_REQUEST, "{what}: {v}");
+        assert_error_shape(&v);
+        assert_eq!(v["error"]["param"], "response_format", "{what}: {v}");
+        let msg = v["error"]["message"].as_str().unwrap();
+        assert!(
+            !msg.contains("NoExtensionBias") && msg.len() < 400,
+            "{what}: {msg}"
+        );
+        if what == "deep" {
+            assert!(msg.contains("100"), "{msg}");
+        }
+    }
+    still_serving(&app).await;
+}
