@@ -14,6 +14,7 @@ use crate::layers::{
     RopeStyle,
 };
 use crate::llama::add;
+use crate::profile::{timed, Op};
 use crate::weights::{load_vec, QMat};
 use crate::ModelError;
 use kvinfer_cache::KvStorage;
@@ -94,11 +95,13 @@ impl Weights {
         let (n, d, qd, kvd) = (tokens.len(), c.n_embd, c.n_heads * c.head_dim, c.kv_dim());
         let embd_scale = (d as f32).sqrt();
         let mut x = vec![0f32; n * d]; // residual stream [n][d]
-        for (t, &tok) in tokens.iter().enumerate() {
-            let row = &mut x[t * d..(t + 1) * d];
-            self.tok_embd.row_into(f, tok as usize, row);
-            row.iter_mut().for_each(|v| *v *= embd_scale);
-        }
+        timed(Op::Embed, || {
+            for (t, &tok) in tokens.iter().enumerate() {
+                let row = &mut x[t * d..(t + 1) * d];
+                self.tok_embd.row_into(f, tok as usize, row);
+                row.iter_mut().for_each(|v| *v *= embd_scale);
+            }
+        });
         let mut xb = vec![0f32; n * d];
         let mut q = vec![0f32; n * qd]; // [n][n_heads][head_dim]
         let mut k = vec![0f32; n * kvd]; // [n][n_kv_heads][head_dim]
@@ -109,30 +112,32 @@ impl Weights {
         for (l, w) in self.layers.iter().enumerate() {
             let swa = c.is_swa_layer(l);
             let base = if swa { c.rope_base_swa } else { c.rope_base };
-            rmsnorm_into(&x, &w.attn_norm, c.rms_eps, &mut xb);
-            matmul(w.wq.view(f), &xb, n, &mut q);
-            matmul(w.wk.view(f), &xb, n, &mut k);
-            matmul(w.wv.view(f), &xb, n, &mut v);
-            rmsnorm(&mut q, &w.q_norm, c.rms_eps); // per head: rows of head_dim
-            rmsnorm(&mut k, &w.k_norm, c.rms_eps);
-            rope_spans(
-                &mut q,
-                spans.rows(),
-                c.n_heads,
-                c.head_dim,
-                base,
-                RopeStyle::Neox,
-            );
-            rope_spans(
-                &mut k,
-                spans.rows(),
-                c.n_kv_heads,
-                c.head_dim,
-                base,
-                RopeStyle::Neox,
-            );
+            timed(Op::Norm, || {
+                rmsnorm_into(&x, &w.attn_norm, c.rms_eps, &mut xb)
+            });
+            timed(Op::Qkv, || {
+                matmul(w.wq.view(f), &xb, n, &mut q);
+                matmul(w.wk.view(f), &xb, n, &mut k);
+                matmul(w.wv.view(f), &xb, n, &mut v);
+            });
+            timed(Op::Norm, || {
+                rmsnorm(&mut q, &w.q_norm, c.rms_eps); // per head: rows of head_dim
+                rmsnorm(&mut k, &w.k_norm, c.rms_eps);
+            });
+            timed(Op::Rope, || {
+                let rows = spans.rows();
+                rope_spans(&mut q, rows, c.n_heads, c.head_dim, base, RopeStyle::Neox);
+                rope_spans(
+                    &mut k,
+                    rows,
+                    c.n_kv_heads,
+                    c.head_dim,
+                    base,
+                    RopeStyle::Neox,
+                );
+            });
             let (slot, layer_spans) = spans.layer(l);
-            store_kv(kv, slot, layer_spans, &k, &v);
+            timed(Op::KvStore, || store_kv(kv, slot, layer_spans, &k, &v));
             let shape = AttnShape {
                 n_heads: c.n_heads,
                 n_kv_heads: c.n_kv_heads,
@@ -140,26 +145,34 @@ impl Weights {
                 scale: 1.0 / (c.head_dim as f32).sqrt(),
                 window: if swa { c.sliding_window } else { None },
             };
-            attention(&q, kv, slot, layer_spans, shape, &mut att);
-            matmul(w.wo.view(f), &att, n, &mut xb);
-            rmsnorm(&mut xb, &w.post_attn_norm, c.rms_eps);
-            add(&mut x, &xb);
+            timed(Op::Attention, || {
+                attention(&q, kv, slot, layer_spans, shape, &mut att)
+            });
+            timed(Op::AttnOut, || matmul(w.wo.view(f), &att, n, &mut xb));
+            timed(Op::Norm, || rmsnorm(&mut xb, &w.post_attn_norm, c.rms_eps));
+            timed(Op::Residual, || add(&mut x, &xb));
 
-            rmsnorm_into(&x, &w.ffn_norm, c.rms_eps, &mut xb);
-            matmul(w.w_gate.view(f), &xb, n, &mut gate);
-            matmul(w.w_up.view(f), &xb, n, &mut up);
-            geglu(&mut gate, &up);
-            matmul(w.w_down.view(f), &gate, n, &mut xb);
-            rmsnorm(&mut xb, &w.post_ffw_norm, c.rms_eps);
-            add(&mut x, &xb);
+            timed(Op::Norm, || {
+                rmsnorm_into(&x, &w.ffn_norm, c.rms_eps, &mut xb)
+            });
+            timed(Op::FfnGateUp, || {
+                matmul(w.w_gate.view(f), &xb, n, &mut gate);
+                matmul(w.w_up.view(f), &xb, n, &mut up);
+            });
+            timed(Op::Act, || geglu(&mut gate, &up));
+            timed(Op::FfnDown, || matmul(w.w_down.view(f), &gate, n, &mut xb));
+            timed(Op::Norm, || rmsnorm(&mut xb, &w.post_ffw_norm, c.rms_eps));
+            timed(Op::Residual, || add(&mut x, &xb));
         }
-        lm_head(
-            &x,
-            spans.rows(),
-            &self.output_norm,
-            c.rms_eps,
-            self.output.view(f),
-            every_row,
-        )
+        timed(Op::Output, || {
+            lm_head(
+                &x,
+                spans.rows(),
+                &self.output_norm,
+                c.rms_eps,
+                self.output.view(f),
+                every_row,
+            )
+        })
     }
 }

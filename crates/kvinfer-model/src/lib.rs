@@ -15,6 +15,7 @@ pub mod kernels;
 pub mod layers;
 pub mod llama;
 mod model;
+pub mod profile;
 pub mod support;
 pub mod testing;
 pub mod tokenizer;

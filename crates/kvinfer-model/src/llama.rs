@@ -14,6 +14,7 @@ use crate::kernels::matmul;
 use crate::layers::{
     attention, lm_head, rmsnorm_into, rope_spans, store_kv, swiglu, AttnShape, KvSpans, RopeStyle,
 };
+use crate::profile::{timed, Op};
 use crate::weights::{load_vec, QMat};
 use crate::ModelError;
 use kvinfer_cache::KvStorage;
@@ -86,10 +87,12 @@ impl Weights {
     ) -> Vec<Vec<f32>> {
         let (n, d, qd, kvd) = (tokens.len(), c.n_embd, c.n_heads * c.head_dim, c.kv_dim());
         let mut x = vec![0f32; n * d]; // residual stream [n][d]
-        for (t, &tok) in tokens.iter().enumerate() {
-            self.tok_embd
-                .row_into(f, tok as usize, &mut x[t * d..(t + 1) * d]);
-        }
+        timed(Op::Embed, || {
+            for (t, &tok) in tokens.iter().enumerate() {
+                self.tok_embd
+                    .row_into(f, tok as usize, &mut x[t * d..(t + 1) * d]);
+            }
+        });
         let mut xb = vec![0f32; n * d]; // normed input / projected output [n][d]
         let mut q = vec![0f32; n * qd]; // [n][n_heads][head_dim]
         let mut k = vec![0f32; n * kvd]; // [n][n_kv_heads][head_dim]
@@ -105,47 +108,62 @@ impl Weights {
             window: None,
         };
         for (l, w) in self.layers.iter().enumerate() {
-            rmsnorm_into(&x, &w.attn_norm, c.rms_eps, &mut xb);
-            matmul(w.wq.view(f), &xb, n, &mut q);
-            matmul(w.wk.view(f), &xb, n, &mut k);
-            matmul(w.wv.view(f), &xb, n, &mut v);
-            rope_spans(
-                &mut q,
-                spans.rows(),
-                c.n_heads,
-                c.head_dim,
-                c.rope_base,
-                RopeStyle::Normal,
-            );
-            rope_spans(
-                &mut k,
-                spans.rows(),
-                c.n_kv_heads,
-                c.head_dim,
-                c.rope_base,
-                RopeStyle::Normal,
-            );
+            timed(Op::Norm, || {
+                rmsnorm_into(&x, &w.attn_norm, c.rms_eps, &mut xb)
+            });
+            timed(Op::Qkv, || {
+                matmul(w.wq.view(f), &xb, n, &mut q);
+                matmul(w.wk.view(f), &xb, n, &mut k);
+                matmul(w.wv.view(f), &xb, n, &mut v);
+            });
+            timed(Op::Rope, || {
+                let rows = spans.rows();
+                rope_spans(
+                    &mut q,
+                    rows,
+                    c.n_heads,
+                    c.head_dim,
+                    c.rope_base,
+                    RopeStyle::Normal,
+                );
+                rope_spans(
+                    &mut k,
+                    rows,
+                    c.n_kv_heads,
+                    c.head_dim,
+                    c.rope_base,
+                    RopeStyle::Normal,
+                );
+            });
             let (slot, layer_spans) = spans.layer(l);
-            store_kv(kv, slot, layer_spans, &k, &v);
-            attention(&q, kv, slot, layer_spans, shape, &mut att);
-            matmul(w.wo.view(f), &att, n, &mut xb);
-            add(&mut x, &xb);
+            timed(Op::KvStore, || store_kv(kv, slot, layer_spans, &k, &v));
+            timed(Op::Attention, || {
+                attention(&q, kv, slot, layer_spans, shape, &mut att)
+            });
+            timed(Op::AttnOut, || matmul(w.wo.view(f), &att, n, &mut xb));
+            timed(Op::Residual, || add(&mut x, &xb));
 
-            rmsnorm_into(&x, &w.ffn_norm, c.rms_eps, &mut xb);
-            matmul(w.w_gate.view(f), &xb, n, &mut gate);
-            matmul(w.w_up.view(f), &xb, n, &mut up);
-            swiglu(&mut gate, &up);
-            matmul(w.w_down.view(f), &gate, n, &mut xb);
-            add(&mut x, &xb);
+            timed(Op::Norm, || {
+                rmsnorm_into(&x, &w.ffn_norm, c.rms_eps, &mut xb)
+            });
+            timed(Op::FfnGateUp, || {
+                matmul(w.w_gate.view(f), &xb, n, &mut gate);
+                matmul(w.w_up.view(f), &xb, n, &mut up);
+            });
+            timed(Op::Act, || swiglu(&mut gate, &up));
+            timed(Op::FfnDown, || matmul(w.w_down.view(f), &gate, n, &mut xb));
+            timed(Op::Residual, || add(&mut x, &xb));
         }
-        lm_head(
-            &x,
-            spans.rows(),
-            &self.output_norm,
-            c.rms_eps,
-            self.output.view(f),
-            every_row,
-        )
+        timed(Op::Output, || {
+            lm_head(
+                &x,
+                spans.rows(),
+                &self.output_norm,
+                c.rms_eps,
+                self.output.view(f),
+                every_row,
+            )
+        })
     }
 }
 

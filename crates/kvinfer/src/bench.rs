@@ -192,8 +192,13 @@ pub fn run(a: BenchArgs, threads: usize) -> Result<()> {
     } else {
         mean_std(&tgs)
     };
+    let profiles = if a.profile {
+        profile_runs(&model, a.prompt_tokens, a.gen_tokens)?
+    } else {
+        vec![]
+    };
     if a.json {
-        let j = serde_json::json!({
+        let mut j = serde_json::json!({
             "engine": "kvinfer",
             "model": model.name,
             "arch": model.config.arch.name(),
@@ -207,6 +212,13 @@ pub fn run(a: BenchArgs, threads: usize) -> Result<()> {
             "tg_tok_s": tg_m,
             "tg_tok_s_std": tg_s,
         });
+        if a.profile {
+            j["profile"] = profiles
+                .iter()
+                .map(|p| (p.test.clone(), p.json()))
+                .collect::<serde_json::Map<_, _>>()
+                .into();
+        }
         writeln!(std::io::stdout(), "{}", serde_json::to_string_pretty(&j)?)?;
     } else {
         writeln!(
@@ -230,8 +242,98 @@ pub fn run(a: BenchArgs, threads: usize) -> Result<()> {
             tg_m,
             tg_s
         )?;
+        for p in &profiles {
+            p.print()?;
+        }
     }
     Ok(())
+}
+
+/// One profiled run: where a test's time went, per operation of the forward pass.
+struct Profile {
+    /// `pp512`, `tg128`.
+    test: String,
+    /// Tokens the run computed.
+    tokens: usize,
+    /// Wall seconds of the whole run.
+    total_s: f64,
+    ops: Vec<(kvinfer_model::profile::Op, f64, u64)>,
+}
+
+impl Profile {
+    fn json(&self) -> serde_json::Value {
+        let ops: Vec<_> = (self.ops.iter())
+            .map(|(op, s, calls)| {
+                serde_json::json!({
+                    "op": op.name(), "ms": s * 1e3, "calls": calls,
+                    "share": s / self.total_s, "us_per_token": s * 1e6 / self.tokens as f64,
+                })
+            })
+            .collect();
+        let timed: f64 = self.ops.iter().map(|o| o.1).sum();
+        serde_json::json!({
+            "tokens": self.tokens, "total_ms": self.total_s * 1e3,
+            "outside_ops_ms": (self.total_s - timed) * 1e3, "ops": ops,
+        })
+    }
+
+    fn print(&self) -> Result<()> {
+        let mut out = std::io::stdout();
+        writeln!(
+            out,
+            "\nprofile {}: {:.1} ms, {} tokens",
+            self.test,
+            self.total_s * 1e3,
+            self.tokens
+        )?;
+        writeln!(
+            out,
+            "  {:<12} {:>10} {:>7} {:>12}",
+            "op", "ms", "share", "us/token"
+        )?;
+        let mut rows: Vec<(&str, f64)> = self.ops.iter().map(|o| (o.0.name(), o.1)).collect();
+        let timed: f64 = rows.iter().map(|r| r.1).sum();
+        rows.push(("(other)", self.total_s - timed));
+        for (name, s) in rows {
+            writeln!(
+                out,
+                "  {name:<12} {:>10.2} {:>6.1}% {:>12.1}",
+                s * 1e3,
+                100.0 * s / self.total_s,
+                s * 1e6 / self.tokens as f64
+            )?;
+        }
+        Ok(())
+    }
+}
+
+/// A pp and a tg run with every operation timed.
+fn profile_runs(model: &Model, prompt: usize, gen: usize) -> Result<Vec<Profile>> {
+    use kvinfer_model::profile;
+    let mut out = Vec::new();
+    for (test, n) in [("pp", prompt), ("tg", gen)] {
+        if n == 0 {
+            continue;
+        }
+        profile::reset();
+        profile::enable(true);
+        let t = Instant::now();
+        let r = if test == "pp" {
+            pp(model, n, 99)
+        } else {
+            tg(model, n, 99)
+        };
+        let total_s = t.elapsed().as_secs_f64();
+        profile::enable(false);
+        r?;
+        out.push(Profile {
+            test: format!("{test}{n}"),
+            tokens: n,
+            total_s,
+            ops: profile::snapshot(),
+        });
+    }
+    Ok(out)
 }
 
 /// `kvinfer bench batch`: B sequences of `context` cached tokens each decode `steps` tokens in

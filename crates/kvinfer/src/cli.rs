@@ -249,6 +249,10 @@ pub struct BenchArgs {
     /// Seconds of CPU warm-up before timing (this machine runs slow after idle).
     #[arg(long, default_value_t = 0.0)]
     pub warmup_s: f64,
+    /// After the timed runs, one more pp and tg run with each operation of the forward pass
+    /// timed: where the time goes (its own runs, so the timed ones are not perturbed).
+    #[arg(long)]
+    pub profile: bool,
     /// Print JSON.
     #[arg(long)]
     pub json: bool,
