@@ -1,16 +1,20 @@
 """The server's lifecycle and its HTTP edge against a real `kvinfer serve` (default model):
 
 - a half-sent request head is dropped after the header read timeout (10 s);
-- 300 idle connections do not stop a new client from being served;
-- SIGTERM with nothing in flight exits at once;
+- 300 idle connections do not stop a new client from being served, also under an open-files
+  limit of 256 (the connection cap sits below it; a new client takes an idle one's place);
+- SIGTERM with nothing in flight exits at once, also with an idle keep-alive connection and a
+  half-sent request head open;
 - requests still running when the shutdown grace ends are cut cleanly: a stream ends with an
   error event and [DONE], a JSON request gets a 503 error body; the process exits 0.
 
 Run by tests/openai/run. Uses the Server helper of tests/tiers/test_tiers.py.
 """
 
+import http.client
 import json
 import os
+import re
 import signal
 import socket
 import sys
@@ -53,6 +57,44 @@ def test_idle_connections_do_not_lock_others_out():
             c.close()
     finally:
         s.stop()
+
+
+def test_idle_connections_under_a_low_descriptor_limit():
+    s = Server(prefix=["prlimit", "--nofile=256:256"])
+    idle = []
+    try:
+        banner = re.search(r"at most (\d+) connections", s.tail())
+        assert banner and int(banner.group(1)) < 256, s.tail()
+        idle = [socket.create_connection(("127.0.0.1", s.port)) for _ in range(300)]
+        t0 = time.time()
+        with urllib.request.urlopen(s.url + "/health", timeout=30) as r:
+            assert r.status == 200, r.status
+        took = time.time() - t0
+        assert took < 5, f"/health took {took:.1f} s behind 300 idle connections"
+        t0 = time.time()
+        text, _ = s.chat("Say hi.", max_tokens=2)
+        took = time.time() - t0
+        assert text and took < 30, f"a completion took {took:.1f} s behind 300 idle connections"
+    finally:
+        for c in idle:
+            c.close()
+        s.stop()
+
+
+def test_sigterm_with_idle_and_half_sent_connections_exits_at_once():
+    s = Server()
+    keep_alive = http.client.HTTPConnection("127.0.0.1", s.port, timeout=10)
+    keep_alive.request("GET", "/health")
+    assert keep_alive.getresponse().read() == b'{"status":"ok"}'
+    half = socket.create_connection(("127.0.0.1", s.port))
+    half.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\n")
+    time.sleep(0.3)
+    t0 = time.time()
+    s.stop()
+    took = time.time() - t0
+    keep_alive.close()
+    half.close()
+    assert took < 3, f"exit took {took:.1f} s with an idle and a half-sent connection open"
 
 
 def test_sigterm_idle_exits_at_once():

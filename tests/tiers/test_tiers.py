@@ -44,9 +44,10 @@ def free_port(cluster=False):
 
 
 class Server:
-    """One `kvinfer serve` with the given extra flags."""
+    """One `kvinfer serve` with the given extra flags; `prefix`: a command to run it under
+    (`["prlimit", "--nofile=256:256"]`)."""
 
-    def __init__(self, *flags, key=None):
+    def __init__(self, *flags, key=None, prefix=()):
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log = open(os.path.join(TMP, f"serve-{self.port}.log"), "w+")
@@ -54,7 +55,7 @@ class Server:
                *flags]
         if key:
             cmd += ["--api-key", key]
-        self.proc = subprocess.Popen(cmd, stdout=self.log, stderr=subprocess.STDOUT)
+        self.proc = subprocess.Popen([*prefix, *cmd], stdout=self.log, stderr=subprocess.STDOUT)
         for _ in range(300):
             try:
                 urllib.request.urlopen(self.url + "/health", timeout=1)

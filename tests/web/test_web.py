@@ -3,8 +3,10 @@
 
 Starts the server on a free port, drives headless Chromium through two chat turns and checks that
 the replies stream in, that the second turn hits the prefix cache (the hit rate on the page rises),
-that the cache panel agrees with /v1/stats, saves a screenshot, and that the server stops cleanly
-on SIGINT. Run it through scripts/test-web, which installs Chromium and Selenium.
+that the cache panel agrees with /v1/stats, that the tier table (a RAM and a disk tier; then a
+made-up worst case of long names and numbers) fits its panel, saves a screenshot, and that the
+server stops cleanly on SIGINT. Run it through scripts/test-web, which installs Chromium and
+Selenium.
 
 Environment:
   KVINFER_BIN             the binary (default: target/release/kvinfer, then $CARGO_TARGET_DIR/release/kvinfer)
@@ -197,6 +199,39 @@ def check_panel_matches_stats(browser, server):
     return shown
 
 
+FITS = """
+const table = document.getElementById("tiers"), panel = table.closest("aside");
+const cs = getComputedStyle(panel);
+const contentRight = panel.getBoundingClientRect().right - parseFloat(cs.paddingRight)
+  - parseFloat(cs.borderRightWidth);
+const cut = [...table.querySelectorAll("th, td")].filter((c) => c.scrollWidth > c.clientWidth + 1)
+  .map((c) => c.textContent);
+return {table: table.scrollWidth, panel: panel.clientWidth, panelScroll: panel.scrollWidth,
+        tableRight: table.getBoundingClientRect().right, contentRight, cut,
+        rows: table.querySelectorAll("tr.tier-row").length};
+"""
+
+# The widest rows the tier table may have to show.
+WORST_TIERS = [
+    {"name": name, "entries": 123456789, "bytes": 987654321098, "hits": 1234567890,
+     "misses": 9876543210, "errors": 123456, "timeouts": 7890, "corrupt": 42, "healthy": healthy}
+    for name, healthy in [("ram", True), ("disk", True), ("redis-cluster", False)]
+]
+
+
+def check_tier_table_fits(browser, what, rows, tiers=None):
+    """The tier table's scroll width is within its panel: nothing cut off on the right. With
+    `tiers`, the page's renderer draws them first (in the same script: no poll in between)."""
+    draw = "renderTiers(arguments[0]);\n" if tiers is not None else ""
+    m = browser.execute_script(draw + FITS, tiers)
+    check(m["rows"] == rows, f"{what}: the tier table should show {rows} tiers, shows {m}")
+    check(m["table"] <= m["panel"] and m["panelScroll"] <= m["panel"]
+          and m["tableRight"] <= m["contentRight"] + 0.5,
+          f"{what}: the tier table overflows its panel: {m}")
+    check(not m["cut"], f"{what}: tier table cells overflow: {m['cut']}")
+    return m
+
+
 FETCH = """
 const [url, contentType, mode, done] = arguments;
 fetch(url, {method: "POST", mode, headers: {"Content-Type": contentType},
@@ -253,7 +288,9 @@ def run():
           "`cargo build --release -p kvinfer` or set KVINFER_BIN")
     model = os.environ.get("KVINFER_WEB_MODEL", "smollm2")
     shot = Path(os.environ.get("KVINFER_WEB_SCREENSHOT", ROOT / "docs/results/web.png"))
-    server = Server(binary, model, free_port())
+    disk_tier = tempfile.mkdtemp(prefix="kvinfer-web-disk-")
+    # Two tiers below the pool, so the panel's tier table has rows.
+    server = Server(binary, model, free_port(), ["--ram-tier-mb", "64", "--disk-tier", disk_tier])
     browser = None
     try:
         server.wait_healthy(120)
@@ -283,10 +320,16 @@ def run():
         check(rate2 > rate1, f"the hit rate did not rise on the second turn: {rate1}% -> {rate2}%")
         shown = check_panel_matches_stats(browser, server)
         print(f"cache panel: {shown}", flush=True)
+        fit = check_tier_table_fits(browser, "ram and disk tiers", 2)
+        print(f"tier table: {fit['table']} px wide in a {fit['panel']} px panel", flush=True)
 
         shot.parent.mkdir(parents=True, exist_ok=True)
         check(browser.save_screenshot(str(shot)), f"could not save the screenshot to {shot}")
         print(f"screenshot: {shot} ({shot.stat().st_size // 1024} KiB)", flush=True)
+        # The worst case, drawn by the page's own renderer (the next poll draws the real rows).
+        check(browser.execute_script("return typeof renderTiers") == "function",
+              "the page should draw its tier rows with renderTiers(tiers)")
+        check_tier_table_fits(browser, "long names and numbers", 3, WORST_TIERS)
 
         # JSON mode: the reply is a JSON object (when it ends before max tokens).
         browser.execute_script(
@@ -324,6 +367,7 @@ def run():
         if browser is not None:
             browser.quit()
         server.kill()
+        shutil.rmtree(disk_tier, ignore_errors=True)
 
 
 def main():

@@ -12,9 +12,9 @@
 //! - **Request id.** `X-Request-Id` is echoed (at most 64 safe characters) or made up, and the
 //!   request is logged with it.
 
-use crate::error::ApiError;
+use crate::error::{quote, short, ApiError};
 use axum::extract::{Request, State};
-use axum::http::{header, HeaderValue, StatusCode};
+use axum::http::{header, HeaderValue};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use std::sync::Arc;
@@ -28,13 +28,6 @@ pub struct EdgeConfig {
     pub loopback_only: bool,
     /// Largest declared body.
     pub max_body_bytes: usize,
-}
-
-fn refuse(status: StatusCode, msg: String, code: &'static str) -> Response {
-    ApiError::invalid(msg, None)
-        .status(status)
-        .code(code)
-        .into_response()
 }
 
 fn host_name(host: &str) -> &str {
@@ -60,15 +53,13 @@ pub async fn guard(State(cfg): State<Arc<EdgeConfig>>, req: Request, next: Next)
     let host = headers.get(header::HOST).and_then(|v| v.to_str().ok());
     if cfg.loopback_only && host.is_some_and(|h| !is_loopback_host(h)) {
         let host = host.unwrap_or("");
-        return refuse(
-            StatusCode::MISDIRECTED_REQUEST,
-            format!(
-                "this server is bound to loopback and answers only Host: localhost or 127.0.0.1, \
-                 not {:?} (bind another --host to serve other names)",
-                crate::openai::short(host)
-            ),
-            "bad_host",
-        );
+        return ApiError::misdirected(format!(
+            "this server is bound to loopback and answers only Host: localhost or 127.0.0.1, \
+             not {} (bind another --host to serve other names)",
+            quote(host)
+        ))
+        .code("bad_host")
+        .into_response();
     }
     let host = host.unwrap_or("");
     if let Some(origin) = headers.get(header::ORIGIN).and_then(|v| v.to_str().ok()) {
@@ -77,14 +68,12 @@ pub async fn guard(State(cfg): State<Arc<EdgeConfig>>, req: Request, next: Next)
             .any(|s| origin.strip_prefix(s) == Some(host));
         let allowed = cfg.cors_origins.iter().any(|o| o == "*" || o == origin);
         if !own && !allowed {
-            return refuse(
-                StatusCode::FORBIDDEN,
-                format!(
-                    "cross-origin request from {:?} refused; allow it with --cors-origins",
-                    crate::openai::short(origin)
-                ),
-                "origin_not_allowed",
-            );
+            return ApiError::forbidden(format!(
+                "cross-origin request from {} refused; allow it with --cors-origins",
+                quote(origin)
+            ))
+            .code("origin_not_allowed")
+            .into_response();
         }
     }
     let declared = headers
@@ -92,15 +81,13 @@ pub async fn guard(State(cfg): State<Arc<EdgeConfig>>, req: Request, next: Next)
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.parse::<u64>().ok());
     if declared.is_some_and(|n| n > cfg.max_body_bytes as u64) {
-        return refuse(
-            StatusCode::PAYLOAD_TOO_LARGE,
-            format!(
-                "the request body is {} bytes; this server accepts at most {} (--max-body-bytes)",
-                declared.unwrap_or(0),
-                cfg.max_body_bytes
-            ),
-            "body_too_large",
-        );
+        return ApiError::too_large(format!(
+            "the request body is {} bytes; this server accepts at most {} (--max-body-bytes)",
+            declared.unwrap_or(0),
+            cfg.max_body_bytes
+        ))
+        .code("body_too_large")
+        .into_response();
     }
     next.run(req).await
 }
@@ -130,7 +117,7 @@ pub async fn request_id(mut req: Request, next: Next) -> Response {
     tracing::info!(
         request_id = %id,
         %method,
-        path = %crate::openai::short(&path),
+        path = %short(&path),
         status = res.status().as_u16(),
         ms = t0.elapsed().as_millis() as u64,
         "http"

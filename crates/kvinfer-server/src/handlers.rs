@@ -3,7 +3,7 @@
 //! receiver, which cancels the request in the engine and frees its blocks.
 
 use crate::edge::RequestId;
-use crate::error::ApiError;
+use crate::error::{bounded, quote, short, ApiError};
 use crate::openai::{
     content_text, engine_request, parse, ChatRequest, Common, CompletionRequest, Prompt,
 };
@@ -39,13 +39,14 @@ enum Api {
 
 fn body_bytes(body: Result<Bytes, BytesRejection>) -> Result<Bytes, ApiError> {
     body.map_err(|e| {
-        let status = e.status();
-        let msg = if status == StatusCode::PAYLOAD_TOO_LARGE {
-            "the request body is larger than this server accepts (--max-body-bytes)".to_string()
+        if e.status() == StatusCode::PAYLOAD_TOO_LARGE {
+            ApiError::too_large(
+                "the request body is larger than this server accepts (--max-body-bytes)",
+            )
+            .code("body_too_large")
         } else {
-            format!("could not read the request body: {e}")
-        };
-        ApiError::invalid(msg, None).status(status)
+            ApiError::invalid(format!("could not read the request body: {e}"), None)
+        }
     })
 }
 
@@ -108,7 +109,7 @@ pub async fn chat(
                 ApiError::invalid(
                     format!(
                         "the chat template refused the messages: {}",
-                        crate::openai::short(&e.to_string())
+                        bounded(&e.to_string(), 300)
                     ),
                     Some("messages"),
                 )
@@ -176,10 +177,9 @@ fn too_long_for_context(st: &AppState, bytes: usize, param: &str) -> Result<(), 
 async fn blocking<T: Send + 'static>(
     f: impl FnOnce() -> Result<T, ApiError> + Send + 'static,
 ) -> Result<T, ApiError> {
-    tokio::task::spawn_blocking(f).await.map_err(|e| {
-        ApiError::invalid(format!("request preparation failed: {e}"), None)
-            .status(StatusCode::INTERNAL_SERVER_ERROR)
-    })?
+    tokio::task::spawn_blocking(f)
+        .await
+        .map_err(|e| ApiError::internal(format!("request preparation failed: {e}")))?
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -199,8 +199,7 @@ async fn run(
         er.grammar = Some(
             blocking(move || {
                 let compiler = engine.grammar_compiler().map_err(|e| {
-                    ApiError::invalid(format!("constrained decoding is unavailable: {e}"), None)
-                        .status(StatusCode::INTERNAL_SERVER_ERROR)
+                    ApiError::internal(format!("constrained decoding is unavailable: {e}"))
                 })?;
                 compiler.compile(&spec).map_err(|e| {
                     ApiError::invalid(
@@ -220,19 +219,17 @@ async fn run(
     let seed = er.sampling.seed;
     let logprobs = er.logprobs.is_some();
     if let Some(u) = &common.user {
-        tracing::info!(user = %crate::openai::short(u), "request");
+        tracing::info!(user = %short(u), "request");
     }
     let rx = st.engine.submit(er).map_err(|e| match e {
         SubmitError::Invalid(m) => ApiError::invalid(m, None),
         SubmitError::TooLong(m) => {
             ApiError::invalid(m, Some("messages")).code("context_length_exceeded")
         }
-        SubmitError::ShuttingDown => ApiError::invalid("the server is shutting down", None)
-            .status(StatusCode::SERVICE_UNAVAILABLE),
-        SubmitError::Overloaded(m) => ApiError::invalid(m, None)
-            .status(StatusCode::SERVICE_UNAVAILABLE)
-            .code("overloaded")
-            .retry_after(1),
+        SubmitError::ShuttingDown => {
+            ApiError::unavailable("the server is shutting down").code("shutdown")
+        }
+        SubmitError::Overloaded(m) => ApiError::unavailable(m).code("overloaded").retry_after(1),
     })?;
     st.next_id
         .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
@@ -286,15 +283,11 @@ async fn cut_now(mut cut: tokio::sync::watch::Receiver<bool>) {
 }
 
 fn shutdown_error() -> ApiError {
-    ApiError::invalid("the server is shutting down; this request was cut", None)
-        .status(StatusCode::SERVICE_UNAVAILABLE)
-        .code("shutdown")
+    ApiError::unavailable("the server is shutting down; this request was cut").code("shutdown")
 }
 
 fn timeout_error() -> ApiError {
-    ApiError::invalid("the request ran past the server's --request-timeout", None)
-        .status(StatusCode::GATEWAY_TIMEOUT)
-        .code("timeout")
+    ApiError::timeout("the request ran past the server's --request-timeout").code("timeout")
 }
 
 fn now_s() -> u64 {
@@ -413,16 +406,7 @@ async fn collect(
                 finish_reason,
             } => reasons[index] = reason(finish_reason),
             Event::Usage(u) => usage = Some(u),
-            Event::Error(m) => {
-                return Err(ApiError {
-                    status: StatusCode::INTERNAL_SERVER_ERROR,
-                    message: m,
-                    kind: "server_error",
-                    param: None,
-                    code: None,
-                    retry_after: None,
-                })
-            }
+            Event::Error(m) => return Err(ApiError::internal(m)),
         }
     }
     meta.log(usage.as_ref());
@@ -653,14 +637,7 @@ fn sse(
                         }
                     }
                     Some(Event::Error(m)) => {
-                        let err = ApiError {
-                            status: StatusCode::INTERNAL_SERVER_ERROR,
-                            message: m,
-                            kind: "server_error",
-                            param: None,
-                            code: None,
-                            retry_after: None,
-                        };
+                        let err = ApiError::internal(m);
                         queue.push_back(SseEvent::default().data(err.body().to_string()));
                     }
                     None => {
@@ -685,9 +662,11 @@ pub async fn models(State(st): State<Arc<AppState>>) -> Json<Value> {
 /// `POST /v1/cache/clear` (behind the API key): empties the pool's prefix cache and deletes
 /// this model's blocks from every tier. Requests in flight keep their blocks.
 pub async fn clear_cache(State(st): State<Arc<AppState>>) -> Result<Json<Value>, ApiError> {
-    let report = st.engine.clear_cache().await.map_err(|e| {
-        ApiError::invalid(e.to_string(), None).status(StatusCode::SERVICE_UNAVAILABLE)
-    })?;
+    let report = st
+        .engine
+        .clear_cache()
+        .await
+        .map_err(|e| ApiError::unavailable(e.to_string()))?;
     Ok(Json(
         serde_json::to_value(&report).unwrap_or_else(|_| json!({})),
     ))
@@ -705,8 +684,8 @@ pub async fn tokenize(
         o.keys()
             .find(|k| !["content", "add_special"].contains(&k.as_str()))
     }) {
-        let k = crate::openai::short(k);
-        return Err(ApiError::invalid(format!("unknown field {k}"), Some(&k)));
+        let message = format!("unknown field {}", quote(k));
+        return Err(ApiError::invalid(message, Some(&short(k))));
     }
     let content = v
         .get("content")
@@ -759,8 +738,7 @@ pub async fn detokenize(
 
 /// A known path with another method.
 pub async fn method_not_allowed() -> ApiError {
-    ApiError::invalid("this endpoint does not take that HTTP method", None)
-        .status(StatusCode::METHOD_NOT_ALLOWED)
+    ApiError::method_not_allowed("this endpoint does not take that HTTP method")
         .code("method_not_allowed")
 }
 
@@ -791,11 +769,10 @@ pub async fn index() -> Html<&'static str> {
 
 /// Any other path.
 pub async fn not_found() -> ApiError {
-    ApiError::invalid(
+    ApiError::not_found(
         "no such endpoint; see /v1/chat/completions, /v1/completions, /v1/models",
         None,
     )
-    .status(StatusCode::NOT_FOUND)
 }
 
 /// The content and the calls of a whole output.

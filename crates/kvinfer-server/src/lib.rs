@@ -6,6 +6,7 @@
 //! `GET /` (a chat page with a live view of the KV cache). Errors use OpenAI's shape.
 #![deny(missing_docs)]
 
+mod conns;
 mod edge;
 mod error;
 mod handlers;
@@ -14,10 +15,11 @@ mod openai;
 mod responses;
 mod tools;
 
+pub use conns::{raise_open_files_limit, ConnectionCap};
 pub use error::ApiError;
 
 use axum::extract::{DefaultBodyLimit, Request, State};
-use axum::http::{header, StatusCode};
+use axum::http::header;
 use axum::middleware::{self, Next};
 use axum::response::Response;
 use axum::routing::{get, post};
@@ -44,6 +46,8 @@ pub struct ServerConfig {
     pub cors_origins: Vec<String>,
     /// Longest a request may run (queue, prefill and output); None: no limit.
     pub request_timeout: Option<Duration>,
+    /// Most connections open at once (fewer if the open-files limit leaves less room).
+    pub max_connections: usize,
 }
 
 impl Default for ServerConfig {
@@ -56,6 +60,7 @@ impl Default for ServerConfig {
             shutdown_grace: Duration::from_secs(30),
             cors_origins: Vec::new(),
             request_timeout: None,
+            max_connections: MAX_CONNECTIONS,
         }
     }
 }
@@ -189,13 +194,10 @@ async fn auth(State(st): State<Arc<AppState>>, req: Request, next: Next) -> Resp
             g.len() == key.len() && bool::from(g.as_bytes().ct_eq(key.as_bytes()))
         });
         if !ok {
-            let mut e = ApiError::invalid(
+            let e = ApiError::unauthorized(
                 "missing or wrong API key: send `Authorization: Bearer <key>`",
-                None,
             )
-            .status(StatusCode::UNAUTHORIZED)
             .code("invalid_api_key");
-            e.kind = "authentication_error";
             return axum::response::IntoResponse::into_response(e);
         }
     }
@@ -213,70 +215,28 @@ async fn count_errors(State(st): State<Arc<AppState>>, req: Request, next: Next)
 /// A connection that has not sent a whole request head within this is closed (a half-sent head
 /// is not held forever; an idle keep-alive connection is let go).
 pub const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(10);
-/// Most connections open at once; past it new ones wait in the listen backlog until one closes.
+/// Most connections open at once by default; the open-files limit may allow fewer
+/// ([`ConnectionCap`]). Past the cap a new client takes the place of the oldest idle connection,
+/// or gets a 503.
 pub const MAX_CONNECTIONS: usize = 1024;
 
-/// Serves until SIGINT or SIGTERM; then stops accepting connections, lets in-flight requests
-/// finish for up to `shutdown_grace`, then cuts what is left: streams end with an error event
-/// and `[DONE]`, JSON requests get a 503 error body, and the process returns.
+/// Serves until SIGINT or SIGTERM; then stops accepting connections, closes idle ones (half-sent
+/// heads included), lets in-flight requests finish for up to `shutdown_grace`, then cuts what is
+/// left: streams end with an error event and `[DONE]`, JSON requests get a 503 error body, and
+/// the process returns.
 ///
 /// hyper's connection builder directly (not `axum::serve`), for what axum does not expose: a
-/// header read timeout, which also closes idle keep-alive connections, and a connection cap.
+/// header read timeout, which also closes idle keep-alive connections, a connection cap under
+/// the open-files limit, and telling idle connections from busy ones (conns.rs).
 pub async fn serve(engine: EngineHandle, config: ServerConfig) -> std::io::Result<()> {
-    use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
-    use hyper_util::server::conn::auto::Builder;
     let (app, cut) = router_with_shutdown(engine, &config);
     let listener = tokio::net::TcpListener::bind((config.host.as_str(), config.port)).await?;
     let addr = listener.local_addr()?;
-    tracing::info!("listening on http://{addr}");
-    eprintln!("kvinfer: serving on http://{addr} (Ctrl-C to stop)");
-    let mut builder = Builder::new(TokioExecutor::new());
-    builder
-        .http1()
-        .timer(TokioTimer::new())
-        .header_read_timeout(HEADER_READ_TIMEOUT);
-    let graceful = hyper_util::server::graceful::GracefulShutdown::new();
-    let permits = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
-    let signal = shutdown_signal();
-    tokio::pin!(signal);
-    loop {
-        let permit = tokio::select! {
-            p = permits.clone().acquire_owned() => p.expect("the semaphore is never closed"),
-            _ = &mut signal => break,
-        };
-        let (stream, _) = tokio::select! {
-            c = listener.accept() => match c {
-                Ok(c) => c,
-                Err(e) => {
-                    // Out of file descriptors and the like: wait a little, keep serving.
-                    tracing::warn!("accept failed: {e}");
-                    tokio::time::sleep(Duration::from_millis(50)).await;
-                    continue;
-                }
-            },
-            _ = &mut signal => break,
-        };
-        let service = hyper_util::service::TowerToHyperService::new(app.clone());
-        let conn = builder
-            .serve_connection_with_upgrades(TokioIo::new(stream), service)
-            .into_owned();
-        let conn = graceful.watch(conn);
-        tokio::spawn(async move {
-            let _ = conn.await;
-            drop(permit);
-        });
-    }
-    drop(listener);
+    let cap = ConnectionCap::for_this_process(config.max_connections);
+    tracing::info!("listening on http://{addr}, {cap}");
+    eprintln!("kvinfer: serving on http://{addr}, {cap} (Ctrl-C to stop)");
     let grace = config.shutdown_grace;
-    tokio::select! {
-        _ = graceful.shutdown() => {}
-        _ = tokio::time::sleep(grace) => {
-            eprintln!("kvinfer: in-flight requests still running after {grace:?}; cancelling them");
-            let _ = cut.send(true);
-            // Let the cut answers reach their clients.
-            tokio::time::sleep(Duration::from_millis(500)).await;
-        }
-    }
+    conns::run(listener, app, cap, grace, cut, shutdown_signal()).await;
     Ok(())
 }
 

@@ -5,7 +5,9 @@
 //! that every mistake — malformed JSON, an unknown field, a wrong type, a number out of range —
 //! becomes a 400 in OpenAI's error shape naming the field.
 
-use crate::error::ApiError;
+/// Kept here for the modules that quote through `openai` (tools.rs).
+pub use crate::error::short;
+use crate::error::{bounded, quote, ApiError};
 use kvinfer_engine::{EngineHandle, EngineRequest, GrammarSpec, SamplingParams, MAX_N};
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
@@ -195,22 +197,13 @@ pub fn check_fields(body: &Value, own: &[&str]) -> Result<(), ApiError> {
             }
             None => {
                 return Err(
-                    ApiError::invalid(format!("unknown field {key}"), Some(&key))
+                    ApiError::invalid(format!("unknown field {}", quote(k)), Some(&key))
                         .code("unknown_parameter"),
                 )
             }
         }
     }
     Ok(())
-}
-
-/// At most 64 characters of what a client sent, escaped, for error messages.
-pub fn short(s: &str) -> String {
-    let mut out: String = s.chars().take(64).flat_map(char::escape_default).collect();
-    if s.chars().count() > 64 {
-        out.push('…');
-    }
-    out
 }
 
 /// Stream options.
@@ -445,7 +438,7 @@ fn too_deep(body: &[u8]) -> Option<Option<String>> {
 fn typed<T: serde::de::DeserializeOwned>(value: &Value) -> Result<T, ApiError> {
     serde_path_to_error::deserialize(value).map_err(|e| {
         let path = e.path().to_string();
-        let msg: String = e.inner().to_string().chars().take(200).collect();
+        let msg = bounded(&e.inner().to_string(), 300);
         if path == "." {
             ApiError::invalid(format!("bad request body: {msg}"), None)
         } else {
@@ -496,12 +489,14 @@ pub fn engine_request(
 ) -> Result<EngineRequest, ApiError> {
     if let Some(m) = &c.model {
         if m != served && m != "kvinfer" {
-            return Err(ApiError::invalid(
-                format!("model {m:?} is not served here; this server serves {served:?} (see /v1/models)"),
+            return Err(ApiError::not_found(
+                format!(
+                    "model {} is not served here; this server serves {served:?} (see /v1/models)",
+                    quote(m)
+                ),
                 Some("model"),
             )
-            .code("model_not_found")
-            .status(axum::http::StatusCode::NOT_FOUND));
+            .code("model_not_found"));
         }
     }
     let ctx = handle.context_size();
@@ -599,8 +594,8 @@ pub fn engine_request(
             .ok_or_else(|| {
                 ApiError::invalid(
                     format!(
-                        "logit_bias keys are token ids below {vocab}, got {:?}",
-                        short(k)
+                        "logit_bias keys are token ids below {vocab}, got {}",
+                        quote(k)
                     ),
                     Some("logit_bias"),
                 )

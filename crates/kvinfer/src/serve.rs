@@ -9,6 +9,12 @@ use kvinfer_server::ServerConfig;
 
 pub fn run(a: ServeArgs) -> Result<()> {
     anyhow::ensure!(a.max_running >= 1, "--max-running must be at least 1");
+    // Connections, tier files and Redis connections each take a descriptor: raise the soft
+    // open-files limit to the hard one before any is opened (the server caps its connections
+    // under what is left).
+    if let Err(e) = kvinfer_server::raise_open_files_limit() {
+        eprintln!("kvinfer: could not raise the open-files limit: {e}");
+    }
     let model = load_model(&a.model)?;
     let config = EngineConfig {
         cache: cache_options(&a.model),
