@@ -793,9 +793,5 @@ fn split_calls(plan: &ToolPlan, text: &str) -> (String, Vec<crate::tools::ToolCa
 
 /// An engine or grammar message, cut to a readable length.
 fn short_msg(m: &str) -> String {
-    let mut out: String = m.chars().take(300).collect();
-    if m.chars().count() > 300 {
-        out.push('…');
-    }
-    out
+    crate::error::bounded(m, 300)
 }

@@ -16,8 +16,9 @@
 //! grammar built from the tools' parameter schemas; `"auto"` leaves the model free and parses
 //! whatever calls it writes.
 
+use crate::error::quote;
 use crate::error::ApiError;
-use crate::openai::{short, FunctionCall, Message, Tool, ToolCallIn, ToolChoice};
+use crate::openai::{FunctionCall, Message, Tool, ToolCallIn, ToolChoice};
 use kvinfer_engine::GrammarSpec;
 use serde::Serialize;
 use serde_json::{json, Value};
@@ -59,8 +60,8 @@ impl ToolPlan {
             if t.kind != "function" {
                 return Err(ApiError::invalid(
                     format!(
-                        "tools[{i}].type must be \"function\", got {:?}",
-                        short(&t.kind)
+                        "tools[{i}].type must be \"function\", got {}",
+                        quote(&t.kind)
                     ),
                     Some(&format!("tools[{i}].type")),
                 ));
@@ -74,15 +75,15 @@ impl ToolPlan {
             {
                 return Err(ApiError::invalid(
                     format!(
-                        "tools[{i}].function.name must be 1-64 of a-z, A-Z, 0-9, _ and -, got {:?}",
-                        short(name)
+                        "tools[{i}].function.name must be 1-64 of a-z, A-Z, 0-9, _ and -, got {}",
+                        quote(name)
                     ),
                     Some(&format!("tools[{i}].function.name")),
                 ));
             }
             if tools[..i].iter().any(|u| &u.function.name == name) {
                 return Err(ApiError::invalid(
-                    format!("two tools are named {name:?}"),
+                    format!("two tools are named {}", quote(name)),
                     Some("tools"),
                 ));
             }
@@ -117,8 +118,8 @@ impl ToolPlan {
                     return Err(ApiError::invalid(
                         format!(
                             "tool_choice must be \"none\", \"auto\", \"required\" or \
-                             {{\"type\": \"function\", \"function\": {{\"name\": ...}}}}, got {:?}",
-                            short(&m)
+                             {{\"type\": \"function\", \"function\": {{\"name\": ...}}}}, got {}",
+                            quote(&m)
                         ),
                         Some("tool_choice"),
                     ))
@@ -134,8 +135,8 @@ impl ToolPlan {
                 if !tools.iter().any(|t| t.function.name == function.name) {
                     return Err(ApiError::invalid(
                         format!(
-                            "tool_choice names {:?}, which is not in tools",
-                            short(&function.name)
+                            "tool_choice names {}, which is not in tools",
+                            quote(&function.name)
                         ),
                         Some("tool_choice"),
                     ));
