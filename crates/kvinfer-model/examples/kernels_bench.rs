@@ -198,6 +198,7 @@ fn run(args: &[String]) {
         rows: 1536,
         cols: 576,
         data: &warm,
+        packed: None,
     };
     let xw = vec![0.5f32; 64 * 576];
     let mut yw = vec![0.0f32; 64 * 1536];
@@ -236,6 +237,7 @@ fn run(args: &[String]) {
             rows: s.rows,
             cols: s.cols,
             data: &data,
+            packed: None,
         };
         for &n_tokens in &ns {
             let x: Vec<f32> = (0..n_tokens * s.cols)

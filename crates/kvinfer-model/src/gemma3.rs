@@ -47,10 +47,10 @@ impl Weights {
     /// Finds and shape-checks every tensor.
     pub fn load(f: &GgufFile, c: &ModelConfig) -> Result<Self, ModelError> {
         let (d, kv, qd, hd) = (c.n_embd, c.kv_dim(), c.n_heads * c.head_dim, c.head_dim);
-        let tok_embd = QMat::load(f, "token_embd.weight", c.vocab_size, d)?;
+        let tok_embd = QMat::load_table(f, "token_embd.weight", c.vocab_size, d)?;
         let output = match f.tensor("output.weight") {
             Some(_) => QMat::load(f, "output.weight", c.vocab_size, d)?,
-            None => tok_embd.clone(),
+            None => tok_embd.clone().packed(f),
         };
         let layers = (0..c.n_layers)
             .map(|l| {

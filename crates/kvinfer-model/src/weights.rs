@@ -2,7 +2,9 @@
 
 use crate::ggml_type::GgmlType;
 use crate::gguf::{GgufFile, TensorInfo};
-use crate::kernels::{dequantize_row, QMatRef};
+use std::sync::Arc;
+
+use crate::kernels::{dequantize_row, PackedMat, QMatRef};
 use crate::ModelError;
 
 /// A weight matrix of `rows` x `cols` in the file (GGUF dims `[cols, rows]`).
@@ -13,11 +15,37 @@ pub struct QMat {
     pub rows: usize,
     /// Input features (the contiguous dimension).
     pub cols: usize,
+    /// The matrix repacked for the group kernels (matmul weights whose type and shape have
+    /// them); shared by clones.
+    packed: Option<Arc<PackedMat>>,
 }
 
 impl QMat {
-    /// Looks up `name`, checking it is `rows` x `cols`.
+    /// Looks up `name`, checking it is `rows` x `cols`, and repacks it for the matmul kernels
+    /// (a copy in memory: the file's pages of it are then no longer read).
     pub fn load(f: &GgufFile, name: &str, rows: usize, cols: usize) -> Result<Self, ModelError> {
+        Ok(Self::load_table(f, name, rows, cols)?.packed(f))
+    }
+
+    /// This matrix with a repacked copy for the matmul kernels (when its type and shape have
+    /// them): the tied output matrix that is also the embedding table.
+    pub fn packed(mut self, f: &GgufFile) -> Self {
+        if self.packed.is_none() && self.rows > 1 {
+            let info = &self.info;
+            self.packed = PackedMat::pack_with(self.view(f), |r| f.release_range(info, r))
+                .map(Arc::new);
+        }
+        self
+    }
+
+    /// Looks up `name`, checking it is `rows` x `cols`, without repacking: a table read a row
+    /// at a time (the embedding).
+    pub fn load_table(
+        f: &GgufFile,
+        name: &str,
+        rows: usize,
+        cols: usize,
+    ) -> Result<Self, ModelError> {
         let info = find(f, name)?;
         let want = [cols as u64, rows as u64];
         let dims_ok = info.dims.len() == 2 && info.dims[..] == want
@@ -32,6 +60,7 @@ impl QMat {
             info: info.clone(),
             rows,
             cols,
+            packed: None,
         })
     }
 
@@ -41,12 +70,13 @@ impl QMat {
     }
 
     /// The matrix over the file's bytes.
-    pub fn view<'a>(&self, f: &'a GgufFile) -> QMatRef<'a> {
+    pub fn view<'a>(&'a self, f: &'a GgufFile) -> QMatRef<'a> {
         QMatRef {
             ty: self.info.ty,
             rows: self.rows,
             cols: self.cols,
             data: f.tensor_data(&self.info),
+            packed: self.packed.as_deref(),
         }
     }
 

@@ -490,6 +490,32 @@ impl GgufFile {
         &self.mmap[info.offset as usize..(info.offset + info.size_bytes) as usize]
     }
 
+    /// Drops this process's resident pages of a tensor that was copied (repacked) and is no
+    /// longer read in bulk, so they stop counting in its memory; a later read faults them back
+    /// in from the file. A hint: errors are ignored.
+    pub fn release(&self, info: &TensorInfo) {
+        self.release_range(info, 0..info.size_bytes as usize);
+    }
+
+    /// [`Self::release`] for bytes `range` of the tensor's data.
+    pub fn release_range(&self, info: &TensorInfo, range: std::ops::Range<usize>) {
+        const PAGE: usize = 4096;
+        let end = range.end.min(info.size_bytes as usize);
+        let start = (info.offset as usize + range.start).next_multiple_of(PAGE);
+        let end = (info.offset as usize + end) / PAGE * PAGE;
+        if end > start {
+            // SAFETY: the map is read-only and shared with its file: dropping pages loses
+            // nothing, the next read gets the file's bytes again.
+            let _ = unsafe {
+                self.mmap.unchecked_advise_range(
+                    memmap2::UncheckedAdvice::DontNeed,
+                    start,
+                    end - start,
+                )
+            };
+        }
+    }
+
     /// Total bytes of the mapped file.
     pub fn file_len(&self) -> u64 {
         self.mmap.len() as u64

@@ -9,6 +9,7 @@ use std::cell::RefCell;
 
 use rayon::prelude::*;
 
+use super::packed::{self, PackedMat, GROUP};
 use super::quant::{self, BlockQ8K, Q8Acts};
 use super::{QMatRef, SimdLevel};
 use crate::ggml_type::{GgmlType, QK_K};
@@ -112,6 +113,14 @@ pub(crate) fn matmul_with(level: SimdLevel, w: QMatRef, x: &[f32], n_tokens: usi
         ptr: y.as_mut_ptr(),
         rows,
     };
+    #[cfg(target_arch = "x86_64")]
+    if let Some(p) = w.packed.filter(|_| level >= SimdLevel::Avx2) {
+        assert!(
+            p.ty() == w.ty && p.rows() == rows && p.cols() == cols,
+            "matmul: packed matrix does not match its file matrix"
+        );
+        return packed_matmul(level, p, x, n_tokens, out);
+    }
     match w.ty {
         GgmlType::Q4_0 | GgmlType::Q4_1 | GgmlType::Q5_0 | GgmlType::Q5_1 | GgmlType::Q8_0 => {
             with_scratch(&Q8_SCRATCH, |acts| {
@@ -178,6 +187,41 @@ pub(crate) fn matmul_with(level: SimdLevel, w: QMatRef, x: &[f32], n_tokens: usi
             });
         }
     }
+}
+
+/// A packed matrix x `n_tokens` tokens (shapes checked by the caller): quantize the tokens
+/// once, then tasks of whole groups of 16 rows.
+#[cfg(target_arch = "x86_64")]
+fn packed_matmul(level: SimdLevel, p: &PackedMat, x: &[f32], n_tokens: usize, out: OutPtr) {
+    let (rows, cols) = (p.rows(), p.cols());
+    with_scratch(&Q8_SCRATCH, |acts| {
+        quantize_q8_tokens(level, x, n_tokens, cols, packed::has_min(p.ty()), acts);
+        acts.fill_int_sums(n_tokens);
+        let acts = &*acts;
+        let per = rows_per_task(rows, cols, n_tokens).div_ceil(GROUP).max(1);
+        let run = |gr: std::ops::Range<usize>| {
+            // SAFETY: the level was detected (or checked by the tests); `acts` holds
+            // n_tokens tokens of cols values and their sums; groups `gr` are this task's.
+            unsafe {
+                match level {
+                    SimdLevel::Avx512 => super::packed_x86::groups_avx512(p, gr, acts, n_tokens, out),
+                    SimdLevel::Avx2Vnni => {
+                        super::packed_x86::groups_avx2vnni(p, gr, acts, n_tokens, out)
+                    }
+                    _ => super::packed_x86::groups_avx2(p, gr, acts, n_tokens, out),
+                }
+            }
+        };
+        let groups = rows / GROUP;
+        let n_chunks = groups.div_ceil(per);
+        if n_chunks <= 1 {
+            run(0..groups);
+        } else {
+            (0..n_chunks)
+                .into_par_iter()
+                .for_each(|c| run(c * per..((c + 1) * per).min(groups)));
+        }
+    });
 }
 
 /// Weight types whose llama.cpp dot product takes `block_q8_1` activations (f16 block sums).
@@ -309,6 +353,7 @@ pub(crate) fn dot_rows_one(ty: GgmlType, rows: &[u8], cols: usize, acts: &Q8Acts
         rows: n,
         cols,
         data: rows,
+        packed: None,
     };
     let ptr = OutPtr {
         ptr: out.as_mut_ptr(),

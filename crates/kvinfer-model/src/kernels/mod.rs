@@ -12,11 +12,15 @@
 use std::sync::OnceLock;
 
 use crate::ggml_type::GgmlType;
+pub use packed::PackedMat;
 
 #[cfg(target_arch = "x86_64")]
 mod kquant_x86;
 pub mod kv_quant;
 mod matmul;
+mod packed;
+#[cfg(target_arch = "x86_64")]
+mod packed_x86;
 pub mod quant;
 #[cfg(test)]
 mod tests;
@@ -40,6 +44,9 @@ pub struct QMatRef<'a> {
     pub cols: usize,
     /// Raw little-endian tensor bytes.
     pub data: &'a [u8],
+    /// The same matrix repacked for the group kernels ([`PackedMat::pack`] of this one), used
+    /// at SIMD levels that have them.
+    pub packed: Option<&'a PackedMat>,
 }
 
 /// SIMD code paths, best last.

@@ -8,6 +8,7 @@ use rand::{Rng, SeedableRng};
 use super::matmul::matmul_with;
 use super::quant::{self, BlockQ8K, QK};
 use super::*;
+use super::packed;
 use crate::ggml_type::{GgmlType, QK_K};
 
 const ALL_MATMUL_TYPES: [GgmlType; 10] = [
@@ -277,6 +278,7 @@ fn matmul_all_types_all_levels() {
                 rows,
                 cols,
                 data: &data[1..],
+                packed: None,
             };
             let x = random_f32(&mut rng, n_tokens * cols);
             let want = naive_matmul(w, &x, n_tokens);
@@ -330,6 +332,7 @@ fn matmul_model_shapes() {
             rows,
             cols,
             data: &data,
+            packed: None,
         };
         for n_tokens in [1, 7] {
             let x = random_f32(&mut rng, n_tokens * cols);
@@ -505,6 +508,7 @@ fn matmul_batch_invariant_all_levels() {
                         rows: MAX_ROWS,
                         cols,
                         data,
+                        packed: None,
                     };
                     let xt = &x[t * cols..(t + 1) * cols];
                     matmul_with(level, w, xt, 1, &mut want[t * MAX_ROWS..(t + 1) * MAX_ROWS]);
@@ -515,6 +519,7 @@ fn matmul_batch_invariant_all_levels() {
                         rows,
                         cols,
                         data: &data[..rows * rb],
+                        packed: None,
                     };
                     for n_tokens in (1..=9).chain([16]) {
                         let mut y = vec![f32::NAN; n_tokens * rows];
@@ -551,6 +556,7 @@ fn matmul_thread_invariant_all_levels() {
             rows,
             cols,
             data: &data,
+            packed: None,
         };
         let x = random_acts(&mut rng, n_tokens * cols);
         for level in SimdLevel::available() {
@@ -618,4 +624,112 @@ fn simd_quantize_q8_k_is_bit_identical() {
             assert_eq!(a.bsums, b.bsums, "case {case}");
         }
     }
+}
+
+/// The packed-group kernels: at every SIMD level that has them, every (row, token) result of a
+/// packed matmul is bitwise [`packed::dot_reference`] on the file's row, whatever the number
+/// of tokens (tile remainders) and groups; so results are the same at AVX2, AVX2+VNNI and
+/// AVX-512, alone or batched. Also checks the values against the dequantized f32 product.
+#[test]
+fn packed_matmul_is_the_reference_bit_for_bit_at_every_level() {
+    let mut rng = StdRng::seed_from_u64(21);
+    let levels: Vec<_> = SimdLevel::available()
+        .into_iter()
+        .filter(|&l| l >= SimdLevel::Avx2)
+        .collect();
+    for ty in [
+        GgmlType::Q4_0,
+        GgmlType::Q4_1,
+        GgmlType::Q5_0,
+        GgmlType::Q5_1,
+        GgmlType::Q8_0,
+    ] {
+        for (rows, cols) in [(16usize, 32usize), (48, 96), (32, 576)] {
+            let data = random_matrix(&mut rng, ty, rows, cols);
+            let raw = QMatRef {
+                ty,
+                rows,
+                cols,
+                data: &data,
+                packed: None,
+            };
+            let p = PackedMat::pack(raw).expect("packs");
+            let w = QMatRef {
+                packed: Some(&p),
+                ..raw
+            };
+            let rb = ty.row_bytes(cols).unwrap();
+            let n_max = 19;
+            let x = random_acts(&mut rng, n_max * cols);
+            let mut acts = quant::Q8Acts::default();
+            acts.resize(n_max, cols);
+            for t in 0..n_max {
+                acts.quantize_token_scalar(t, &x[t * cols..(t + 1) * cols], packed::has_min(ty));
+            }
+            let mut want = vec![0.0f32; n_max * rows];
+            for t in 0..n_max {
+                for r in 0..rows {
+                    want[t * rows + r] =
+                        packed::dot_reference(ty, &data[r * rb..(r + 1) * rb], &acts, t);
+                }
+            }
+            // The reference is llama.cpp's dot product up to float rounding.
+            for r in 0..rows {
+                let row = &data[r * rb..(r + 1) * rb];
+                let nb = cols / QK;
+                let ggml = quant::dot_q8_scalar(ty, row, &acts.qs[..cols], &acts.d[..nb], &acts.s[..nb]);
+                let mut wf = vec![0.0f32; cols];
+                quant::dequantize_row_scalar(ty, row, &mut wf);
+                let scale: f32 = wf.iter().zip(&x[..cols]).map(|(a, b)| (a * b).abs()).sum();
+                let got = want[r];
+                assert!(
+                    (got - ggml).abs() <= 1e-5 * scale.max(1e-3),
+                    "{ty:?} r={r}: reference {got} vs llama.cpp's {ggml}"
+                );
+            }
+            for &level in &levels {
+                for n_tokens in (1..=9).chain([16, 19]) {
+                    let mut y = vec![f32::NAN; n_tokens * rows];
+                    matmul_with(level, w, &x[..n_tokens * cols], n_tokens, &mut y);
+                    for t in 0..n_tokens {
+                        for r in 0..rows {
+                            let (a, b) = (y[t * rows + r], want[t * rows + r]);
+                            assert_eq!(
+                                a.to_bits(),
+                                b.to_bits(),
+                                "{ty:?} {level:?} {rows}x{cols} n={n_tokens}: y[t={t}, r={r}] \
+                                 = {a}, reference {b}"
+                            );
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// Only whole groups of a type with packed kernels pack.
+#[test]
+fn packing_refuses_what_it_has_no_kernels_for() {
+    let mut rng = StdRng::seed_from_u64(22);
+    let data = random_matrix(&mut rng, GgmlType::Q4_0, 17, 64);
+    let w = |rows, ty| QMatRef {
+        ty,
+        rows,
+        cols: 64,
+        data: &data,
+        packed: None,
+    };
+    assert!(PackedMat::pack(w(16, GgmlType::Q4_0)).is_some());
+    assert!(PackedMat::pack(w(17, GgmlType::Q4_0)).is_none());
+    assert!(PackedMat::pack(w(1, GgmlType::Q4_0)).is_none());
+    let k = random_matrix(&mut rng, GgmlType::Q4_K, 16, 256);
+    let wk = QMatRef {
+        ty: GgmlType::Q4_K,
+        rows: 16,
+        cols: 256,
+        data: &k,
+        packed: None,
+    };
+    assert!(PackedMat::pack(wk).is_none());
 }
