@@ -2,7 +2,7 @@
 //! over the KV cache. Shapes are named in every signature: `[n][dim]` is `n` rows of `dim` f32.
 
 use crate::kernels::kv_quant::{self, KvQuery};
-use crate::kernels::{axpy_f16_rows, dot_f16_rows, matmul, QMatRef};
+use crate::kernels::{matmul, QMatRef};
 use half::f16;
 use kvinfer_cache::{BlockId, KvDtype, KvGroups, KvStorage};
 use rayon::prelude::*;
@@ -282,7 +282,19 @@ pub fn attention(
         scale,
         window,
     } = shape;
+    if kv.layout().dtype == KvDtype::F16 {
+        return crate::attn::attention_f16(
+            crate::kernels::simd(),
+            q,
+            kv,
+            layer,
+            spans,
+            shape,
+            out,
+        );
+    }
     let bs = kv.layout().block_size;
+    // Quantized keys and values (q8_0, q4_0, q4): one task per (row, head).
     // Row -> (span, position) for the flat parallel loop.
     let mut row_pos = Vec::with_capacity(q.len() / (n_heads * head_dim));
     let mut widest = 1;
@@ -301,37 +313,24 @@ pub fn attention(
         .with_min_len(min_len)
         .enumerate()
         .for_each_init(
-            || (Vec::new(), Vec::new(), Vec::new(), KvQuery::default()),
-            |(qh, scores, half_buf, kq): &mut (Vec<f32>, Vec<f32>, Vec<f16>, KvQuery), (idx, o)| {
+            || (Vec::new(), KvQuery::default()),
+            |(scores, kq): &mut (Vec<f32>, KvQuery), (idx, o)| {
                 let (r, h) = (idx / n_heads, idx % n_heads);
                 let (si, pos) = row_pos[r];
                 let blocks = spans[si].blocks;
                 let first = window.map_or(0, |w| (pos + 1).saturating_sub(w));
                 let kvh = h / group;
                 let q = &q[idx * head_dim..(idx + 1) * head_dim];
-                let f16 = dtype == KvDtype::F16;
-                if f16 {
-                    // Round q to f16 as llama.cpp does (its K·Q product runs in f16 x f16 ->
-                    // f32), so both engines see the same numbers; it costs nothing measurable.
-                    qh.resize(head_dim, 0.0);
-                    round_to_f16(q, qh, half_buf);
-                } else {
-                    // Quantized keys: the query quantized to q8_0 as ggml does (rotated first
-                    // for q4), integer dot products.
-                    kq.prepare(dtype, q);
-                }
+                // The query quantized to q8_0 as ggml does (rotated first for q4), integer
+                // dot products.
+                kq.prepare(dtype, q);
                 // Scores block by block: one kernel call per block of keys.
                 scores.clear();
                 scores.resize(pos + 1 - first, 0.0);
                 for (bi, slots, at) in block_runs(first, pos, bs) {
                     let out = &mut scores[at..at + slots.len()];
-                    if f16 {
-                        let keys = kv.keys(blocks[bi], layer, kvh);
-                        dot_f16_rows(qh, &keys[slots.start * head_dim..], head_dim, out);
-                    } else {
-                        let keys = kv.rows_bytes(blocks[bi], layer, false, kvh);
-                        kv_quant::dot_kv_rows(dtype, kq, &keys[slots.start * rb..], head_dim, out);
-                    }
+                    let keys = kv.rows_bytes(blocks[bi], layer, false, kvh);
+                    kv_quant::dot_kv_rows(dtype, kq, &keys[slots.start * rb..], head_dim, out);
                 }
                 let max = scores
                     .iter()
@@ -346,38 +345,18 @@ pub fn attention(
                     *s /= sum;
                 }
                 o.fill(0.0);
-                if f16 {
-                    // The probabilities meet V in f16 as well (llama.cpp's V·P product).
-                    qh.resize(scores.len(), 0.0);
-                    round_to_f16(scores, qh, half_buf);
-                    for (bi, slots, at) in block_runs(first, pos, bs) {
-                        let values = kv.values(blocks[bi], layer, kvh);
-                        let p = &qh[at..at + slots.len()];
-                        axpy_f16_rows(p, &values[slots.start * head_dim..], head_dim, o);
-                    }
-                } else {
-                    // Quantized values: dequantized on the fly against f32 probabilities
-                    // (ggml's flash-attention path for quantized V).
-                    for (bi, slots, at) in block_runs(first, pos, bs) {
-                        let values = kv.rows_bytes(blocks[bi], layer, true, kvh);
-                        let p = &scores[at..at + slots.len()];
-                        kv_quant::axpy_kv_rows(dtype, p, &values[slots.start * rb..], head_dim, o);
-                    }
-                    if dtype.rotated() {
-                        kv_quant::hadamard(o);
-                    }
+                // Dequantized on the fly against f32 probabilities (ggml's flash-attention
+                // path for quantized V).
+                for (bi, slots, at) in block_runs(first, pos, bs) {
+                    let values = kv.rows_bytes(blocks[bi], layer, true, kvh);
+                    let p = &scores[at..at + slots.len()];
+                    kv_quant::axpy_kv_rows(dtype, p, &values[slots.start * rb..], head_dim, o);
+                }
+                if dtype.rotated() {
+                    kv_quant::hadamard(o);
                 }
             },
         );
-}
-
-/// `out = f32(f16(x))` element-wise (round to nearest even, as `f16::from_f32`), with the slice
-/// conversions of `half` (F16C, eight at a time) through the scratch `buf`.
-fn round_to_f16(x: &[f32], out: &mut [f32], buf: &mut Vec<f16>) {
-    use half::slice::HalfFloatSliceExt;
-    buf.resize(x.len(), f16::ZERO);
-    buf.convert_from_f32_slice(x);
-    buf.convert_to_f32_slice(out);
 }
 
 /// The blocks covering positions `first..=last`: (block index in the table, slot range in the
@@ -466,8 +445,8 @@ mod tests {
             0.1,
             1.0 / 3.0,
         ]);
-        let mut out = vec![0.0; x.len()];
-        round_to_f16(&x, &mut out, &mut Vec::new());
+        let mut out = x.clone();
+        crate::attn::round_f16(&mut out, &mut Vec::new());
         for (a, b) in x.iter().zip(&out) {
             assert_eq!(f16::from_f32(*a).to_f32().to_bits(), b.to_bits(), "{a}");
         }

@@ -5,6 +5,7 @@
 //! ([`llama`], [`gemma3`]) behind [`Model::forward`].
 #![deny(missing_docs)]
 
+mod attn;
 pub mod chat;
 pub mod config;
 mod error;

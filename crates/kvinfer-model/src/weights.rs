@@ -30,7 +30,7 @@ impl QMat {
     /// This matrix with a repacked copy for the matmul kernels (when its type and shape have
     /// them): the tied output matrix that is also the embedding table.
     pub fn packed(mut self, f: &GgufFile) -> Self {
-        if self.packed.is_none() && self.rows > 1 {
+        if self.packed.is_none() && self.rows > 1 && crate::kernels::packing_enabled() {
             let info = &self.info;
             self.packed = PackedMat::pack_with(self.view(f), |r| f.release_range(info, r))
                 .map(Arc::new);

@@ -110,6 +110,14 @@ pub fn simd() -> SimdLevel {
     })
 }
 
+/// Whether model loading repacks weights for the group kernels: yes unless the environment
+/// variable `KVINFER_PACK` is `0` (to compare with the row kernels; results then differ in the
+/// last bits, as between SIMD levels).
+pub fn packing_enabled() -> bool {
+    static ON: OnceLock<bool> = OnceLock::new();
+    *ON.get_or_init(|| std::env::var("KVINFER_PACK").map_or(true, |v| v != "0"))
+}
+
 /// Which SIMD level was picked at runtime (`"avx512"`, `"avx2"`, `"scalar"`).
 pub fn simd_level() -> &'static str {
     simd().name()
