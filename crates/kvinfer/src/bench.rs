@@ -2,7 +2,7 @@
 //! llama-bench does: pp = one forward over N prompt tokens from an empty cache; tg = N single-token
 //! forwards from an empty cache. Random token ids, fixed seed; the mean of `repetitions` runs.
 
-use crate::cli::{BatchBenchArgs, BenchArgs, PrefixBenchArgs};
+use crate::cli::{BatchBenchArgs, BenchArgs, PeakBenchArgs, PrefixBenchArgs};
 use crate::load::{kv_cache, load_model};
 use anyhow::Result;
 use kvinfer_cache::{PagedKv, PolicyKind};
@@ -43,21 +43,70 @@ fn step(model: &Model, kv: &mut PagedKv, seq: kvinfer_cache::SeqId, ids: &[u32])
 }
 
 pub(crate) fn pp(model: &Model, n: usize, seed: u64) -> Result<f64> {
+    pp_at(model, n, 0, seed)
+}
+
+/// A sequence with `depth` cached tokens (computed, not timed).
+fn at_depth(model: &Model, depth: usize, n: usize) -> Result<(PagedKv, kvinfer_cache::SeqId)> {
+    let (mut kv, seq) = one_sequence(model, depth + n);
+    if depth > 0 {
+        step(model, &mut kv, seq, &tokens(model, depth, 4242))?;
+    }
+    Ok((kv, seq))
+}
+
+/// pp of `n` tokens after `depth` cached ones.
+fn pp_at(model: &Model, n: usize, depth: usize, seed: u64) -> Result<f64> {
     let ids = tokens(model, n, seed);
-    let (mut kv, seq) = one_sequence(model, n);
+    let (mut kv, seq) = at_depth(model, depth, n)?;
     let t = Instant::now();
     step(model, &mut kv, seq, &ids)?;
     Ok(n as f64 / t.elapsed().as_secs_f64())
 }
 
-fn tg(model: &Model, n: usize, seed: u64) -> Result<f64> {
+/// tg of `n` tokens after `depth` cached ones.
+fn tg_at(model: &Model, n: usize, depth: usize, seed: u64) -> Result<f64> {
     let ids = tokens(model, n, seed);
-    let (mut kv, seq) = one_sequence(model, n);
+    let (mut kv, seq) = at_depth(model, depth, n)?;
     let t = Instant::now();
     for id in ids {
         step(model, &mut kv, seq, &[id])?;
     }
     Ok(n as f64 / t.elapsed().as_secs_f64())
+}
+
+fn tg(model: &Model, n: usize, seed: u64) -> Result<f64> {
+    tg_at(model, n, 0, seed)
+}
+
+/// `kvinfer bench peak`: memory read bandwidth and multiply-add peaks (a roofline's axes).
+pub fn run_peak(a: PeakBenchArgs, threads: usize) -> Result<()> {
+    use kvinfer_model::kernels::{peak, simd};
+    anyhow::ensure!(a.buffer_mb >= 1, "--buffer-mb must be at least 1");
+    if a.warmup_s > 0.0 {
+        peak::f32_fmas(simd(), threads, a.warmup_s);
+    }
+    let read = peak::read_bandwidth(a.buffer_mb << 20, threads, 5);
+    let int8 = peak::int8_macs(simd(), threads, 0.5);
+    let f32 = peak::f32_fmas(simd(), threads, 0.5);
+    let j = serde_json::json!({
+        "threads": threads,
+        "simd": simd().name(),
+        "buffer_mb": a.buffer_mb,
+        "read_gb_s": read / 1e9,
+        "int8_gops": 2.0 * int8 / 1e9,
+        "f32_gflops": 2.0 * f32 / 1e9,
+    });
+    let mut out = std::io::stdout();
+    if a.json {
+        writeln!(out, "{}", serde_json::to_string_pretty(&j)?)?;
+    } else {
+        writeln!(out, "{threads} threads, {}", simd().name())?;
+        writeln!(out, "memory read   {:8.1} GB/s ({} MiB buffer)", read / 1e9, a.buffer_mb)?;
+        writeln!(out, "int8 peak     {:8.1} GOP/s (multiply + add = 2)", 2.0 * int8 / 1e9)?;
+        writeln!(out, "f32 FMA peak  {:8.1} GFLOP/s", 2.0 * f32 / 1e9)?;
+    }
+    Ok(())
 }
 
 pub(crate) fn warm_up(model: &Model, seconds: f64) -> Result<()> {
@@ -176,10 +225,10 @@ pub fn run(a: BenchArgs, threads: usize) -> Result<()> {
     let mut tgs = Vec::new();
     for r in 0..reps {
         if a.prompt_tokens > 0 {
-            pps.push(pp(&model, a.prompt_tokens, r as u64)?);
+            pps.push(pp_at(&model, a.prompt_tokens, a.depth, r as u64)?);
         }
         if a.gen_tokens > 0 {
-            tgs.push(tg(&model, a.gen_tokens, r as u64)?);
+            tgs.push(tg_at(&model, a.gen_tokens, a.depth, r as u64)?);
         }
     }
     let (pp_m, pp_s) = if pps.is_empty() {
@@ -193,7 +242,7 @@ pub fn run(a: BenchArgs, threads: usize) -> Result<()> {
         mean_std(&tgs)
     };
     let profiles = if a.profile {
-        profile_runs(&model, a.prompt_tokens, a.gen_tokens)?
+        profile_runs(&model, a.prompt_tokens, a.gen_tokens, a.depth)?
     } else {
         vec![]
     };
@@ -206,6 +255,7 @@ pub fn run(a: BenchArgs, threads: usize) -> Result<()> {
             "simd": kvinfer_model::kernels::simd_level(),
             "prompt_tokens": a.prompt_tokens,
             "gen_tokens": a.gen_tokens,
+            "depth": a.depth,
             "repetitions": reps,
             "pp_tok_s": pp_m,
             "pp_tok_s_std": pp_s,
@@ -228,16 +278,21 @@ pub fn run(a: BenchArgs, threads: usize) -> Result<()> {
             threads,
             kvinfer_model::kernels::simd_level()
         )?;
+        let at = if a.depth > 0 {
+            format!(" @ d{}", a.depth)
+        } else {
+            String::new()
+        };
         writeln!(
             std::io::stdout(),
-            "pp{:<5} {:8.1} ± {:.1} tok/s",
+            "pp{:<5} {:8.1} ± {:.1} tok/s{at}",
             a.prompt_tokens,
             pp_m,
             pp_s
         )?;
         writeln!(
             std::io::stdout(),
-            "tg{:<5} {:8.1} ± {:.1} tok/s",
+            "tg{:<5} {:8.1} ± {:.1} tok/s{at}",
             a.gen_tokens,
             tg_m,
             tg_s
@@ -308,20 +363,23 @@ impl Profile {
 }
 
 /// A pp and a tg run with every operation timed.
-fn profile_runs(model: &Model, prompt: usize, gen: usize) -> Result<Vec<Profile>> {
+fn profile_runs(model: &Model, prompt: usize, gen: usize, depth: usize) -> Result<Vec<Profile>> {
     use kvinfer_model::profile;
     let mut out = Vec::new();
     for (test, n) in [("pp", prompt), ("tg", gen)] {
         if n == 0 {
             continue;
         }
+        // The depth is filled before profiling starts.
+        let (mut kv, seq) = at_depth(model, depth, n)?;
+        let ids = tokens(model, n, 99);
         profile::reset();
         profile::enable(true);
         let t = Instant::now();
         let r = if test == "pp" {
-            pp(model, n, 99)
+            step(model, &mut kv, seq, &ids)
         } else {
-            tg(model, n, 99)
+            ids.iter().try_for_each(|&id| step(model, &mut kv, seq, &[id]))
         };
         let total_s = t.elapsed().as_secs_f64();
         profile::enable(false);

@@ -243,6 +243,10 @@ pub struct BenchArgs {
     /// Tokens for the generation test (tg).
     #[arg(long, default_value_t = 128)]
     pub gen_tokens: usize,
+    /// Tokens already in the KV cache before each test (llama-bench's `-d`): pp and tg then
+    /// run at that depth. Filling it is not timed.
+    #[arg(long, short = 'd', default_value_t = 0)]
+    pub depth: usize,
     /// Repetitions of each test (the mean is reported).
     #[arg(long, short = 'r', default_value_t = 3)]
     pub repetitions: usize,
@@ -277,6 +281,25 @@ pub enum BenchCommand {
     /// in a `--budget-mb` pool (found by running them), decode speed at `--context` tokens and
     /// prefill speed over `--prompt-tokens`.
     Kv(KvBenchArgs),
+    /// What this machine can do, for a roofline: memory read bandwidth and the int8 and f32
+    /// multiply-add peaks of the instructions the kernels use, on `--threads` threads.
+    Peak(PeakBenchArgs),
+}
+
+#[derive(Args)]
+pub struct PeakBenchArgs {
+    /// Worker threads (default: all cores).
+    #[arg(long, short = 't', env = "KVINFER_THREADS")]
+    pub threads: Option<usize>,
+    /// MiB of memory read by the bandwidth test (larger than every cache).
+    #[arg(long, default_value_t = 1024)]
+    pub buffer_mb: usize,
+    /// Seconds of CPU warm-up before timing (this machine runs slow after idle).
+    #[arg(long, default_value_t = 0.0)]
+    pub warmup_s: f64,
+    /// Print JSON.
+    #[arg(long)]
+    pub json: bool,
 }
 
 #[derive(Args)]
