@@ -84,27 +84,19 @@ pub(crate) fn attention_f16(
     let n_heads = shape.n_heads;
     let group = n_heads / shape.n_kv_heads;
     let mut tasks = Vec::new();
+    // A task: the query heads of one KV head over up to TILE_ROWS rows of one sequence, so
+    // each block of keys and values is widened once for all of them (decode: one row).
     for (si, s) in spans.iter().enumerate() {
-        if s.rows.len() >= 2 {
-            for kvh in 0..shape.n_kv_heads {
-                let mut r = s.rows.start;
-                while r < s.rows.end {
-                    let end = (r + TILE_ROWS).min(s.rows.end);
-                    tasks.push(Task {
-                        span: si,
-                        rows: r..end,
-                        heads: kvh * group..(kvh + 1) * group,
-                    });
-                    r = end;
-                }
-            }
-        } else {
-            for h in 0..n_heads {
+        for kvh in 0..shape.n_kv_heads {
+            let mut r = s.rows.start;
+            while r < s.rows.end {
+                let end = (r + TILE_ROWS).min(s.rows.end);
                 tasks.push(Task {
                     span: si,
-                    rows: s.rows.clone(),
-                    heads: h..h + 1,
+                    rows: r..end,
+                    heads: kvh * group..(kvh + 1) * group,
                 });
+                r = end;
             }
         }
     }
@@ -141,7 +133,7 @@ unsafe fn run_task(
         }
         #[cfg(target_arch = "x86_64")]
         SimdLevel::Avx2 => task_avx2(sc, t, span, q, kv, layer, shape, out),
-        _ => task(sc, t, span, q, kv, layer, shape, out),
+        _ => task(level, sc, t, span, q, kv, layer, shape, out),
     }
 }
 
@@ -158,7 +150,7 @@ unsafe fn task_avx2(
     shape: AttnShape,
     out: Out,
 ) {
-    task(sc, t, span, q, kv, layer, shape, out)
+    task(SimdLevel::Avx2, sc, t, span, q, kv, layer, shape, out)
 }
 
 #[cfg(target_arch = "x86_64")]
@@ -174,7 +166,7 @@ unsafe fn task_avx512(
     shape: AttnShape,
     out: Out,
 ) {
-    task(sc, t, span, q, kv, layer, shape, out)
+    task(SimdLevel::Avx512, sc, t, span, q, kv, layer, shape, out)
 }
 
 /// `out[j] = sum_d q[d] * kt[d][j]` for 16 keys (`kt`: `[hd][16]`), each a chain over `d`.
@@ -185,6 +177,25 @@ fn scores16(q: &[f32], kt: &[f32]) -> [f32; LANES] {
         let k: &[f32; LANES] = kt[d * LANES..(d + 1) * LANES].try_into().expect("16");
         for j in 0..LANES {
             s[j] = qd.mul_add(k[j], s[j]);
+        }
+    }
+    s
+}
+
+/// One query against `T` tiles of 16 keys (`kt`: `[T][hd][16]`): `T` independent chains, the
+/// same arithmetic as [`scores16`] on each tile.
+#[inline(always)]
+fn scores_tiles<const T: usize>(q: &[f32], kt: &[f32]) -> [[f32; LANES]; T] {
+    let hd = q.len();
+    let mut s = [[0f32; LANES]; T];
+    for (d, &qd) in q.iter().enumerate() {
+        for (i, si) in s.iter_mut().enumerate() {
+            let k: &[f32; LANES] = kt[(i * hd + d) * LANES..(i * hd + d + 1) * LANES]
+                .try_into()
+                .expect("16");
+            for j in 0..LANES {
+                si[j] = qd.mul_add(k[j], si[j]);
+            }
         }
     }
     s
@@ -254,8 +265,19 @@ fn pv_chunk<const N: usize>(p: &[f32], v: &[f32], hd: usize, o: &mut [f32], c: u
 
 /// Softmax of `s` in place (`s` holds q·k; see the module doc), probabilities rounded to f16.
 #[inline(always)]
-fn softmax(s: &mut [f32], scale: f32, half: &mut Vec<f16>) {
-    let max = s.iter().fold(f32::NEG_INFINITY, |m, &v| m.max(v * scale));
+fn softmax(level: SimdLevel, s: &mut [f32], scale: f32, half: &mut Vec<f16>) {
+    // The max in 16 lanes, then across them (exact: any order gives the same value).
+    let mut lanes = [f32::NEG_INFINITY; LANES];
+    let mut chunks = s.chunks_exact(LANES);
+    for c in &mut chunks {
+        for k in 0..LANES {
+            lanes[k] = lanes[k].max(c[k] * scale);
+        }
+    }
+    let max = (chunks.remainder().iter())
+        .map(|&v| v * scale)
+        .chain(lanes)
+        .fold(f32::NEG_INFINITY, f32::max);
     for v in s.iter_mut() {
         *v = exp(*v * scale - max);
     }
@@ -274,21 +296,205 @@ fn softmax(s: &mut [f32], scale: f32, half: &mut Vec<f16>) {
     for v in s.iter_mut() {
         *v /= sum;
     }
-    round_f16(s, half);
+    round_f16(level, s, half);
 }
 
-/// `x = f32(f16(x))` (round to nearest even) through `half`'s slice conversions.
+/// `x = f32(f16(x))` (round to nearest even), at `level` (F16C eight at a time, or `half`).
 #[inline(always)]
-pub(crate) fn round_f16(x: &mut [f32], buf: &mut Vec<f16>) {
+pub(crate) fn round_f16(level: SimdLevel, x: &mut [f32], buf: &mut Vec<f16>) {
+    #[cfg(target_arch = "x86_64")]
+    if level >= SimdLevel::Avx2 {
+        // SAFETY: F16C comes with every level from AVX2 up.
+        return unsafe { round_f16c(x) };
+    }
     use half::slice::HalfFloatSliceExt;
+    let _ = level;
     buf.resize(x.len(), f16::ZERO);
     buf.convert_from_f32_slice(x);
     buf.convert_to_f32_slice(x);
 }
 
+/// `dst = f32(src)` (exact), at `level`.
+#[inline(always)]
+fn widen(level: SimdLevel, src: &[f16], dst: &mut [f32]) {
+    assert_eq!(src.len(), dst.len(), "widen: lengths differ");
+    #[cfg(target_arch = "x86_64")]
+    if level >= SimdLevel::Avx2 {
+        // SAFETY: F16C comes with every level from AVX2 up; lengths checked.
+        return unsafe { widen_f16c(src, dst) };
+    }
+    use half::slice::HalfFloatSliceExt;
+    let _ = level;
+    src.convert_to_f32_slice(dst);
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,f16c")]
+unsafe fn round_f16c(x: &mut [f32]) {
+    use std::arch::x86_64::*;
+    let mut c = x.chunks_exact_mut(8);
+    for v in &mut c {
+        let p = v.as_mut_ptr();
+        let h = _mm256_cvtps_ph::<_MM_FROUND_TO_NEAREST_INT>(_mm256_loadu_ps(p));
+        _mm256_storeu_ps(p, _mm256_cvtph_ps(h));
+    }
+    for v in c.into_remainder() {
+        *v = f16::from_f32(*v).to_f32();
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,f16c")]
+unsafe fn widen_f16c(src: &[f16], dst: &mut [f32]) {
+    use std::arch::x86_64::*;
+    let n = src.len() / 8 * 8;
+    let (sp, dp) = (src.as_ptr() as *const __m128i, dst.as_mut_ptr());
+    for i in (0..n).step_by(8) {
+        _mm256_storeu_ps(dp.add(i), _mm256_cvtph_ps(_mm_loadu_si128(sp.add(i / 8))));
+    }
+    for i in n..src.len() {
+        dst[i] = src[i].to_f32();
+    }
+}
+
+/// Scores of the task's queries against the transposed tiles in `sc.kt` (`tiles[k]` = key
+/// range `a..z` of tile k, relative to the task's first key), into `sc.scores`.
+#[inline(always)]
+fn score_tiles(
+    sc: &mut Scratch,
+    tiles: &[(usize, usize)],
+    nq: usize,
+    hd: usize,
+    n_keys: usize,
+    range: &impl Fn(usize) -> (usize, usize),
+) {
+    let live = |i: usize, (a, z): (usize, usize)| {
+        let (f, e) = range(i);
+        f < z && a < e
+    };
+    let tile = |k: usize| &sc.kt[k * hd * LANES..(k + 1) * hd * LANES];
+    if nq < 4 {
+        // Few queries (decode): each query against all tiles at once.
+        for i in 0..nq {
+            let q = &sc.q[i * hd..(i + 1) * hd];
+            let mut put = |k: usize, s: &[f32; LANES]| {
+                let (a, z) = tiles[k];
+                if live(i, (a, z)) {
+                    sc.scores[i * n_keys + a..i * n_keys + z].copy_from_slice(&s[..z - a]);
+                }
+            };
+            if tiles.len() == 4 {
+                let s = scores_tiles::<4>(q, &sc.kt[..4 * hd * LANES]);
+                for (k, sk) in s.iter().enumerate() {
+                    put(k, sk);
+                }
+            } else {
+                for k in 0..tiles.len() {
+                    let s = scores_tiles::<1>(q, tile(k));
+                    put(k, &s[0]);
+                }
+            }
+        }
+        return;
+    }
+    for (k, &(a, z)) in tiles.iter().enumerate() {
+        let kt = tile(k);
+        let mut i = 0;
+        while i < nq {
+            if i + 4 <= nq && (i..i + 4).all(|i| live(i, (a, z))) {
+                let qs = std::array::from_fn(|m| &sc.q[(i + m) * hd..(i + m + 1) * hd]);
+                let s4 = scores16x4(qs, kt);
+                for (m, s) in s4.iter().enumerate() {
+                    sc.scores[(i + m) * n_keys + a..(i + m) * n_keys + z]
+                        .copy_from_slice(&s[..z - a]);
+                }
+                i += 4;
+            } else {
+                if live(i, (a, z)) {
+                    let s = scores16(&sc.q[i * hd..(i + 1) * hd], kt);
+                    sc.scores[i * n_keys + a..i * n_keys + z].copy_from_slice(&s[..z - a]);
+                }
+                i += 1;
+            }
+        }
+    }
+}
+
+/// Keys `src` (`n <= 16` rows of `hd` f16) widened and transposed into `dst` (`[hd][16]`,
+/// lanes past `n` zero): exact, so any implementation gives the same bits.
+#[inline(always)]
+fn transpose_keys(
+    level: SimdLevel,
+    src: &[f16],
+    n: usize,
+    hd: usize,
+    dst: &mut [f32],
+    wide: &mut [f32],
+) {
+    #[cfg(target_arch = "x86_64")]
+    if n == LANES && hd.is_multiple_of(LANES) && level >= SimdLevel::Avx2Vnni {
+        assert!(src.len() >= LANES * hd && dst.len() >= hd * LANES);
+        // SAFETY: AVX-512 F was detected (Avx2Vnni and Avx512 need it); bounds asserted.
+        unsafe { transpose16_avx512(src, hd, dst) };
+        return;
+    }
+    let _ = level;
+    widen(level, &src[..n * hd], &mut wide[..n * hd]);
+    for d in 0..hd {
+        for j in 0..LANES {
+            dst[d * LANES + j] = if j < n { wide[j * hd + d] } else { 0.0 };
+        }
+    }
+}
+
+/// 16 rows of `hd` f16 -> `[hd][16]` f32: per 16 columns, 16 widened rows transposed in
+/// registers (unpack 32-bit, unpack 64-bit, then two 128-bit lane shuffles).
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx2,f16c")]
+unsafe fn transpose16_avx512(src: &[f16], hd: usize, dst: &mut [f32]) {
+    use std::arch::x86_64::*;
+    let sp = src.as_ptr() as *const u16;
+    for c in (0..hd).step_by(LANES) {
+        let r: [__m512; 16] = std::array::from_fn(|j| {
+            _mm512_cvtph_ps(_mm256_loadu_si256(sp.add(j * hd + c) as *const __m256i))
+        });
+        let mut t = [_mm512_setzero_ps(); 16];
+        for p in 0..8 {
+            t[2 * p] = _mm512_unpacklo_ps(r[2 * p], r[2 * p + 1]);
+            t[2 * p + 1] = _mm512_unpackhi_ps(r[2 * p], r[2 * p + 1]);
+        }
+        let pd = _mm512_castps_pd;
+        let ps = _mm512_castpd_ps;
+        let mut u = [_mm512_setzero_ps(); 16];
+        for g in 0..4 {
+            let (a, b, c2, d) = (t[4 * g], t[4 * g + 1], t[4 * g + 2], t[4 * g + 3]);
+            u[4 * g] = ps(_mm512_unpacklo_pd(pd(a), pd(c2)));
+            u[4 * g + 1] = ps(_mm512_unpackhi_pd(pd(a), pd(c2)));
+            u[4 * g + 2] = ps(_mm512_unpacklo_pd(pd(b), pd(d)));
+            u[4 * g + 3] = ps(_mm512_unpackhi_pd(pd(b), pd(d)));
+        }
+        // u[4g + k]: rows 4g..4g+4, columns 4m + k in 128-bit lane m.
+        let mut v = [_mm512_setzero_ps(); 16];
+        for k in 0..4 {
+            v[k] = _mm512_shuffle_f32x4::<0x88>(u[k], u[4 + k]);
+            v[4 + k] = _mm512_shuffle_f32x4::<0xdd>(u[k], u[4 + k]);
+            v[8 + k] = _mm512_shuffle_f32x4::<0x88>(u[8 + k], u[12 + k]);
+            v[12 + k] = _mm512_shuffle_f32x4::<0xdd>(u[8 + k], u[12 + k]);
+        }
+        let o = dst.as_mut_ptr().add(c * LANES);
+        for k in 0..8 {
+            // Columns k and k + 8 of the 16 rows.
+            let (x, y) = (v[k], v[8 + k]);
+            _mm512_storeu_ps(o.add(k * LANES), _mm512_shuffle_f32x4::<0x88>(x, y));
+            _mm512_storeu_ps(o.add((k + 8) * LANES), _mm512_shuffle_f32x4::<0xdd>(x, y));
+        }
+    }
+}
+
 #[allow(clippy::too_many_arguments)]
 #[inline(always)]
 fn task(
+    level: SimdLevel,
     sc: &mut Scratch,
     t: &Task,
     span: &SeqSpan,
@@ -298,7 +504,6 @@ fn task(
     shape: AttnShape,
     out: Out,
 ) {
-    use half::slice::HalfFloatSliceExt;
     let (n_heads, hd) = (shape.n_heads, shape.head_dim);
     let kvh = t.heads.start / (n_heads / shape.n_kv_heads);
     let bs = kv.layout().block_size;
@@ -319,60 +524,55 @@ fn task(
             sc.q.extend_from_slice(&q[at..at + hd]);
         }
     }
-    round_f16(&mut sc.q, &mut sc.half);
+    round_f16(level, &mut sc.q, &mut sc.half);
     let range = |i: usize| {
         let r = t.rows.start + i / t.heads.len();
         (first_of(r) - lo, pos_of(r) + 1 - lo)
     };
     sc.scores.clear();
     sc.scores.resize(nq * n_keys, 0.0);
-    sc.kt.resize(hd * LANES, 0.0);
-    sc.wide.resize(bs.max(LANES) * hd, 0.0);
-    // Scores, block by block of keys.
-    for bi in lo / bs..=hi / bs {
-        let (b0, b1) = ((bi * bs).max(lo), ((bi + 1) * bs).min(hi + 1));
-        let keys = kv.keys(span.blocks[bi], layer, kvh);
-        let mut j0 = b0;
-        while j0 < b1 {
+    const TILES: usize = 4;
+    sc.kt.resize(TILES * hd * LANES, 0.0);
+    sc.wide.resize(LANES * hd, 0.0);
+    // Scores: tiles of up to 16 keys (within a block), transposed; up to 4 at a time.
+    let mut tiles: Vec<(usize, usize)> = Vec::with_capacity(TILES); // (a, z) relative to lo
+    let mut bi = lo / bs;
+    let mut j0 = lo;
+    loop {
+        let done = j0 > hi;
+        if !done {
+            let b1 = ((bi + 1) * bs).min(hi + 1);
             let j1 = (j0 + LANES).min(b1);
-            let n = j1 - j0;
             let slot = j0 - bi * bs;
-            keys[slot * hd..(slot + n) * hd].convert_to_f32_slice(&mut sc.wide[..n * hd]);
-            for d in 0..hd {
-                for j in 0..LANES {
-                    sc.kt[d * LANES + j] = if j < n { sc.wide[j * hd + d] } else { 0.0 };
-                }
-            }
-            let (a, z) = (j0 - lo, j1 - lo);
-            let mut i = 0;
-            while i < nq {
-                let live = |i: usize| {
-                    let (f, e) = range(i);
-                    f < z && a < e
-                };
-                if i + 4 <= nq && (i..i + 4).all(live) {
-                    let qs = std::array::from_fn(|k| &sc.q[(i + k) * hd..(i + k + 1) * hd]);
-                    let s4 = scores16x4(qs, &sc.kt);
-                    for (k, s) in s4.iter().enumerate() {
-                        sc.scores[(i + k) * n_keys + a..(i + k) * n_keys + z]
-                            .copy_from_slice(&s[..n]);
-                    }
-                    i += 4;
-                } else {
-                    if live(i) {
-                        let s = scores16(&sc.q[i * hd..(i + 1) * hd], &sc.kt);
-                        sc.scores[i * n_keys + a..i * n_keys + z].copy_from_slice(&s[..n]);
-                    }
-                    i += 1;
-                }
-            }
+            let keys = kv.keys(span.blocks[bi], layer, kvh);
+            let k = tiles.len();
+            transpose_keys(
+                level,
+                &keys[slot * hd..],
+                j1 - j0,
+                hd,
+                &mut sc.kt[k * hd * LANES..(k + 1) * hd * LANES],
+                &mut sc.wide,
+            );
+            tiles.push((j0 - lo, j1 - lo));
             j0 = j1;
+            if j0 == b1 {
+                bi += 1;
+            }
+        }
+        if tiles.len() == TILES || (done && !tiles.is_empty()) {
+            score_tiles(sc, &tiles, nq, hd, n_keys, &range);
+            tiles.clear();
+        }
+        if done {
+            break;
         }
     }
     // Softmax of each query over its own keys.
     for i in 0..nq {
         let (f, e) = range(i);
         softmax(
+            level,
             &mut sc.scores[i * n_keys + f..i * n_keys + e],
             shape.scale,
             &mut sc.half,
@@ -387,7 +587,11 @@ fn task(
         let slot = b0 - bi * bs;
         let n = b1 - b0;
         sc.vt.resize(n * hd, 0.0);
-        vals[slot * hd..(slot + n) * hd].convert_to_f32_slice(&mut sc.vt[..n * hd]);
+        widen(
+            level,
+            &vals[slot * hd..(slot + n) * hd],
+            &mut sc.vt[..n * hd],
+        );
         for i in 0..nq {
             let (f, e) = range(i);
             let (a, z) = ((b0 - lo).max(f), (b1 - lo).min(e));
@@ -459,8 +663,12 @@ mod tests {
         let blocks: Vec<BlockId> = (0..nblocks)
             .map(|i| BlockId(((i * 7) % nblocks + 1) as u32))
             .collect();
-        let k: Vec<f32> = (0..n * n_kv * hd).map(|_| rng.random_range(-2.0..2.0)).collect();
-        let v: Vec<f32> = (0..n * n_kv * hd).map(|_| rng.random_range(-2.0..2.0)).collect();
+        let k: Vec<f32> = (0..n * n_kv * hd)
+            .map(|_| rng.random_range(-2.0..2.0))
+            .collect();
+        let v: Vec<f32> = (0..n * n_kv * hd)
+            .map(|_| rng.random_range(-2.0..2.0))
+            .collect();
         let spans = [SeqSpan {
             blocks: &blocks,
             start: 0,
@@ -551,7 +759,8 @@ mod tests {
                     let sc: Vec<f64> = (first..=r)
                         .map(|j| {
                             let k = row(j, false);
-                            let d: f64 = qh.iter().zip(&k).map(|(a, b)| *a as f64 * b.to_f64()).sum();
+                            let d: f64 =
+                                qh.iter().zip(&k).map(|(a, b)| *a as f64 * b.to_f64()).sum();
                             d * shape.scale as f64
                         })
                         .collect();

@@ -283,15 +283,7 @@ pub fn attention(
         window,
     } = shape;
     if kv.layout().dtype == KvDtype::F16 {
-        return crate::attn::attention_f16(
-            crate::kernels::simd(),
-            q,
-            kv,
-            layer,
-            spans,
-            shape,
-            out,
-        );
+        return crate::attn::attention_f16(crate::kernels::simd(), q, kv, layer, spans, shape, out);
     }
     let bs = kv.layout().block_size;
     // Quantized keys and values (q8_0, q4_0, q4): one task per (row, head).
@@ -445,10 +437,16 @@ mod tests {
             0.1,
             1.0 / 3.0,
         ]);
-        let mut out = x.clone();
-        crate::attn::round_f16(&mut out, &mut Vec::new());
-        for (a, b) in x.iter().zip(&out) {
-            assert_eq!(f16::from_f32(*a).to_f32().to_bits(), b.to_bits(), "{a}");
+        for level in crate::kernels::SimdLevel::available() {
+            let mut out = x.clone();
+            crate::attn::round_f16(level, &mut out, &mut Vec::new());
+            for (a, b) in x.iter().zip(&out) {
+                assert_eq!(
+                    f16::from_f32(*a).to_f32().to_bits(),
+                    b.to_bits(),
+                    "{level:?} {a}"
+                );
+            }
         }
     }
 

@@ -32,8 +32,8 @@ impl QMat {
     pub fn packed(mut self, f: &GgufFile) -> Self {
         if self.packed.is_none() && self.rows > 1 && crate::kernels::packing_enabled() {
             let info = &self.info;
-            self.packed = PackedMat::pack_with(self.view(f), |r| f.release_range(info, r))
-                .map(Arc::new);
+            self.packed =
+                PackedMat::pack_with(self.view(f), |r| f.release_range(info, r)).map(Arc::new);
         }
         self
     }

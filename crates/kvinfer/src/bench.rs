@@ -102,8 +102,17 @@ pub fn run_peak(a: PeakBenchArgs, threads: usize) -> Result<()> {
         writeln!(out, "{}", serde_json::to_string_pretty(&j)?)?;
     } else {
         writeln!(out, "{threads} threads, {}", simd().name())?;
-        writeln!(out, "memory read   {:8.1} GB/s ({} MiB buffer)", read / 1e9, a.buffer_mb)?;
-        writeln!(out, "int8 peak     {:8.1} GOP/s (multiply + add = 2)", 2.0 * int8 / 1e9)?;
+        writeln!(
+            out,
+            "memory read   {:8.1} GB/s ({} MiB buffer)",
+            read / 1e9,
+            a.buffer_mb
+        )?;
+        writeln!(
+            out,
+            "int8 peak     {:8.1} GOP/s (multiply + add = 2)",
+            2.0 * int8 / 1e9
+        )?;
         writeln!(out, "f32 FMA peak  {:8.1} GFLOP/s", 2.0 * f32 / 1e9)?;
     }
     Ok(())
@@ -379,7 +388,8 @@ fn profile_runs(model: &Model, prompt: usize, gen: usize, depth: usize) -> Resul
         let r = if test == "pp" {
             step(model, &mut kv, seq, &ids)
         } else {
-            ids.iter().try_for_each(|&id| step(model, &mut kv, seq, &[id]))
+            ids.iter()
+                .try_for_each(|&id| step(model, &mut kv, seq, &[id]))
         };
         let total_s = t.elapsed().as_secs_f64();
         profile::enable(false);

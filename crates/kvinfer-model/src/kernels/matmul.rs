@@ -204,7 +204,9 @@ fn packed_matmul(level: SimdLevel, p: &PackedMat, x: &[f32], n_tokens: usize, ou
             // n_tokens tokens of cols values and their sums; groups `gr` are this task's.
             unsafe {
                 match level {
-                    SimdLevel::Avx512 => super::packed_x86::groups_avx512(p, gr, acts, n_tokens, out),
+                    SimdLevel::Avx512 => {
+                        super::packed_x86::groups_avx512(p, gr, acts, n_tokens, out)
+                    }
                     SimdLevel::Avx2Vnni => {
                         super::packed_x86::groups_avx2vnni(p, gr, acts, n_tokens, out)
                     }

@@ -19,9 +19,9 @@ mod kquant_x86;
 pub mod kv_quant;
 mod matmul;
 mod packed;
-pub mod peak;
 #[cfg(target_arch = "x86_64")]
 mod packed_x86;
+pub mod peak;
 pub mod quant;
 #[cfg(test)]
 mod tests;

@@ -128,7 +128,12 @@ unsafe fn tile512<K: Kind, const T: usize>(
 ) {
     // Q8_0 goes through `vpdpbusd` as q + 128: 128 * sum(y) comes off in integers.
     let off = if K::Q8 { 128 } else { K::OFF };
-    let mut y = [(std::ptr::null(), std::ptr::null(), std::ptr::null(), std::ptr::null()); T];
+    let mut y = [(
+        std::ptr::null(),
+        std::ptr::null(),
+        std::ptr::null(),
+        std::ptr::null(),
+    ); T];
     for t in 0..T {
         y[t] = tok(acts, t0 + t);
     }
@@ -142,11 +147,8 @@ unsafe fn tile512<K: Kind, const T: usize>(
             for t in 0..T {
                 let yb = y[t].0.add(b * QK);
                 dot[t] = _mm512_dpbusd_epi32(dot[t], lo, _mm512_set1_epi32(dword(yb.add(4 * c))));
-                dot[t] = _mm512_dpbusd_epi32(
-                    dot[t],
-                    hi,
-                    _mm512_set1_epi32(dword(yb.add(16 + 4 * c))),
-                );
+                dot[t] =
+                    _mm512_dpbusd_epi32(dot[t], hi, _mm512_set1_epi32(dword(yb.add(16 + 4 * c))));
             }
         }
         let dw = _mm512_cvtph_ps(_mm256_loadu_si256(d.add(GROUP * b) as *const __m256i));
@@ -301,7 +303,12 @@ unsafe fn tile256<K: Kind, const VNNI: bool, const T: usize>(
     out: OutPtr,
 ) {
     let off = if K::Q8 && VNNI { 128 } else { K::OFF };
-    let mut y = [(std::ptr::null(), std::ptr::null(), std::ptr::null(), std::ptr::null()); T];
+    let mut y = [(
+        std::ptr::null(),
+        std::ptr::null(),
+        std::ptr::null(),
+        std::ptr::null(),
+    ); T];
     for t in 0..T {
         y[t] = tok(acts, t0 + t);
     }
@@ -315,8 +322,7 @@ unsafe fn tile256<K: Kind, const VNNI: bool, const T: usize>(
             for t in 0..T {
                 let yb = y[t].0.add(b * QK);
                 dot[t] = dot4::<K, VNNI>(dot[t], lo, _mm256_set1_epi32(dword(yb.add(4 * c))));
-                dot[t] =
-                    dot4::<K, VNNI>(dot[t], hi, _mm256_set1_epi32(dword(yb.add(16 + 4 * c))));
+                dot[t] = dot4::<K, VNNI>(dot[t], hi, _mm256_set1_epi32(dword(yb.add(16 + 4 * c))));
             }
         }
         let at = GROUP * b + 8 * h;

@@ -6,9 +6,9 @@ use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
 use super::matmul::matmul_with;
+use super::packed;
 use super::quant::{self, BlockQ8K, QK};
 use super::*;
-use super::packed;
 use crate::ggml_type::{GgmlType, QK_K};
 
 const ALL_MATMUL_TYPES: [GgmlType; 10] = [
@@ -677,7 +677,8 @@ fn packed_matmul_is_the_reference_bit_for_bit_at_every_level() {
             for r in 0..rows {
                 let row = &data[r * rb..(r + 1) * rb];
                 let nb = cols / QK;
-                let ggml = quant::dot_q8_scalar(ty, row, &acts.qs[..cols], &acts.d[..nb], &acts.s[..nb]);
+                let ggml =
+                    quant::dot_q8_scalar(ty, row, &acts.qs[..cols], &acts.d[..nb], &acts.s[..nb]);
                 let mut wf = vec![0.0f32; cols];
                 quant::dequantize_row_scalar(ty, row, &mut wf);
                 let scale: f32 = wf.iter().zip(&x[..cols]).map(|(a, b)| (a * b).abs()).sum();
