@@ -85,17 +85,32 @@ pub(crate) fn attention_f16(
     let group = n_heads / shape.n_kv_heads;
     let mut tasks = Vec::new();
     // A task: the query heads of one KV head over up to TILE_ROWS rows of one sequence, so
-    // each block of keys and values is widened once for all of them (decode: one row).
+    // each block of keys and values is widened once for all of them (decode: one row). When
+    // that leaves threads idle (a few sequences decoding over few KV heads: Gemma 3 has one),
+    // one task per query head instead (the numbers are the same either way).
+    let tiles: usize = spans.iter().map(|s| s.rows.len().div_ceil(TILE_ROWS)).sum();
+    let per_head = tiles * shape.n_kv_heads < 2 * rayon::current_num_threads() && group > 1;
     for (si, s) in spans.iter().enumerate() {
         for kvh in 0..shape.n_kv_heads {
             let mut r = s.rows.start;
             while r < s.rows.end {
                 let end = (r + TILE_ROWS).min(s.rows.end);
-                tasks.push(Task {
-                    span: si,
-                    rows: r..end,
-                    heads: kvh * group..(kvh + 1) * group,
-                });
+                let heads = kvh * group..(kvh + 1) * group;
+                if per_head {
+                    for h in heads {
+                        tasks.push(Task {
+                            span: si,
+                            rows: r..end,
+                            heads: h..h + 1,
+                        });
+                    }
+                } else {
+                    tasks.push(Task {
+                        span: si,
+                        rows: r..end,
+                        heads,
+                    });
+                }
                 r = end;
             }
         }
@@ -218,15 +233,12 @@ fn scores16x4(q: [&[f32]; 4], kt: &[f32]) -> [[f32; LANES]; 4] {
 }
 
 /// `o[c] = fma(p[j], v[j][c], o[c])` over the rows `j` of `v` (`[p.len()][o.len()]`) in order:
-/// `N` vectors of 16 outputs at a time, independent chains that keep the FMA units busy.
+/// `N` vectors of 16 outputs at a time, independent chains that keep the FMA units busy (not 8:
+/// the compiler then turns the loads into gathers).
 #[inline(always)]
 fn pv(p: &[f32], v: &[f32], o: &mut [f32]) {
     let hd = o.len();
     let mut c = 0;
-    while c + 8 * LANES <= hd {
-        pv_chunk::<8>(p, v, hd, &mut o[c..c + 8 * LANES], c);
-        c += 8 * LANES;
-    }
     while c + 4 * LANES <= hd {
         pv_chunk::<4>(p, v, hd, &mut o[c..c + 4 * LANES], c);
         c += 4 * LANES;

@@ -188,7 +188,7 @@ impl Model {
             }
             // The samples fault in whole runs of pages around them; a repacked tensor's pages
             // are otherwise never read again.
-            self.file.release(t);
+            self.file.release_copied(t);
         }
         ModelFingerprint(*h.finalize().as_bytes())
     }

@@ -34,6 +34,9 @@ impl QMat {
             let info = &self.info;
             self.packed =
                 PackedMat::pack_with(self.view(f), |r| f.release_range(info, r)).map(Arc::new);
+            if self.packed.is_some() {
+                f.mark_copied(info);
+            }
         }
         self
     }

@@ -169,6 +169,9 @@ pub struct GgufFile {
     /// Which tensors were looked up by name: a model that leaves one unread is refused
     /// (an unknown tensor is never ignored).
     looked_up: Vec<AtomicBool>,
+    /// Tensors whose bytes were copied (repacked) at load: their pages may be dropped again
+    /// after a later read (the fingerprint's samples).
+    copied: Vec<AtomicBool>,
 }
 
 struct Cursor<'a> {
@@ -388,6 +391,7 @@ impl GgufFile {
             metadata,
             keys,
             looked_up: tensors.iter().map(|_| AtomicBool::new(false)).collect(),
+            copied: tensors.iter().map(|_| AtomicBool::new(false)).collect(),
             tensors,
             by_name,
         })
@@ -495,6 +499,24 @@ impl GgufFile {
     /// in from the file. A hint: errors are ignored.
     pub fn release(&self, info: &TensorInfo) {
         self.release_range(info, 0..info.size_bytes as usize);
+    }
+
+    /// Marks a tensor as copied into memory of its own (repacked): [`Self::release_copied`]
+    /// then drops its pages.
+    pub fn mark_copied(&self, info: &TensorInfo) {
+        if let Some(&i) = self.by_name.get(&info.name) {
+            self.copied[i].store(true, Ordering::Relaxed);
+        }
+    }
+
+    /// [`Self::release`] if the tensor was marked copied (its pages are otherwise read again:
+    /// dropping them would only make the next read fault them back in).
+    pub fn release_copied(&self, info: &TensorInfo) {
+        if let Some(&i) = self.by_name.get(&info.name) {
+            if self.copied[i].load(Ordering::Relaxed) {
+                self.release(info);
+            }
+        }
     }
 
     /// [`Self::release`] for bytes `range` of the tensor's data.
