@@ -112,13 +112,35 @@ pub fn rope_tokens(
     }
 }
 
-/// SiLU-gated product in place: `gate[i] = silu(gate[i]) * up[i]`.
+/// SiLU-gated product in place: `gate[i] = silu(gate[i]) * up[i]`, with `silu(x) = x / (1 +
+/// e^-x)` and e^x the attention's polynomial ([`crate::attn::exp`], as ggml's SIMD SiLU uses its
+/// own `expf`): element-wise, the same bits at every SIMD level.
 pub fn swiglu(gate: &mut [f32], up: &[f32]) {
-    par_pairs(gate, up, |gate, up| {
-        for (g, u) in gate.iter_mut().zip(up) {
-            *g = *g / (1.0 + (-*g).exp()) * u;
-        }
-    });
+    let level = crate::kernels::simd();
+    par_pairs(gate, up, |gate, up| silu_mul(level, gate, up));
+}
+
+fn silu_mul(level: crate::kernels::SimdLevel, gate: &mut [f32], up: &[f32]) {
+    #[cfg(target_arch = "x86_64")]
+    if level >= crate::kernels::SimdLevel::Avx2 {
+        // SAFETY: AVX2 and FMA come with every level from Avx2 up.
+        return unsafe { silu_mul_fma(gate, up) };
+    }
+    let _ = level;
+    silu_mul_body(gate, up)
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn silu_mul_fma(gate: &mut [f32], up: &[f32]) {
+    silu_mul_body(gate, up)
+}
+
+#[inline(always)]
+fn silu_mul_body(gate: &mut [f32], up: &[f32]) {
+    for (g, u) in gate.iter_mut().zip(up) {
+        *g = *g / (1.0 + crate::attn::exp(-*g)) * u;
+    }
 }
 
 /// GELU (tanh approximation) gated product: `gate[i] = gelu(gate[i]) * up[i]`.
@@ -447,6 +469,28 @@ mod tests {
                     "{level:?} {a}"
                 );
             }
+        }
+    }
+
+    #[test]
+    fn swiglu_is_the_same_bits_at_every_level_and_close_to_libm() {
+        let x: Vec<f32> = (0..4000).map(|i| (i as f32 - 2000.0) * 0.0173).collect();
+        let up: Vec<f32> = (0..4000).map(|i| 1.0 + (i % 7) as f32 * 0.25).collect();
+        let mut want = x.clone();
+        silu_mul(crate::kernels::SimdLevel::Scalar, &mut want, &up);
+        for level in crate::kernels::SimdLevel::available() {
+            let mut g = x.clone();
+            silu_mul(level, &mut g, &up);
+            for (i, (a, b)) in g.iter().zip(&want).enumerate() {
+                assert_eq!(a.to_bits(), b.to_bits(), "{level:?} [{i}]");
+            }
+        }
+        for ((&g, &u), &got) in x.iter().zip(&up).zip(&want) {
+            let libm = g / (1.0 + (-g).exp()) * u;
+            assert!(
+                (got - libm).abs() <= 4.0 * f32::EPSILON * libm.abs().max(1e-30),
+                "{g}: {got} vs {libm}"
+            );
         }
     }
 
