@@ -91,7 +91,7 @@ pub(crate) fn attention_f16(
     // that leaves threads idle (a few sequences decoding over few KV heads: Gemma 3 has one),
     // one task per query head instead (the numbers are the same either way).
     let tiles: usize = spans.iter().map(|s| s.rows.len().div_ceil(TILE_ROWS)).sum();
-    let per_head = tiles * shape.n_kv_heads < 2 * rayon::current_num_threads() && group > 1;
+    let per_head = tiles * shape.n_kv_heads < rayon::current_num_threads() && group > 1;
     for (si, s) in spans.iter().enumerate() {
         for kvh in 0..shape.n_kv_heads {
             let mut r = s.rows.start;
