@@ -43,6 +43,8 @@ thread_local! {
     /// per decode step). `try_borrow_mut` guards re-entrant calls (rayon work stealing).
     static Q8_SCRATCH: RefCell<Q8Acts> = RefCell::new(Q8Acts::default());
     static Q8K_SCRATCH: RefCell<Vec<BlockQ8K>> = const { RefCell::new(Vec::new()) };
+    /// The same activations laid out for the packed kernels' tiles.
+    static TILE_SCRATCH: RefCell<packed::TiledActs> = RefCell::new(packed::TiledActs::default());
 }
 
 /// Run `f` with this thread's scratch value, or a fresh one if it is already borrowed.
@@ -193,37 +195,46 @@ pub(crate) fn matmul_with(level: SimdLevel, w: QMatRef, x: &[f32], n_tokens: usi
 /// once, then tasks of whole groups of 16 rows.
 #[cfg(target_arch = "x86_64")]
 fn packed_matmul(level: SimdLevel, p: &PackedMat, x: &[f32], n_tokens: usize, out: OutPtr) {
-    let (rows, cols) = (p.rows(), p.cols());
+    let cols = p.cols();
     with_scratch(&Q8_SCRATCH, |acts| {
         quantize_q8_tokens(level, x, n_tokens, cols, packed::has_min(p.ty()), acts);
-        acts.fill_int_sums(n_tokens);
-        let acts = &*acts;
-        let per = rows_per_task(rows, cols, n_tokens).div_ceil(GROUP).max(1);
-        let run = |gr: std::ops::Range<usize>| {
-            // SAFETY: the level was detected (or checked by the tests); `acts` holds
-            // n_tokens tokens of cols values and their sums; groups `gr` are this task's.
-            unsafe {
-                match level {
-                    SimdLevel::Avx512 => {
-                        super::packed_x86::groups_avx512(p, gr, acts, n_tokens, out)
-                    }
-                    SimdLevel::Avx2Vnni => {
-                        super::packed_x86::groups_avx2vnni(p, gr, acts, n_tokens, out)
-                    }
-                    _ => super::packed_x86::groups_avx2(p, gr, acts, n_tokens, out),
-                }
-            }
-        };
-        let groups = rows / GROUP;
-        let n_chunks = groups.div_ceil(per);
-        if n_chunks <= 1 {
-            run(0..groups);
-        } else {
-            (0..n_chunks)
-                .into_par_iter()
-                .for_each(|c| run(c * per..((c + 1) * per).min(groups)));
-        }
+        with_scratch(&TILE_SCRATCH, |tiled| {
+            let (w, off) = (
+                super::packed_x86::width(level, p.ty()),
+                super::packed_x86::int_offset(level, p.ty()),
+            );
+            tiled.fill(acts, n_tokens, w, off);
+            packed_groups(level, p, tiled, out);
+        });
     });
+}
+
+/// [`packed_matmul`]'s kernels over tasks of whole groups.
+#[cfg(target_arch = "x86_64")]
+fn packed_groups(level: SimdLevel, p: &PackedMat, y: &packed::TiledActs, out: OutPtr) {
+    let per = rows_per_task(p.rows(), p.cols(), y.n_tokens)
+        .div_ceil(GROUP)
+        .max(1);
+    let run = |gr: std::ops::Range<usize>| {
+        // SAFETY: the level was detected (or checked by the tests); `y` was laid out for it
+        // from tokens of p.cols() values; groups `gr` are this task's.
+        unsafe {
+            match level {
+                SimdLevel::Avx512 => super::packed_x86::groups_avx512(p, gr, y, out),
+                SimdLevel::Avx2Vnni => super::packed_x86::groups_avx2vnni(p, gr, y, out),
+                _ => super::packed_x86::groups_avx2(p, gr, y, out),
+            }
+        }
+    };
+    let groups = p.rows() / GROUP;
+    let n_chunks = groups.div_ceil(per);
+    if n_chunks <= 1 {
+        run(0..groups);
+    } else {
+        (0..n_chunks)
+            .into_par_iter()
+            .for_each(|c| run(c * per..((c + 1) * per).min(groups)));
+    }
 }
 
 /// Weight types whose llama.cpp dot product takes `block_q8_1` activations (f16 block sums).

@@ -19,7 +19,7 @@
 //! Numbers: every kernel computes, for row r and token t, over the blocks b in order,
 //! `acc = fma(dot_b as f32, d_w * d_y, acc)` with `dot_b` the exact integer dot product of the
 //! block's quants (offsets of Q4_0 / Q5_0 applied in integers) with the token's Q8 quants, and
-//! for Q4_1 / Q5_1 `corr = fma(m_w, s_y, corr)`, the result `acc + corr`. Integer sums are exact
+//! for Q4_1 / Q5_1 then `acc = fma(m_w, s_y, acc)` (llama.cpp's order). Integer sums are exact
 //! whatever their order and each (row, token) has its own float lane, so the result does not
 //! depend on the batch, the tiling, the thread count, or on AVX2 vs AVX-512 ([`dot_reference`]
 //! is the same arithmetic in scalar code; the tests compare bit for bit).
@@ -226,13 +226,92 @@ fn bytes_mut(l: &mut [Line]) -> &mut [u8] {
     unsafe { std::slice::from_raw_parts_mut(l.as_mut_ptr() as *mut u8, l.len() * 64) }
 }
 
+/// Activations laid out for the group kernels' token tiles: tokens `t0..t0 + w` of a tile
+/// (the last tile may be narrower) are interleaved so that, block by block, a kernel finds each
+/// token's 4 quant bytes of one chunk, its scale, its min sum and its integer offset at one base
+/// pointer plus constant offsets (no per-token pointers, no scalar work in the loop).
+///
+/// ```text
+/// tile of width r at token t0 (all arrays start their tile at t0 * nb * {8, 1}):
+///   qs   [nb][8][r] dwords: dword j of block b of token t (bytes 4j..4j+4 of its 32 quants)
+///   d    [nb][r]  block scales
+///   s    [nb][r]  block scale x sum of quants (the Q4_1 / Q5_1 min term)
+///   off  [nb][r]  the type's integer offset x sum of quants (subtracted from the dot product)
+/// ```
+#[derive(Default)]
+pub(crate) struct TiledActs {
+    /// Tile width (the kernel's tokens per tile).
+    pub w: usize,
+    /// Blocks per token.
+    pub nb: usize,
+    /// Tokens laid out.
+    pub n_tokens: usize,
+    qs: Vec<i32>,
+    d: Vec<f32>,
+    s: Vec<f32>,
+    off: Vec<i32>,
+}
+
+/// One tile's pointers (see [`TiledActs`]).
+#[derive(Clone, Copy)]
+pub(crate) struct Tile {
+    pub qs: *const i32,
+    pub d: *const f32,
+    pub s: *const f32,
+    pub off: *const i32,
+}
+
+impl TiledActs {
+    /// Lays out the `n_tokens` tokens of `acts` in tiles of `w`, with `off x` the integer sum of
+    /// each block's quants in `off`.
+    pub fn fill(&mut self, acts: &Q8Acts, n_tokens: usize, w: usize, off: i32) {
+        let nb = acts.nb;
+        (self.w, self.nb, self.n_tokens) = (w, nb, n_tokens);
+        self.qs.resize(n_tokens * nb * 8, 0);
+        self.d.resize(n_tokens * nb, 0.0);
+        self.s.resize(n_tokens * nb, 0.0);
+        self.off.resize(n_tokens * nb, 0);
+        let mut t0 = 0;
+        while t0 < n_tokens {
+            let r = w.min(n_tokens - t0);
+            let qs = &mut self.qs[t0 * nb * 8..(t0 + r) * nb * 8];
+            let base = t0 * nb;
+            for t in 0..r {
+                for b in 0..nb {
+                    let i = (t0 + t) * nb + b;
+                    let blk = &acts.qs[i * QK..(i + 1) * QK];
+                    for j in 0..8 {
+                        let q = [blk[4 * j], blk[4 * j + 1], blk[4 * j + 2], blk[4 * j + 3]];
+                        qs[(b * 8 + j) * r + t] = i32::from_le_bytes(q.map(|v| v as u8));
+                    }
+                    self.d[base + b * r + t] = acts.d[i];
+                    self.s[base + b * r + t] = acts.s[i];
+                    self.off[base + b * r + t] = off * blk.iter().map(|&q| q as i32).sum::<i32>();
+                }
+            }
+            t0 += r;
+        }
+    }
+
+    /// The tile starting at token `t0` (a multiple of `w`).
+    pub fn tile(&self, t0: usize) -> Tile {
+        debug_assert!(t0.is_multiple_of(self.w) && t0 < self.n_tokens);
+        Tile {
+            qs: self.qs[t0 * self.nb * 8..].as_ptr(),
+            d: self.d[t0 * self.nb..].as_ptr(),
+            s: self.s[t0 * self.nb..].as_ptr(),
+            off: self.off[t0 * self.nb..].as_ptr(),
+        }
+    }
+}
+
 /// The packed kernels' result for one file row (`row`, raw GGUF bytes) and token `t` of `acts`
 /// (quantized with `q8_1 = has_min(ty)`), in scalar code: the definition the SIMD kernels
 /// reproduce bit for bit.
 #[cfg_attr(not(test), allow(dead_code))]
 pub(crate) fn dot_reference(ty: GgmlType, row: &[u8], acts: &Q8Acts, t: usize) -> f32 {
     let (nb, bs, off) = (acts.nb, ty.type_size(), offset(ty));
-    let (mut acc, mut corr) = (0.0f32, 0.0f32);
+    let mut acc = 0.0f32;
     let mut v = [0i32; QK];
     for b in 0..nb {
         let blk = &row[b * bs..(b + 1) * bs];
@@ -242,12 +321,8 @@ pub(crate) fn dot_reference(ty: GgmlType, row: &[u8], acts: &Q8Acts, t: usize) -
         let dd = f16_at(blk, 0) * acts.d[t * nb + b];
         acc = (dot as f32).mul_add(dd, acc);
         if has_min(ty) {
-            corr = f16_at(blk, 2).mul_add(acts.s[t * nb + b], corr);
+            acc = f16_at(blk, 2).mul_add(acts.s[t * nb + b], acc);
         }
     }
-    if has_min(ty) {
-        acc + corr
-    } else {
-        acc
-    }
+    acc
 }

@@ -8,8 +8,7 @@
 use std::arch::x86_64::*;
 
 use super::matmul::OutPtr;
-use super::packed::{PackedMat, GROUP};
-use super::quant::{Q8Acts, QK};
+use super::packed::{PackedMat, Tile, TiledActs, GROUP};
 use crate::ggml_type::GgmlType;
 
 /// What differs between the packed 32-weight types.
@@ -68,23 +67,6 @@ impl Kind for Q80 {
     const Q8: bool = true;
 }
 
-/// Token `t`'s pointers into `acts`: quants, scales, q8_1 sums, integer sums.
-#[inline(always)]
-unsafe fn tok(acts: &Q8Acts, t: usize) -> (*const i8, *const f32, *const f32, *const i32) {
-    let nb = acts.nb;
-    (
-        acts.qs.as_ptr().add(t * nb * QK),
-        acts.d.as_ptr().add(t * nb),
-        acts.s.as_ptr().add(t * nb),
-        acts.isum.as_ptr().add(t * nb),
-    )
-}
-
-#[inline(always)]
-unsafe fn dword(p: *const i8) -> i32 {
-    (p as *const i32).read_unaligned()
-}
-
 // ---------------------------------------------------------------------------------------------
 // AVX-512: 16 rows per vector.
 // ---------------------------------------------------------------------------------------------
@@ -113,42 +95,28 @@ unsafe fn pair512<K: Kind>(qb: *const u8, c: usize) -> (__m512i, __m512i) {
     (lo, hi)
 }
 
-/// One group (`q`, `d`, `m`) x tokens `t0..t0 + T`, results to `out`'s rows `r0..r0 + 16`.
-#[allow(clippy::too_many_arguments)]
+/// One group (`q`, `d`, `m`) x the `T` tokens of tile `y` (at token `t0`), results to `out`'s
+/// rows `r0..r0 + 16`.
 #[inline(always)]
 unsafe fn tile512<K: Kind, const T: usize>(
     nb: usize,
-    q: *const u8,
-    d: *const u16,
-    m: *const u16,
-    acts: &Q8Acts,
+    (q, d, m): (*const u8, *const u16, *const u16),
+    y: Tile,
     t0: usize,
     r0: usize,
     out: OutPtr,
 ) {
-    // Q8_0 goes through `vpdpbusd` as q + 128: 128 * sum(y) comes off in integers.
-    let off = if K::Q8 { 128 } else { K::OFF };
-    let mut y = [(
-        std::ptr::null(),
-        std::ptr::null(),
-        std::ptr::null(),
-        std::ptr::null(),
-    ); T];
-    for t in 0..T {
-        y[t] = tok(acts, t0 + t);
-    }
     let mut acc = [_mm512_setzero_ps(); T];
-    let mut corr = [_mm512_setzero_ps(); T];
     for b in 0..nb {
         let qb = q.add(b * K::QB);
+        let yq = y.qs.add(b * 8 * T);
         let mut dot = [_mm512_setzero_si512(); T];
         for c in 0..4 {
             let (lo, hi) = pair512::<K>(qb, c);
             for t in 0..T {
-                let yb = y[t].0.add(b * QK);
-                dot[t] = _mm512_dpbusd_epi32(dot[t], lo, _mm512_set1_epi32(dword(yb.add(4 * c))));
+                dot[t] = _mm512_dpbusd_epi32(dot[t], lo, _mm512_set1_epi32(*yq.add(c * T + t)));
                 dot[t] =
-                    _mm512_dpbusd_epi32(dot[t], hi, _mm512_set1_epi32(dword(yb.add(16 + 4 * c))));
+                    _mm512_dpbusd_epi32(dot[t], hi, _mm512_set1_epi32(*yq.add((4 + c) * T + t)));
             }
         }
         let dw = _mm512_cvtph_ps(_mm256_loadu_si256(d.add(GROUP * b) as *const __m256i));
@@ -159,70 +127,81 @@ unsafe fn tile512<K: Kind, const T: usize>(
         };
         for t in 0..T {
             let mut i = dot[t];
-            if off != 0 {
-                i = _mm512_sub_epi32(i, _mm512_set1_epi32(off * *y[t].3.add(b)));
+            if K::OFF != 0 || K::Q8 {
+                i = _mm512_sub_epi32(i, _mm512_set1_epi32(*y.off.add(b * T + t)));
             }
-            let dd = _mm512_mul_ps(dw, _mm512_set1_ps(*y[t].1.add(b)));
+            let dd = _mm512_mul_ps(dw, _mm512_set1_ps(*y.d.add(b * T + t)));
             acc[t] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(i), dd, acc[t]);
             if K::MIN {
-                corr[t] = _mm512_fmadd_ps(mw, _mm512_set1_ps(*y[t].2.add(b)), corr[t]);
+                acc[t] = _mm512_fmadd_ps(mw, _mm512_set1_ps(*y.s.add(b * T + t)), acc[t]);
             }
         }
     }
     for t in 0..T {
-        let v = if K::MIN {
-            _mm512_add_ps(acc[t], corr[t])
-        } else {
-            acc[t]
-        };
-        _mm512_storeu_ps(out.ptr.add((t0 + t) * out.rows + r0), v);
+        _mm512_storeu_ps(out.ptr.add((t0 + t) * out.rows + r0), acc[t]);
     }
+}
+
+/// `by_width! { r, f, [G, ..], (args) }` calls `f::<G, .., R>(args)` with the tile width `r`
+/// (1..=8) as the constant `R` (braces keep rustfmt off the generics list).
+macro_rules! by_width {
+    ($r:expr, $f:ident, [$($g:tt)*], ($($a:expr),*)) => {
+        match $r {
+            1 => $f::<$($g)* 1>($($a),*),
+            2 => $f::<$($g)* 2>($($a),*),
+            3 => $f::<$($g)* 3>($($a),*),
+            4 => $f::<$($g)* 4>($($a),*),
+            5 => $f::<$($g)* 5>($($a),*),
+            6 => $f::<$($g)* 6>($($a),*),
+            7 => $f::<$($g)* 7>($($a),*),
+            8 => $f::<$($g)* 8>($($a),*),
+            r => unreachable!("tile width {r}"),
+        }
+    };
 }
 
 #[inline(always)]
-unsafe fn groups512<K: Kind, const T: usize>(
+unsafe fn groups512<K: Kind>(
     p: &PackedMat,
     gr: std::ops::Range<usize>,
-    acts: &Q8Acts,
-    n_tokens: usize,
+    y: &TiledActs,
     out: OutPtr,
 ) {
-    let nb = acts.nb;
-    for g in gr {
-        let (q, d, m) = p.group(g);
-        let (q, d, m) = (q.as_ptr(), d.as_ptr(), m.as_ptr());
-        let mut t0 = 0;
-        while t0 + T <= n_tokens {
-            tile512::<K, T>(nb, q, d, m, acts, t0, g * GROUP, out);
-            t0 += T;
+    // Token tiles outside: a tile's activations stay in L1 while the task's groups stream by
+    // (their weights are read in order, which the prefetchers follow).
+    let nb = y.nb;
+    let mut t0 = 0;
+    while t0 < y.n_tokens {
+        let r = y.w.min(y.n_tokens - t0);
+        let tile = y.tile(t0);
+        for g in gr.clone() {
+            let (q, d, m) = p.group(g);
+            let qdm = (q.as_ptr(), d.as_ptr(), m.as_ptr());
+            by_width! { r, tile512, [K,], (nb, qdm, tile, t0, g * GROUP, out) }
         }
-        while t0 < n_tokens {
-            tile512::<K, 1>(nb, q, d, m, acts, t0, g * GROUP, out);
-            t0 += 1;
-        }
+        t0 += r;
     }
 }
 
-/// Groups `gr` of `p` x all `n_tokens` tokens of `acts`, AVX-512.
+/// Groups `gr` of `p` x all tokens of `y` (laid out in tiles of [`width`] with the offsets of
+/// [`int_offset`]), AVX-512.
 ///
 /// # Safety
-/// The CPU has AVX-512 F/BW/VL/VNNI; `acts` holds `n_tokens` tokens of `p.cols()` values with
-/// their integer sums; `out` has `n_tokens` rows of `p.rows()` and groups `gr` are written by
-/// this call only.
+/// The CPU has AVX-512 F/BW/VL/VNNI; `y` holds tokens of `p.cols()` values; `out` has
+/// `y.n_tokens` rows of `p.rows()` and groups `gr` are written by this call only.
 #[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")]
 pub(crate) unsafe fn groups_avx512(
     p: &PackedMat,
     gr: std::ops::Range<usize>,
-    acts: &Q8Acts,
-    n_tokens: usize,
+    y: &TiledActs,
     out: OutPtr,
 ) {
     match p.ty() {
-        GgmlType::Q4_0 => groups512::<Q40, 8>(p, gr, acts, n_tokens, out),
-        GgmlType::Q4_1 => groups512::<Q41, 8>(p, gr, acts, n_tokens, out),
-        GgmlType::Q5_0 => groups512::<Q50, 8>(p, gr, acts, n_tokens, out),
-        GgmlType::Q5_1 => groups512::<Q51, 8>(p, gr, acts, n_tokens, out),
-        GgmlType::Q8_0 => groups512::<Q80, 8>(p, gr, acts, n_tokens, out),
+        GgmlType::Q4_0 => groups512::<Q40>(p, gr, y, out),
+        GgmlType::Q4_1 => groups512::<Q41>(p, gr, y, out),
+        GgmlType::Q5_0 => groups512::<Q50>(p, gr, y, out),
+        GgmlType::Q5_1 => groups512::<Q51>(p, gr, y, out),
+        GgmlType::Q8_0 => groups512::<Q80>(p, gr, y, out),
         ty => unreachable!("{ty:?} does not pack"),
     }
 }
@@ -289,40 +268,24 @@ unsafe fn dot4<K: Kind, const VNNI: bool>(acc: __m256i, w: __m256i, y: __m256i) 
     _mm256_add_epi32(acc, _mm256_madd_epi16(p, _mm256_set1_epi16(1)))
 }
 
-#[allow(clippy::too_many_arguments)]
 #[inline(always)]
 unsafe fn tile256<K: Kind, const VNNI: bool, const T: usize>(
     nb: usize,
-    q: *const u8,
-    d: *const u16,
-    m: *const u16,
-    acts: &Q8Acts,
-    t0: usize,
-    r0: usize,
-    h: usize,
+    (q, d, m): (*const u8, *const u16, *const u16),
+    y: Tile,
+    (t0, r0, h): (usize, usize, usize),
     out: OutPtr,
 ) {
-    let off = if K::Q8 && VNNI { 128 } else { K::OFF };
-    let mut y = [(
-        std::ptr::null(),
-        std::ptr::null(),
-        std::ptr::null(),
-        std::ptr::null(),
-    ); T];
-    for t in 0..T {
-        y[t] = tok(acts, t0 + t);
-    }
     let mut acc = [_mm256_setzero_ps(); T];
-    let mut corr = [_mm256_setzero_ps(); T];
     for b in 0..nb {
         let qb = q.add(b * K::QB);
+        let yq = y.qs.add(b * 8 * T);
         let mut dot = [_mm256_setzero_si256(); T];
         for c in 0..4 {
             let (lo, hi) = pair256::<K, VNNI>(qb, c, h);
             for t in 0..T {
-                let yb = y[t].0.add(b * QK);
-                dot[t] = dot4::<K, VNNI>(dot[t], lo, _mm256_set1_epi32(dword(yb.add(4 * c))));
-                dot[t] = dot4::<K, VNNI>(dot[t], hi, _mm256_set1_epi32(dword(yb.add(16 + 4 * c))));
+                dot[t] = dot4::<K, VNNI>(dot[t], lo, _mm256_set1_epi32(*yq.add(c * T + t)));
+                dot[t] = dot4::<K, VNNI>(dot[t], hi, _mm256_set1_epi32(*yq.add((4 + c) * T + t)));
             }
         }
         let at = GROUP * b + 8 * h;
@@ -334,49 +297,42 @@ unsafe fn tile256<K: Kind, const VNNI: bool, const T: usize>(
         };
         for t in 0..T {
             let mut i = dot[t];
-            if off != 0 {
-                i = _mm256_sub_epi32(i, _mm256_set1_epi32(off * *y[t].3.add(b)));
+            if K::OFF != 0 || (K::Q8 && VNNI) {
+                i = _mm256_sub_epi32(i, _mm256_set1_epi32(*y.off.add(b * T + t)));
             }
-            let dd = _mm256_mul_ps(dw, _mm256_set1_ps(*y[t].1.add(b)));
+            let dd = _mm256_mul_ps(dw, _mm256_set1_ps(*y.d.add(b * T + t)));
             acc[t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(i), dd, acc[t]);
             if K::MIN {
-                corr[t] = _mm256_fmadd_ps(mw, _mm256_set1_ps(*y[t].2.add(b)), corr[t]);
+                acc[t] = _mm256_fmadd_ps(mw, _mm256_set1_ps(*y.s.add(b * T + t)), acc[t]);
             }
         }
     }
     for t in 0..T {
-        let v = if K::MIN {
-            _mm256_add_ps(acc[t], corr[t])
-        } else {
-            acc[t]
-        };
-        _mm256_storeu_ps(out.ptr.add((t0 + t) * out.rows + r0 + 8 * h), v);
+        _mm256_storeu_ps(out.ptr.add((t0 + t) * out.rows + r0 + 8 * h), acc[t]);
     }
 }
 
 #[inline(always)]
-unsafe fn groups256<K: Kind, const VNNI: bool, const T: usize>(
+unsafe fn groups256<K: Kind, const VNNI: bool>(
     p: &PackedMat,
     gr: std::ops::Range<usize>,
-    acts: &Q8Acts,
-    n_tokens: usize,
+    y: &TiledActs,
     out: OutPtr,
 ) {
-    let nb = acts.nb;
-    for g in gr {
-        let (q, d, m) = p.group(g);
-        let (q, d, m) = (q.as_ptr(), d.as_ptr(), m.as_ptr());
-        for h in 0..2 {
-            let mut t0 = 0;
-            while t0 + T <= n_tokens {
-                tile256::<K, VNNI, T>(nb, q, d, m, acts, t0, g * GROUP, h, out);
-                t0 += T;
-            }
-            while t0 < n_tokens {
-                tile256::<K, VNNI, 1>(nb, q, d, m, acts, t0, g * GROUP, h, out);
-                t0 += 1;
+    let nb = y.nb;
+    let mut t0 = 0;
+    while t0 < y.n_tokens {
+        let r = y.w.min(y.n_tokens - t0);
+        let tile = y.tile(t0);
+        for g in gr.clone() {
+            let (q, d, m) = p.group(g);
+            let qdm = (q.as_ptr(), d.as_ptr(), m.as_ptr());
+            for h in 0..2 {
+                let at = (t0, g * GROUP, h);
+                by_width! { r, tile256, [K, VNNI,], (nb, qdm, tile, at, out) }
             }
         }
+        t0 += r;
     }
 }
 
@@ -388,16 +344,15 @@ unsafe fn groups256<K: Kind, const VNNI: bool, const T: usize>(
 pub(crate) unsafe fn groups_avx2(
     p: &PackedMat,
     gr: std::ops::Range<usize>,
-    acts: &Q8Acts,
-    n_tokens: usize,
+    y: &TiledActs,
     out: OutPtr,
 ) {
     match p.ty() {
-        GgmlType::Q4_0 => groups256::<Q40, false, 4>(p, gr, acts, n_tokens, out),
-        GgmlType::Q4_1 => groups256::<Q41, false, 3>(p, gr, acts, n_tokens, out),
-        GgmlType::Q5_0 => groups256::<Q50, false, 4>(p, gr, acts, n_tokens, out),
-        GgmlType::Q5_1 => groups256::<Q51, false, 3>(p, gr, acts, n_tokens, out),
-        GgmlType::Q8_0 => groups256::<Q80, false, 4>(p, gr, acts, n_tokens, out),
+        GgmlType::Q4_0 => groups256::<Q40, false>(p, gr, y, out),
+        GgmlType::Q4_1 => groups256::<Q41, false>(p, gr, y, out),
+        GgmlType::Q5_0 => groups256::<Q50, false>(p, gr, y, out),
+        GgmlType::Q5_1 => groups256::<Q51, false>(p, gr, y, out),
+        GgmlType::Q8_0 => groups256::<Q80, false>(p, gr, y, out),
         ty => unreachable!("{ty:?} does not pack"),
     }
 }
@@ -410,16 +365,35 @@ pub(crate) unsafe fn groups_avx2(
 pub(crate) unsafe fn groups_avx2vnni(
     p: &PackedMat,
     gr: std::ops::Range<usize>,
-    acts: &Q8Acts,
-    n_tokens: usize,
+    y: &TiledActs,
     out: OutPtr,
 ) {
     match p.ty() {
-        GgmlType::Q4_0 => groups256::<Q40, true, 8>(p, gr, acts, n_tokens, out),
-        GgmlType::Q4_1 => groups256::<Q41, true, 8>(p, gr, acts, n_tokens, out),
-        GgmlType::Q5_0 => groups256::<Q50, true, 8>(p, gr, acts, n_tokens, out),
-        GgmlType::Q5_1 => groups256::<Q51, true, 8>(p, gr, acts, n_tokens, out),
-        GgmlType::Q8_0 => groups256::<Q80, true, 8>(p, gr, acts, n_tokens, out),
+        GgmlType::Q4_0 => groups256::<Q40, true>(p, gr, y, out),
+        GgmlType::Q4_1 => groups256::<Q41, true>(p, gr, y, out),
+        GgmlType::Q5_0 => groups256::<Q50, true>(p, gr, y, out),
+        GgmlType::Q5_1 => groups256::<Q51, true>(p, gr, y, out),
+        GgmlType::Q8_0 => groups256::<Q80, true>(p, gr, y, out),
         ty => unreachable!("{ty:?} does not pack"),
+    }
+}
+
+/// Tokens per tile of the kernel for `ty` at `level` (the [`TiledActs`] width it wants): as many
+/// as keep every accumulator in registers (16 on AVX2, 32 with AVX-512).
+pub(crate) fn width(level: super::SimdLevel, ty: GgmlType) -> usize {
+    match level {
+        super::SimdLevel::Avx512 | super::SimdLevel::Avx2Vnni => 8,
+        _ if super::packed::has_min(ty) => 3,
+        _ => 4,
+    }
+}
+
+/// What the kernel for `ty` at `level` subtracts per block, times the block's quant sum: the
+/// type's offset (Q4_0 8, Q5_0 16), or 128 for Q8_0 through `vpdpbusd` (its quants go in as
+/// `q + 128`).
+pub(crate) fn int_offset(level: super::SimdLevel, ty: GgmlType) -> i32 {
+    match ty {
+        GgmlType::Q8_0 if level >= super::SimdLevel::Avx2Vnni => 128,
+        _ => super::packed::offset(ty),
     }
 }

@@ -69,6 +69,72 @@ pub fn f32_fmas(level: SimdLevel, threads: usize, seconds: f64) -> f64 {
     })
 }
 
+/// Int8 multiply-adds per second of [`super::matmul`] on a `rows` x `cols` matrix of type `ty`
+/// (random quants, scales near 1e-2, repacked as the loader does) times `tokens` tokens, on the
+/// rayon global pool (the caller sizes it), timed for about `seconds` after one untimed call:
+/// what the GEMM kernels reach of [`int8_macs`].
+pub fn gemm_macs(
+    ty: crate::ggml_type::GgmlType,
+    rows: usize,
+    cols: usize,
+    tokens: usize,
+    seconds: f64,
+) -> f64 {
+    let Some(row_bytes) = ty.row_bytes(cols) else {
+        return 0.0;
+    };
+    let (bs, blk) = (ty.type_size(), ty.block_size());
+    let mut state = 0x9e37_79b9_7f4a_7c15u64;
+    let mut next = || {
+        state ^= state << 13;
+        state ^= state >> 7;
+        state ^= state << 17;
+        state
+    };
+    let mut data: Vec<u8> = (0..rows * row_bytes).map(|_| next() as u8).collect();
+    // Every block of these types starts with an f16 scale (and Q4_1 / Q5_1 an f16 min):
+    // make them finite and small, so the sums stay in range.
+    let scale = half::f16::from_f32(1e-2).to_bits().to_le_bytes();
+    for b in data.chunks_exact_mut(bs) {
+        b[..2].copy_from_slice(&scale);
+        if matches!(
+            ty,
+            crate::ggml_type::GgmlType::Q4_1 | crate::ggml_type::GgmlType::Q5_1
+        ) {
+            b[2..4].copy_from_slice(&scale);
+        }
+    }
+    debug_assert_eq!(cols % blk, 0);
+    let w = super::QMatRef {
+        ty,
+        rows,
+        cols,
+        data: &data,
+        packed: None,
+    };
+    let packed = if super::packing_enabled() {
+        super::PackedMat::pack(w)
+    } else {
+        None
+    };
+    let w = super::QMatRef {
+        packed: packed.as_ref(),
+        ..w
+    };
+    let x: Vec<f32> = (0..tokens * cols)
+        .map(|_| (next() % 2001) as f32 / 1000.0 - 1.0)
+        .collect();
+    let mut y = vec![0.0f32; tokens * rows];
+    super::matmul(w, &x, tokens, &mut y);
+    let (t, mut n) = (Instant::now(), 0u64);
+    while n == 0 || t.elapsed().as_secs_f64() < seconds {
+        super::matmul(w, &x, tokens, &mut y);
+        n += 1;
+    }
+    std::hint::black_box(&y);
+    (n as usize * rows * cols * tokens) as f64 / t.elapsed().as_secs_f64()
+}
+
 /// Runs `f(iters)` (returning the operations it did) on every thread for about `seconds`;
 /// operations per second summed over threads.
 fn per_thread_rate(threads: usize, seconds: f64, f: impl Fn(u64) -> f64 + Sync) -> f64 {

@@ -247,9 +247,6 @@ pub struct Q8Acts {
     /// `s` transposed, `[nb][n_tokens]`: the SIMD tile kernels compute the min corrections of a
     /// row for all tokens at once from it (filled by `kernels::matmul`, not by `resize`).
     pub st: Vec<f32>,
-    /// Integer block sums, `[n_tokens][nb]`: the packed kernels take the offsets of Q4_0 / Q5_0
-    /// (and of Q8_0 through `vpdpbusd`) off in integers (filled by `fill_int_sums`).
-    pub isum: Vec<i32>,
 }
 
 impl Q8Acts {
@@ -264,16 +261,6 @@ impl Q8Acts {
         self.d.resize(n_tokens * self.nb, 0.0);
         self.s.resize(n_tokens * self.nb, 0.0);
         self.st.resize(n_tokens * self.nb, 0.0);
-    }
-
-    /// Fill `isum` from `qs` (`n_tokens` tokens).
-    pub fn fill_int_sums(&mut self, n_tokens: usize) {
-        self.isum.clear();
-        self.isum.extend(
-            self.qs[..n_tokens * self.nb * QK]
-                .chunks_exact(QK)
-                .map(|b| b.iter().map(|&q| q as i32).sum::<i32>()),
-        );
     }
 
     /// Fill `st` from `s` (`n_tokens` tokens).
