@@ -40,7 +40,11 @@ pub(crate) fn exp(x: f32) -> f32 {
     p = p.mul_add(r, 0.166_666_65);
     p = p.mul_add(r, 0.5);
     let e = (p * r).mul_add(r, r) + 1.0;
-    e * f32::from_bits(((n as i32 + 127) << 23) as u32)
+    // 2^n from n's bits (n is an integer in [-126, 127]): adding 1.5 * 2^23 puts n in the
+    // low mantissa bits, exactly (`n as i32` would be a saturating scalar conversion that
+    // does not vectorize).
+    let i = (n + 12_582_912.0).to_bits() as i32 - 0x4B40_0000;
+    e * f32::from_bits(((i + 127) << 23) as u32)
 }
 
 /// One task: rows `rows` (batch rows) of span `span`, query heads `heads` (all in one KV group).
@@ -375,6 +379,7 @@ unsafe fn widen_f16c(src: &[f16], dst: &mut [f32]) {
 /// range `a..z` of tile k, relative to the task's first key), into `sc.scores`.
 #[inline(always)]
 fn score_tiles(
+    level: SimdLevel,
     sc: &mut Scratch,
     tiles: &[(usize, usize)],
     nq: usize,
@@ -386,6 +391,42 @@ fn score_tiles(
         let (f, e) = range(i);
         f < z && a < e
     };
+    #[cfg(target_arch = "x86_64")]
+    if level >= SimdLevel::Avx2Vnni {
+        // Up to 4 queries x all (up to 4) tiles at once; pairs masked out are computed and
+        // dropped.
+        assert!(sc.kt.len() >= tiles.len() * hd * LANES && sc.q.len() >= nq * hd);
+        let mut s = [[[0f32; LANES]; 4]; 4];
+        let mut i = 0;
+        while i < nq {
+            let qn = (nq - i).min(4);
+            if (i..i + qn).any(|m| tiles.iter().any(|&t| live(m, t))) {
+                let q: [*const f32; 4] =
+                    std::array::from_fn(|m| sc.q[(i + m.min(qn - 1)) * hd..].as_ptr());
+                // SAFETY: AVX-512 F comes with these levels; sizes asserted above.
+                unsafe {
+                    crate::attn_avx512::scores_dyn(
+                        &q[..qn],
+                        sc.kt.as_ptr(),
+                        tiles.len(),
+                        hd,
+                        &mut s,
+                    )
+                };
+                for (m, sm) in s.iter().enumerate().take(qn) {
+                    for (k, &(a, z)) in tiles.iter().enumerate() {
+                        if live(i + m, (a, z)) {
+                            sc.scores[(i + m) * n_keys + a..(i + m) * n_keys + z]
+                                .copy_from_slice(&sm[k][..z - a]);
+                        }
+                    }
+                }
+            }
+            i += qn;
+        }
+        return;
+    }
+    let _ = level;
     let tile = |k: usize| &sc.kt[k * hd * LANES..(k + 1) * hd * LANES];
     if nq < 4 {
         // Few queries (decode): each query against all tiles at once.
@@ -575,7 +616,7 @@ fn task(
             }
         }
         if tiles.len() == TILES || (done && !tiles.is_empty()) {
-            score_tiles(sc, &tiles, nq, hd, n_keys, &range);
+            score_tiles(level, sc, &tiles, nq, hd, n_keys, &range);
             tiles.clear();
         }
         if done {
@@ -606,15 +647,41 @@ fn task(
             &vals[slot * hd..(slot + n) * hd],
             &mut sc.vt[..n * hd],
         );
-        for i in 0..nq {
+        let cut = |i: usize| {
             let (f, e) = range(i);
-            let (a, z) = ((b0 - lo).max(f), (b1 - lo).min(e));
+            ((b0 - lo).max(f), (b1 - lo).min(e))
+        };
+        let mut i = 0;
+        while i < nq {
+            let (a, z) = cut(i);
             if a >= z {
+                i += 1;
+                continue;
+            }
+            let v = &sc.vt[(a + lo - b0) * hd..(z + lo - b0) * hd];
+            #[cfg(target_arch = "x86_64")]
+            if level >= SimdLevel::Avx2Vnni && hd.is_multiple_of(LANES) {
+                // Up to 4 queries over the same keys: each value row loaded once for all.
+                let qn = (1..4.min(nq - i))
+                    .take_while(|&m| cut(i + m) == (a, z))
+                    .count()
+                    + 1;
+                let p: [*const f32; 4] =
+                    std::array::from_fn(|m| sc.scores[(i + m.min(qn - 1)) * n_keys + a..].as_ptr());
+                assert!(sc.o.len() >= (i + qn) * hd && v.len() == (z - a) * hd);
+                let ob = sc.o.as_mut_ptr();
+                // SAFETY (of `add`): within `sc.o`, asserted above.
+                let o: [*mut f32; 4] =
+                    std::array::from_fn(|m| unsafe { ob.add((i + m.min(qn - 1)) * hd) });
+                // SAFETY: AVX-512 F comes with these levels; each query's scores hold its
+                // z - a probabilities and its output hd values (asserted), distinct queries.
+                unsafe { crate::attn_avx512::pv_dyn(&p[..qn], z - a, v.as_ptr(), hd, &o[..qn]) };
+                i += qn;
                 continue;
             }
             let p = &sc.scores[i * n_keys + a..i * n_keys + z];
-            let v = &sc.vt[(a + lo - b0) * hd..(z + lo - b0) * hd];
             pv(p, v, &mut sc.o[i * hd..(i + 1) * hd]);
+            i += 1;
         }
     }
     let mut i = 0;
@@ -706,13 +773,15 @@ mod tests {
     #[test]
     fn same_bits_alone_batched_and_at_every_level_and_close_to_f64() {
         let mut rng = StdRng::seed_from_u64(5);
-        for (n_heads, n_kv, hd, bs, window) in [
-            (6, 2, 64, 16, None),
-            (4, 1, 48, 16, Some(7)),
-            (3, 3, 16, 5, None),
-            (2, 1, 20, 16, Some(40)),
+        // (The first two reach the AVX-512 kernels' every query and tile count: more than 64
+        // keys, head_dim 64 and 128; the third 48, not a multiple of 64.)
+        for (n_heads, n_kv, hd, bs, window, n) in [
+            (6, 2, 64, 16, None, 150),
+            (8, 2, 128, 32, Some(90), 120),
+            (4, 1, 48, 16, Some(7), 45),
+            (3, 3, 16, 5, None, 45),
+            (2, 1, 20, 16, Some(40), 45),
         ] {
-            let n = 45;
             let (kv, blocks) = random_cache(&mut rng, n, n_kv, hd, bs);
             let shape = AttnShape {
                 n_heads,

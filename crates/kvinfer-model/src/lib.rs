@@ -6,6 +6,8 @@
 #![deny(missing_docs)]
 
 mod attn;
+#[cfg(target_arch = "x86_64")]
+mod attn_avx512;
 pub mod chat;
 pub mod config;
 mod error;
