@@ -22,6 +22,8 @@ use crate::layers::{AttnShape, SeqSpan};
 const TILE_ROWS: usize = 16;
 /// Keys per transposed tile (one 512-bit vector of scores).
 const LANES: usize = 16;
+/// Keys from which a task is split across threads when there are fewer tasks than threads.
+const SPLIT_KEYS: usize = 512;
 
 /// `e^x`, arguments clamped to [-87, 88] (below: e^-87 ~ 1.6e-38 instead of less; above:
 /// e^88 ~ 1.7e38 instead of more): Cody-Waite reduction and Cephes' degree-6 polynomial, ~1 ulp.
@@ -74,6 +76,7 @@ struct Scratch {
     vt: Vec<f32>,
     wide: Vec<f32>,
     half: Vec<f16>,
+    ranges: Vec<(usize, usize)>,
 }
 
 /// Attention of every new query over its sequence's f16 keys and values (see
@@ -95,7 +98,14 @@ pub(crate) fn attention_f16(
     // that leaves threads idle (a few sequences decoding over few KV heads: Gemma 3 has one),
     // one task per query head instead (the numbers are the same either way).
     let tiles: usize = spans.iter().map(|s| s.rows.len().div_ceil(TILE_ROWS)).sum();
-    let per_head = tiles * shape.n_kv_heads < rayon::current_num_threads() && group > 1;
+    let few = tiles * shape.n_kv_heads < rayon::current_num_threads();
+    // Few tasks over many keys (decode at depth): each grouped task split across the threads.
+    let keys = |s: &SeqSpan| {
+        let n = s.start + s.rows.len();
+        shape.window.map_or(n, |w| n.min(w + TILE_ROWS))
+    };
+    let split = few && spans.iter().any(|s| keys(s) >= SPLIT_KEYS);
+    let per_head = few && group > 1 && !split;
     for (si, s) in spans.iter().enumerate() {
         for kvh in 0..shape.n_kv_heads {
             let mut r = s.rows.start;
@@ -123,6 +133,12 @@ pub(crate) fn attention_f16(
     }
     assert_eq!(out.len(), q.len(), "attention: out must be shaped as q");
     let o = Out(out.as_mut_ptr());
+    if split {
+        for t in &tasks {
+            task_split(level, t, &spans[t.span], q, kv, layer, shape, o);
+        }
+        return;
+    }
     let run = |sc: &mut Scratch, t: &Task| {
         let span = &spans[t.span];
         // SAFETY (of the level): `level` was detected by the caller or is scalar.
@@ -546,50 +562,75 @@ unsafe fn transpose16_avx512(src: &[f16], hd: usize, dst: &mut [f32]) {
     }
 }
 
-#[allow(clippy::too_many_arguments)]
+/// Where a task's queries are and what they see.
+#[derive(Clone, Copy)]
+struct View<'a> {
+    span: &'a SeqSpan<'a>,
+    kv: &'a KvStorage,
+    layer: usize,
+    kvh: usize,
+    hd: usize,
+}
+
+/// The task's queries into `sc.q` (rounded to f16), in (row, head) order, and their key
+/// ranges (absolute positions `first..end`) into `ranges`.
 #[inline(always)]
-fn task(
+fn fill_queries(
     level: SimdLevel,
     sc: &mut Scratch,
     t: &Task,
     span: &SeqSpan,
     q: &[f32],
-    kv: &KvStorage,
-    layer: usize,
     shape: AttnShape,
-    out: Out,
+    ranges: &mut Vec<(usize, usize)>,
 ) {
     let (n_heads, hd) = (shape.n_heads, shape.head_dim);
-    let kvh = t.heads.start / (n_heads / shape.n_kv_heads);
-    let bs = kv.layout().block_size;
-    // Queries in (row, head) order, with their key ranges.
-    let pos_of = |r: usize| span.start + (r - span.rows.start);
-    let first_of = |r: usize| {
-        shape
-            .window
-            .map_or(0, |w| (pos_of(r) + 1).saturating_sub(w))
-    };
-    let nq = t.rows.len() * t.heads.len();
-    let (lo, hi) = (first_of(t.rows.start), pos_of(t.rows.end - 1));
-    let n_keys = hi + 1 - lo;
     sc.q.clear();
+    ranges.clear();
     for r in t.rows.clone() {
+        let pos = span.start + (r - span.rows.start);
+        let first = shape.window.map_or(0, |w| (pos + 1).saturating_sub(w));
         for h in t.heads.clone() {
             let at = (r * n_heads + h) * hd;
             sc.q.extend_from_slice(&q[at..at + hd]);
+            ranges.push((first, pos + 1));
         }
     }
     round_f16(level, &mut sc.q, &mut sc.half);
-    let range = |i: usize| {
-        let r = t.rows.start + i / t.heads.len();
-        (first_of(r) - lo, pos_of(r) + 1 - lo)
-    };
+}
+
+/// Query `i`'s key range clipped to keys `lo..=hi`, relative to `lo` (empty: `(0, 0)`).
+#[inline(always)]
+fn clip(ranges: &[(usize, usize)], i: usize, lo: usize, hi: usize) -> (usize, usize) {
+    let (f, e) = ranges[i];
+    let (f, e) = (f.max(lo), e.min(hi + 1));
+    if f < e {
+        (f - lo, e - lo)
+    } else {
+        (0, 0)
+    }
+}
+
+/// Scores of the queries in `sc.q` against keys `lo..=hi` into `sc.scores` (`[nq][hi + 1 -
+/// lo]`; entries outside a query's range unspecified).
+#[inline(always)]
+fn scores_span(
+    level: SimdLevel,
+    sc: &mut Scratch,
+    v: View,
+    lo: usize,
+    hi: usize,
+    ranges: &[(usize, usize)],
+) {
+    let (hd, bs) = (v.hd, v.kv.layout().block_size);
+    let (nq, n_keys) = (ranges.len(), hi + 1 - lo);
+    let range = |i: usize| clip(ranges, i, lo, hi);
     sc.scores.clear();
     sc.scores.resize(nq * n_keys, 0.0);
     const TILES: usize = 4;
     sc.kt.resize(TILES * hd * LANES, 0.0);
     sc.wide.resize(LANES * hd, 0.0);
-    // Scores: tiles of up to 16 keys (within a block), transposed; up to 4 at a time.
+    // Tiles of up to 16 keys (within a block), transposed; up to 4 at a time.
     let mut tiles: Vec<(usize, usize)> = Vec::with_capacity(TILES); // (a, z) relative to lo
     let mut bi = lo / bs;
     let mut j0 = lo;
@@ -599,7 +640,7 @@ fn task(
             let b1 = ((bi + 1) * bs).min(hi + 1);
             let j1 = (j0 + LANES).min(b1);
             let slot = j0 - bi * bs;
-            let keys = kv.keys(span.blocks[bi], layer, kvh);
+            let keys = v.kv.keys(v.span.blocks[bi], v.layer, v.kvh);
             let k = tiles.len();
             transpose_keys(
                 level,
@@ -623,32 +664,68 @@ fn task(
             break;
         }
     }
-    // Softmax of each query over its own keys.
-    for i in 0..nq {
-        let (f, e) = range(i);
+}
+
+/// Softmax of each query's scores (`scores`: `[nq][n_keys]` over keys `lo..`) over its range.
+#[inline(always)]
+fn softmax_rows(
+    level: SimdLevel,
+    scores: &mut [f32],
+    lo: usize,
+    ranges: &[(usize, usize)],
+    scale: f32,
+    half: &mut Vec<f16>,
+) {
+    let n_keys = scores.len() / ranges.len().max(1);
+    for (i, &(f, e)) in ranges.iter().enumerate() {
         softmax(
             level,
-            &mut sc.scores[i * n_keys + f..i * n_keys + e],
-            shape.scale,
-            &mut sc.half,
+            &mut scores[i * n_keys + f - lo..i * n_keys + e - lo],
+            scale,
+            half,
         );
     }
-    // Values, block by block.
-    sc.o.clear();
-    sc.o.resize(nq * hd, 0.0);
+}
+
+/// Output columns `cols` of every query: probabilities `scores` (`[nq][hi + 1 - lo]`) times
+/// the values of keys `lo..=hi`, into `o` (`[nq][cols.len()]`).
+#[allow(clippy::too_many_arguments)]
+#[inline(always)]
+fn values_span(
+    level: SimdLevel,
+    vt: &mut Vec<f32>,
+    o: &mut Vec<f32>,
+    scores: &[f32],
+    v: View,
+    lo: usize,
+    hi: usize,
+    ranges: &[(usize, usize)],
+    cols: std::ops::Range<usize>,
+) {
+    let (hd, bs) = (v.hd, v.kv.layout().block_size);
+    let (nq, n_keys, w) = (ranges.len(), hi + 1 - lo, cols.len());
+    o.clear();
+    o.resize(nq * w, 0.0);
     for bi in lo / bs..=hi / bs {
         let (b0, b1) = ((bi * bs).max(lo), ((bi + 1) * bs).min(hi + 1));
-        let vals = kv.values(span.blocks[bi], layer, kvh);
+        let vals = v.kv.values(v.span.blocks[bi], v.layer, v.kvh);
         let slot = b0 - bi * bs;
         let n = b1 - b0;
-        sc.vt.resize(n * hd, 0.0);
-        widen(
-            level,
-            &vals[slot * hd..(slot + n) * hd],
-            &mut sc.vt[..n * hd],
-        );
+        vt.resize(n * w, 0.0);
+        if w == hd {
+            widen(level, &vals[slot * hd..(slot + n) * hd], &mut vt[..n * hd]);
+        } else {
+            for j in 0..n {
+                let at = (slot + j) * hd;
+                widen(
+                    level,
+                    &vals[at + cols.start..at + cols.end],
+                    &mut vt[j * w..(j + 1) * w],
+                );
+            }
+        }
         let cut = |i: usize| {
-            let (f, e) = range(i);
+            let (f, e) = clip(ranges, i, lo, hi);
             ((b0 - lo).max(f), (b1 - lo).min(e))
         };
         let mut i = 0;
@@ -658,46 +735,231 @@ fn task(
                 i += 1;
                 continue;
             }
-            let v = &sc.vt[(a + lo - b0) * hd..(z + lo - b0) * hd];
+            let vv = &vt[(a + lo - b0) * w..(z + lo - b0) * w];
             #[cfg(target_arch = "x86_64")]
-            if level >= SimdLevel::Avx2Vnni && hd.is_multiple_of(LANES) {
+            if level >= SimdLevel::Avx2Vnni && w.is_multiple_of(LANES) {
                 // Up to 4 queries over the same keys: each value row loaded once for all.
                 let qn = (1..4.min(nq - i))
                     .take_while(|&m| cut(i + m) == (a, z))
                     .count()
                     + 1;
                 let p: [*const f32; 4] =
-                    std::array::from_fn(|m| sc.scores[(i + m.min(qn - 1)) * n_keys + a..].as_ptr());
-                assert!(sc.o.len() >= (i + qn) * hd && v.len() == (z - a) * hd);
-                let ob = sc.o.as_mut_ptr();
-                // SAFETY (of `add`): within `sc.o`, asserted above.
-                let o: [*mut f32; 4] =
-                    std::array::from_fn(|m| unsafe { ob.add((i + m.min(qn - 1)) * hd) });
+                    std::array::from_fn(|m| scores[(i + m.min(qn - 1)) * n_keys + a..].as_ptr());
+                assert!(o.len() >= (i + qn) * w && vv.len() == (z - a) * w);
+                let ob = o.as_mut_ptr();
+                // SAFETY (of `add`): within `o`, asserted above.
+                let op: [*mut f32; 4] =
+                    std::array::from_fn(|m| unsafe { ob.add((i + m.min(qn - 1)) * w) });
                 // SAFETY: AVX-512 F comes with these levels; each query's scores hold its
-                // z - a probabilities and its output hd values (asserted), distinct queries.
-                unsafe { crate::attn_avx512::pv_dyn(&p[..qn], z - a, v.as_ptr(), hd, &o[..qn]) };
+                // z - a probabilities and its output w values (asserted), distinct queries.
+                unsafe { crate::attn_avx512::pv_dyn(&p[..qn], z - a, vv.as_ptr(), w, &op[..qn]) };
                 i += qn;
                 continue;
             }
-            let p = &sc.scores[i * n_keys + a..i * n_keys + z];
-            pv(p, v, &mut sc.o[i * hd..(i + 1) * hd]);
+            let p = &scores[i * n_keys + a..i * n_keys + z];
+            pv(p, vv, &mut o[i * w..(i + 1) * w]);
             i += 1;
         }
     }
+}
+
+/// Writes `o` (`[nq][cols.len()]`, queries in (row, head) order) to columns `cols` of the
+/// task's rows and heads in `out`.
+///
+/// # Safety
+/// Those (row, head, column) elements are written by this call only; `out` is
+/// `[N][n_heads][hd]` with every row of `t` in it.
+#[inline(always)]
+unsafe fn write_out(
+    o: &[f32],
+    t: &Task,
+    n_heads: usize,
+    hd: usize,
+    cols: std::ops::Range<usize>,
+    out: Out,
+) {
+    let w = cols.len();
     let mut i = 0;
     for r in t.rows.clone() {
         for h in t.heads.clone() {
-            // SAFETY: (r, h) is this task's alone; `out` is `[N][n_heads][hd]`.
-            unsafe {
-                std::ptr::copy_nonoverlapping(
-                    sc.o[i * hd..].as_ptr(),
-                    out.0.add((r * n_heads + h) * hd),
-                    hd,
-                )
-            };
+            std::ptr::copy_nonoverlapping(
+                o[i * w..].as_ptr(),
+                out.0.add((r * n_heads + h) * hd + cols.start),
+                w,
+            );
             i += 1;
         }
     }
+}
+
+#[allow(clippy::too_many_arguments)]
+#[inline(always)]
+fn task(
+    level: SimdLevel,
+    sc: &mut Scratch,
+    t: &Task,
+    span: &SeqSpan,
+    q: &[f32],
+    kv: &KvStorage,
+    layer: usize,
+    shape: AttnShape,
+    out: Out,
+) {
+    let (n_heads, hd) = (shape.n_heads, shape.head_dim);
+    let kvh = t.heads.start / (n_heads / shape.n_kv_heads);
+    let mut ranges = std::mem::take(&mut sc.ranges);
+    fill_queries(level, sc, t, span, q, shape, &mut ranges);
+    let (lo, hi) = (ranges[0].0, ranges[ranges.len() - 1].1 - 1);
+    let v = View {
+        span,
+        kv,
+        layer,
+        kvh,
+        hd,
+    };
+    scores_span(level, sc, v, lo, hi, &ranges);
+    softmax_rows(
+        level,
+        &mut sc.scores,
+        lo,
+        &ranges,
+        shape.scale,
+        &mut sc.half,
+    );
+    values_span(
+        level,
+        &mut sc.vt,
+        &mut sc.o,
+        &sc.scores,
+        v,
+        lo,
+        hi,
+        &ranges,
+        0..hd,
+    );
+    // SAFETY: (row, head) of this task are its alone.
+    unsafe { write_out(&sc.o, t, n_heads, hd, 0..hd, out) };
+    sc.ranges = ranges;
+}
+
+/// `$at(level, args)`: `$f(level, args)` compiled for `level`'s target features (`$f` is
+/// `#[inline(always)]`, so it is inlined into a function that enables them), as
+/// [`run_task`] does for whole tasks.
+macro_rules! at_level {
+    ($at:ident => $f:ident($($a:ident: $t:ty),*)) => {
+        #[allow(clippy::too_many_arguments)]
+        fn $at(level: SimdLevel, $($a: $t),*) {
+            #[cfg(target_arch = "x86_64")]
+            {
+                #[allow(clippy::too_many_arguments)]
+                #[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl")]
+                unsafe fn avx512($($a: $t),*) {
+                    $f(SimdLevel::Avx512, $($a),*)
+                }
+                #[allow(clippy::too_many_arguments)]
+                #[target_feature(enable = "avx2,fma,f16c")]
+                unsafe fn avx2($($a: $t),*) {
+                    $f(SimdLevel::Avx2, $($a),*)
+                }
+                match level {
+                    // SAFETY: the caller's level was detected (or is checked by the tests).
+                    SimdLevel::Avx512 | SimdLevel::Avx2Vnni => return unsafe { avx512($($a),*) },
+                    SimdLevel::Avx2 => return unsafe { avx2($($a),*) },
+                    _ => {}
+                }
+            }
+            $f(level, $($a),*)
+        }
+    };
+}
+
+at_level!(scores_span_at => scores_span(
+    sc: &mut Scratch, v: View<'_>, lo: usize, hi: usize, ranges: &[(usize, usize)]
+));
+at_level!(softmax_rows_at => softmax_rows(
+    scores: &mut [f32], lo: usize, ranges: &[(usize, usize)], scale: f32, half: &mut Vec<f16>
+));
+at_level!(values_span_at => values_span(
+    vt: &mut Vec<f32>, o: &mut Vec<f32>, scores: &[f32], v: View<'_>, lo: usize, hi: usize,
+    ranges: &[(usize, usize)], cols: std::ops::Range<usize>
+));
+
+/// One task's work spread over the threads (few tasks over long ranges: decode at depth):
+/// scores by chunks of whole blocks, softmax, then output columns in chunks. Every element
+/// goes through the same operations as in [`task`], so the bits are the same.
+#[allow(clippy::too_many_arguments)]
+fn task_split(
+    level: SimdLevel,
+    t: &Task,
+    span: &SeqSpan,
+    q: &[f32],
+    kv: &KvStorage,
+    layer: usize,
+    shape: AttnShape,
+    out: Out,
+) {
+    let (n_heads, hd) = (shape.n_heads, shape.head_dim);
+    let kvh = t.heads.start / (n_heads / shape.n_kv_heads);
+    let bs = kv.layout().block_size;
+    let mut sc0 = Scratch::default();
+    let mut ranges = Vec::new();
+    fill_queries(level, &mut sc0, t, span, q, shape, &mut ranges);
+    let (lo, hi) = (ranges[0].0, ranges[ranges.len() - 1].1 - 1);
+    let (nq, n_keys) = (ranges.len(), hi + 1 - lo);
+    let v = View {
+        span,
+        kv,
+        layer,
+        kvh,
+        hd,
+    };
+    let threads = rayon::current_num_threads().max(1);
+    // Scores: chunks of whole blocks, ~4 per thread.
+    let chunk = (n_keys.div_ceil(4 * threads)).div_ceil(bs).max(1) * bs;
+    let chunks: Vec<(usize, usize)> = (lo / bs * bs..=hi)
+        .step_by(chunk)
+        .map(|c| (c.max(lo), (c + chunk - 1).min(hi)))
+        .collect();
+    let mut scores = vec![0f32; nq * n_keys];
+    let sp = Out(scores.as_mut_ptr());
+    let (ranges, qs) = (&ranges, &sc0.q);
+    chunks
+        .par_iter()
+        .for_each_init(Scratch::default, |sc, &(clo, chi)| {
+            let _ = &sp;
+            sc.q.clone_from(qs);
+            scores_span_at(level, sc, v, clo, chi, ranges);
+            let m = chi + 1 - clo;
+            for i in 0..nq {
+                // SAFETY: columns clo - lo .. of every row are this chunk's alone; in bounds.
+                unsafe {
+                    std::ptr::copy_nonoverlapping(
+                        sc.scores[i * m..].as_ptr(),
+                        sp.0.add(i * n_keys + clo - lo),
+                        m,
+                    )
+                };
+            }
+        });
+    softmax_rows_at(level, &mut scores, lo, ranges, shape.scale, &mut sc0.half);
+    // Values: column chunks of 64 (16 when 64 does not divide head_dim).
+    let cw = if hd.is_multiple_of(4 * LANES) {
+        4 * LANES
+    } else if hd.is_multiple_of(LANES) {
+        LANES
+    } else {
+        hd
+    };
+    let scores = &scores;
+    (0..hd / cw)
+        .into_par_iter()
+        .for_each_init(Scratch::default, |sc, c| {
+            let cols = c * cw..(c + 1) * cw;
+            let Scratch { vt, o, .. } = sc;
+            values_span_at(level, vt, o, scores, v, lo, hi, ranges, cols.clone());
+            // SAFETY: these columns of the task's (row, head) elements are this chunk's alone.
+            unsafe { write_out(&sc.o, t, n_heads, hd, cols, out) };
+        });
 }
 
 #[cfg(test)]
@@ -865,6 +1127,56 @@ mod tests {
                             .sum();
                         let got = want[r * w + h * hd + d] as f64;
                         assert!((got - o).abs() < 2e-2, "r={r} h={h} d={d}: {got} vs {o}");
+                    }
+                }
+            }
+        }
+    }
+
+    /// Decode over many keys with fewer tasks than threads takes the split path (scores by
+    /// key chunks, values by column chunks, across the threads): the same bits as the whole
+    /// prefill computed at the scalar level.
+    #[test]
+    fn split_decode_over_many_keys_is_the_same_bits() {
+        let mut rng = StdRng::seed_from_u64(9);
+        let pool = rayon::ThreadPoolBuilder::new()
+            .num_threads(4)
+            .build()
+            .expect("pool");
+        for (n_heads, n_kv, hd, window) in
+            [(4, 1, 256, None), (6, 2, 64, Some(600)), (3, 3, 80, None)]
+        {
+            let n = 700;
+            let (kv, blocks) = random_cache(&mut rng, n, n_kv, hd, 16);
+            let shape = AttnShape {
+                n_heads,
+                n_kv_heads: n_kv,
+                head_dim: hd,
+                scale: 1.0 / (hd as f32).sqrt(),
+                window,
+            };
+            let w = n_heads * hd;
+            let q: Vec<f32> = (0..n * w).map(|_| rng.random_range(-2.0..2.0)).collect();
+            let all = [SeqSpan {
+                blocks: &blocks,
+                start: 0,
+                rows: 0..n,
+            }];
+            let mut want = vec![0.0; n * w];
+            attention_f16(SimdLevel::Scalar, &q, &kv, 0, &all, shape, &mut want);
+            for level in SimdLevel::available() {
+                for r in [511, 512, 600, 699] {
+                    let one = [SeqSpan {
+                        blocks: &blocks,
+                        start: r,
+                        rows: 0..1,
+                    }];
+                    let mut o = vec![f32::NAN; w];
+                    pool.install(|| {
+                        attention_f16(level, &q[r * w..(r + 1) * w], &kv, 0, &one, shape, &mut o)
+                    });
+                    for (i, (a, b)) in o.iter().zip(&want[r * w..]).enumerate() {
+                        assert_eq!(a.to_bits(), b.to_bits(), "{level:?} hd {hd} row {r} [{i}]");
                     }
                 }
             }
