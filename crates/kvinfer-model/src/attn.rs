@@ -711,17 +711,22 @@ fn values_span(
         let vals = v.kv.values(v.span.blocks[bi], v.layer, v.kvh);
         let slot = b0 - bi * bs;
         let n = b1 - b0;
-        vt.resize(n * w, 0.0);
-        if w == hd {
-            widen(level, &vals[slot * hd..(slot + n) * hd], &mut vt[..n * hd]);
-        } else {
-            for j in 0..n {
-                let at = (slot + j) * hd;
-                widen(
-                    level,
-                    &vals[at + cols.start..at + cols.end],
-                    &mut vt[j * w..(j + 1) * w],
-                );
+        // AVX-512 reads the f16 values directly (widening them as it loads).
+        let direct =
+            cfg!(target_arch = "x86_64") && level >= SimdLevel::Avx2Vnni && w.is_multiple_of(LANES);
+        if !direct {
+            vt.resize(n * w, 0.0);
+            if w == hd {
+                widen(level, &vals[slot * hd..(slot + n) * hd], &mut vt[..n * hd]);
+            } else {
+                for j in 0..n {
+                    let at = (slot + j) * hd;
+                    widen(
+                        level,
+                        &vals[at + cols.start..at + cols.end],
+                        &mut vt[j * w..(j + 1) * w],
+                    );
+                }
             }
         }
         let cut = |i: usize| {
@@ -735,9 +740,8 @@ fn values_span(
                 i += 1;
                 continue;
             }
-            let vv = &vt[(a + lo - b0) * w..(z + lo - b0) * w];
             #[cfg(target_arch = "x86_64")]
-            if level >= SimdLevel::Avx2Vnni && w.is_multiple_of(LANES) {
+            if direct {
                 // Up to 4 queries over the same keys: each value row loaded once for all.
                 let qn = (1..4.min(nq - i))
                     .take_while(|&m| cut(i + m) == (a, z))
@@ -745,17 +749,23 @@ fn values_span(
                     + 1;
                 let p: [*const f32; 4] =
                     std::array::from_fn(|m| scores[(i + m.min(qn - 1)) * n_keys + a..].as_ptr());
-                assert!(o.len() >= (i + qn) * w && vv.len() == (z - a) * w);
+                let rows = &vals[(slot + a + lo - b0) * hd..(slot + z + lo - b0) * hd];
+                assert!(o.len() >= (i + qn) * w && cols.end <= hd);
                 let ob = o.as_mut_ptr();
                 // SAFETY (of `add`): within `o`, asserted above.
                 let op: [*mut f32; 4] =
                     std::array::from_fn(|m| unsafe { ob.add((i + m.min(qn - 1)) * w) });
-                // SAFETY: AVX-512 F comes with these levels; each query's scores hold its
-                // z - a probabilities and its output w values (asserted), distinct queries.
-                unsafe { crate::attn_avx512::pv_dyn(&p[..qn], z - a, vv.as_ptr(), w, &op[..qn]) };
+                // SAFETY: AVX-512 F and F16C come with these levels; each query's scores
+                // hold its z - a probabilities and its output w values (asserted), distinct
+                // queries; `rows` holds z - a rows of hd values, of which cols are read.
+                unsafe {
+                    let v0 = rows.as_ptr().add(cols.start);
+                    crate::attn_avx512::pv_dyn(&p[..qn], z - a, v0, hd, w, &op[..qn])
+                };
                 i += qn;
                 continue;
             }
+            let vv = &vt[(a + lo - b0) * w..(z + lo - b0) * w];
             let p = &scores[i * n_keys + a..i * n_keys + z];
             pv(p, vv, &mut o[i * w..(i + 1) * w]);
             i += 1;

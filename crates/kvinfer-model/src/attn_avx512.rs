@@ -68,44 +68,68 @@ pub(crate) unsafe fn scores_dyn(
     }
 }
 
-/// `o[i][c] = fma(p[i][j], v[j][c], o[i][c])` over the `n` rows `j` of `v` (`[n][hd]`) in order,
-/// for `Q` queries, `hd` a multiple of 16: per 64 (or 16) outputs, `Q` x 4 (or `Q`) chains.
+/// Value rows: f32, or f16 widened as they are loaded (exact, so the same products).
+pub(crate) trait Row: Copy {
+    /// 16 values at `self + at`, as f32.
+    ///
+    /// # Safety
+    /// AVX-512 F (and F16C for f16); 16 values readable there.
+    unsafe fn load(self, at: usize) -> __m512;
+}
+
+impl Row for *const f32 {
+    #[inline(always)]
+    unsafe fn load(self, at: usize) -> __m512 {
+        _mm512_loadu_ps(self.add(at))
+    }
+}
+
+impl Row for *const half::f16 {
+    #[inline(always)]
+    unsafe fn load(self, at: usize) -> __m512 {
+        _mm512_cvtph_ps(_mm256_loadu_si256(self.add(at) as *const __m256i))
+    }
+}
+
+/// `o[i][c] = fma(p[i][j], v[j][c], o[i][c])` over the `n` rows `j` of `v` (row `j` at
+/// `v + j * stride`, its first `w` values used) in order, for `Q` queries, `w` a multiple of
+/// 16: per 64 (or 16) outputs, `Q` x 4 (or `Q`) chains.
 ///
 /// # Safety
-/// AVX-512 F; `p[i]` holds `n` values, `o[i]` `hd`, `v` `n * hd`; `hd % 16 == 0`.
-#[target_feature(enable = "avx512f")]
-pub(crate) unsafe fn pv<const Q: usize>(
+/// AVX-512 F and F16C; `p[i]` holds `n` values, `o[i]` `w`, `v` `n` rows; `w % 16 == 0`.
+#[target_feature(enable = "avx512f,f16c")]
+pub(crate) unsafe fn pv<const Q: usize, V: Row>(
     p: [*const f32; Q],
     n: usize,
-    v: *const f32,
-    hd: usize,
+    v: V,
+    stride: usize,
+    w: usize,
     o: [*mut f32; Q],
 ) {
     let mut c = 0;
-    while c + 4 * LANES <= hd {
-        pv_chunk::<Q, 4>(p, n, v, hd, o, c);
+    while c + 4 * LANES <= w {
+        pv_chunk::<Q, 4, V>(p, n, v, stride, o, c);
         c += 4 * LANES;
     }
-    while c < hd {
-        pv_chunk::<Q, 1>(p, n, v, hd, o, c);
+    while c < w {
+        pv_chunk::<Q, 1, V>(p, n, v, stride, o, c);
         c += LANES;
     }
 }
 
 #[inline(always)]
-unsafe fn pv_chunk<const Q: usize, const M: usize>(
+unsafe fn pv_chunk<const Q: usize, const M: usize, V: Row>(
     p: [*const f32; Q],
     n: usize,
-    v: *const f32,
-    hd: usize,
+    v: V,
+    stride: usize,
     o: [*mut f32; Q],
     c: usize,
 ) {
     let mut acc: [[__m512; M]; Q] =
         std::array::from_fn(|i| std::array::from_fn(|m| _mm512_loadu_ps(o[i].add(c + m * LANES))));
     for j in 0..n {
-        let row: [__m512; M] =
-            std::array::from_fn(|m| _mm512_loadu_ps(v.add(j * hd + c + m * LANES)));
+        let row: [__m512; M] = std::array::from_fn(|m| v.load(j * stride + c + m * LANES));
         for i in 0..Q {
             let pj = _mm512_set1_ps(*p[i].add(j));
             for m in 0..M {
@@ -125,14 +149,49 @@ unsafe fn pv_chunk<const Q: usize, const M: usize>(
 /// # Safety
 /// As [`pv`], with `p.len() == o.len()`.
 #[inline(always)]
-pub(crate) unsafe fn pv_dyn(p: &[*const f32], n: usize, v: *const f32, hd: usize, o: &[*mut f32]) {
+pub(crate) unsafe fn pv_dyn<V: Row>(
+    p: &[*const f32],
+    n: usize,
+    v: V,
+    stride: usize,
+    w: usize,
+    o: &[*mut f32],
+) {
     let pa = |i: usize| p[i];
     let oa = |i: usize| o[i];
     match p.len() {
-        1 => pv::<1>(std::array::from_fn(pa), n, v, hd, std::array::from_fn(oa)),
-        2 => pv::<2>(std::array::from_fn(pa), n, v, hd, std::array::from_fn(oa)),
-        3 => pv::<3>(std::array::from_fn(pa), n, v, hd, std::array::from_fn(oa)),
-        4 => pv::<4>(std::array::from_fn(pa), n, v, hd, std::array::from_fn(oa)),
+        1 => pv::<1, V>(
+            std::array::from_fn(pa),
+            n,
+            v,
+            stride,
+            w,
+            std::array::from_fn(oa),
+        ),
+        2 => pv::<2, V>(
+            std::array::from_fn(pa),
+            n,
+            v,
+            stride,
+            w,
+            std::array::from_fn(oa),
+        ),
+        3 => pv::<3, V>(
+            std::array::from_fn(pa),
+            n,
+            v,
+            stride,
+            w,
+            std::array::from_fn(oa),
+        ),
+        4 => pv::<4, V>(
+            std::array::from_fn(pa),
+            n,
+            v,
+            stride,
+            w,
+            std::array::from_fn(oa),
+        ),
         q => unreachable!("{q} queries"),
     }
 }
