@@ -6,7 +6,7 @@
 //! bit for bit): the query rounded to f16 (as llama.cpp's f16 K·Q); key `j`'s score a fused
 //! multiply-add chain over the head dimension in order; `x_j = s_j * scale`, `m = max x_j`,
 //! `e_j = exp(x_j - m)` by [`exp`] (one polynomial, not libm), their sum in f64 over 8 lanes
-//! (`j mod 8`, then a fixed tree), `p_j = e_j / sum` rounded to f16 (llama.cpp's f16 V·P);
+//! (`j mod 8`, then a fixed tree), `p_j = e_j * (1 / sum)` rounded to f16 (llama.cpp's f16 V·P);
 //! output element `d` a fused multiply-add chain `o_d = fma(p_j, v_jd, o_d)` over the keys in
 //! order. Every step is an independent lane or an ordered chain, so the compiler's vectors
 //! (16 lanes on AVX-512, 8 on AVX2, 1 in scalar code) do not change a bit.
@@ -327,8 +327,10 @@ fn softmax(level: SimdLevel, s: &mut [f32], scale: f32, half: &mut Vec<f16>) {
     }
     let sum = (((lanes[0] + lanes[1]) + (lanes[2] + lanes[3]))
         + ((lanes[4] + lanes[5]) + (lanes[6] + lanes[7]))) as f32;
+    // Times 1 / sum, as llama.cpp's soft_max (ggml_vec_scale_f32): no division per element.
+    let inv = 1.0 / sum;
     for v in s.iter_mut() {
-        *v /= sum;
+        *v *= inv;
     }
     round_f16(level, s, half);
 }
