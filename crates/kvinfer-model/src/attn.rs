@@ -713,9 +713,12 @@ fn values_span(
         let vals = v.kv.values(v.span.blocks[bi], v.layer, v.kvh);
         let slot = b0 - bi * bs;
         let n = b1 - b0;
-        // AVX-512 reads the f16 values directly (widening them as it loads).
-        let direct =
-            cfg!(target_arch = "x86_64") && level >= SimdLevel::Avx2Vnni && w.is_multiple_of(LANES);
+        // AVX-512 reads the f16 values directly (widening them as it loads) when one group
+        // of up to 4 queries reads them (decode); more queries share one widened copy.
+        let direct = cfg!(target_arch = "x86_64")
+            && level >= SimdLevel::Avx2Vnni
+            && w.is_multiple_of(LANES)
+            && nq <= 4;
         if !direct {
             vt.resize(n * w, 0.0);
             if w == hd {
@@ -743,7 +746,7 @@ fn values_span(
                 continue;
             }
             #[cfg(target_arch = "x86_64")]
-            if direct {
+            if level >= SimdLevel::Avx2Vnni && w.is_multiple_of(LANES) {
                 // Up to 4 queries over the same keys: each value row loaded once for all.
                 let qn = (1..4.min(nq - i))
                     .take_while(|&m| cut(i + m) == (a, z))
@@ -751,7 +754,6 @@ fn values_span(
                     + 1;
                 let p: [*const f32; 4] =
                     std::array::from_fn(|m| scores[(i + m.min(qn - 1)) * n_keys + a..].as_ptr());
-                let rows = &vals[(slot + a + lo - b0) * hd..(slot + z + lo - b0) * hd];
                 assert!(o.len() >= (i + qn) * w && cols.end <= hd);
                 let ob = o.as_mut_ptr();
                 // SAFETY (of `add`): within `o`, asserted above.
@@ -759,10 +761,17 @@ fn values_span(
                     std::array::from_fn(|m| unsafe { ob.add((i + m.min(qn - 1)) * w) });
                 // SAFETY: AVX-512 F and F16C come with these levels; each query's scores
                 // hold its z - a probabilities and its output w values (asserted), distinct
-                // queries; `rows` holds z - a rows of hd values, of which cols are read.
+                // queries; `rows` holds z - a rows of `stride` values, of which `w` are read.
                 unsafe {
-                    let v0 = rows.as_ptr().add(cols.start);
-                    crate::attn_avx512::pv_dyn(&p[..qn], z - a, v0, hd, w, &op[..qn])
+                    let (p, op, n) = (&p[..qn], &op[..qn], z - a);
+                    if direct {
+                        let rows = &vals[(slot + a + lo - b0) * hd..(slot + z + lo - b0) * hd];
+                        let v0 = rows.as_ptr().add(cols.start);
+                        crate::attn_avx512::pv_dyn(p, n, v0, hd, w, op)
+                    } else {
+                        let rows = &vt[(a + lo - b0) * w..(z + lo - b0) * w];
+                        crate::attn_avx512::pv_dyn(p, n, rows.as_ptr(), w, w, op)
+                    }
                 };
                 i += qn;
                 continue;
