@@ -300,6 +300,11 @@ fn pv_chunk<const N: usize>(p: &[f32], v: &[f32], hd: usize, o: &mut [f32], c: u
 /// Softmax of `s` in place (`s` holds q·k; see the module doc), probabilities rounded to f16.
 #[inline(always)]
 fn softmax(level: SimdLevel, s: &mut [f32], scale: f32, half: &mut Vec<f16>) {
+    #[cfg(target_arch = "x86_64")]
+    if level >= SimdLevel::Avx2Vnni {
+        // SAFETY: AVX-512 F and F16C come with these levels.
+        return unsafe { crate::attn_avx512::softmax(s, scale) };
+    }
     // The max in 16 lanes, then across them (exact: any order gives the same value).
     let mut lanes = [f32::NEG_INFINITY; LANES];
     let mut chunks = s.chunks_exact(LANES);

@@ -195,3 +195,89 @@ pub(crate) unsafe fn pv_dyn<V: Row>(
         q => unreachable!("{q} queries"),
     }
 }
+
+/// [`crate::attn::exp`] on 16 lanes: the same operations in the same order, so the same bits.
+#[inline(always)]
+unsafe fn exp16(x: __m512) -> __m512 {
+    let x = _mm512_min_ps(
+        _mm512_max_ps(x, _mm512_set1_ps(-87.0)),
+        _mm512_set1_ps(88.0),
+    );
+    let n = _mm512_roundscale_ps::<{ _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC }>(
+        _mm512_mul_ps(x, _mm512_set1_ps(std::f32::consts::LOG2_E)),
+    );
+    let r = _mm512_fmadd_ps(n, _mm512_set1_ps(-0.693_359_4), x);
+    let r = _mm512_fmadd_ps(n, _mm512_set1_ps(2.121_944_4e-4), r);
+    let mut p = _mm512_set1_ps(1.987_569_1e-4);
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.398_199_9e-3));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(8.333_452e-3));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(4.166_579_6e-2));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(0.166_666_65));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(0.5));
+    let e = _mm512_add_ps(
+        _mm512_fmadd_ps(_mm512_mul_ps(p, r), r, r),
+        _mm512_set1_ps(1.0),
+    );
+    let i = _mm512_sub_epi32(
+        _mm512_castps_si512(_mm512_add_ps(n, _mm512_set1_ps(12_582_912.0))),
+        _mm512_set1_epi32(0x4B40_0000),
+    );
+    let two_n = _mm512_castsi512_ps(_mm512_slli_epi32::<23>(_mm512_add_epi32(
+        i,
+        _mm512_set1_epi32(127),
+    )));
+    _mm512_mul_ps(e, two_n)
+}
+
+/// The attention's softmax in three passes (max; exponentials and their f64 lane sums; times
+/// 1 / sum rounded to f16): the operations of `attn::softmax` lane for lane, so the same bits.
+///
+/// # Safety
+/// AVX-512 F and F16C.
+#[target_feature(enable = "avx512f,f16c,fma")]
+pub(crate) unsafe fn softmax(s: &mut [f32], scale: f32) {
+    let (n, p) = (s.len(), s.as_mut_ptr());
+    let n16 = n / LANES * LANES;
+    let vs = _mm512_set1_ps(scale);
+    let mut m = _mm512_set1_ps(f32::NEG_INFINITY);
+    for j in (0..n16).step_by(LANES) {
+        m = _mm512_max_ps(m, _mm512_mul_ps(_mm512_loadu_ps(p.add(j)), vs));
+    }
+    let mut lanes = [0f32; LANES];
+    _mm512_storeu_ps(lanes.as_mut_ptr(), m);
+    let max = (n16..n)
+        .map(|j| *p.add(j) * scale)
+        .chain(lanes)
+        .fold(f32::NEG_INFINITY, f32::max);
+    let vmax = _mm512_set1_ps(max);
+    let mut acc = _mm512_setzero_pd();
+    for j in (0..n16).step_by(LANES) {
+        let e = exp16(_mm512_sub_ps(
+            _mm512_mul_ps(_mm512_loadu_ps(p.add(j)), vs),
+            vmax,
+        ));
+        _mm512_storeu_ps(p.add(j), e);
+        acc = _mm512_add_pd(acc, _mm512_cvtps_pd(_mm512_castps512_ps256(e)));
+        let hi = _mm256_castpd_ps(_mm512_extractf64x4_pd::<1>(_mm512_castps_pd(e)));
+        acc = _mm512_add_pd(acc, _mm512_cvtps_pd(hi));
+    }
+    let mut sums = [0f64; 8];
+    _mm512_storeu_pd(sums.as_mut_ptr(), acc);
+    for j in n16..n {
+        let e = crate::attn::exp(*p.add(j) * scale - max);
+        *p.add(j) = e;
+        sums[j % 8] += e as f64;
+    }
+    let sum = (((sums[0] + sums[1]) + (sums[2] + sums[3]))
+        + ((sums[4] + sums[5]) + (sums[6] + sums[7]))) as f32;
+    let inv = 1.0 / sum;
+    let vi = _mm512_set1_ps(inv);
+    for j in (0..n16).step_by(LANES) {
+        let x = _mm512_mul_ps(_mm512_loadu_ps(p.add(j)), vi);
+        let h = _mm512_cvtps_ph::<{ _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC }>(x);
+        _mm512_storeu_ps(p.add(j), _mm512_cvtph_ps(h));
+    }
+    for j in n16..n {
+        *p.add(j) = half::f16::from_f32(*p.add(j) * inv).to_f32();
+    }
+}
