@@ -79,6 +79,21 @@ struct Scratch {
     ranges: Vec<(usize, usize)>,
 }
 
+thread_local! {
+    /// Each thread's scratch, kept between calls: a task's buffers (its score matrix is up to
+    /// queries x keys) are not allocated, faulted in and zeroed again for every call.
+    static SCRATCH: std::cell::RefCell<Scratch> = std::cell::RefCell::new(Scratch::default());
+}
+
+/// `f` with this thread's scratch (a fresh one if it is in use: rayon can run another task on
+/// this thread while one waits).
+fn with_scratch<R>(f: impl FnOnce(&mut Scratch) -> R) -> R {
+    SCRATCH.with(|c| match c.try_borrow_mut() {
+        Ok(mut s) => f(&mut s),
+        Err(_) => f(&mut Scratch::default()),
+    })
+}
+
 /// Attention of every new query over its sequence's f16 keys and values (see
 /// [`crate::layers::attention`]), at SIMD `level`.
 pub(crate) fn attention_f16(
@@ -145,9 +160,9 @@ pub(crate) fn attention_f16(
         unsafe { run_task(level, sc, t, span, q, kv, layer, shape, o) };
     };
     if tasks.len() == 1 {
-        run(&mut Scratch::default(), &tasks[0]);
+        with_scratch(|sc| run(sc, &tasks[0]));
     } else {
-        tasks.par_iter().for_each_init(Scratch::default, run);
+        tasks.par_iter().for_each(|t| with_scratch(|sc| run(sc, t)));
     }
 }
 
@@ -632,8 +647,10 @@ fn scores_span(
     let (hd, bs) = (v.hd, v.kv.layout().block_size);
     let (nq, n_keys) = (ranges.len(), hi + 1 - lo);
     let range = |i: usize| clip(ranges, i, lo, hi);
-    sc.scores.clear();
-    sc.scores.resize(nq * n_keys, 0.0);
+    // Not cleared: every entry a query reads (its own range) is written below.
+    if sc.scores.len() < nq * n_keys {
+        sc.scores.resize(nq * n_keys, 0.0);
+    }
     const TILES: usize = 4;
     sc.kt.resize(TILES * hd * LANES, 0.0);
     sc.wide.resize(LANES * hd, 0.0);
@@ -673,7 +690,8 @@ fn scores_span(
     }
 }
 
-/// Softmax of each query's scores (`scores`: `[nq][n_keys]` over keys `lo..`) over its range.
+/// Softmax of each query's scores (`scores`: exactly `[nq][n_keys]`, over keys `lo..`) over
+/// its range.
 #[inline(always)]
 fn softmax_rows(
     level: SimdLevel,
@@ -844,9 +862,10 @@ fn task(
         hd,
     };
     scores_span(level, sc, v, lo, hi, &ranges);
+    let n = ranges.len() * (hi + 1 - lo);
     softmax_rows(
         level,
-        &mut sc.scores,
+        &mut sc.scores[..n],
         lo,
         &ranges,
         shape.scale,
@@ -949,9 +968,8 @@ fn task_split(
     let mut scores = vec![0f32; nq * n_keys];
     let sp = Out(scores.as_mut_ptr());
     let (ranges, qs) = (&ranges, &sc0.q);
-    chunks
-        .par_iter()
-        .for_each_init(Scratch::default, |sc, &(clo, chi)| {
+    chunks.par_iter().for_each(|&(clo, chi)| {
+        with_scratch(|sc| {
             let _ = &sp;
             sc.q.clone_from(qs);
             scores_span_at(level, sc, v, clo, chi, ranges);
@@ -966,7 +984,8 @@ fn task_split(
                     )
                 };
             }
-        });
+        })
+    });
     softmax_rows_at(level, &mut scores, lo, ranges, shape.scale, &mut sc0.half);
     // Values: column chunks of 64 (16 when 64 does not divide head_dim).
     let cw = if hd.is_multiple_of(4 * LANES) {
@@ -977,15 +996,15 @@ fn task_split(
         hd
     };
     let scores = &scores;
-    (0..hd / cw)
-        .into_par_iter()
-        .for_each_init(Scratch::default, |sc, c| {
+    (0..hd / cw).into_par_iter().for_each(|c| {
+        with_scratch(|sc| {
             let cols = c * cw..(c + 1) * cw;
             let Scratch { vt, o, .. } = sc;
             values_span_at(level, vt, o, scores, v, lo, hi, ranges, cols.clone());
             // SAFETY: these columns of the task's (row, head) elements are this chunk's alone.
             unsafe { write_out(&sc.o, t, n_heads, hd, cols, out) };
-        });
+        })
+    });
 }
 
 #[cfg(test)]
