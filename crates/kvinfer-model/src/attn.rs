@@ -113,13 +113,17 @@ pub(crate) fn attention_f16(
     // that leaves threads idle (a few sequences decoding over few KV heads: Gemma 3 has one),
     // one task per query head instead (the numbers are the same either way).
     let tiles: usize = spans.iter().map(|s| s.rows.len().div_ceil(TILE_ROWS)).sum();
-    let few = tiles * shape.n_kv_heads < rayon::current_num_threads();
+    let threads = rayon::current_num_threads();
+    let few = tiles * shape.n_kv_heads < threads;
+    // Grouped tasks that do not fill the threads evenly (3 KV heads on 2 threads).
+    let uneven = !(tiles * shape.n_kv_heads).is_multiple_of(threads)
+        && tiles * shape.n_kv_heads < 4 * threads;
     // Few tasks over many keys (decode at depth): each grouped task split across the threads.
     let keys = |s: &SeqSpan| {
         let n = s.start + s.rows.len();
         shape.window.map_or(n, |w| n.min(w + TILE_ROWS))
     };
-    let split = few && spans.iter().any(|s| keys(s) >= SPLIT_KEYS);
+    let split = (few || uneven) && spans.iter().any(|s| keys(s) >= SPLIT_KEYS);
     let per_head = few && group > 1 && !split;
     for (si, s) in spans.iter().enumerate() {
         for kvh in 0..shape.n_kv_heads {
@@ -149,9 +153,7 @@ pub(crate) fn attention_f16(
     assert_eq!(out.len(), q.len(), "attention: out must be shaped as q");
     let o = Out(out.as_mut_ptr());
     if split {
-        for t in &tasks {
-            task_split(level, t, &spans[t.span], q, kv, layer, shape, o);
-        }
+        tasks_split(level, &tasks, spans, q, kv, layer, shape, o);
         return;
     }
     let run = |sc: &mut Scratch, t: &Task| {
@@ -929,14 +931,26 @@ at_level!(values_span_at => values_span(
     ranges: &[(usize, usize)], cols: std::ops::Range<usize>
 ));
 
-/// One task's work spread over the threads (few tasks over long ranges: decode at depth):
-/// scores by chunks of whole blocks, softmax, then output columns in chunks. Every element
-/// goes through the same operations as in [`task`], so the bits are the same.
+/// One split task: its queries, their ranges, keys `lo..=hi`, and its score matrix.
+struct Split<'a> {
+    t: &'a Task,
+    v: View<'a>,
+    q: Vec<f32>,
+    ranges: Vec<(usize, usize)>,
+    lo: usize,
+    hi: usize,
+    scores: Vec<f32>,
+}
+
+/// The tasks' work spread over the threads (fewer tasks than threads, or not a multiple of
+/// them, over long ranges: decode at depth): scores of every task by chunks of whole blocks in
+/// one parallel pass, each task's softmax, then output columns in chunks in a second pass.
+/// Every element goes through the same operations as in [`task`], so the bits are the same.
 #[allow(clippy::too_many_arguments)]
-fn task_split(
+fn tasks_split(
     level: SimdLevel,
-    t: &Task,
-    span: &SeqSpan,
+    tasks: &[Task],
+    spans: &[SeqSpan],
     q: &[f32],
     kv: &KvStorage,
     layer: usize,
@@ -944,49 +958,80 @@ fn task_split(
     out: Out,
 ) {
     let (n_heads, hd) = (shape.n_heads, shape.head_dim);
-    let kvh = t.heads.start / (n_heads / shape.n_kv_heads);
     let bs = kv.layout().block_size;
     let mut sc0 = Scratch::default();
-    let mut ranges = Vec::new();
-    fill_queries(level, &mut sc0, t, span, q, shape, &mut ranges);
-    let (lo, hi) = (ranges[0].0, ranges[ranges.len() - 1].1 - 1);
-    let (nq, n_keys) = (ranges.len(), hi + 1 - lo);
-    let v = View {
-        span,
-        kv,
-        layer,
-        kvh,
-        hd,
-    };
-    let threads = rayon::current_num_threads().max(1);
-    // Scores: chunks of whole blocks, ~4 per thread.
-    let chunk = (n_keys.div_ceil(4 * threads)).div_ceil(bs).max(1) * bs;
-    let chunks: Vec<(usize, usize)> = (lo / bs * bs..=hi)
-        .step_by(chunk)
-        .map(|c| (c.max(lo), (c + chunk - 1).min(hi)))
+    let mut splits: Vec<Split> = tasks
+        .iter()
+        .map(|t| {
+            let span = &spans[t.span];
+            let mut ranges = Vec::new();
+            fill_queries(level, &mut sc0, t, span, q, shape, &mut ranges);
+            let (lo, hi) = (ranges[0].0, ranges[ranges.len() - 1].1 - 1);
+            let kvh = t.heads.start / (n_heads / shape.n_kv_heads);
+            let v = View {
+                span,
+                kv,
+                layer,
+                kvh,
+                hd,
+            };
+            let scores = vec![0f32; ranges.len() * (hi + 1 - lo)];
+            Split {
+                t,
+                v,
+                q: sc0.q.clone(),
+                ranges,
+                lo,
+                hi,
+                scores,
+            }
+        })
         .collect();
-    let mut scores = vec![0f32; nq * n_keys];
-    let sp = Out(scores.as_mut_ptr());
-    let (ranges, qs) = (&ranges, &sc0.q);
-    chunks.par_iter().for_each(|&(clo, chi)| {
+    let threads = rayon::current_num_threads().max(1);
+    // Scores: chunks of whole blocks, ~4 per thread over all tasks.
+    let total: usize = splits.iter().map(|s| s.hi + 1 - s.lo).sum();
+    let chunk = total.div_ceil(4 * threads).div_ceil(bs).max(1) * bs;
+    let mut chunks = Vec::new();
+    for (k, s) in splits.iter().enumerate() {
+        for c in (s.lo / bs * bs..=s.hi).step_by(chunk) {
+            chunks.push((k, c.max(s.lo), (c + chunk - 1).min(s.hi)));
+        }
+    }
+    let ptrs: Vec<Out> = splits
+        .iter_mut()
+        .map(|s| Out(s.scores.as_mut_ptr()))
+        .collect();
+    let (splits_r, ptrs) = (&splits, &ptrs);
+    chunks.par_iter().for_each(|&(k, clo, chi)| {
         with_scratch(|sc| {
-            let _ = &sp;
-            sc.q.clone_from(qs);
-            scores_span_at(level, sc, v, clo, chi, ranges);
+            let s = &splits_r[k];
+            let (nq, n_keys) = (s.ranges.len(), s.hi + 1 - s.lo);
+            sc.q.clone_from(&s.q);
+            scores_span_at(level, sc, s.v, clo, chi, &s.ranges);
             let m = chi + 1 - clo;
             for i in 0..nq {
-                // SAFETY: columns clo - lo .. of every row are this chunk's alone; in bounds.
+                // SAFETY: columns clo - lo .. of every row of task k's matrix are this
+                // chunk's alone; in bounds.
                 unsafe {
                     std::ptr::copy_nonoverlapping(
                         sc.scores[i * m..].as_ptr(),
-                        sp.0.add(i * n_keys + clo - lo),
+                        ptrs[k].0.add(i * n_keys + clo - s.lo),
                         m,
                     )
                 };
             }
         })
     });
-    softmax_rows_at(level, &mut scores, lo, ranges, shape.scale, &mut sc0.half);
+    for s in splits.iter_mut() {
+        softmax_rows_at(
+            level,
+            &mut s.scores,
+            s.lo,
+            &s.ranges,
+            shape.scale,
+            &mut sc0.half,
+        );
+    }
     // Values: column chunks of 64 (16 when 64 does not divide head_dim).
     let cw = if hd.is_multiple_of(4 * LANES) {
         4 * LANES
@@ -995,14 +1040,28 @@ fn task_split(
     } else {
         hd
     };
-    let scores = &scores;
-    (0..hd / cw).into_par_iter().for_each(|c| {
+    let cols: Vec<(usize, usize)> = (0..splits.len())
+        .flat_map(|k| (0..hd / cw).map(move |c| (k, c)))
+        .collect();
+    let splits = &splits;
+    cols.par_iter().for_each(|&(k, c)| {
         with_scratch(|sc| {
+            let s = &splits[k];
             let cols = c * cw..(c + 1) * cw;
             let Scratch { vt, o, .. } = sc;
-            values_span_at(level, vt, o, scores, v, lo, hi, ranges, cols.clone());
+            values_span_at(
+                level,
+                vt,
+                o,
+                &s.scores,
+                s.v,
+                s.lo,
+                s.hi,
+                &s.ranges,
+                cols.clone(),
+            );
             // SAFETY: these columns of the task's (row, head) elements are this chunk's alone.
-            unsafe { write_out(&sc.o, t, n_heads, hd, cols, out) };
+            unsafe { write_out(&sc.o, s.t, n_heads, hd, cols, out) };
         })
     });
 }
@@ -1184,10 +1243,15 @@ mod tests {
     #[test]
     fn split_decode_over_many_keys_is_the_same_bits() {
         let mut rng = StdRng::seed_from_u64(9);
-        let pool = rayon::ThreadPoolBuilder::new()
-            .num_threads(4)
-            .build()
-            .expect("pool");
+        // 4 threads: fewer tasks than threads; 2 threads: 3 KV heads do not divide evenly.
+        let pools: Vec<rayon::ThreadPool> = [4, 2]
+            .map(|n| {
+                rayon::ThreadPoolBuilder::new()
+                    .num_threads(n)
+                    .build()
+                    .expect("pool")
+            })
+            .into();
         for (n_heads, n_kv, hd, window) in
             [(4, 1, 256, None), (6, 2, 64, Some(600)), (3, 3, 80, None)]
         {
@@ -1209,7 +1273,11 @@ mod tests {
             }];
             let mut want = vec![0.0; n * w];
             attention_f16(SimdLevel::Scalar, &q, &kv, 0, &all, shape, &mut want);
-            for level in SimdLevel::available() {
+            let levels = SimdLevel::available();
+            for (level, pool) in levels
+                .iter()
+                .flat_map(|&l| pools.iter().map(move |p| (l, p)))
+            {
                 for r in [511, 512, 600, 699] {
                     let one = [SeqSpan {
                         blocks: &blocks,
@@ -1223,6 +1291,27 @@ mod tests {
                     for (i, (a, b)) in o.iter().zip(&want[r * w..]).enumerate() {
                         assert_eq!(a.to_bits(), b.to_bits(), "{level:?} hd {hd} row {r} [{i}]");
                     }
+                }
+                // Two sequences decoding in one batch (over the same blocks).
+                let (r1, r2) = (530, 699);
+                let two = [
+                    SeqSpan {
+                        blocks: &blocks,
+                        start: r1,
+                        rows: 0..1,
+                    },
+                    SeqSpan {
+                        blocks: &blocks,
+                        start: r2,
+                        rows: 1..2,
+                    },
+                ];
+                let qq: Vec<f32> = [&q[r1 * w..(r1 + 1) * w], &q[r2 * w..(r2 + 1) * w]].concat();
+                let mut o = vec![f32::NAN; 2 * w];
+                pool.install(|| attention_f16(level, &qq, &kv, 0, &two, shape, &mut o));
+                let both = [&want[r1 * w..(r1 + 1) * w], &want[r2 * w..(r2 + 1) * w]].concat();
+                for (i, (a, b)) in o.iter().zip(&both).enumerate() {
+                    assert_eq!(a.to_bits(), b.to_bits(), "{level:?} hd {hd} batch [{i}]");
                 }
             }
         }
