@@ -4,6 +4,8 @@
 //! element is one FMA chain in the same order as the portable code; what these add is enough
 //! independent chains in registers (up to 16) to cover the FMA latency.
 
+// Register tiles index several arrays with the same loop variable.
+#![allow(clippy::needless_range_loop)]
 use std::arch::x86_64::*;
 
 /// Keys per tile (one vector of scores).
