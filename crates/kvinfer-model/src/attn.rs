@@ -1097,6 +1097,35 @@ mod tests {
         assert!(exp(1000.0).is_finite() && exp(-1000.0) >= 0.0);
     }
 
+    /// A random cache of `n` positions (`(n_heads, n_kv, hd, bs)`), random queries for every
+    /// position, and their attention computed at the scalar level in one prefill.
+    #[allow(clippy::type_complexity)]
+    fn scalar_prefill(
+        rng: &mut StdRng,
+        n: usize,
+        (n_heads, n_kv, hd, bs): (usize, usize, usize, usize),
+        window: Option<usize>,
+    ) -> (KvStorage, Vec<BlockId>, AttnShape, Vec<f32>, Vec<f32>) {
+        let (kv, blocks) = random_cache(rng, n, n_kv, hd, bs);
+        let shape = AttnShape {
+            n_heads,
+            n_kv_heads: n_kv,
+            head_dim: hd,
+            scale: 1.0 / (hd as f32).sqrt(),
+            window,
+        };
+        let w = n_heads * hd;
+        let q: Vec<f32> = (0..n * w).map(|_| rng.random_range(-2.0..2.0)).collect();
+        let all = [SeqSpan {
+            blocks: &blocks,
+            start: 0,
+            rows: 0..n,
+        }];
+        let mut want = vec![0.0; n * w];
+        attention_f16(SimdLevel::Scalar, &q, &kv, 0, &all, shape, &mut want);
+        (kv, blocks, shape, q, want)
+    }
+
     /// A cache of `n` random positions (`[pos][n_kv * hd]` K and V), blocks of `bs` slots in
     /// scrambled order.
     fn random_cache(
@@ -1148,23 +1177,14 @@ mod tests {
             (3, 3, 16, 5, None, 45),
             (2, 1, 20, 16, Some(40), 45),
         ] {
-            let (kv, blocks) = random_cache(&mut rng, n, n_kv, hd, bs);
-            let shape = AttnShape {
-                n_heads,
-                n_kv_heads: n_kv,
-                head_dim: hd,
-                scale: 1.0 / (hd as f32).sqrt(),
-                window,
-            };
+            let (kv, blocks, shape, q, want) =
+                scalar_prefill(&mut rng, n, (n_heads, n_kv, hd, bs), window);
             let w = n_heads * hd;
-            let q: Vec<f32> = (0..n * w).map(|_| rng.random_range(-2.0..2.0)).collect();
             let all = [SeqSpan {
                 blocks: &blocks,
                 start: 0,
                 rows: 0..n,
             }];
-            let mut want = vec![0.0; n * w];
-            attention_f16(SimdLevel::Scalar, &q, &kv, 0, &all, shape, &mut want);
             for level in SimdLevel::available() {
                 let mut got = vec![f32::NAN; n * w];
                 attention_f16(level, &q, &kv, 0, &all, shape, &mut got);
@@ -1256,23 +1276,9 @@ mod tests {
             [(4, 1, 256, None), (6, 2, 64, Some(600)), (3, 3, 80, None)]
         {
             let n = 700;
-            let (kv, blocks) = random_cache(&mut rng, n, n_kv, hd, 16);
-            let shape = AttnShape {
-                n_heads,
-                n_kv_heads: n_kv,
-                head_dim: hd,
-                scale: 1.0 / (hd as f32).sqrt(),
-                window,
-            };
+            let (kv, blocks, shape, q, want) =
+                scalar_prefill(&mut rng, n, (n_heads, n_kv, hd, 16), window);
             let w = n_heads * hd;
-            let q: Vec<f32> = (0..n * w).map(|_| rng.random_range(-2.0..2.0)).collect();
-            let all = [SeqSpan {
-                blocks: &blocks,
-                start: 0,
-                rows: 0..n,
-            }];
-            let mut want = vec![0.0; n * w];
-            attention_f16(SimdLevel::Scalar, &q, &kv, 0, &all, shape, &mut want);
             let levels = SimdLevel::available();
             for (level, pool) in levels
                 .iter()
