@@ -6,10 +6,15 @@
 //! data: [block][layer][K|V][kv_head][slot][row]   row = head_dim values in the KV dtype
 //!                                   ^^^^^^^^^^^ one head's rows of one block: contiguous,
 //!                                               what attention reads for 16 positions
+//! f16 keys only: [block][layer][K][kv_head][dim][slot]   (transposed within the block)
 //! ```
 //! A row is `head_dim` f16 values, or ggml's `block_q8_0` / `block_q4_0` runs (an f16 scale and
 //! 32 quants per 32 values) for the quantized dtypes: each position's row is quantized on its
 //! own, so a block's bytes depend only on its own tokens (prefix hits and batching stay exact).
+//! f16 keys are stored transposed within each (block, layer, head): dimension-major, so the
+//! attention's score kernel reads 16 keys' value of one dimension as one vector, each key's
+//! score one FMA chain over the dimensions, without transposing keys on every read. The same
+//! bytes, in another order; still only the block's own tokens.
 //! Position `p` of a sequence lives in block `table[p / block_size]`, slot `p % block_size`.
 //! The arena is allocated zeroed up front (`calloc`), so the OS backs pages only as blocks are
 //! first written: a large `--kv-cache-mb` costs address space, not memory, until used.
@@ -219,7 +224,8 @@ impl KvStorage {
             + head * l.block_size * l.row_bytes() / 2
     }
 
-    /// f16 keys of `head` in `layer` for the block's slots: `[block_size][head_dim]` (dtype f16).
+    /// f16 keys of `head` in `layer` for the block's slots, transposed: `[head_dim][block_size]`
+    /// (dtype f16; see the module docs).
     #[inline]
     pub fn keys(&self, block: BlockId, layer: usize, head: usize) -> &[f16] {
         debug_assert_eq!(self.layout.dtype, KvDtype::F16);
@@ -268,8 +274,18 @@ impl KvStorage {
             "bad KV row"
         );
         let f16 = self.layout.dtype == KvDtype::F16;
+        let mut half = vec![f16::ZERO; if f16 { hd } else { 0 }];
         for (row, is_v) in [(k, false), (v, true)] {
             for (h, src) in row.chunks_exact(hd).enumerate() {
+                if f16 && !is_v {
+                    // Transposed: dimension d of this slot at d * block_size + slot.
+                    half.convert_from_f32_slice(src);
+                    let o = self.offset(block, layer, false, h) + slot;
+                    for (d, x) in half.iter().enumerate() {
+                        self.data[o + d * bs] = x.to_bits();
+                    }
+                    continue;
+                }
                 let o = self.offset(block, layer, is_v, h) + slot * rb / 2;
                 let dst = &mut self.data[o..o + rb / 2];
                 if f16 {
@@ -343,11 +359,12 @@ mod tests {
         let k: Vec<f32> = (0..8).map(|i| i as f32).collect();
         let v: Vec<f32> = (0..8).map(|i| -(i as f32)).collect();
         s.write(BlockId(2), 1, 1, &k, &v);
-        // head 1 of K: slot 1 holds k[4..8].
+        // head 1 of K: slot 1 holds k[4..8], transposed ([head_dim 4][block_size 3]).
         let kh = s.keys(BlockId(2), 1, 1);
         assert_eq!(kh.len(), 12);
-        assert_eq!(kh[4].to_f32(), 4.0);
-        assert_eq!(kh[7].to_f32(), 7.0);
+        let got: Vec<f32> = (0..4).map(|d| kh[d * 3 + 1].to_f32()).collect();
+        assert_eq!(got, [4.0, 5.0, 6.0, 7.0]);
+        assert!((0..4).all(|d| kh[d * 3].to_f32() == 0.0 && kh[d * 3 + 2].to_f32() == 0.0));
         assert_eq!(s.values(BlockId(2), 1, 0)[4].to_f32(), -0.0);
         assert_eq!(s.values(BlockId(2), 1, 0)[5].to_f32(), -1.0);
         // Other layers and blocks untouched.
@@ -358,7 +375,7 @@ mod tests {
         let bytes = s.block_bytes(BlockId(2)).to_vec();
         s.set_block_bytes(BlockId(3), &bytes);
         assert_eq!(s.block_data(BlockId(3)), s.block_data(BlockId(2)));
-        assert_eq!(s.keys(BlockId(3), 1, 1)[7].to_f32(), 7.0);
+        assert_eq!(s.keys(BlockId(3), 1, 1)[3 * 3 + 1].to_f32(), 7.0);
     }
 }
 

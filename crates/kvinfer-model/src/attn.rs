@@ -74,7 +74,6 @@ struct Scratch {
     o: Vec<f32>,
     kt: Vec<f32>,
     vt: Vec<f32>,
-    wide: Vec<f32>,
     half: Vec<f16>,
     ranges: Vec<(usize, usize)>,
 }
@@ -415,49 +414,76 @@ unsafe fn widen_f16c(src: &[f16], dst: &mut [f32]) {
     }
 }
 
-/// Scores of the task's queries against the transposed tiles in `sc.kt` (`tiles[k]` = key
-/// range `a..z` of tile k, relative to the task's first key), into `sc.scores`.
+/// Up to 16 keys: slots `g0..` of one block (`keys` points at slot `g0` of dimension 0 of its
+/// transposed f16 keys, `[hd][block_size]`), of which lanes `off..off + z - a` are the keys
+/// `a..z` (relative to the span's first key). Lanes outside are computed and dropped.
+#[derive(Clone, Copy)]
+struct Tile {
+    a: usize,
+    z: usize,
+    off: usize,
+    keys: *const f16,
+}
+
+/// Scores of the task's queries against `tiles` into `sc.scores`: read in place from the
+/// cache's f16 keys when `direct` (AVX-512, whole tiles of 16), else from their widened
+/// copies in `sc.kt` (`[k][hd][16]`).
+#[allow(clippy::too_many_arguments)]
 #[inline(always)]
 fn score_tiles(
     level: SimdLevel,
     sc: &mut Scratch,
-    tiles: &[(usize, usize)],
+    tiles: &[Tile],
+    direct: bool,
+    bs: usize,
     nq: usize,
     hd: usize,
     n_keys: usize,
     range: &impl Fn(usize) -> (usize, usize),
 ) {
-    let live = |i: usize, (a, z): (usize, usize)| {
+    let live = |i: usize, t: &Tile| {
         let (f, e) = range(i);
-        f < z && a < e
+        f < t.z && t.a < e
     };
     #[cfg(target_arch = "x86_64")]
     if level >= SimdLevel::Avx2Vnni {
         // Up to 4 queries x all (up to 4) tiles at once; pairs masked out are computed and
         // dropped.
-        assert!(sc.kt.len() >= tiles.len() * hd * LANES && sc.q.len() >= nq * hd);
+        assert!(direct || sc.kt.len() >= tiles.len() * hd * LANES);
+        assert!(sc.q.len() >= nq * hd);
         let mut s = [[[0f32; LANES]; 4]; 4];
         let mut i = 0;
         while i < nq {
             let qn = (nq - i).min(4);
-            if (i..i + qn).any(|m| tiles.iter().any(|&t| live(m, t))) {
+            if (i..i + qn).any(|m| tiles.iter().any(|t| live(m, t))) {
                 let q: [*const f32; 4] =
                     std::array::from_fn(|m| sc.q[(i + m.min(qn - 1)) * hd..].as_ptr());
-                // SAFETY: AVX-512 F comes with these levels; sizes asserted above.
+                // SAFETY: AVX-512 F and F16C come with these levels; a direct tile's pointer
+                // has `hd` rows of `bs` keys from it (16 of them read, `bs % 16 == 0`), a copy
+                // `hd * 16` values (asserted above).
                 unsafe {
-                    crate::attn_avx512::scores_dyn(
-                        &q[..qn],
-                        sc.kt.as_ptr(),
-                        tiles.len(),
-                        hd,
-                        &mut s,
-                    )
+                    if direct {
+                        let kt: [*const f16; 4] =
+                            std::array::from_fn(|k| tiles[k.min(tiles.len() - 1)].keys);
+                        crate::attn_avx512::scores_dyn(&q[..qn], &kt[..tiles.len()], bs, hd, &mut s)
+                    } else {
+                        let kt: [*const f32; 4] = std::array::from_fn(|k| {
+                            sc.kt[k.min(tiles.len() - 1) * hd * LANES..].as_ptr()
+                        });
+                        crate::attn_avx512::scores_dyn(
+                            &q[..qn],
+                            &kt[..tiles.len()],
+                            LANES,
+                            hd,
+                            &mut s,
+                        )
+                    }
                 };
                 for (m, sm) in s.iter().enumerate().take(qn) {
-                    for (k, &(a, z)) in tiles.iter().enumerate() {
-                        if live(i + m, (a, z)) {
-                            sc.scores[(i + m) * n_keys + a..(i + m) * n_keys + z]
-                                .copy_from_slice(&sm[k][..z - a]);
+                    for (k, t) in tiles.iter().enumerate() {
+                        if live(i + m, t) {
+                            sc.scores[(i + m) * n_keys + t.a..(i + m) * n_keys + t.z]
+                                .copy_from_slice(&sm[k][t.off..t.off + t.z - t.a]);
                         }
                     }
                 }
@@ -466,48 +492,48 @@ fn score_tiles(
         }
         return;
     }
-    let _ = level;
+    let _ = (level, direct, bs);
     let tile = |k: usize| &sc.kt[k * hd * LANES..(k + 1) * hd * LANES];
+    let put = |scores: &mut [f32], i: usize, t: &Tile, s: &[f32; LANES]| {
+        scores[i * n_keys + t.a..i * n_keys + t.z].copy_from_slice(&s[t.off..t.off + t.z - t.a]);
+    };
     if nq < 4 {
         // Few queries (decode): each query against all tiles at once.
         for i in 0..nq {
             let q = &sc.q[i * hd..(i + 1) * hd];
-            let mut put = |k: usize, s: &[f32; LANES]| {
-                let (a, z) = tiles[k];
-                if live(i, (a, z)) {
-                    sc.scores[i * n_keys + a..i * n_keys + z].copy_from_slice(&s[..z - a]);
-                }
-            };
             if tiles.len() == 4 {
                 let s = scores_tiles::<4>(q, &sc.kt[..4 * hd * LANES]);
                 for (k, sk) in s.iter().enumerate() {
-                    put(k, sk);
+                    if live(i, &tiles[k]) {
+                        put(&mut sc.scores, i, &tiles[k], sk);
+                    }
                 }
             } else {
-                for k in 0..tiles.len() {
+                for (k, t) in tiles.iter().enumerate() {
                     let s = scores_tiles::<1>(q, tile(k));
-                    put(k, &s[0]);
+                    if live(i, t) {
+                        put(&mut sc.scores, i, t, &s[0]);
+                    }
                 }
             }
         }
         return;
     }
-    for (k, &(a, z)) in tiles.iter().enumerate() {
+    for (k, t) in tiles.iter().enumerate() {
         let kt = tile(k);
         let mut i = 0;
         while i < nq {
-            if i + 4 <= nq && (i..i + 4).all(|i| live(i, (a, z))) {
+            if i + 4 <= nq && (i..i + 4).all(|i| live(i, t)) {
                 let qs = std::array::from_fn(|m| &sc.q[(i + m) * hd..(i + m + 1) * hd]);
                 let s4 = scores16x4(qs, kt);
                 for (m, s) in s4.iter().enumerate() {
-                    sc.scores[(i + m) * n_keys + a..(i + m) * n_keys + z]
-                        .copy_from_slice(&s[..z - a]);
+                    put(&mut sc.scores, i + m, t, s);
                 }
                 i += 4;
             } else {
-                if live(i, (a, z)) {
+                if live(i, t) {
                     let s = scores16(&sc.q[i * hd..(i + 1) * hd], kt);
-                    sc.scores[i * n_keys + a..i * n_keys + z].copy_from_slice(&s[..z - a]);
+                    put(&mut sc.scores, i, t, &s);
                 }
                 i += 1;
             }
@@ -515,74 +541,22 @@ fn score_tiles(
     }
 }
 
-/// Keys `src` (`n <= 16` rows of `hd` f16) widened and transposed into `dst` (`[hd][16]`,
-/// lanes past `n` zero): exact, so any implementation gives the same bits.
+/// Slots `g0..g0 + n` (`n <= 16`) of a block's transposed f16 keys (`[hd][bs]`) widened into
+/// `dst` (`[hd][16]`, lanes past `n` zero): exact, so the same scores as reading them in place.
 #[inline(always)]
-fn transpose_keys(
+fn widen_tile(
     level: SimdLevel,
-    src: &[f16],
+    keys: &[f16],
+    bs: usize,
+    g0: usize,
     n: usize,
     hd: usize,
     dst: &mut [f32],
-    wide: &mut [f32],
 ) {
-    #[cfg(target_arch = "x86_64")]
-    if n == LANES && hd.is_multiple_of(LANES) && level >= SimdLevel::Avx2Vnni {
-        assert!(src.len() >= LANES * hd && dst.len() >= hd * LANES);
-        // SAFETY: AVX-512 F was detected (Avx2Vnni and Avx512 need it); bounds asserted.
-        unsafe { transpose16_avx512(src, hd, dst) };
-        return;
-    }
-    let _ = level;
-    widen(level, &src[..n * hd], &mut wide[..n * hd]);
     for d in 0..hd {
-        for j in 0..LANES {
-            dst[d * LANES + j] = if j < n { wide[j * hd + d] } else { 0.0 };
-        }
-    }
-}
-
-/// 16 rows of `hd` f16 -> `[hd][16]` f32: per 16 columns, 16 widened rows transposed in
-/// registers (unpack 32-bit, unpack 64-bit, then two 128-bit lane shuffles).
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx512f,avx2,f16c")]
-unsafe fn transpose16_avx512(src: &[f16], hd: usize, dst: &mut [f32]) {
-    use std::arch::x86_64::*;
-    let sp = src.as_ptr() as *const u16;
-    for c in (0..hd).step_by(LANES) {
-        let r: [__m512; 16] = std::array::from_fn(|j| {
-            _mm512_cvtph_ps(_mm256_loadu_si256(sp.add(j * hd + c) as *const __m256i))
-        });
-        let mut t = [_mm512_setzero_ps(); 16];
-        for p in 0..8 {
-            t[2 * p] = _mm512_unpacklo_ps(r[2 * p], r[2 * p + 1]);
-            t[2 * p + 1] = _mm512_unpackhi_ps(r[2 * p], r[2 * p + 1]);
-        }
-        let pd = _mm512_castps_pd;
-        let ps = _mm512_castpd_ps;
-        let mut u = [_mm512_setzero_ps(); 16];
-        for g in 0..4 {
-            let (a, b, c2, d) = (t[4 * g], t[4 * g + 1], t[4 * g + 2], t[4 * g + 3]);
-            u[4 * g] = ps(_mm512_unpacklo_pd(pd(a), pd(c2)));
-            u[4 * g + 1] = ps(_mm512_unpackhi_pd(pd(a), pd(c2)));
-            u[4 * g + 2] = ps(_mm512_unpacklo_pd(pd(b), pd(d)));
-            u[4 * g + 3] = ps(_mm512_unpackhi_pd(pd(b), pd(d)));
-        }
-        // u[4g + k]: rows 4g..4g+4, columns 4m + k in 128-bit lane m.
-        let mut v = [_mm512_setzero_ps(); 16];
-        for k in 0..4 {
-            v[k] = _mm512_shuffle_f32x4::<0x88>(u[k], u[4 + k]);
-            v[4 + k] = _mm512_shuffle_f32x4::<0xdd>(u[k], u[4 + k]);
-            v[8 + k] = _mm512_shuffle_f32x4::<0x88>(u[8 + k], u[12 + k]);
-            v[12 + k] = _mm512_shuffle_f32x4::<0xdd>(u[8 + k], u[12 + k]);
-        }
-        let o = dst.as_mut_ptr().add(c * LANES);
-        for k in 0..8 {
-            // Columns k and k + 8 of the 16 rows.
-            let (x, y) = (v[k], v[8 + k]);
-            _mm512_storeu_ps(o.add(k * LANES), _mm512_shuffle_f32x4::<0x88>(x, y));
-            _mm512_storeu_ps(o.add((k + 8) * LANES), _mm512_shuffle_f32x4::<0xdd>(x, y));
-        }
+        let row = &mut dst[d * LANES..(d + 1) * LANES];
+        widen(level, &keys[d * bs + g0..d * bs + g0 + n], &mut row[..n]);
+        row[n..].fill(0.0);
     }
 }
 
@@ -654,36 +628,46 @@ fn scores_span(
         sc.scores.resize(nq * n_keys, 0.0);
     }
     const TILES: usize = 4;
-    sc.kt.resize(TILES * hd * LANES, 0.0);
-    sc.wide.resize(LANES * hd, 0.0);
-    // Tiles of up to 16 keys (within a block), transposed; up to 4 at a time.
-    let mut tiles: Vec<(usize, usize)> = Vec::with_capacity(TILES); // (a, z) relative to lo
+    // Decode reads the keys in place; more queries (prefill) share a widened copy per tile.
+    let direct = cfg!(target_arch = "x86_64")
+        && level >= SimdLevel::Avx2Vnni
+        && bs.is_multiple_of(LANES)
+        && nq <= 4;
+    if !direct {
+        sc.kt.resize(TILES * hd * LANES, 0.0);
+    }
+    // Tiles of 16 slots of a block (aligned, so a tile is one vector per dimension of the
+    // transposed keys), up to 4 at a time.
+    let mut tiles: Vec<Tile> = Vec::with_capacity(TILES);
     let mut bi = lo / bs;
     let mut j0 = lo;
     loop {
         let done = j0 > hi;
         if !done {
-            let b1 = ((bi + 1) * bs).min(hi + 1);
-            let j1 = (j0 + LANES).min(b1);
-            let slot = j0 - bi * bs;
+            let base = bi * bs;
+            let slot = j0 - base;
+            let g0 = slot / LANES * LANES;
+            let g1 = (g0 + LANES).min(bs);
+            let j1 = (base + g1).min(hi + 1);
             let keys = v.kv.keys(v.span.blocks[bi], v.layer, v.kvh);
             let k = tiles.len();
-            transpose_keys(
-                level,
-                &keys[slot * hd..],
-                j1 - j0,
-                hd,
-                &mut sc.kt[k * hd * LANES..(k + 1) * hd * LANES],
-                &mut sc.wide,
-            );
-            tiles.push((j0 - lo, j1 - lo));
+            if !direct {
+                let dst = &mut sc.kt[k * hd * LANES..(k + 1) * hd * LANES];
+                widen_tile(level, keys, bs, g0, g1 - g0, hd, dst);
+            }
+            tiles.push(Tile {
+                a: j0 - lo,
+                z: j1 - lo,
+                off: slot - g0,
+                keys: keys[g0..].as_ptr(),
+            });
             j0 = j1;
-            if j0 == b1 {
+            if j0 == base + bs {
                 bi += 1;
             }
         }
         if tiles.len() == TILES || (done && !tiles.is_empty()) {
-            score_tiles(level, sc, &tiles, nq, hd, n_keys, &range);
+            score_tiles(level, sc, &tiles, direct, bs, nq, hd, n_keys, &range);
             tiles.clear();
         }
         if done {
@@ -1230,7 +1214,12 @@ mod tests {
                             kv.keys(b, 0, kvh)
                         };
                         let slot = j % bs;
-                        s[slot * hd..(slot + 1) * hd].to_vec()
+                        if vals {
+                            s[slot * hd..(slot + 1) * hd].to_vec()
+                        } else {
+                            // Keys are transposed within the block.
+                            (0..hd).map(|d| s[d * bs + slot]).collect()
+                        }
                     };
                     let qh = &q[r * w + h * hd..r * w + (h + 1) * hd];
                     let sc: Vec<f64> = (first..=r)

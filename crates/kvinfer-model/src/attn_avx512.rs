@@ -1,6 +1,6 @@
 //! AVX-512 forms of the attention's two inner loops (see `attn.rs` for the arithmetic they
 //! share with the portable code, bit for bit): several queries against several tiles of 16
-//! transposed keys, and several queries' probabilities times the same value rows. Each output
+//! keys (transposed in the cache), and several queries' probabilities times the same value rows. Each output
 //! element is one FMA chain in the same order as the portable code; what these add is enough
 //! independent chains in registers (up to 16) to cover the FMA latency.
 
@@ -11,22 +11,25 @@ use std::arch::x86_64::*;
 /// Keys per tile (one vector of scores).
 const LANES: usize = 16;
 
-/// Scores of `Q` queries (`q[i]`, `hd` values each) against `T` tiles of 16 keys (`kt`:
-/// `[T][hd][16]`) into `out[i][k]` (`[4][4][16]`, the first `Q` x `T` written):
+/// Scores of `Q` queries (`q[i]`, `hd` values each) against `T` tiles of 16 keys (tile `k`'s
+/// dimension `d` at `kt[k] + d * stride`: the cache's transposed f16 keys, or a widened f32
+/// copy) into `out[i][k]` (`[4][4][16]`, the first `Q` x `T` written):
 /// `out[i][k][j] = fma(q[i][d], kt[k][d][j], ...)` over `d` in order.
 ///
 /// # Safety
-/// AVX-512 F; `q[i]` holds `hd` values; `kt` holds `T * hd * 16`.
-#[target_feature(enable = "avx512f")]
-pub(crate) unsafe fn scores<const Q: usize, const T: usize>(
+/// AVX-512 F and F16C; `q[i]` holds `hd` values; 16 values readable at each `kt[k] + d *
+/// stride`, `d < hd`.
+#[target_feature(enable = "avx512f,f16c")]
+pub(crate) unsafe fn scores<const Q: usize, const T: usize, R: Row>(
     q: [*const f32; Q],
-    kt: *const f32,
+    kt: [R; T],
+    stride: usize,
     hd: usize,
     out: &mut [[[f32; LANES]; 4]; 4],
 ) {
     let mut s = [[_mm512_setzero_ps(); T]; Q];
     for d in 0..hd {
-        let k: [__m512; T] = std::array::from_fn(|k| _mm512_loadu_ps(kt.add((k * hd + d) * LANES)));
+        let k: [__m512; T] = std::array::from_fn(|k| kt[k].load(d * stride));
         for i in 0..Q {
             let qd = _mm512_set1_ps(*q[i].add(d));
             for t in 0..T {
@@ -41,23 +44,29 @@ pub(crate) unsafe fn scores<const Q: usize, const T: usize>(
     }
 }
 
-/// [`scores`] with `Q` and `T` (1..=4 each) chosen at run time.
+/// [`scores`] with `Q` and `T` (1..=4 each, `kt.len()`) chosen at run time.
 ///
 /// # Safety
 /// As [`scores`], with `q.len() == nq`.
 #[inline(always)]
-pub(crate) unsafe fn scores_dyn(
+pub(crate) unsafe fn scores_dyn<R: Row>(
     q: &[*const f32],
-    kt: *const f32,
-    nt: usize,
+    kt: &[R],
+    stride: usize,
     hd: usize,
     out: &mut [[[f32; LANES]; 4]; 4],
 ) {
     macro_rules! go {
         ($q:literal, $($t:literal)*) => {
-            match nt {
-                $($t => scores::<$q, $t>(std::array::from_fn(|i| q[i]), kt, hd, out),)*
-                _ => unreachable!("{nt} tiles"),
+            match kt.len() {
+                $($t => scores::<$q, $t, R>(
+                    std::array::from_fn(|i| q[i]),
+                    std::array::from_fn(|k| kt[k]),
+                    stride,
+                    hd,
+                    out,
+                ),)*
+                nt => unreachable!("{nt} tiles"),
             }
         };
     }

@@ -28,8 +28,9 @@ pub struct SeqBatch<'a> {
     pub tables: &'a [Vec<BlockId>],
 }
 
-/// Version of the KV byte format; part of the fingerprint, so a change invalidates old blocks.
-const KV_FORMAT_VERSION: u32 = 1;
+/// Version of the KV byte format; part of the fingerprint, so a change invalidates old blocks
+/// (2: f16 keys transposed within a block).
+const KV_FORMAT_VERSION: u32 = 2;
 
 /// A model ready to run. Immutable: one `Model` serves any number of sequences, whose K/V live in
 /// a shared paged [`KvStorage`].
