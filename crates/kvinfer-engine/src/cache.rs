@@ -80,24 +80,17 @@ pub fn new_paged_kv(model: &Model, opts: &CacheOptions) -> Result<PagedKv, Strin
     }
     opts.kv_dtype.check_head_dim(model.config.head_dim)?;
     let mb = opts.kv_cache_mb.unwrap_or_else(default_kv_cache_mb);
-    let groups = model.kv_groups(!opts.swa_full);
-    let one = model.kv_layout_for(opts.block_size, 1, opts.kv_dtype, &groups);
-    let num_blocks = opts.num_blocks.unwrap_or_else(|| one.blocks_in(mb << 20));
+    let id = model.kv_identity(opts.block_size, opts.kv_dtype, !opts.swa_full);
+    let bytes = id.block_bytes();
+    let num_blocks = opts.num_blocks.unwrap_or((mb << 20) / bytes.max(1));
     if num_blocks == 0 {
         return Err(format!(
             "--kv-cache-mb {mb} holds no block of {} KiB; give at least {} MiB",
-            one.block_bytes() >> 10,
-            one.block_bytes().div_ceil(1 << 20)
+            bytes >> 10,
+            bytes.div_ceil(1 << 20)
         ));
     }
-    let layout = model.kv_layout_for(opts.block_size, num_blocks, opts.kv_dtype, &groups);
-    Ok(PagedKv::with_groups(
-        layout,
-        groups.windows().to_vec(),
-        opts.policy,
-        opts.seed,
-        model.fingerprint_for(opts.block_size, opts.kv_dtype, &groups),
-    ))
+    Ok(id.paged(num_blocks, opts.policy, opts.seed))
 }
 
 /// The pool and, when the options ask for tiers, the store behind it (the pool's events wired
@@ -107,12 +100,7 @@ pub fn new_kv_cache(
     opts: &CacheOptions,
 ) -> Result<(PagedKv, Option<Arc<TieredStore>>), String> {
     let mut kv = new_paged_kv(model, opts)?;
-    let spec = block_spec(
-        model,
-        opts.block_size,
-        opts.kv_dtype,
-        &model.kv_groups(!opts.swa_full),
-    );
+    let spec = block_spec(&model.kv_identity(opts.block_size, opts.kv_dtype, !opts.swa_full));
     let store = build_store(spec, &opts.tiers, opts.policy)?;
     if let Some(s) = &store {
         kv.set_sink(Box::new(TierSink::new(s.clone())));

@@ -4,7 +4,7 @@
 //! loop sends the request to the store's loader and admits the sequence when the reply comes.
 
 use kvinfer_cache::{BlockHash, KvEventSink, PagedKv, PoolEvent, TokenId};
-use kvinfer_model::Model;
+use kvinfer_model::KvIdentity;
 use kvinfer_tier::{
     BlockSpec, Codec, DiskTier, DiskTierConfig, LoadRequest, LoadResult, RamTier, RedisTarget,
     RedisTier, RedisTierConfig, TierSpec, TieredStore, TieredStoreConfig, WriteMode,
@@ -117,22 +117,17 @@ impl TierOptions {
     }
 }
 
-/// What a block of `model` stored as `dtype` looks like on the tiers.
-pub fn block_spec(
-    model: &Model,
-    block_size: usize,
-    dtype: kvinfer_cache::KvDtype,
-    groups: &kvinfer_cache::KvGroups,
-) -> BlockSpec {
-    let l = model.kv_layout_for(block_size, 1, dtype, groups);
+/// What a block of a model's KV identity looks like on the tiers.
+pub fn block_spec(id: &KvIdentity) -> BlockSpec {
+    let l = id.layout(1);
     BlockSpec {
-        fingerprint: model.fingerprint_for(block_size, dtype, groups),
+        fingerprint: id.fingerprint,
         group: 0,
-        dtype: dtype.id(),
+        dtype: l.dtype.id(),
         n_layers: l.n_layers as u16,
         n_kv_heads: l.n_kv_heads as u16,
         head_dim: l.head_dim as u16,
-        block_size: block_size as u16,
+        block_size: l.block_size as u16,
     }
 }
 

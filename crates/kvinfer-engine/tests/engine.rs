@@ -5,7 +5,7 @@
 mod common;
 
 use common::{tiny, tiny_ctx};
-use kvinfer_cache::{PagedKv, PolicyKind};
+use kvinfer_cache::{KvDtype, PolicyKind};
 use kvinfer_engine::{
     generate, start_engine, CacheOptions, EngineConfig, EngineHandle, EngineRequest, Event,
     FinishReason, GenerateRequest, SamplingParams, SubmitError,
@@ -94,12 +94,9 @@ fn collect(mut rx: tokio::sync::mpsc::UnboundedReceiver<Event>, n: usize) -> Out
 
 /// Reference: one request at a time on a fresh cache, no prefix reuse.
 fn alone(model: &Model, prompt: &[u32], max_tokens: usize) -> String {
-    let mut kv = PagedKv::new(
-        model.kv_layout(16, 64),
-        PolicyKind::Lru,
-        0,
-        model.fingerprint(16),
-    );
+    let mut kv = model
+        .kv_identity(16, KvDtype::F16, false)
+        .paged(64, PolicyKind::Lru, 0);
     let req = GenerateRequest {
         prefix_cache: false,
         ..GenerateRequest::greedy(prompt, max_tokens)
@@ -308,12 +305,9 @@ fn min_tokens_holds_off_end_of_generation_and_logit_bias_forces_or_bans() {
     );
     // -100 on the greedy first token: another token comes first.
     let first = |bias: Vec<(u32, f32)>| {
-        let mut kv = PagedKv::new(
-            model.kv_layout(16, 64),
-            PolicyKind::Lru,
-            0,
-            model.fingerprint(16),
-        );
+        let mut kv = model
+            .kv_identity(16, KvDtype::F16, false)
+            .paged(64, PolicyKind::Lru, 0);
         let mut req = GenerateRequest::greedy(&p, 1);
         req.sampling.logit_bias = bias;
         generate(&model, &mut kv, &req, |_| true).unwrap().ids[0]

@@ -7,7 +7,7 @@
 mod common;
 
 use common::tiny;
-use kvinfer_cache::{KvDtype, PagedKv, PolicyKind};
+use kvinfer_cache::{KvDtype, PolicyKind};
 use kvinfer_engine::{
     block_spec, generate, start_engine, CacheOptions, EngineConfig, EngineHandle, EngineRequest,
     EngineStats, Event, GenerateRequest, SamplingParams, TierOptions, TierWrite, Usage, WriteMode,
@@ -93,12 +93,9 @@ fn alone(model: &Model, prompt: &[u32], max_tokens: usize) -> String {
 
 /// As [`alone`], rows stored as `dtype`.
 fn alone_as(model: &Model, prompt: &[u32], max_tokens: usize, dtype: KvDtype) -> String {
-    let mut kv = PagedKv::new(
-        model.kv_layout_of(BS, 128, dtype),
-        PolicyKind::Lru,
-        0,
-        model.fingerprint_of(BS, dtype),
-    );
+    let mut kv = model
+        .kv_identity(BS, dtype, false)
+        .paged(128, PolicyKind::Lru, 0);
     let req = GenerateRequest {
         prefix_cache: false,
         ..GenerateRequest::greedy(prompt, max_tokens)
@@ -225,19 +222,11 @@ fn a_restart_finds_its_prefix_on_disk_and_a_damaged_block_is_never_served() {
 
     // Damage four blocks of the prefix four ways: truncated, a flipped bit, another model's
     // fingerprint (checksum valid), another format version (checksum valid).
-    let spec = block_spec(
-        &model,
-        BS,
-        kvinfer_cache::KvDtype::F16,
-        &kvinfer_cache::KvGroups::single(model.config.n_layers),
-    );
+    let spec = block_spec(&model.kv_identity(BS, kvinfer_cache::KvDtype::F16, false));
     let hashes = {
-        let kv = PagedKv::new(
-            model.kv_layout(BS, 1),
-            PolicyKind::Lru,
-            0,
-            model.fingerprint(BS),
-        );
+        let kv = model
+            .kv_identity(BS, KvDtype::F16, false)
+            .paged(1, PolicyKind::Lru, 0);
         kv.hash_blocks(&p)
     };
     let file_of = |i: usize| -> PathBuf {
@@ -310,7 +299,10 @@ fn crc32c(header: &[u8], payload: &[u8]) -> u32 {
 fn two_models_on_one_disk_dir_never_use_each_others_blocks() {
     let (a, pa) = tiny(TinyArch::Llama, 9);
     let (b, pb) = tiny(TinyArch::Llama, 10);
-    assert_ne!(a.fingerprint(BS), b.fingerprint(BS));
+    assert_ne!(
+        a.kv_identity(BS, KvDtype::F16, false).fingerprint,
+        b.kv_identity(BS, KvDtype::F16, false).fingerprint
+    );
     let dir = temp_dir("two-models");
     let p = prompt(3, 41);
     let e = engine(Model::load(&pa).unwrap(), 64, disk(&dir));
@@ -486,18 +478,10 @@ fn another_requests_block_under_this_name_is_refused() {
     run(&e.0, &a, 6);
     run(&e.0, &b, 6);
     stop(e);
-    let spec = block_spec(
-        &model,
-        BS,
-        kvinfer_cache::KvDtype::F16,
-        &kvinfer_cache::KvGroups::single(model.config.n_layers),
-    );
-    let kv = PagedKv::new(
-        model.kv_layout(BS, 1),
-        PolicyKind::Lru,
-        0,
-        model.fingerprint(BS),
-    );
+    let spec = block_spec(&model.kv_identity(BS, kvinfer_cache::KvDtype::F16, false));
+    let kv = model
+        .kv_identity(BS, KvDtype::F16, false)
+        .paged(1, PolicyKind::Lru, 0);
     let file = |h| {
         let key = spec.key(h);
         let hx = key.hash_hex();

@@ -38,23 +38,22 @@ fn paged_groups(
     dtype: KvDtype,
     windowed: bool,
 ) -> PagedKv {
-    let groups = model.kv_groups(windowed);
-    PagedKv::with_groups(
-        model.kv_layout_for(block_size, num_blocks * groups.len(), dtype, &groups),
-        groups.windows().to_vec(),
-        policy,
-        11,
-        model.fingerprint_for(block_size, dtype, &groups),
-    )
+    let id = model.kv_identity(block_size, dtype, windowed);
+    id.paged(num_blocks * id.groups.len(), policy, 11)
 }
 
 /// The models and KV dtypes every invariant is checked for: each dtype on a llama and on
-/// gemma3 (sliding window); the quantized ones need heads of a multiple of 32.
+/// gemma3 (sliding window), f16 and q8_0 on every other architecture; the quantized ones need
+/// heads of a multiple of 32.
 fn cases() -> Vec<(TinyArch, KvDtype)> {
     let mut v = vec![(TinyArch::Llama, KvDtype::F16)];
     for d in KvDtype::ALL {
         v.push((TinyArch::LlamaHead32, d));
         v.push((TinyArch::Gemma3, d));
+    }
+    for arch in [TinyArch::Llama3, TinyArch::Qwen2, TinyArch::Qwen3] {
+        v.push((arch, KvDtype::F16));
+        v.push((arch, KvDtype::Q8_0));
     }
     v
 }

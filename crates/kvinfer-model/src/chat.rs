@@ -13,7 +13,7 @@ use serde::{Deserialize, Serialize};
 const TEMPLATE_NAME: &str = "chat";
 
 /// The Gemma 3 instruction-tuned chat template (from the Gemma 3 `tokenizer_config.json`).
-const GEMMA3_TEMPLATE: &str = r#"{{ bos_token }}
+pub(crate) const GEMMA3_TEMPLATE: &str = r#"{{ bos_token }}
 {%- if messages[0]['role'] == 'system' -%}
     {%- if messages[0]['content'] is string -%}
         {%- set first_user_prefix = messages[0]['content'] + '

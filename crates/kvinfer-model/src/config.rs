@@ -1,32 +1,14 @@
 //! Model hyper-parameters read from GGUF metadata, for the architectures kvinfer runs.
 
+use crate::arch::{ArchSpec, WindowRule};
 use crate::gguf::GgufFile;
 use crate::ModelError;
-
-/// The transformer families kvinfer implements, one file each.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Arch {
-    /// LLaMA and its descendants (SmolLM2, ...): RMSNorm, RoPE (normal), SwiGLU FFN.
-    Llama,
-    /// Gemma 3: q/k norms, post-norms, GELU FFN, interleaved sliding-window attention.
-    Gemma3,
-}
-
-impl Arch {
-    /// The GGUF `general.architecture` string.
-    pub fn name(self) -> &'static str {
-        match self {
-            Self::Llama => "llama",
-            Self::Gemma3 => "gemma3",
-        }
-    }
-}
 
 /// Everything the forward pass needs to know about shapes.
 #[derive(Debug, Clone)]
 pub struct ModelConfig {
-    /// Family.
-    pub arch: Arch,
+    /// The architecture: what differs from the plain decoder ([`crate::arch`]).
+    pub arch: &'static ArchSpec,
     /// Transformer blocks.
     pub n_layers: usize,
     /// Width of the residual stream.
@@ -49,7 +31,10 @@ pub struct ModelConfig {
     pub rope_base: f32,
     /// RoPE base on sliding-window layers (gemma3: 10000).
     pub rope_base_swa: f32,
-    /// Sliding window in tokens, for layers where [`ModelConfig::is_swa_layer`] holds.
+    /// RoPE angles times this: `1 / rope.scaling.factor` under linear scaling (llama.cpp's
+    /// `rope_freq_scale`), else 1.
+    pub rope_freq_scale: f32,
+    /// Sliding window in tokens, for layers where [`ModelConfig::layer_window`] is `Some`.
     pub sliding_window: Option<usize>,
 }
 
@@ -59,15 +44,12 @@ impl ModelConfig {
         let arch_name = f
             .get_str("general.architecture")
             .ok_or_else(|| ModelError::Config("missing general.architecture".into()))?;
-        let arch = match arch_name {
-            "llama" => Arch::Llama,
-            "gemma3" => Arch::Gemma3,
-            other => {
-                return Err(ModelError::Config(format!(
-                    "architecture {other:?} is not supported (kvinfer runs llama and gemma3)"
-                )))
-            }
-        };
+        let arch = crate::arch::find(arch_name).ok_or_else(|| {
+            ModelError::Config(format!(
+                "architecture {arch_name:?} is not supported (kvinfer runs {})",
+                crate::arch::names()
+            ))
+        })?;
         let key = |k: &str| format!("{arch_name}.{k}");
         let need = |k: &str| {
             f.get_u32(&key(k))
@@ -91,6 +73,24 @@ impl ModelConfig {
                 .unwrap_or(0),
         };
         let rope_base = f.get_f32(&key("rope.freq_base")).unwrap_or(10_000.0);
+        // As llama.cpp: the factor (or its old name) applies unless the type is `none`; a file
+        // without a type scales linearly. YaRN and the rest are not implemented.
+        let factor = f
+            .get_f32(&key("rope.scaling.factor"))
+            .or_else(|| f.get_f32(&key("rope.scale_linear")))
+            .unwrap_or(0.0);
+        let rope_freq_scale = match f.get_str(&key("rope.scaling.type")) {
+            Some("none") => 1.0,
+            None | Some("linear") if factor != 0.0 => 1.0 / factor,
+            None | Some("linear") => 1.0,
+            Some(other) => {
+                return Err(ModelError::Unsupported(format!(
+                    "metadata {} = {other:?}: kvinfer computes RoPE scaling none and linear \
+                     (as llama.cpp does), not {other}",
+                    key("rope.scaling.type")
+                )))
+            }
+        };
         let cfg = Self {
             arch,
             n_layers: need("block_count")?,
@@ -105,13 +105,17 @@ impl ModelConfig {
                 .get_f32(&key("attention.layer_norm_rms_epsilon"))
                 .unwrap_or(1e-5),
             rope_base,
+            rope_freq_scale,
             // gemma3 files carry no SWA base; llama.cpp uses 10000 for its local layers.
-            rope_base_swa: f.get_f32(&key("rope.freq_base_swa")).unwrap_or(10_000.0),
-            sliding_window: match arch {
-                Arch::Gemma3 => f
+            rope_base_swa: f
+                .get_f32(&key("rope.freq_base_swa"))
+                .or(arch.rope_base_swa)
+                .unwrap_or(rope_base),
+            sliding_window: match arch.window {
+                WindowRule::None => None,
+                _ => f
                     .get_u32(&key("attention.sliding_window"))
                     .map(|v| v as usize),
-                Arch::Llama => None,
             },
         };
         cfg.validate()?;
@@ -138,9 +142,15 @@ impl ModelConfig {
         Ok(())
     }
 
-    /// Gemma 3 alternates five sliding-window layers with one global layer (il % 6 == 5).
+    /// Whether `layer` attends within the sliding window (Gemma 3: five of every six layers).
     pub fn is_swa_layer(&self, layer: usize) -> bool {
-        self.sliding_window.is_some() && layer % 6 != 5
+        self.sliding_window.is_some() && self.arch.is_swa_layer(layer)
+    }
+
+    /// The window `layer` attends within, if it is a sliding-window layer.
+    pub fn layer_window(&self, layer: usize) -> Option<usize> {
+        self.sliding_window
+            .filter(|_| self.arch.is_swa_layer(layer))
     }
 
     /// Values per position per layer in the KV cache (n_kv_heads * head_dim).

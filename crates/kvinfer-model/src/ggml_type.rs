@@ -17,6 +17,7 @@ pub enum GgmlType {
     Q5_1 = 7,
     Q8_0 = 8,
     Q4_K = 12,
+    Q5_K = 13,
     Q6_K = 14,
     Q8_K = 15,
     BF16 = 30,
@@ -37,6 +38,7 @@ impl GgmlType {
             7 => Self::Q5_1,
             8 => Self::Q8_0,
             12 => Self::Q4_K,
+            13 => Self::Q5_K,
             14 => Self::Q6_K,
             15 => Self::Q8_K,
             30 => Self::BF16,
@@ -96,7 +98,7 @@ impl GgmlType {
         match self {
             Self::F32 | Self::F16 | Self::BF16 => 1,
             Self::Q4_0 | Self::Q4_1 | Self::Q5_0 | Self::Q5_1 | Self::Q8_0 => 32,
-            Self::Q4_K | Self::Q6_K | Self::Q8_K => QK_K,
+            Self::Q4_K | Self::Q5_K | Self::Q6_K | Self::Q8_K => QK_K,
         }
     }
 
@@ -111,6 +113,7 @@ impl GgmlType {
             Self::Q5_1 => 2 + 2 + 4 + 16,
             Self::Q8_0 => 2 + 32,
             Self::Q4_K => 2 + 2 + 12 + QK_K / 2,
+            Self::Q5_K => 2 + 2 + 12 + QK_K / 8 + QK_K / 2,
             Self::Q6_K => QK_K / 2 + QK_K / 4 + QK_K / 16 + 2,
             Self::Q8_K => 4 + QK_K + QK_K / 16 * 2,
         }

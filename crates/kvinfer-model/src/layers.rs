@@ -108,27 +108,50 @@ fn rotate(head: &mut [f32], cs: &[(f32, f32)], style: RopeStyle) {
     }
 }
 
-/// Rotates `x` (`[n][n_heads][head_dim]`), token `t` at position `start + t`.
-pub fn rope_tokens(
-    x: &mut [f32],
-    n_heads: usize,
-    head_dim: usize,
-    start: usize,
-    base: f32,
-    style: RopeStyle,
-) {
+/// How positions become rotations: ggml's `rope_ext` without YaRN (`ext_factor` 0).
+#[derive(Debug, Clone, Copy)]
+pub struct Rope<'a> {
+    /// How the dimensions pair.
+    pub style: RopeStyle,
+    /// Frequency base (`rope.freq_base`).
+    pub base: f32,
+    /// Angles times this: `1 / rope.scaling.factor` under linear scaling, else 1.
+    pub freq_scale: f32,
+    /// Per dimension pair, the angle divided by this (Llama 3's `rope_freqs.weight`).
+    pub factors: Option<&'a [f32]>,
+}
+
+impl Rope<'_> {
+    /// Unscaled RoPE of `base`.
+    pub fn plain(style: RopeStyle, base: f32) -> Rope<'static> {
+        Rope {
+            style,
+            base,
+            freq_scale: 1.0,
+            factors: None,
+        }
+    }
+}
+
+/// Rotates `x` (`[n][n_heads][head_dim]`), token `t` at position `start + t`. Pair `i`'s angle
+/// is `freq_scale * (pos * base^(-2i / head_dim) / factors[i])`, the power built by repeated
+/// multiplication and cos / sin in f32, as ggml's `ggml_rope_cache_init` / `rope_yarn` do
+/// (with no factors and no scaling the divisions and the product are exact: plain RoPE).
+pub fn rope_tokens(x: &mut [f32], n_heads: usize, head_dim: usize, start: usize, rope: &Rope) {
     let half = head_dim / 2;
-    let theta_scale = base.powf(-2.0 / head_dim as f32);
+    let theta_scale = rope.base.powf(-2.0 / head_dim as f32);
     let mut cs = vec![(0f32, 0f32); half];
     for (t, tok) in x.chunks_exact_mut(n_heads * head_dim).enumerate() {
         let pos = (start + t) as f32;
         let mut theta = pos;
-        for c in cs.iter_mut() {
-            *c = (theta.cos(), theta.sin());
+        for (i, c) in cs.iter_mut().enumerate() {
+            let ff = rope.factors.map_or(1.0, |f| f[i]);
+            let a = rope.freq_scale * (theta / ff);
+            *c = (a.cos(), a.sin());
             theta *= theta_scale;
         }
         for head in tok.chunks_exact_mut(head_dim) {
-            rotate(head, &cs, style);
+            rotate(head, &cs, rope.style);
         }
     }
 }
@@ -267,18 +290,11 @@ impl<'a> KvSpans<'a> {
 }
 
 /// Rotates each sequence's rows of `x` (`[N][n_heads][head_dim]`) at its own positions.
-pub fn rope_spans(
-    x: &mut [f32],
-    spans: &[SeqSpan],
-    n_heads: usize,
-    head_dim: usize,
-    base: f32,
-    style: RopeStyle,
-) {
+pub fn rope_spans(x: &mut [f32], spans: &[SeqSpan], n_heads: usize, head_dim: usize, rope: &Rope) {
     let w = n_heads * head_dim;
     for s in spans {
         let rows = &mut x[s.rows.start * w..s.rows.end * w];
-        rope_tokens(rows, n_heads, head_dim, s.start, base, style);
+        rope_tokens(rows, n_heads, head_dim, s.start, rope);
     }
 }
 
@@ -424,15 +440,62 @@ mod tests {
     fn rope_position_zero_is_identity_and_norm_preserved() {
         let mut x: Vec<f32> = (0..16).map(|i| i as f32 * 0.1).collect();
         let orig = x.clone();
-        rope_tokens(&mut x[..8], 1, 8, 0, 10_000.0, RopeStyle::Normal);
+        rope_tokens(
+            &mut x[..8],
+            1,
+            8,
+            0,
+            &Rope::plain(RopeStyle::Normal, 10_000.0),
+        );
         assert_eq!(&x[..8], &orig[..8]);
         for style in [RopeStyle::Normal, RopeStyle::Neox] {
             let mut y = orig.clone();
-            rope_tokens(&mut y, 2, 8, 5, 10_000.0, style);
+            rope_tokens(&mut y, 2, 8, 5, &Rope::plain(style, 10_000.0));
             let n0: f32 = orig.iter().map(|v| v * v).sum();
             let n1: f32 = y.iter().map(|v| v * v).sum();
             assert!((n0 - n1).abs() < 1e-4, "{style:?}");
             assert_ne!(y, orig);
+        }
+    }
+
+    /// Linear scaling by 2 and frequency factors of 2 both rotate position 2p as plain RoPE
+    /// rotates p (bit for bit: the factors of 2 are exact); other factors slow each pair by
+    /// its own factor (against f64).
+    #[test]
+    fn rope_scaling_and_frequency_factors() {
+        let x: Vec<f32> = (0..16).map(|i| (i as f32 * 0.37).sin()).collect();
+        let rotated = |pos: usize, rope: &Rope| {
+            let mut y = x.clone();
+            rope_tokens(&mut y, 1, 16, pos, rope);
+            y
+        };
+        for style in [RopeStyle::Normal, RopeStyle::Neox] {
+            let plain = Rope::plain(style, 10_000.0);
+            let want = rotated(7, &plain);
+            let linear = Rope {
+                freq_scale: 0.5,
+                ..plain
+            };
+            assert_eq!(rotated(14, &linear), want, "{style:?} linear");
+            let twos = [2.0f32; 8];
+            let factors = Rope {
+                factors: Some(&twos),
+                ..plain
+            };
+            assert_eq!(rotated(14, &factors), want, "{style:?} factors");
+        }
+        let ff = [1.0f32, 1.5, 3.0, 8.0, 8.0, 20.0, 40.0, 100.0];
+        let rope = Rope {
+            factors: Some(&ff),
+            ..Rope::plain(RopeStyle::Normal, 500_000.0)
+        };
+        let y = rotated(1000, &rope);
+        for i in 0..8 {
+            let a = 1000.0 * 500_000f64.powf(-2.0 * i as f64 / 16.0) / ff[i] as f64;
+            let (x0, x1) = (x[2 * i] as f64, x[2 * i + 1] as f64);
+            let want = (x0 * a.cos() - x1 * a.sin(), x0 * a.sin() + x1 * a.cos());
+            assert!((y[2 * i] as f64 - want.0).abs() < 1e-3, "pair {i}");
+            assert!((y[2 * i + 1] as f64 - want.1).abs() < 1e-3, "pair {i}");
         }
     }
 

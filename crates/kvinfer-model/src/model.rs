@@ -1,20 +1,16 @@
 //! A loaded model: config, weights over the mapped file, tokenizer and chat template.
 
 use crate::chat::ChatTemplate;
-use crate::config::{Arch, ModelConfig};
+use crate::config::ModelConfig;
 use crate::gguf::GgufFile;
 use crate::layers::{KvSpans, SeqSpan};
 use crate::tokenizer::{Tokenizer, TokenizerSpec};
-use crate::{gemma3, llama, ModelError};
+use crate::{decoder, ModelError};
 use kvinfer_cache::{
-    first_needed_block, BlockId, KvDtype, KvGroups, KvLayout, KvStorage, ModelFingerprint, HOLE,
+    first_needed_block, BlockId, KvDtype, KvGroups, KvLayout, KvStorage, ModelFingerprint, PagedKv,
+    PolicyKind, HOLE,
 };
 use std::path::Path;
-
-enum ArchWeights {
-    Llama(llama::Weights),
-    Gemma3(gemma3::Weights),
-}
 
 /// One sequence's part of a [`Model::forward`] batch.
 #[derive(Debug, Clone, Copy)]
@@ -32,6 +28,50 @@ pub struct SeqBatch<'a> {
 /// (2: f16 keys transposed within a block).
 const KV_FORMAT_VERSION: u32 = 2;
 
+/// What a model's KV blocks are for given cache options ([`Model::kv_identity`]): one block's
+/// layout, the layer groups and the fingerprint, derived together so they never disagree.
+/// Every cache of a model (pool, tiers, tests) is built from one.
+#[derive(Debug, Clone)]
+pub struct KvIdentity {
+    /// One block (`num_blocks` 1).
+    block: KvLayout,
+    /// How the layers share blocks.
+    pub groups: KvGroups,
+    /// The digest blocks are stored and found under: a block is used only under it.
+    pub fingerprint: ModelFingerprint,
+}
+
+impl KvIdentity {
+    /// The layout of an arena of `num_blocks` blocks.
+    pub fn layout(&self, num_blocks: usize) -> KvLayout {
+        KvLayout {
+            num_blocks,
+            ..self.block
+        }
+    }
+
+    /// Bytes of one block (all layers of its group, K and V).
+    pub fn block_bytes(&self) -> usize {
+        self.block.block_bytes()
+    }
+
+    /// KV bytes per token, all layers.
+    pub fn token_bytes(&self) -> usize {
+        self.layout(1).token_bytes() * self.groups.len()
+    }
+
+    /// A block pool of `num_blocks` blocks (shared by the groups' tables) under this identity.
+    pub fn paged(&self, num_blocks: usize, policy: PolicyKind, seed: u64) -> PagedKv {
+        PagedKv::with_groups(
+            self.layout(num_blocks),
+            self.groups.windows().to_vec(),
+            policy,
+            seed,
+            self.fingerprint,
+        )
+    }
+}
+
 /// A model ready to run. Immutable: one `Model` serves any number of sequences, whose K/V live in
 /// a shared paged [`KvStorage`].
 pub struct Model {
@@ -44,7 +84,7 @@ pub struct Model {
     /// `general.name`, or the file name.
     pub name: String,
     file: GgufFile,
-    weights: ArchWeights,
+    weights: decoder::Weights,
 }
 
 impl Model {
@@ -54,10 +94,7 @@ impl Model {
         let file = GgufFile::open(path)?;
         let config = ModelConfig::from_gguf(&file)?;
         crate::support::check_metadata(&file, config.arch, config.head_dim)?;
-        let weights = match config.arch {
-            Arch::Llama => ArchWeights::Llama(llama::Weights::load(&file, &config)?),
-            Arch::Gemma3 => ArchWeights::Gemma3(gemma3::Weights::load(&file, &config)?),
-        };
+        let weights = decoder::Weights::load(&file, &config)?;
         crate::support::check_tensors(&file, config.arch)?;
         let tokenizer = Tokenizer::from_spec(TokenizerSpec::from_gguf(&file)?)?;
         if tokenizer.vocab_size() != config.vocab_size {
@@ -72,11 +109,10 @@ impl Model {
                 .unwrap_or_default()
         };
         let (bos, eos) = (piece(tokenizer.bos_id()), piece(tokenizer.eos_id()));
-        let source = match (file.get_str("tokenizer.chat_template"), config.arch) {
-            (Some(s), _) => Some(s.to_string()),
-            (None, Arch::Gemma3) => Some(ChatTemplate::gemma3_builtin().to_string()),
-            (None, Arch::Llama) => None,
-        };
+        let source = file
+            .get_str("tokenizer.chat_template")
+            .or(config.arch.builtin_template)
+            .map(str::to_string);
         let chat_template = source
             .map(|s| ChatTemplate::new(&s, &bos, &eos))
             .transpose()?;
@@ -95,21 +131,6 @@ impl Model {
         })
     }
 
-    /// The shape of a KV arena for this model: `num_blocks` blocks of `block_size` tokens.
-    pub fn kv_layout(&self, block_size: usize, num_blocks: usize) -> KvLayout {
-        self.kv_layout_of(block_size, num_blocks, KvDtype::F16)
-    }
-
-    /// As [`Self::kv_layout`], storing rows as `dtype`.
-    pub fn kv_layout_of(&self, block_size: usize, num_blocks: usize, dtype: KvDtype) -> KvLayout {
-        self.kv_layout_for(
-            block_size,
-            num_blocks,
-            dtype,
-            &KvGroups::single(self.config.n_layers),
-        )
-    }
-
     /// How the layers share blocks: with `windowed`, sliding-window layers get groups of their
     /// own whose blocks before the window are let go (Gemma 3: one full-attention group and five
     /// sliding ones of 3 layers); else, or for models without sliding windows, one group of
@@ -119,48 +140,36 @@ impl Model {
         if !windowed || c.sliding_window.is_none() {
             return KvGroups::single(c.n_layers);
         }
-        let per_layer: Vec<Option<usize>> = (0..c.n_layers)
-            .map(|l| c.sliding_window.filter(|_| c.is_swa_layer(l)))
-            .collect();
+        let per_layer: Vec<Option<usize>> = (0..c.n_layers).map(|l| c.layer_window(l)).collect();
         KvGroups::by_window(&per_layer)
     }
 
-    /// As [`Self::kv_layout_of`], for blocks of one group of `groups` each.
-    pub fn kv_layout_for(
-        &self,
-        block_size: usize,
-        num_blocks: usize,
-        dtype: KvDtype,
-        groups: &KvGroups,
-    ) -> KvLayout {
-        KvLayout {
+    /// The identity of this model's KV blocks of `block_size` tokens stored as `dtype`, with
+    /// sliding-window layers in groups of their own when `windowed` ([`Self::kv_groups`]):
+    /// their layout and the fingerprint they are stored and found under, derived together.
+    pub fn kv_identity(&self, block_size: usize, dtype: KvDtype, windowed: bool) -> KvIdentity {
+        let groups = self.kv_groups(windowed);
+        let block = KvLayout {
             n_layers: groups.layers_per_block(),
             n_kv_heads: self.config.n_kv_heads,
             head_dim: self.config.head_dim,
             block_size,
-            num_blocks,
+            num_blocks: 1,
             dtype,
+        };
+        let fingerprint = self.fingerprint(block_size, dtype, &groups);
+        KvIdentity {
+            block,
+            groups,
+            fingerprint,
         }
     }
 
-    /// The identity of this model's KV bytes for `block_size`-token f16 blocks: a blake3 digest of
-    /// the architecture, every tensor's name, type and shape, and samples of its content (16
-    /// evenly spaced 4 KiB windows per tensor: cheap at load, and two files that differ only
-    /// between samples are not a risk we guard against), the KV dtype, the block size and the
-    /// format version.
-    pub fn fingerprint(&self, block_size: usize) -> ModelFingerprint {
-        self.fingerprint_of(block_size, KvDtype::F16)
-    }
-
-    /// As [`Self::fingerprint`], for blocks stored as `dtype` (a block is only ever used under
-    /// the dtype it was written with; f16 keeps the digest it always had).
-    pub fn fingerprint_of(&self, block_size: usize, dtype: KvDtype) -> ModelFingerprint {
-        self.fingerprint_for(block_size, dtype, &KvGroups::single(self.config.n_layers))
-    }
-
-    /// As [`Self::fingerprint_of`], for blocks of layer groups `groups` (one group keeps the
-    /// digest it always had; grouped blocks hold other layers, so they get another).
-    pub fn fingerprint_for(
+    /// A blake3 digest of the architecture, every tensor's name, type and shape, and samples of
+    /// its content (16 evenly spaced 4 KiB windows per tensor: cheap at load, and two files
+    /// that differ only between samples are not a risk we guard against), the KV dtype, the
+    /// block size, the layer groups (when more than one) and the format version.
+    fn fingerprint(
         &self,
         block_size: usize,
         dtype: KvDtype,
@@ -171,7 +180,7 @@ impl Model {
         let mut h = blake3::Hasher::new();
         h.update(b"kvinfer-kv");
         h.update(&KV_FORMAT_VERSION.to_le_bytes());
-        h.update(format!("{:?}", self.config.arch).as_bytes());
+        h.update(self.config.arch.name.as_bytes());
         h.update(dtype.name().as_bytes());
         h.update(&(block_size as u64).to_le_bytes());
         if groups.len() > 1 {
@@ -231,7 +240,12 @@ impl Model {
             )));
         }
         let l = kv.layout();
-        let layout = self.kv_layout_for(l.block_size, l.num_blocks, l.dtype, &groups);
+        let layout = KvLayout {
+            n_layers: groups.layers_per_block(),
+            n_kv_heads: self.config.n_kv_heads,
+            head_dim: self.config.head_dim,
+            ..*l
+        };
         if *kv.layout() != layout || l.dtype.check_head_dim(l.head_dim).is_err() {
             return Err(ModelError::Input(
                 "KV storage was made for another model".into(),
@@ -256,10 +270,7 @@ impl Model {
         }
         let spans = KvSpans::new(groups, spans);
         let (f, c) = (&self.file, &self.config);
-        Ok(match &self.weights {
-            ArchWeights::Llama(w) => w.forward(f, c, &tokens, &spans, kv, every_row),
-            ArchWeights::Gemma3(w) => w.forward(f, c, &tokens, &spans, kv, every_row),
-        })
+        Ok(self.weights.forward(f, c, &tokens, &spans, kv, every_row))
     }
 
     fn check_seq(
@@ -316,6 +327,34 @@ impl Model {
             }
         }
         Ok(())
+    }
+
+    /// One line on what runs: architecture, name, layers, context length and the weight types
+    /// of its matrices, most common first (`llama "SmolLM2" : 30 layers, context 8192, weights
+    /// Q4_1 x 210, Q8_0 x 1`).
+    pub fn summary(&self) -> String {
+        let mut types: Vec<(String, usize)> = Vec::new();
+        for t in self.file.tensors().iter().filter(|t| t.dims.len() == 2) {
+            let name = format!("{:?}", t.ty);
+            match types.iter_mut().find(|(n, _)| *n == name) {
+                Some((_, c)) => *c += 1,
+                None => types.push((name, 1)),
+            }
+        }
+        types.sort_by(|a, b| b.1.cmp(&a.1).then(a.0.cmp(&b.0)));
+        let types: Vec<String> = types.iter().map(|(n, c)| format!("{n} x {c}")).collect();
+        let c = &self.config;
+        format!(
+            "{} {:?}: {} layers, {} heads ({} KV) of {}, context {} tokens, weights {}",
+            c.arch.name(),
+            self.name,
+            c.n_layers,
+            c.n_heads,
+            c.n_kv_heads,
+            c.head_dim,
+            c.context_length,
+            types.join(", ")
+        )
     }
 
     /// Size of the model file in bytes.

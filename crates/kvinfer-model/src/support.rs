@@ -9,7 +9,7 @@
 //! tensor of the file must have been read by the loader (a `rope_freqs.weight`, a bias or a
 //! norm kvinfer does not apply is refused by name).
 
-use crate::config::Arch;
+use crate::arch::ArchSpec;
 use crate::gguf::{GgufFile, MetaValue};
 use crate::ModelError;
 
@@ -26,11 +26,11 @@ const READ: &[&str] = &[
     "attention.value_length",
     "rope.freq_base",
     "rope.dimension_count",
+    "rope.scaling.type",
+    "rope.scaling.factor",
+    "rope.scale_linear",
     "vocab_size",
 ];
-
-/// Keys only Gemma 3 reads.
-const READ_GEMMA3: &[&str] = &["attention.sliding_window", "rope.freq_base_swa"];
 
 /// Namespaces outside the architecture's that never change the computation.
 const NEUTRAL_NAMESPACES: &[&str] = &["general", "tokenizer", "quantize", "GGUF"];
@@ -40,7 +40,7 @@ fn refuse(what: String) -> ModelError {
 }
 
 /// Refuses a file whose metadata asks for a computation kvinfer does not implement.
-pub fn check_metadata(f: &GgufFile, arch: Arch, head_dim: usize) -> Result<(), ModelError> {
+pub fn check_metadata(f: &GgufFile, arch: &ArchSpec, head_dim: usize) -> Result<(), ModelError> {
     let prefix = format!("{}.", arch.name());
     if let Some(t) = f.get_str("general.type") {
         if t != "model" {
@@ -61,7 +61,7 @@ pub fn check_metadata(f: &GgufFile, arch: Arch, head_dim: usize) -> Result<(), M
             )));
         };
         let value = f.meta(key);
-        if READ.contains(&k) || arch == Arch::Gemma3 && READ_GEMMA3.contains(&k) {
+        if READ.contains(&k) || arch.extra_keys.contains(&k) {
             let ok = match k {
                 "rope.dimension_count" => f.get_u32(key).map(|v| v as usize) == Some(head_dim),
                 "attention.value_length" => f.get_u32(key).map(|v| v as usize) == Some(head_dim),
@@ -76,8 +76,8 @@ pub fn check_metadata(f: &GgufFile, arch: Arch, head_dim: usize) -> Result<(), M
             continue;
         }
         let neutral = match k {
-            "rope.scaling.type" => f.get_str(key) == Some("none"),
-            "rope.scaling.factor" => f.get_f32(key).is_some_and(|v| v == 0.0 || v == 1.0),
+            // Read only by YaRN, which the config refuses.
+            "rope.scaling.original_context_length" | "rope.scaling.finetuned" => true,
             "attn_logit_softcapping" | "final_logit_softcapping" => {
                 f.get_f32(key).is_some_and(|v| v == 0.0)
             }
@@ -98,7 +98,7 @@ pub fn check_metadata(f: &GgufFile, arch: Arch, head_dim: usize) -> Result<(), M
 }
 
 /// Refuses a file with tensors the loader did not read.
-pub fn check_tensors(f: &GgufFile, arch: Arch) -> Result<(), ModelError> {
+pub fn check_tensors(f: &GgufFile, arch: &ArchSpec) -> Result<(), ModelError> {
     let unread = f.unread_tensors();
     let Some(first) = unread.first() else {
         return Ok(());
@@ -152,8 +152,21 @@ mod tests {
 
     #[test]
     fn plain_files_load() {
-        load_with(TinyArch::Llama, |_| {}).unwrap();
-        load_with(TinyArch::Gemma3, |_| {}).unwrap();
+        for arch in TinyArch::ALL {
+            load_with(arch, |_| {}).unwrap();
+        }
+        // Linear RoPE scaling (the type defaults to linear, as in llama.cpp) is computed.
+        let m = load_with(TinyArch::Llama, |w| {
+            w.meta("llama.rope.scaling.factor", MetaValue::F32(8.0));
+        })
+        .unwrap();
+        assert_eq!(m.config.rope_freq_scale, 0.125);
+        let m = load_with(TinyArch::Llama, |w| {
+            w.meta("llama.rope.scaling.type", MetaValue::Str("none".into()))
+                .meta("llama.rope.scaling.factor", MetaValue::F32(8.0));
+        })
+        .unwrap();
+        assert_eq!(m.config.rope_freq_scale, 1.0);
         // Keys whose value changes nothing are fine.
         load_with(TinyArch::Llama, |w| {
             w.meta("llama.rope.scaling.type", MetaValue::Str("none".into()))
@@ -165,31 +178,42 @@ mod tests {
 
     #[test]
     fn what_changes_the_computation_is_refused_by_name() {
-        use TinyArch::{Gemma3, Llama};
-        // Llama 3.1 / 3.2 RoPE frequency factors.
+        use TinyArch::{Gemma3, Llama, Qwen2};
+        // Another architecture's tensors: Q/K norms on llama, biases on qwen3.
         refused(
             Llama,
             |w| {
-                w.tensor_f32("rope_freqs.weight", &[8], &[1.0; 8]);
+                w.tensor_f32("blk.1.attn_k_norm.weight", &[16], &[1.0; 16]);
+            },
+            "blk.1.attn_k_norm.weight",
+        );
+        refused(
+            TinyArch::Qwen3,
+            |w| {
+                w.tensor_f32("blk.0.attn_v.bias", &[64], &[0.0; 64]);
+            },
+            "blk.0.attn_v.bias",
+        );
+        // RoPE frequency factors where the architecture has none.
+        refused(
+            Gemma3,
+            |w| {
+                w.tensor_f32("rope_freqs.weight", &[16], &[1.0; 16]);
             },
             "rope_freqs.weight",
         );
         let s = |v: &str| MetaValue::Str(v.into());
-        refused(
-            Llama,
-            |w| {
-                w.meta("llama.rope.scaling.type", s("linear"))
-                    .meta("llama.rope.scaling.factor", MetaValue::F32(4.0));
-            },
-            "llama.rope.scaling.type",
-        );
-        refused(
-            Llama,
-            |w| {
-                w.meta("llama.rope.scaling.factor", MetaValue::F32(8.0));
-            },
-            "llama.rope.scaling.factor",
-        );
+        // RoPE scaling other than none and linear.
+        for ty in ["yarn", "longrope"] {
+            refused(
+                Qwen2,
+                |w| {
+                    w.meta("qwen2.rope.scaling.type", s(ty))
+                        .meta("qwen2.rope.scaling.factor", MetaValue::F32(4.0));
+                },
+                "qwen2.rope.scaling.type",
+            );
+        }
         refused(
             Llama,
             |w| {

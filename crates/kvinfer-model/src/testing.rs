@@ -18,6 +18,27 @@ pub enum TinyArch {
     Gemma3,
     /// As `Llama` with 2 heads of 32 / 1 KV head (quantized KV needs heads of a multiple of 32).
     LlamaHead32,
+    /// Llama 3 style: RoPE frequency factors (`rope_freqs.weight`), base 500000 and linear
+    /// RoPE scaling (factor 2); n_embd 256, 8 heads of 32 / 2 KV heads, its matrices in the
+    /// K-quants Q4_K and Q5_K (their rows need 256 weights).
+    Llama3,
+    /// qwen2: biases on Q, K and V, NEOX RoPE; 2 heads of 32 / 1 KV head.
+    Qwen2,
+    /// qwen3: per-head Q/K norms, NEOX RoPE; 4 heads of 32 / 2 KV heads over n_embd 64 (heads
+    /// wider than the residual stream, as Qwen 3's are).
+    Qwen3,
+}
+
+impl TinyArch {
+    /// Every tiny model.
+    pub const ALL: [TinyArch; 6] = [
+        TinyArch::Llama,
+        TinyArch::Gemma3,
+        TinyArch::LlamaHead32,
+        TinyArch::Llama3,
+        TinyArch::Qwen2,
+        TinyArch::Qwen3,
+    ];
 }
 
 struct Rng(u64);
@@ -34,9 +55,79 @@ impl Rng {
     }
 }
 
-/// Quantizes f32 values to `ty` (F32, F16, Q8_0 or Q4_0), as ggml's reference quantizers do.
+/// Q4_K (`five` false) or Q5_K blocks of `x` (256 weights each): per 32 weights a 6-bit scale
+/// and min from the range, laid out as ggml's `block_q4_K` / `block_q5_K` (not ggml's search for
+/// the best scales: any well-formed block serves the tests).
+fn quantize_k(x: &[f32], five: bool) -> Vec<u8> {
+    let qmax = if five { 31.0 } else { 15.0 };
+    let mut out = Vec::new();
+    for b in x.chunks(256) {
+        let (mut scale, mut minv) = ([0f32; 8], [0f32; 8]);
+        for j in 0..8 {
+            let s = &b[32 * j..32 * j + 32];
+            let lo = s.iter().fold(0f32, |m, &v| m.min(v));
+            let hi = s.iter().fold(f32::MIN, |m, &v| m.max(v));
+            scale[j] = (hi - lo) / qmax;
+            minv[j] = -lo;
+        }
+        let top = |a: &[f32; 8]| a.iter().fold(0f32, |m, &v| m.max(v)) / 63.0;
+        let (d, dmin) = (f16::from_f32(top(&scale)), f16::from_f32(top(&minv)));
+        let (df, dminf) = (d.to_f32(), dmin.to_f32());
+        let six = |v: f32, unit: f32| {
+            if unit > 0.0 {
+                (v / unit).round().clamp(0.0, 63.0) as u8
+            } else {
+                0
+            }
+        };
+        let sc: [u8; 8] = std::array::from_fn(|j| six(scale[j], df));
+        let m: [u8; 8] = std::array::from_fn(|j| six(minv[j], dminf));
+        let mut scales = [0u8; 12];
+        for j in 0..8 {
+            if j < 4 {
+                scales[j] |= sc[j];
+                scales[j + 4] |= m[j];
+            } else {
+                scales[j + 4] = (sc[j] & 0xF) | ((m[j] & 0xF) << 4);
+                scales[j - 4] |= (sc[j] >> 4) << 6;
+                scales[j] |= (m[j] >> 4) << 6;
+            }
+        }
+        let q = |j: usize, l: usize| -> u8 {
+            let step = df * sc[j] as f32;
+            if step > 0.0 {
+                ((b[32 * j + l] + dminf * m[j] as f32) / step)
+                    .round()
+                    .clamp(0.0, qmax) as u8
+            } else {
+                0
+            }
+        };
+        let (mut qh, mut qs) = ([0u8; 32], [0u8; 128]);
+        for p in 0..4 {
+            for l in 0..32 {
+                let (a, z) = (q(2 * p, l), q(2 * p + 1, l));
+                qs[32 * p + l] = (a & 0xF) | ((z & 0xF) << 4);
+                qh[l] |= ((a >> 4) << (2 * p)) | ((z >> 4) << (2 * p + 1));
+            }
+        }
+        out.extend(d.to_le_bytes());
+        out.extend(dmin.to_le_bytes());
+        out.extend(scales);
+        if five {
+            out.extend(qh);
+        }
+        out.extend(qs);
+    }
+    out
+}
+
+/// Quantizes f32 values to `ty` (F32, F16, Q8_0, Q4_0 as ggml's reference quantizers do;
+/// Q4_K and Q5_K from each 32 weights' range).
 pub fn quantize(ty: GgmlType, x: &[f32]) -> Vec<u8> {
     match ty {
+        GgmlType::Q4_K => quantize_k(x, false),
+        GgmlType::Q5_K => quantize_k(x, true),
         GgmlType::F32 => x.iter().flat_map(|v| v.to_le_bytes()).collect(),
         GgmlType::F16 => x
             .iter()
@@ -206,7 +297,10 @@ pub fn write_tiny_model_with(
     let (name, n_layers, n_embd, n_ff, n_heads, n_kv, head_dim) = match arch {
         TinyArch::Llama => ("llama", 2usize, 64usize, 128usize, 4usize, 2usize, 16usize),
         TinyArch::LlamaHead32 => ("llama", 2, 64, 128, 2, 1, 32),
+        TinyArch::Llama3 => ("llama", 2, 256, 256, 8, 2, 32),
         TinyArch::Gemma3 => ("gemma3", 6, 64, 128, 4, 1, 32),
+        TinyArch::Qwen2 => ("qwen2", 2, 64, 128, 2, 1, 32),
+        TinyArch::Qwen3 => ("qwen3", 2, 64, 128, 4, 2, 32),
     };
     let key = |k: &str| format!("{name}.{k}");
     w.meta("general.architecture", s(name))
@@ -221,21 +315,34 @@ pub fn write_tiny_model_with(
             &key("attention.layer_norm_rms_epsilon"),
             MetaValue::F32(1e-5),
         );
+    if n_heads * head_dim != n_embd {
+        w.meta(
+            &key("attention.key_length"),
+            MetaValue::U32(head_dim as u32),
+        )
+        .meta(
+            &key("attention.value_length"),
+            MetaValue::U32(head_dim as u32),
+        );
+    }
     let vocab = match arch {
-        TinyArch::Llama | TinyArch::LlamaHead32 => {
+        TinyArch::Llama | TinyArch::LlamaHead32 | TinyArch::Qwen2 | TinyArch::Qwen3 => {
             w.meta(&key("rope.freq_base"), MetaValue::F32(10_000.0));
+            bpe_vocab(&mut w)
+        }
+        TinyArch::Llama3 => {
+            w.meta(&key("rope.freq_base"), MetaValue::F32(500_000.0))
+                .meta(&key("rope.scaling.type"), s("linear"))
+                .meta(&key("rope.scaling.factor"), MetaValue::F32(2.0));
+            // Slower rotations for the low-frequency pairs, as Llama 3.1's factors are.
+            let ff: Vec<f32> = (0..head_dim / 2)
+                .map(|i| 1.0 + 7.0 * (i as f32 / (head_dim / 2 - 1) as f32))
+                .collect();
+            w.tensor_f32("rope_freqs.weight", &[ff.len() as u64], &ff);
             bpe_vocab(&mut w)
         }
         TinyArch::Gemma3 => {
             w.meta(&key("rope.freq_base"), MetaValue::F32(1_000_000.0))
-                .meta(
-                    &key("attention.key_length"),
-                    MetaValue::U32(head_dim as u32),
-                )
-                .meta(
-                    &key("attention.value_length"),
-                    MetaValue::U32(head_dim as u32),
-                )
                 .meta(&key("attention.sliding_window"), MetaValue::U32(8));
             spm_vocab(&mut w)
         }
@@ -257,22 +364,42 @@ pub fn write_tiny_model_with(
         w.tensor_f32(name, &[n as u64], &v);
     };
     norm(&mut w, "output_norm.weight", n_embd);
+    let mut bias_rng = Rng(seed ^ 0x5151);
+    // Types of (q, k, v, output, gate, up, down).
+    let types = match arch {
+        TinyArch::Llama3 => {
+            use GgmlType::{Q4_K, Q5_K};
+            [Q4_K, Q5_K, Q5_K, Q4_K, Q5_K, Q4_K, Q5_K]
+        }
+        _ => {
+            use GgmlType::{F16, F32, Q4_0, Q8_0};
+            [Q8_0, F16, F32, Q4_0, Q8_0, F16, Q4_0]
+        }
+    };
     for l in 0..n_layers {
         let p = |t: &str| format!("blk.{l}.{t}.weight");
         norm(&mut w, &p("attn_norm"), n_embd);
-        mat(&mut w, &p("attn_q"), qd, n_embd, GgmlType::Q8_0);
-        mat(&mut w, &p("attn_k"), kvd, n_embd, GgmlType::F16);
-        mat(&mut w, &p("attn_v"), kvd, n_embd, GgmlType::F32);
-        mat(&mut w, &p("attn_output"), n_embd, qd, GgmlType::Q4_0);
+        mat(&mut w, &p("attn_q"), qd, n_embd, types[0]);
+        mat(&mut w, &p("attn_k"), kvd, n_embd, types[1]);
+        mat(&mut w, &p("attn_v"), kvd, n_embd, types[2]);
+        mat(&mut w, &p("attn_output"), n_embd, qd, types[3]);
         norm(&mut w, &p("ffn_norm"), n_embd);
-        mat(&mut w, &p("ffn_gate"), n_ff, n_embd, GgmlType::Q8_0);
-        mat(&mut w, &p("ffn_up"), n_ff, n_embd, GgmlType::F16);
-        mat(&mut w, &p("ffn_down"), n_embd, n_ff, GgmlType::Q4_0);
-        if arch == TinyArch::Gemma3 {
+        mat(&mut w, &p("ffn_gate"), n_ff, n_embd, types[4]);
+        mat(&mut w, &p("ffn_up"), n_ff, n_embd, types[5]);
+        mat(&mut w, &p("ffn_down"), n_embd, n_ff, types[6]);
+        if matches!(arch, TinyArch::Gemma3 | TinyArch::Qwen3) {
             norm(&mut w, &p("attn_q_norm"), head_dim);
             norm(&mut w, &p("attn_k_norm"), head_dim);
+        }
+        if arch == TinyArch::Gemma3 {
             norm(&mut w, &p("post_attention_norm"), n_embd);
             norm(&mut w, &p("post_ffw_norm"), n_embd);
+        }
+        if arch == TinyArch::Qwen2 {
+            for (t, n) in [("attn_q", qd), ("attn_k", kvd), ("attn_v", kvd)] {
+                let b = bias_rng.vec(n, 0.5);
+                w.tensor_f32(&format!("blk.{l}.{t}.bias"), &[n as u64], &b);
+            }
         }
     }
     extra(&mut w);

@@ -179,12 +179,9 @@ fn measure(model: &Model, name: &str, a: &AccuracyArgs, tokens: &[u32]) -> Resul
         let mut kvs: Vec<PagedKv> = dtypes
             .iter()
             .map(|&d| {
-                PagedKv::new(
-                    model.kv_layout_of(bs, ctx.div_ceil(bs) + 1, d),
-                    PolicyKind::Lru,
-                    0,
-                    model.fingerprint_of(bs, d),
-                )
+                model
+                    .kv_identity(bs, d, false)
+                    .paged(ctx.div_ceil(bs) + 1, PolicyKind::Lru, 0)
             })
             .collect();
         let mut tallies: Vec<Tally> = dtypes.iter().map(|_| Tally::default()).collect();
@@ -216,7 +213,7 @@ fn measure(model: &Model, name: &str, a: &AccuracyArgs, tokens: &[u32]) -> Resul
                 let mean_kl = (!t.kl.is_empty()).then(|| t.kl.iter().sum::<f64>() / t.kl.len() as f64);
                 json!({
                     "kv_dtype": d.name(),
-                    "kv_bytes_per_token": model.kv_layout_of(16, 1, *d).token_bytes(),
+                    "kv_bytes_per_token": model.kv_identity(16, *d, false).token_bytes(),
                     "perplexity": ppl,
                     "scored_tokens": t.n,
                     "kl_mean": mean_kl,

@@ -5,7 +5,7 @@
 use crate::cli::{BatchBenchArgs, BenchArgs, PeakBenchArgs, PrefixBenchArgs};
 use crate::load::{kv_cache, load_model};
 use anyhow::Result;
-use kvinfer_cache::{PagedKv, PolicyKind};
+use kvinfer_cache::{KvDtype, PagedKv, PolicyKind};
 use kvinfer_engine::{generate, generate_tiered, GenerateRequest};
 use kvinfer_model::ggml_type::GgmlType;
 use kvinfer_model::{Model, SeqBatch};
@@ -30,8 +30,10 @@ pub(crate) fn tokens(model: &Model, n: usize, seed: u64) -> Vec<u32> {
 /// token is computed).
 fn one_sequence(model: &Model, n: usize) -> (PagedKv, kvinfer_cache::SeqId) {
     let bs = kvinfer_engine::DEFAULT_BLOCK_SIZE;
-    let layout = model.kv_layout(bs, n.div_ceil(bs));
-    let mut kv = PagedKv::new(layout, PolicyKind::Lru, 0, model.fingerprint(bs));
+    let mut kv =
+        model
+            .kv_identity(bs, KvDtype::F16, false)
+            .paged(n.div_ceil(bs), PolicyKind::Lru, 0);
     let (seq, _) = kv.add_sequence(&[], false);
     (kv, seq)
 }
@@ -452,8 +454,10 @@ pub fn run_batch(a: BatchBenchArgs, threads: usize) -> Result<()> {
     let mut rows = Vec::new();
     for &b in &a.batch_sizes {
         let per_seq = (a.context + a.steps + 1).div_ceil(bs);
-        let layout = model.kv_layout(bs, per_seq * b);
-        let mut kv = PagedKv::new(layout, PolicyKind::Lru, 0, model.fingerprint(bs));
+        let mut kv =
+            model
+                .kv_identity(bs, KvDtype::F16, false)
+                .paged(per_seq * b, PolicyKind::Lru, 0);
         let mut seqs = Vec::new();
         for i in 0..b {
             let (seq, _) = kv.add_sequence(&[], false);

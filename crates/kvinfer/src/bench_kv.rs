@@ -15,14 +15,8 @@ use std::time::Instant;
 /// default, blocks of one layer group each, as many bytes).
 fn cache_as(model: &Model, dtype: KvDtype, blocks: usize, windowed: bool) -> PagedKv {
     let bs = DEFAULT_BLOCK_SIZE;
-    let groups = model.kv_groups(windowed);
-    PagedKv::with_groups(
-        model.kv_layout_for(bs, blocks * groups.len(), dtype, &groups),
-        groups.windows().to_vec(),
-        PolicyKind::Lru,
-        0,
-        model.fingerprint_for(bs, dtype, &groups),
-    )
+    let id = model.kv_identity(bs, dtype, windowed);
+    id.paged(blocks * id.groups.len(), PolicyKind::Lru, 0)
 }
 
 fn cache(model: &Model, dtype: KvDtype, blocks: usize) -> PagedKv {
@@ -115,8 +109,10 @@ fn capacity(
     seq_tokens: usize,
     windowed: bool,
 ) -> Result<usize> {
-    let one = model.kv_layout_of(DEFAULT_BLOCK_SIZE, 1, dtype);
-    let mut kv = cache_as(model, dtype, one.blocks_in(budget_mb << 20), windowed);
+    let one = model
+        .kv_identity(DEFAULT_BLOCK_SIZE, dtype, false)
+        .block_bytes();
+    let mut kv = cache_as(model, dtype, (budget_mb << 20) / one, windowed);
     let mut seqs = Vec::new();
     loop {
         let ids = tokens(model, seq_tokens, 100 + seqs.len() as u64);
@@ -208,7 +204,7 @@ pub fn run(a: KvBenchArgs, threads: usize) -> Result<()> {
         }
         rows.push(json!({
             "kv_dtype": d.name(),
-            "kv_bytes_per_token": model.kv_layout_of(DEFAULT_BLOCK_SIZE, 1, d).token_bytes(),
+            "kv_bytes_per_token": model.kv_identity(DEFAULT_BLOCK_SIZE, d, false).token_bytes(),
             "sequences_fit": fit,
             "sequences_fit_windowed": fit_windowed,
             "decode_tok_s": dm,

@@ -216,12 +216,7 @@ pub fn run(a: TierBenchArgs, threads: usize) -> Result<()> {
     let dir = std::env::temp_dir().join(format!("kvinfer-bench-tiers-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
     let (cases, _servers) = cases(&a, &dir)?;
-    let spec = block_spec(
-        &model,
-        bs,
-        a.model.kv_dtype,
-        &model.kv_groups(!a.model.swa_full),
-    );
+    let spec = block_spec(&model.kv_identity(bs, a.model.kv_dtype, !a.model.swa_full));
     let codec_of = |_: &Case| {
         a.model
             .tiers

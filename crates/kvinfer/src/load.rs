@@ -111,6 +111,7 @@ pub fn load_model(args: &ModelArgs) -> Result<Model> {
         .join()
         .map_err(|_| anyhow::anyhow!("model loader thread panicked"))?
         .with_context(|| format!("loading {}", path.display()))?;
+    eprintln!("model: {}", model.summary());
     Ok(model)
 }
 

@@ -5,7 +5,7 @@
 mod common;
 
 use half::f16;
-use kvinfer_cache::{PagedKv, PolicyKind};
+use kvinfer_cache::{KvDtype, PagedKv, PolicyKind};
 use kvinfer_engine::{generate, GenerateRequest, SamplingParams};
 use kvinfer_model::Model;
 use serde_json::Value;
@@ -35,12 +35,9 @@ fn ids(v: &Value) -> Vec<u32> {
 
 /// A cache of 512 positions (32 blocks of 16).
 fn fresh_kv(model: &Model) -> PagedKv {
-    PagedKv::new(
-        model.kv_layout(16, 32),
-        PolicyKind::Lru,
-        0,
-        model.fingerprint(16),
-    )
+    model
+        .kv_identity(16, KvDtype::F16, false)
+        .paged(32, PolicyKind::Lru, 0)
 }
 
 fn greedy(model: &Model, prompt: &[u32], n: usize, use_kv_cache: bool) -> Vec<u32> {

@@ -95,7 +95,7 @@ fn bad_magic_version_and_types() {
         "{e}"
     );
     // A known ggml type kvinfer does not run is named.
-    for (id, name) in [(13u8, "Q5_K"), (23, "IQ4_XS")] {
+    for (id, name) in [(11u8, "Q3_K"), (23, "IQ4_XS")] {
         bytes[info_end - 12] = id;
         let e = GgufFile::open(&write_tmp("type.gguf", &bytes))
             .err()

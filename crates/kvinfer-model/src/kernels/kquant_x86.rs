@@ -1,4 +1,4 @@
-//! K-quant (Q4_K, Q6_K) x Q8_K kernels, AVX2: one weight row against `T` tokens at once.
+//! K-quant (Q4_K, Q5_K, Q6_K) x Q8_K kernels, AVX2: one weight row against `T` tokens at once.
 //!
 //! A tile unpacks each weight super-block (nibbles / 6-bit quants, 6-bit scales and mins) once
 //! and multiplies it with the Q8_K blocks of `T` tokens.
@@ -6,7 +6,8 @@
 //! Batch invariance: every (row, token) result follows the same sequence of float operations
 //! whatever `T` is (the decode path is the `T = 1` instance of the same code): per super-block,
 //! the same integer 8-lane sums (exact), one `d_w * d_y` product and one FMA into the token's own
-//! 8 lanes (Q4_K: then one FNMA of the 8 lanes of min corrections), a horizontal sum at the end.
+//! 8 lanes (Q4_K / Q5_K: then one FNMA of the 8 lanes of min corrections), a horizontal sum at
+//! the end.
 
 // Tiles index several per-token arrays with the same loop variable.
 #![allow(clippy::needless_range_loop)]
@@ -19,7 +20,16 @@ use super::{QMatRef, SimdLevel};
 use crate::ggml_type::GgmlType;
 
 const Q4K_BYTES: usize = 144;
+const Q5K_BYTES: usize = 176;
 const Q6K_BYTES: usize = 210;
+
+/// The K-quant a kernel instance runs (a const parameter, so each is compiled on its own):
+/// its bits per weight.
+mod k {
+    pub(super) const Q4: u8 = 4;
+    pub(super) const Q5: u8 = 5;
+    pub(super) const Q6: u8 = 6;
+}
 
 /// The 8 scales and 8 mins of a Q4_K block (12 packed bytes at `p`), as two u64 of bytes.
 #[inline(always)]
@@ -55,17 +65,26 @@ unsafe fn bcast_pair(i: usize) -> __m128i {
     )
 }
 
-/// One Q4_K row (`nb` blocks at `w`) . `T` tokens' Q8_K blocks (`acts[t]`, `nb` each).
+/// One Q4_K (`Q5` false) or Q5_K row (`nb` blocks at `w`) . `T` tokens' Q8_K blocks
+/// (`acts[t]`, `nb` each). Q5_K's fifth bits (`qh`, bit `2j` / `2j + 1` for the low / high
+/// nibbles of the `j`-th 32 bytes) are or-ed in as 16: quants 0..31, the same integer sums.
 #[inline(always)]
-unsafe fn q4k_tile<const T: usize>(
+unsafe fn q4k_tile<const Q5: bool, const T: usize>(
     w: *const u8,
     nb: usize,
     acts: [*const BlockQ8K; T],
 ) -> [f32; T] {
     let m4 = _mm256_set1_epi8(0xF);
+    let one = _mm256_set1_epi8(1);
+    let (bytes, qs_at) = if Q5 { (Q5K_BYTES, 48) } else { (Q4K_BYTES, 16) };
     let mut acc = [_mm256_setzero_ps(); T];
     for i in 0..nb {
-        let p = w.add(i * Q4K_BYTES);
+        let p = w.add(i * bytes);
+        let qh = if Q5 {
+            _mm256_loadu_si256(p.add(16) as *const __m256i)
+        } else {
+            _mm256_setzero_si256()
+        };
         let (sc, mn) = q4k_scales_mins(p.add(4));
         let scv = _mm_cvtsi64_si128(sc as i64);
         // Each min twice (m0 m0 m1 m1 ...), as 16 i16, against the 16 bsums.
@@ -73,9 +92,19 @@ unsafe fn q4k_tile<const T: usize>(
         let mins = _mm256_cvtepu8_epi16(_mm_unpacklo_epi8(mn, mn));
         let mut isum = [_mm256_setzero_si256(); T];
         for j in 0..4 {
-            let q = _mm256_loadu_si256(p.add(16 + 32 * j) as *const __m256i);
-            let lo = _mm256_and_si256(q, m4);
-            let hi = _mm256_and_si256(_mm256_srli_epi16(q, 4), m4);
+            let q = _mm256_loadu_si256(p.add(qs_at + 32 * j) as *const __m256i);
+            let mut lo = _mm256_and_si256(q, m4);
+            let mut hi = _mm256_and_si256(_mm256_srli_epi16(q, 4), m4);
+            if Q5 {
+                // Bit 2j (2j + 1) of each qh byte to bit 4: shifts within 16-bit lanes, then
+                // masks to each byte's bit 0 (a shift of at most 7 keeps each byte's own bits).
+                let b = |s: i32| {
+                    let x = _mm256_srl_epi16(qh, _mm_cvtsi32_si128(s));
+                    _mm256_slli_epi16(_mm256_and_si256(x, one), 4)
+                };
+                lo = _mm256_or_si256(lo, b(2 * j as i32));
+                hi = _mm256_or_si256(hi, b(2 * j as i32 + 1));
+            }
             let s1 = _mm256_cvtepu8_epi16(_mm_shuffle_epi8(scv, bcast_byte(2 * j)));
             let s2 = _mm256_cvtepu8_epi16(_mm_shuffle_epi8(scv, bcast_byte(2 * j + 1)));
             for t in 0..T {
@@ -180,7 +209,15 @@ unsafe fn q6k_tile<const T: usize>(
 pub(crate) unsafe fn dot_q4_k(row: &[u8], act: &[BlockQ8K]) -> f32 {
     let nb = row.len() / Q4K_BYTES;
     assert!(act.len() >= nb);
-    q4k_tile::<1>(row.as_ptr(), nb, [act.as_ptr()])[0]
+    q4k_tile::<false, 1>(row.as_ptr(), nb, [act.as_ptr()])[0]
+}
+
+/// Q5_K row (`row.len() / 176` blocks) . Q8_K activations (one token).
+#[target_feature(enable = "avx2,fma,f16c")]
+pub(crate) unsafe fn dot_q5_k(row: &[u8], act: &[BlockQ8K]) -> f32 {
+    let nb = row.len() / Q5K_BYTES;
+    assert!(act.len() >= nb);
+    q4k_tile::<true, 1>(row.as_ptr(), nb, [act.as_ptr()])[0]
 }
 
 /// Q6_K row (`row.len() / 210` blocks) . Q8_K activations (one token).
@@ -194,7 +231,7 @@ pub(crate) unsafe fn dot_q6_k(row: &[u8], act: &[BlockQ8K]) -> f32 {
 /// Token groups of 4 (then single tokens) outer, rows `rr` inner: the rows' weights stay in
 /// L1/L2 while a group's activations are reused across them.
 #[inline(always)]
-unsafe fn k_rows_impl<const Q4: bool, const TT: usize>(
+unsafe fn k_rows_impl<const KIND: u8, const TT: usize>(
     w: QMatRef,
     row_bytes: usize,
     rr: std::ops::Range<usize>,
@@ -210,10 +247,10 @@ unsafe fn k_rows_impl<const Q4: bool, const TT: usize>(
         let ap: [*const BlockQ8K; TT] = std::array::from_fn(|k| a.add((t0 + k) * nb));
         for r in rr.clone() {
             let p = wp.add(r * row_bytes);
-            let v = if Q4 {
-                q4k_tile::<TT>(p, nb, ap)
-            } else {
-                q6k_tile::<TT>(p, nb, ap)
+            let v = match KIND {
+                k::Q4 => q4k_tile::<false, TT>(p, nb, ap),
+                k::Q5 => q4k_tile::<true, TT>(p, nb, ap),
+                _ => q6k_tile::<TT>(p, nb, ap),
             };
             for k in 0..TT {
                 out.write(r, t0 + k, v[k]);
@@ -225,17 +262,17 @@ unsafe fn k_rows_impl<const Q4: bool, const TT: usize>(
         for r in rr.clone() {
             let p = wp.add(r * row_bytes);
             let ap = [a.add(t * nb)];
-            let v = if Q4 {
-                q4k_tile::<1>(p, nb, ap)
-            } else {
-                q6k_tile::<1>(p, nb, ap)
+            let v = match KIND {
+                k::Q4 => q4k_tile::<false, 1>(p, nb, ap),
+                k::Q5 => q4k_tile::<true, 1>(p, nb, ap),
+                _ => q6k_tile::<1>(p, nb, ap),
             };
             out.write(r, t, v[0]);
         }
     }
 }
 
-/// Rows `rr` of a Q4_K / Q6_K matrix, all tokens, at SIMD `level` (AVX2 or better).
+/// Rows `rr` of a Q4_K / Q5_K / Q6_K matrix, all tokens, at SIMD `level` (AVX2 or better).
 ///
 /// # Safety
 /// The CPU has `level`; rows `rr` are written by this call only (`out` holds `n_tokens` rows
@@ -267,10 +304,11 @@ unsafe fn k_rows_avx2(
     n_tokens: usize,
     out: OutPtr,
 ) {
-    if w.ty == GgmlType::Q4_K {
-        k_rows_impl::<true, 4>(w, row_bytes, rr, acts, n_tokens, out);
-    } else {
-        k_rows_impl::<false, 4>(w, row_bytes, rr, acts, n_tokens, out);
+    match w.ty {
+        GgmlType::Q4_K => k_rows_impl::<{ k::Q4 }, 4>(w, row_bytes, rr, acts, n_tokens, out),
+        GgmlType::Q5_K => k_rows_impl::<{ k::Q5 }, 4>(w, row_bytes, rr, acts, n_tokens, out),
+        GgmlType::Q6_K => k_rows_impl::<{ k::Q6 }, 4>(w, row_bytes, rr, acts, n_tokens, out),
+        other => unreachable!("{other:?} is not a K-quant"),
     }
 }
 
@@ -284,10 +322,11 @@ unsafe fn k_rows_avx512(
     n_tokens: usize,
     out: OutPtr,
 ) {
-    if w.ty == GgmlType::Q4_K {
-        k_rows_impl::<true, 8>(w, row_bytes, rr, acts, n_tokens, out);
-    } else {
-        k_rows_impl::<false, 4>(w, row_bytes, rr, acts, n_tokens, out);
+    match w.ty {
+        GgmlType::Q4_K => k_rows_impl::<{ k::Q4 }, 8>(w, row_bytes, rr, acts, n_tokens, out),
+        GgmlType::Q5_K => k_rows_impl::<{ k::Q5 }, 8>(w, row_bytes, rr, acts, n_tokens, out),
+        GgmlType::Q6_K => k_rows_impl::<{ k::Q6 }, 4>(w, row_bytes, rr, acts, n_tokens, out),
+        other => unreachable!("{other:?} is not a K-quant"),
     }
 }
 

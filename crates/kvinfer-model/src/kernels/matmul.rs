@@ -134,7 +134,7 @@ pub(crate) fn matmul_with(level: SimdLevel, w: QMatRef, x: &[f32], n_tokens: usi
                 });
             });
         }
-        GgmlType::Q4_K | GgmlType::Q6_K => {
+        GgmlType::Q4_K | GgmlType::Q5_K | GgmlType::Q6_K => {
             with_scratch(&Q8K_SCRATCH, |acts| {
                 let nb = cols / QK_K;
                 acts.clear();
@@ -339,12 +339,19 @@ fn dot_k(level: SimdLevel, ty: GgmlType, row: &[u8], act: &[BlockQ8K]) -> f32 {
             unsafe { super::x86::dot_q4_k(row, act) }
         }
         #[cfg(target_arch = "x86_64")]
+        (SimdLevel::Avx2 | SimdLevel::Avx2Vnni | SimdLevel::Avx512, GgmlType::Q5_K) => {
+            // SAFETY: as above.
+            unsafe { super::x86::dot_q5_k(row, act) }
+        }
+        #[cfg(target_arch = "x86_64")]
         (SimdLevel::Avx2 | SimdLevel::Avx2Vnni | SimdLevel::Avx512, GgmlType::Q6_K) => {
             // SAFETY: as above.
             unsafe { super::x86::dot_q6_k(row, act) }
         }
         (_, GgmlType::Q4_K) => quant::dot_q4_k_scalar(row, act),
-        _ => quant::dot_q6_k_scalar(row, act),
+        (_, GgmlType::Q5_K) => quant::dot_q5_k_scalar(row, act),
+        (_, GgmlType::Q6_K) => quant::dot_q6_k_scalar(row, act),
+        (_, other) => unreachable!("{other:?} is not a K-quant"),
     }
 }
 

@@ -14,6 +14,7 @@
 //! | Q5_1 | 24    | `d [0..2]`, `m [2..4]`, `qh [4..8]`, `qs [8..24]`: w = d * q + m           |
 //! | Q8_0 | 34    | `d [0..2]`, `qs: i8 [2..34]`: w = d * q                                    |
 //! | Q4_K | 144   | `d [0..2]`, `dmin [2..4]`, `scales [4..16]` (8 x 6-bit scale+min), `qs [16..144]` |
+//! | Q5_K | 176   | as Q4_K, then `qh [16..48]` (bit `2j` / `2j + 1` of byte `l`: fifth bit of weight `l` of sub-blocks `2j` / `2j + 1`), `qs [48..176]` |
 //! | Q6_K | 210   | `ql [0..128]`, `qh [128..192]`, `scales: i8 [192..208]`, `d [208..210]`    |
 //!
 //! In the 32-weight types, byte `j` of `qs` holds weight `j` in its low nibble and weight
@@ -93,6 +94,14 @@ pub fn dequantize_row_scalar(ty: GgmlType, src: &[u8], dst: &mut [f32]) {
                 dequant_block_q4_k(b, y);
             }
         }
+        GgmlType::Q5_K => {
+            for (b, y) in src
+                .chunks_exact(ty.type_size())
+                .zip(dst.chunks_exact_mut(QK_K))
+            {
+                dequant_block_q5_k(b, y);
+            }
+        }
         GgmlType::Q6_K => {
             for (b, y) in src
                 .chunks_exact(ty.type_size())
@@ -101,7 +110,7 @@ pub fn dequantize_row_scalar(ty: GgmlType, src: &[u8], dst: &mut [f32]) {
                 dequant_block_q6_k(b, y);
             }
         }
-        _ => {
+        GgmlType::Q4_0 | GgmlType::Q4_1 | GgmlType::Q5_0 | GgmlType::Q5_1 | GgmlType::Q8_0 => {
             for (b, y) in src
                 .chunks_exact(ty.type_size())
                 .zip(dst.chunks_exact_mut(QK))
@@ -191,6 +200,26 @@ fn dequant_block_q4_k(b: &[u8], y: &mut [f32]) {
         for l in 0..32 {
             y[l] = d1 * (q[l] & 0xF) as f32 - m1;
             y[l + 32] = d2 * (q[l] >> 4) as f32 - m2;
+        }
+    }
+}
+
+/// ggml's `dequantize_row_q5_K`: Q4_K's nibbles plus a fifth bit from `qh`.
+fn dequant_block_q5_k(b: &[u8], y: &mut [f32]) {
+    let d = f16_at(b, 0);
+    let dmin = f16_at(b, 2);
+    let scales = &b[4..16];
+    let qh = &b[16..48];
+    let qs = &b[48..176];
+    for (j, (q, y)) in qs.chunks_exact(32).zip(y.chunks_exact_mut(64)).enumerate() {
+        let (sc1, m1) = scale_min_k4(2 * j, scales);
+        let (sc2, m2) = scale_min_k4(2 * j + 1, scales);
+        let (d1, m1) = (d * sc1 as f32, dmin * m1 as f32);
+        let (d2, m2) = (d * sc2 as f32, dmin * m2 as f32);
+        for l in 0..32 {
+            let (h1, h2) = ((qh[l] >> (2 * j)) & 1, (qh[l] >> (2 * j + 1)) & 1);
+            y[l] = d1 * ((q[l] & 0xF) | h1 << 4) as f32 - m1;
+            y[l + 32] = d2 * ((q[l] >> 4) | h2 << 4) as f32 - m2;
         }
     }
 }
@@ -412,6 +441,32 @@ pub fn dot_q4_k_scalar(row: &[u8], act: &[BlockQ8K]) -> f32 {
                 .iter()
                 .zip(ys)
                 .map(|(&q, &yv)| (if j % 2 == 0 { q & 0xF } else { q >> 4 }) as i32 * yv as i32)
+                .sum();
+            isum += sc as i32 * dot;
+            msum += m as i32 * (y.bsums[2 * j] as i32 + y.bsums[2 * j + 1] as i32);
+        }
+        sum += d * isum as f32 - dmin * msum as f32;
+    }
+    sum
+}
+
+/// Dot of a Q5_K row with Q8_K activations (as [`dot_q4_k_scalar`], 5-bit quants).
+pub fn dot_q5_k_scalar(row: &[u8], act: &[BlockQ8K]) -> f32 {
+    let mut sum = 0.0f32;
+    for (b, y) in row.chunks_exact(GgmlType::Q5_K.type_size()).zip(act) {
+        let (d, dmin) = (f16_at(b, 0) * y.d, f16_at(b, 2) * y.d);
+        let scales = &b[4..16];
+        let qh = &b[16..48];
+        let (mut isum, mut msum) = (0i32, 0i32);
+        for j in 0..8 {
+            let (sc, m) = scale_min_k4(j, scales);
+            let q = &b[48 + 32 * (j / 2)..48 + 32 * (j / 2) + 32];
+            let ys = &y.qs[32 * j..32 * j + 32];
+            let dot: i32 = (0..32)
+                .map(|l| {
+                    let lo = if j % 2 == 0 { q[l] & 0xF } else { q[l] >> 4 };
+                    (lo | ((qh[l] >> j) & 1) << 4) as i32 * ys[l] as i32
+                })
                 .sum();
             isum += sc as i32 * dot;
             msum += m as i32 * (y.bsums[2 * j] as i32 + y.bsums[2 * j + 1] as i32);

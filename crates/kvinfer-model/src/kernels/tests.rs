@@ -11,7 +11,7 @@ use super::quant::{self, BlockQ8K, QK};
 use super::*;
 use crate::ggml_type::{GgmlType, QK_K};
 
-const ALL_MATMUL_TYPES: [GgmlType; 10] = [
+const ALL_MATMUL_TYPES: [GgmlType; 11] = [
     GgmlType::F32,
     GgmlType::F16,
     GgmlType::BF16,
@@ -21,6 +21,7 @@ const ALL_MATMUL_TYPES: [GgmlType; 10] = [
     GgmlType::Q5_1,
     GgmlType::Q8_0,
     GgmlType::Q4_K,
+    GgmlType::Q5_K,
     GgmlType::Q6_K,
 ];
 
@@ -50,7 +51,7 @@ fn random_row(rng: &mut StdRng, ty: GgmlType, cols: usize) -> Vec<u8> {
                 b[0..2].copy_from_slice(&f16_bytes(d));
                 b[2..4].copy_from_slice(&f16_bytes(m));
             }
-            GgmlType::Q4_K => {
+            GgmlType::Q4_K | GgmlType::Q5_K => {
                 b[0..2].copy_from_slice(&f16_bytes(d / 16.0));
                 b[2..4].copy_from_slice(&f16_bytes(d / 32.0));
             }
@@ -137,6 +138,21 @@ fn dequant_hand_checked_q4_k_q6_k() {
     assert_eq!(y[0], 3.0 * 7.0 - 0.5 * 2.0);
     assert_eq!(y[32], 5.0 * 9.0 - 0.5 * 1.0);
     assert_eq!(y[128], 17.0 * 4.0 - 0.5 * 2.0);
+
+    // Q5_K: Q4_K's scales and nibbles (qs from byte 48) plus fifth bits from qh (bytes 16..48):
+    // weight l of sub-block s takes bit s of qh[l].
+    let mut q5 = vec![0u8; 176];
+    q5[..16].copy_from_slice(&b[..16]);
+    q5[48] = 0x97;
+    q5[48 + 64] = 0x04;
+    q5[16] = 0b0000_0010; // weight 32 (sub-block 1, l = 0): + 16
+    q5[16 + 5] = 0b0001_0000; // weight 128 + 5 (sub-block 4, l = 5): + 16
+    let mut y = [0.0f32; QK_K];
+    dequantize_row(GgmlType::Q5_K, &q5, &mut y);
+    assert_eq!(y[0], 3.0 * 7.0 - 0.5 * 2.0);
+    assert_eq!(y[32], 5.0 * (9.0 + 16.0) - 0.5 * 1.0);
+    assert_eq!(y[128], 17.0 * 4.0 - 0.5 * 2.0);
+    assert_eq!(y[133], 17.0 * 16.0 - 0.5 * 2.0);
 
     // Q6_K: d = 0.5; weight 0 = (ql[0] & 0xF | (qh[0] & 3) << 4) - 32 with scale sc[0];
     // weight 96 = (ql[32] >> 4 | (qh[0] >> 6) << 4) - 32 with sc[6]; weight 150 in the second half.
@@ -351,21 +367,21 @@ fn k_quant_dots_simd_vs_scalar() {
     let x = random_f32(&mut rng, cols);
     let mut act = vec![BlockQ8K::ZERO; cols / QK_K];
     quant::quantize_q8_k(&x, &mut act);
-    for ty in [GgmlType::Q4_K, GgmlType::Q6_K] {
+    for ty in [GgmlType::Q4_K, GgmlType::Q5_K, GgmlType::Q6_K] {
         let row = random_row(&mut rng, ty, cols);
-        let scalar = if ty == GgmlType::Q4_K {
-            quant::dot_q4_k_scalar(&row, &act)
-        } else {
-            quant::dot_q6_k_scalar(&row, &act)
+        let scalar = match ty {
+            GgmlType::Q4_K => quant::dot_q4_k_scalar(&row, &act),
+            GgmlType::Q5_K => quant::dot_q5_k_scalar(&row, &act),
+            _ => quant::dot_q6_k_scalar(&row, &act),
         };
         #[cfg(target_arch = "x86_64")]
         if SimdLevel::available().len() >= 2 {
             // SAFETY: AVX2 available.
             let simd = unsafe {
-                if ty == GgmlType::Q4_K {
-                    super::x86::dot_q4_k(&row, &act)
-                } else {
-                    super::x86::dot_q6_k(&row, &act)
+                match ty {
+                    GgmlType::Q4_K => super::x86::dot_q4_k(&row, &act),
+                    GgmlType::Q5_K => super::x86::dot_q5_k(&row, &act),
+                    _ => super::x86::dot_q6_k(&row, &act),
                 }
             };
             assert!(

@@ -797,4 +797,4 @@ pub(crate) unsafe fn q32_rows_vnni(
 
 // The kernels live in `kquant_x86.rs` (one row x several tokens); these are the one-token
 // instances.
-pub(crate) use super::kquant_x86::{dot_q4_k, dot_q6_k};
+pub(crate) use super::kquant_x86::{dot_q4_k, dot_q5_k, dot_q6_k};

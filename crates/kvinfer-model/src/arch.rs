@@ -1,0 +1,168 @@
+//! The architectures kvinfer runs, each a small spec of what differs from the plain llama
+//! decoder ([`crate::decoder`] runs them all): found by their GGUF `general.architecture`
+//! name in [`ARCHS`], one place.
+//!
+//! What a spec names is what llama.cpp's graph for that architecture does (`src/models/*.cpp`
+//! in llama.cpp): the tensors it loads (required when the spec says so, and every tensor of a
+//! file must be read: see [`crate::support`]), the metadata it reads, RoPE's pairing, the
+//! feed-forward activation, the extra norms, the embedding scale and which layers attend
+//! within a sliding window.
+
+use crate::layers::RopeStyle;
+
+/// The gated feed-forward network's activation: `down(act(gate(x)) * up(x))`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Act {
+    /// SiLU (llama, ...): [`crate::layers::swiglu`].
+    Silu,
+    /// GELU, tanh approximation (gemma): [`crate::layers::geglu`].
+    GeluTanh,
+}
+
+/// Which layers attend only to the last `window` positions (`{arch}.attention.sliding_window`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum WindowRule {
+    /// None: the architecture has no sliding window (the metadata key is refused).
+    None,
+    /// Every layer but each `period`-th (layer `% period == period - 1` is global): Gemma 3's
+    /// five local layers per global one.
+    AllButEvery(usize),
+}
+
+/// What an architecture changes in the decoder. See the module docs.
+#[derive(Debug)]
+pub struct ArchSpec {
+    /// The GGUF `general.architecture` string, and the metadata namespace.
+    pub name: &'static str,
+    /// How RoPE pairs a head's dimensions.
+    pub rope: RopeStyle,
+    /// Biases on the Q, K and V projections (`attn_q.bias`, `attn_k.bias`, `attn_v.bias`).
+    pub qkv_bias: bool,
+    /// RoPE frequency factors may be given (`rope_freqs.weight`, one per dimension pair:
+    /// Llama 3.1+'s long-context scaling).
+    pub rope_freqs: bool,
+    /// RMSNorm of each query and key head before RoPE (`attn_q_norm`, `attn_k_norm`).
+    pub qk_norm: bool,
+    /// RMSNorm of the attention and FFN outputs before each residual add
+    /// (`post_attention_norm`, `post_ffw_norm`).
+    pub post_norms: bool,
+    /// The FFN's activation.
+    pub act: Act,
+    /// The embeddings are multiplied by `sqrt(n_embd)`.
+    pub embd_scale: bool,
+    /// Sliding-window layers.
+    pub window: WindowRule,
+    /// RoPE base of the sliding-window layers when the file names none
+    /// (`rope.freq_base_swa`; llama.cpp's default for gemma3 is 10000).
+    pub rope_base_swa: Option<f32>,
+    /// The chat template used when the file carries none.
+    pub builtin_template: Option<&'static str>,
+    /// `{arch}.*` metadata keys this architecture reads beyond the common ones
+    /// ([`crate::support`]).
+    pub extra_keys: &'static [&'static str],
+}
+
+impl ArchSpec {
+    /// The GGUF `general.architecture` string.
+    pub fn name(&self) -> &'static str {
+        self.name
+    }
+
+    /// Whether `layer` attends within the sliding window (when the model has one).
+    pub fn is_swa_layer(&self, layer: usize) -> bool {
+        match self.window {
+            WindowRule::None => false,
+            WindowRule::AllButEvery(p) => layer % p != p - 1,
+        }
+    }
+}
+
+impl PartialEq for ArchSpec {
+    fn eq(&self, other: &Self) -> bool {
+        self.name == other.name
+    }
+}
+
+/// LLaMA and its descendants (SmolLM2, ...): RMSNorm, RoPE (normal), SwiGLU FFN. Touvron et
+/// al. 2023, arXiv:2302.13971.
+pub static LLAMA: ArchSpec = ArchSpec {
+    name: "llama",
+    rope: RopeStyle::Normal,
+    qkv_bias: false,
+    rope_freqs: true,
+    qk_norm: false,
+    post_norms: false,
+    act: Act::Silu,
+    embd_scale: false,
+    window: WindowRule::None,
+    rope_base_swa: None,
+    builtin_template: None,
+    extra_keys: &[],
+};
+
+/// Gemma 3 (Gemma Team 2025, arXiv:2503.19786): embeddings scaled by sqrt(n_embd); RMSNorm on
+/// each query and key head; norms after attention and after the FFN as well as before; GELU
+/// FFN; NEOX RoPE with base 1e6 on global layers and 10000 on sliding-window layers; five
+/// sliding-window layers for every global one; output tied to the embeddings. The GGUF norm
+/// weights already include Gemma's `1 +` offset (added at conversion).
+pub static GEMMA3: ArchSpec = ArchSpec {
+    name: "gemma3",
+    rope: RopeStyle::Neox,
+    qkv_bias: false,
+    rope_freqs: false,
+    qk_norm: true,
+    post_norms: true,
+    act: Act::GeluTanh,
+    embd_scale: true,
+    window: WindowRule::AllButEvery(6),
+    rope_base_swa: Some(10_000.0),
+    builtin_template: Some(crate::chat::GEMMA3_TEMPLATE),
+    extra_keys: &["attention.sliding_window", "rope.freq_base_swa"],
+};
+
+/// Qwen 2 / 2.5 (and DeepSeek-R1-Distill-Qwen): llama with biases on Q, K and V and NEOX
+/// RoPE (llama.cpp's `qwen2` graph).
+pub static QWEN2: ArchSpec = ArchSpec {
+    name: "qwen2",
+    rope: RopeStyle::Neox,
+    qkv_bias: true,
+    rope_freqs: false,
+    qk_norm: false,
+    post_norms: false,
+    act: Act::Silu,
+    embd_scale: false,
+    window: WindowRule::None,
+    rope_base_swa: None,
+    builtin_template: None,
+    extra_keys: &[],
+};
+
+/// Qwen 3 (dense): llama with an RMSNorm on each query and key head before RoPE, no biases,
+/// NEOX RoPE (llama.cpp's `qwen3` graph).
+pub static QWEN3: ArchSpec = ArchSpec {
+    name: "qwen3",
+    rope: RopeStyle::Neox,
+    qkv_bias: false,
+    rope_freqs: false,
+    qk_norm: true,
+    post_norms: false,
+    act: Act::Silu,
+    embd_scale: false,
+    window: WindowRule::None,
+    rope_base_swa: None,
+    builtin_template: None,
+    extra_keys: &[],
+};
+
+/// Every architecture kvinfer runs.
+pub static ARCHS: &[&ArchSpec] = &[&LLAMA, &GEMMA3, &QWEN2, &QWEN3];
+
+/// The spec of `general.architecture` = `name`.
+pub fn find(name: &str) -> Option<&'static ArchSpec> {
+    ARCHS.iter().copied().find(|a| a.name == name)
+}
+
+/// The names of [`ARCHS`], for messages ("llama, gemma3").
+pub fn names() -> String {
+    ARCHS.iter().map(|a| a.name).collect::<Vec<_>>().join(", ")
+}
