@@ -5,7 +5,7 @@ Reads the cases `cargo run --example reference_cases` wrote (tests/reference/run
 
 1. Each tiny model's weights are dequantized by the `gguf` package (not by kvinfer) and run
    through a numpy forward pass in float32 written from llama.cpp's graph for its architecture
-   (src/models/{llama,qwen2,qwen3,gemma3}.cpp): RMSNorm, Q/K/V (+ biases), per-head Q/K norms,
+   (src/models/{llama,qwen2,qwen3,gemma3,phi3}.cpp): RMSNorm, Q/K/V (+ biases), per-head Q/K norms,
    RoPE (normal or NEOX pairs, linear scaling, rope_freqs factors), causal grouped-query
    attention (a sliding window on Gemma 3's local layers), the gated FFN (SiLU or GELU), the
    post-norms and the output head. Every tensor of the file must be used.
@@ -95,7 +95,7 @@ def gelu_tanh(x):
 def forward(path: Path, tokens: list[int]) -> np.ndarray:
     r = gguf.GGUFReader(path)
     arch = field(r, "general.architecture")
-    if arch not in ("llama", "qwen2", "qwen3", "gemma3"):
+    if arch not in ("llama", "qwen2", "qwen3", "gemma3", "phi3"):
         raise SystemExit(f"no reference for architecture {arch}")
     md = lambda k, d=None: field(r, f"{arch}.{k}", d)  # noqa: E731
     W = weights(r)
@@ -116,7 +116,7 @@ def forward(path: Path, tokens: list[int]) -> np.ndarray:
     base = md("rope.freq_base", 10000.0)
     stype, factor = md("rope.scaling.type", "linear"), md("rope.scaling.factor", 0.0)
     freq_scale = 1.0 if stype == "none" or not factor else 1.0 / factor
-    neox = arch in ("qwen2", "qwen3", "gemma3")
+    neox = arch in ("qwen2", "qwen3", "gemma3", "phi3")
     gemma = arch == "gemma3"
     factors = opt("rope_freqs.weight") if arch == "llama" else None
 
@@ -128,7 +128,11 @@ def forward(path: Path, tokens: list[int]) -> np.ndarray:
     for l in range(n_layer):
         p = lambda t: f"blk.{l}.{t}.weight"  # noqa: E731
         h = rmsnorm(x, w(p("attn_norm")), eps)
-        q, k, v = h @ w(p("attn_q")).T, h @ w(p("attn_k")).T, h @ w(p("attn_v")).T
+        if arch == "phi3":  # one matrix: Q's rows, K's, V's
+            qkv = h @ w(p("attn_qkv")).T
+            q, k, v = qkv[:, : n_head * hd], qkv[:, n_head * hd : (n_head + n_kv) * hd], qkv[:, (n_head + n_kv) * hd :]
+        else:
+            q, k, v = h @ w(p("attn_q")).T, h @ w(p("attn_k")).T, h @ w(p("attn_v")).T
         if arch == "qwen2":
             q, k, v = q + w(f"blk.{l}.attn_q.bias"), k + w(f"blk.{l}.attn_k.bias"), v + w(f"blk.{l}.attn_v.bias")
         q, k, v = q.reshape(n, n_head, hd), k.reshape(n, n_kv, hd), v.reshape(n, n_kv, hd)
@@ -144,7 +148,11 @@ def forward(path: Path, tokens: list[int]) -> np.ndarray:
             o = rmsnorm(o, w(p("post_attention_norm")), eps)
         x = x + o
         h = rmsnorm(x, w(p("ffn_norm")), eps)
-        g, u = h @ w(p("ffn_gate")).T, h @ w(p("ffn_up")).T
+        if arch == "phi3":  # ggml_swiglu of one tensor: silu(first half) * second half
+            gu = h @ w(p("ffn_up")).T
+            g, u = gu[:, : gu.shape[1] // 2], gu[:, gu.shape[1] // 2 :]
+        else:
+            g, u = h @ w(p("ffn_gate")).T, h @ w(p("ffn_up")).T
         o = ((gelu_tanh(g) if gemma else silu(g)) * u) @ w(p("ffn_down")).T
         if gemma:
             o = rmsnorm(o, w(p("post_ffw_norm")), eps)

@@ -51,7 +51,12 @@ fn cases() -> Vec<(TinyArch, KvDtype)> {
         v.push((TinyArch::LlamaHead32, d));
         v.push((TinyArch::Gemma3, d));
     }
-    for arch in [TinyArch::Llama3, TinyArch::Qwen2, TinyArch::Qwen3] {
+    for arch in [
+        TinyArch::Llama3,
+        TinyArch::Qwen2,
+        TinyArch::Qwen3,
+        TinyArch::Phi3,
+    ] {
         v.push((arch, KvDtype::F16));
         v.push((arch, KvDtype::Q8_0));
     }

@@ -41,6 +41,11 @@ pub struct ArchSpec {
     /// RoPE frequency factors may be given (`rope_freqs.weight`, one per dimension pair:
     /// Llama 3.1+'s long-context scaling).
     pub rope_freqs: bool,
+    /// Q, K and V in one matrix (`attn_qkv`: Q's rows, then K's, then V's).
+    pub fused_qkv: bool,
+    /// The FFN's gate and up projections in one matrix (`ffn_up`: gate's rows, then up's; no
+    /// `ffn_gate`), as ggml's `swiglu` of one tensor splits it.
+    pub fused_gate_up: bool,
     /// RMSNorm of each query and key head before RoPE (`attn_q_norm`, `attn_k_norm`).
     pub qk_norm: bool,
     /// RMSNorm of the attention and FFN outputs before each residual add
@@ -90,6 +95,8 @@ pub static LLAMA: ArchSpec = ArchSpec {
     rope: RopeStyle::Normal,
     qkv_bias: false,
     rope_freqs: true,
+    fused_qkv: false,
+    fused_gate_up: false,
     qk_norm: false,
     post_norms: false,
     act: Act::Silu,
@@ -110,6 +117,8 @@ pub static GEMMA3: ArchSpec = ArchSpec {
     rope: RopeStyle::Neox,
     qkv_bias: false,
     rope_freqs: false,
+    fused_qkv: false,
+    fused_gate_up: false,
     qk_norm: true,
     post_norms: true,
     act: Act::GeluTanh,
@@ -127,6 +136,8 @@ pub static QWEN2: ArchSpec = ArchSpec {
     rope: RopeStyle::Neox,
     qkv_bias: true,
     rope_freqs: false,
+    fused_qkv: false,
+    fused_gate_up: false,
     qk_norm: false,
     post_norms: false,
     act: Act::Silu,
@@ -144,6 +155,8 @@ pub static QWEN3: ArchSpec = ArchSpec {
     rope: RopeStyle::Neox,
     qkv_bias: false,
     rope_freqs: false,
+    fused_qkv: false,
+    fused_gate_up: false,
     qk_norm: true,
     post_norms: false,
     act: Act::Silu,
@@ -154,8 +167,29 @@ pub static QWEN3: ArchSpec = ArchSpec {
     extra_keys: &[],
 };
 
+/// Phi-3 / Phi-3.5 (mini, medium; not their 128k LongRoPE variants, whose
+/// `rope_factors_long` / `_short` tensors are refused): Q, K, V in one matrix, gate and up in
+/// one, NEOX RoPE (llama.cpp's `phi3` graph). Its `attention.sliding_window` is read and not
+/// applied, as llama.cpp does ("Phi SWA is currently disabled").
+pub static PHI3: ArchSpec = ArchSpec {
+    name: "phi3",
+    rope: RopeStyle::Neox,
+    qkv_bias: false,
+    rope_freqs: false,
+    fused_qkv: true,
+    fused_gate_up: true,
+    qk_norm: false,
+    post_norms: false,
+    act: Act::Silu,
+    embd_scale: false,
+    window: WindowRule::None,
+    rope_base_swa: None,
+    builtin_template: None,
+    extra_keys: &["attention.sliding_window"],
+};
+
 /// Every architecture kvinfer runs.
-pub static ARCHS: &[&ArchSpec] = &[&LLAMA, &GEMMA3, &QWEN2, &QWEN3];
+pub static ARCHS: &[&ArchSpec] = &[&LLAMA, &GEMMA3, &QWEN2, &QWEN3, &PHI3];
 
 /// The spec of `general.architecture` = `name`.
 pub fn find(name: &str) -> Option<&'static ArchSpec> {

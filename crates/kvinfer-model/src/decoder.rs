@@ -4,12 +4,13 @@
 //! ```text
 //! x = embed(tokens) [* sqrt(n_embd)]                          [n][n_embd]
 //! per layer:
-//!   q, k, v = Wq·norm(x) [+ bq], Wk·norm(x) [+ bk], Wv·norm(x) [+ bv]   (qkv_bias)
+//!   q, k, v = Wq·norm(x) [+ bq], Wk·norm(x) [+ bk], Wv·norm(x) [+ bv]   (qkv_bias;
+//!             or one Wqkv whose output rows are split: fused_qkv)
 //!   [q, k = rmsnorm(q), rmsnorm(k) per head]                  (qk_norm)
 //!   q, k = rope(q), rope(k)      (normal or NEOX pairs; linear scaling, rope_freqs factors)
 //!   h = Wo · attn(q, K, V)       (causal; the last `window` keys on sliding-window layers)
 //!   x += [rmsnorm](h)                                         (post_norms)
-//!   h = Wdown · (act(Wgate·norm(x)) * Wup·norm(x))            (SiLU or GELU)
+//!   h = Wdown · (act(Wgate·norm(x)) * Wup·norm(x))  (SiLU or GELU; fused_gate_up: one Wup)
 //!   x += [rmsnorm](h)
 //! logits = Wout · norm(x[last])                               [vocab]
 //! ```
@@ -27,11 +28,15 @@ use crate::weights::{load_vec, QMat};
 use crate::ModelError;
 use kvinfer_cache::KvStorage;
 
+/// The Q, K and V projections: three matrices, or one whose rows are Q's, K's, then V's.
+enum Qkv {
+    Split(QMat, QMat, QMat),
+    Fused(QMat),
+}
+
 struct Layer {
     attn_norm: Vec<f32>,
-    wq: QMat,
-    wk: QMat,
-    wv: QMat,
+    qkv: Qkv,
     /// Q, K and V biases (`qkv_bias`).
     qkv_bias: Option<[Vec<f32>; 3]>,
     /// Per-head RMSNorm weights of Q and K (`qk_norm`).
@@ -40,7 +45,8 @@ struct Layer {
     /// After attention and after the FFN (`post_norms`).
     post_norms: Option<(Vec<f32>, Vec<f32>)>,
     ffn_norm: Vec<f32>,
-    w_gate: QMat,
+    /// `None` when `w_up` holds the gate's rows and then the up projection's.
+    w_gate: Option<QMat>,
     w_up: QMat,
     w_down: QMat,
 }
@@ -80,9 +86,14 @@ impl Weights {
                 let bias = |s: &str, n: usize| load_vec(f, &format!("blk.{l}.{s}.bias"), n);
                 Ok(Layer {
                     attn_norm: load_vec(f, &p("attn_norm"), d)?,
-                    wq: QMat::load(f, &p("attn_q"), qd, d)?,
-                    wk: QMat::load(f, &p("attn_k"), kv, d)?,
-                    wv: QMat::load(f, &p("attn_v"), kv, d)?,
+                    qkv: match a.fused_qkv {
+                        true => Qkv::Fused(QMat::load(f, &p("attn_qkv"), qd + 2 * kv, d)?),
+                        false => Qkv::Split(
+                            QMat::load(f, &p("attn_q"), qd, d)?,
+                            QMat::load(f, &p("attn_k"), kv, d)?,
+                            QMat::load(f, &p("attn_v"), kv, d)?,
+                        ),
+                    },
                     qkv_bias: match a.qkv_bias {
                         true => Some([
                             bias("attn_q", qd)?,
@@ -95,8 +106,14 @@ impl Weights {
                     wo: QMat::load(f, &p("attn_output"), d, qd)?,
                     post_norms: pair(a.post_norms, "post_attention_norm", "post_ffw_norm", d)?,
                     ffn_norm: load_vec(f, &p("ffn_norm"), d)?,
-                    w_gate: QMat::load(f, &p("ffn_gate"), c.n_ff, d)?,
-                    w_up: QMat::load(f, &p("ffn_up"), c.n_ff, d)?,
+                    w_gate: match a.fused_gate_up {
+                        true => None,
+                        false => Some(QMat::load(f, &p("ffn_gate"), c.n_ff, d)?),
+                    },
+                    w_up: match a.fused_gate_up {
+                        true => QMat::load(f, &p("ffn_up"), 2 * c.n_ff, d)?,
+                        false => QMat::load(f, &p("ffn_up"), c.n_ff, d)?,
+                    },
                     w_down: QMat::load(f, &p("ffn_down"), d, c.n_ff)?,
                 })
             })
@@ -147,6 +164,8 @@ impl Weights {
         let mut att = vec![0f32; n * qd];
         let mut gate = vec![0f32; n * c.n_ff]; // [n][n_ff]
         let mut up = vec![0f32; n * c.n_ff];
+        // A fused matrix's output before it is split ([n][qd + 2 kvd] or [n][2 n_ff]).
+        let mut fused = Vec::new();
         for (l, w) in self.layers.iter().enumerate() {
             let window = c.layer_window(l);
             let base = match window {
@@ -157,9 +176,18 @@ impl Weights {
                 rmsnorm_into(&x, &w.attn_norm, c.rms_eps, &mut xb)
             });
             timed(Op::Qkv, || {
-                matmul(w.wq.view(f), &xb, n, &mut q);
-                matmul(w.wk.view(f), &xb, n, &mut k);
-                matmul(w.wv.view(f), &xb, n, &mut v);
+                match &w.qkv {
+                    Qkv::Split(wq, wk, wv) => {
+                        matmul(wq.view(f), &xb, n, &mut q);
+                        matmul(wk.view(f), &xb, n, &mut k);
+                        matmul(wv.view(f), &xb, n, &mut v);
+                    }
+                    Qkv::Fused(wqkv) => {
+                        fused.resize(n * (qd + 2 * kvd), 0.0);
+                        matmul(wqkv.view(f), &xb, n, &mut fused);
+                        split_rows(&fused, n, &mut [&mut q, &mut k, &mut v]);
+                    }
+                }
                 if let Some([bq, bk, bv]) = &w.qkv_bias {
                     add_rows(&mut q, bq);
                     add_rows(&mut k, bk);
@@ -204,9 +232,16 @@ impl Weights {
             timed(Op::Norm, || {
                 rmsnorm_into(&x, &w.ffn_norm, c.rms_eps, &mut xb)
             });
-            timed(Op::FfnGateUp, || {
-                matmul(w.w_gate.view(f), &xb, n, &mut gate);
-                matmul(w.w_up.view(f), &xb, n, &mut up);
+            timed(Op::FfnGateUp, || match &w.w_gate {
+                Some(wg) => {
+                    matmul(wg.view(f), &xb, n, &mut gate);
+                    matmul(w.w_up.view(f), &xb, n, &mut up);
+                }
+                None => {
+                    fused.resize(n * 2 * c.n_ff, 0.0);
+                    matmul(w.w_up.view(f), &xb, n, &mut fused);
+                    split_rows(&fused, n, &mut [&mut gate, &mut up]);
+                }
             });
             timed(Op::Act, || match a.act {
                 Act::Silu => swiglu(&mut gate, &up),
@@ -228,6 +263,20 @@ impl Weights {
                 every_row,
             )
         })
+    }
+}
+
+/// Splits each of the `n` rows of `src` (`[n][Σ w_i]`) into the rows of `parts` (`[n][w_i]`
+/// each), in order: a fused projection's outputs.
+fn split_rows(src: &[f32], n: usize, parts: &mut [&mut Vec<f32>]) {
+    debug_assert_eq!(src.len(), parts.iter().map(|p| p.len()).sum::<usize>());
+    let mut at = 0;
+    for t in 0..n {
+        for p in parts.iter_mut() {
+            let w = p.len() / n;
+            p[t * w..(t + 1) * w].copy_from_slice(&src[at..at + w]);
+            at += w;
+        }
     }
 }
 

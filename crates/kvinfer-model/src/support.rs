@@ -194,6 +194,14 @@ mod tests {
             },
             "blk.0.attn_v.bias",
         );
+        // Phi-3's 128k LongRoPE factors.
+        refused(
+            TinyArch::Phi3,
+            |w| {
+                w.tensor_f32("rope_factors_long.weight", &[16], &[1.0; 16]);
+            },
+            "rope_factors_long.weight",
+        );
         // RoPE frequency factors where the architecture has none.
         refused(
             Gemma3,

@@ -27,17 +27,21 @@ pub enum TinyArch {
     /// qwen3: per-head Q/K norms, NEOX RoPE; 4 heads of 32 / 2 KV heads over n_embd 64 (heads
     /// wider than the residual stream, as Qwen 3's are).
     Qwen3,
+    /// phi3: Q/K/V in one matrix, gate and up in one, NEOX RoPE, 2 heads of 32 (no GQA), a
+    /// sliding window in the metadata that is not applied (as llama.cpp), SentencePiece.
+    Phi3,
 }
 
 impl TinyArch {
     /// Every tiny model.
-    pub const ALL: [TinyArch; 6] = [
+    pub const ALL: [TinyArch; 7] = [
         TinyArch::Llama,
         TinyArch::Gemma3,
         TinyArch::LlamaHead32,
         TinyArch::Llama3,
         TinyArch::Qwen2,
         TinyArch::Qwen3,
+        TinyArch::Phi3,
     ];
 }
 
@@ -301,6 +305,7 @@ pub fn write_tiny_model_with(
         TinyArch::Gemma3 => ("gemma3", 6, 64, 128, 4, 1, 32),
         TinyArch::Qwen2 => ("qwen2", 2, 64, 128, 2, 1, 32),
         TinyArch::Qwen3 => ("qwen3", 2, 64, 128, 4, 2, 32),
+        TinyArch::Phi3 => ("phi3", 2, 64, 128, 2, 2, 32),
     };
     let key = |k: &str| format!("{name}.{k}");
     w.meta("general.architecture", s(name))
@@ -346,6 +351,11 @@ pub fn write_tiny_model_with(
                 .meta(&key("attention.sliding_window"), MetaValue::U32(8));
             spm_vocab(&mut w)
         }
+        TinyArch::Phi3 => {
+            w.meta(&key("rope.freq_base"), MetaValue::F32(10_000.0))
+                .meta(&key("attention.sliding_window"), MetaValue::U32(8));
+            spm_vocab(&mut w)
+        }
     };
     let mut mat = |w: &mut GgufWriter, name: &str, rows: usize, cols: usize, ty: GgmlType| {
         let x = rng.vec(rows * cols, 1.5 / (cols as f32).sqrt());
@@ -379,13 +389,21 @@ pub fn write_tiny_model_with(
     for l in 0..n_layers {
         let p = |t: &str| format!("blk.{l}.{t}.weight");
         norm(&mut w, &p("attn_norm"), n_embd);
-        mat(&mut w, &p("attn_q"), qd, n_embd, types[0]);
-        mat(&mut w, &p("attn_k"), kvd, n_embd, types[1]);
-        mat(&mut w, &p("attn_v"), kvd, n_embd, types[2]);
+        if arch == TinyArch::Phi3 {
+            mat(&mut w, &p("attn_qkv"), qd + 2 * kvd, n_embd, types[0]);
+        } else {
+            mat(&mut w, &p("attn_q"), qd, n_embd, types[0]);
+            mat(&mut w, &p("attn_k"), kvd, n_embd, types[1]);
+            mat(&mut w, &p("attn_v"), kvd, n_embd, types[2]);
+        }
         mat(&mut w, &p("attn_output"), n_embd, qd, types[3]);
         norm(&mut w, &p("ffn_norm"), n_embd);
-        mat(&mut w, &p("ffn_gate"), n_ff, n_embd, types[4]);
-        mat(&mut w, &p("ffn_up"), n_ff, n_embd, types[5]);
+        if arch == TinyArch::Phi3 {
+            mat(&mut w, &p("ffn_up"), 2 * n_ff, n_embd, types[5]);
+        } else {
+            mat(&mut w, &p("ffn_gate"), n_ff, n_embd, types[4]);
+            mat(&mut w, &p("ffn_up"), n_ff, n_embd, types[5]);
+        }
         mat(&mut w, &p("ffn_down"), n_embd, n_ff, types[6]);
         if matches!(arch, TinyArch::Gemma3 | TinyArch::Qwen3) {
             norm(&mut w, &p("attn_q_norm"), head_dim);
