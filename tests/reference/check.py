@@ -68,14 +68,17 @@ def rope(x: np.ndarray, pos: np.ndarray, base: float, neox: bool, freq_scale: fl
     return out
 
 
-def attention(q: np.ndarray, k: np.ndarray, v: np.ndarray, window) -> np.ndarray:
-    """q: [n, H, hd], k/v: [n, KV, hd]; causal, scale 1/sqrt(hd), grouped heads."""
+def attention(q: np.ndarray, k: np.ndarray, v: np.ndarray, window, scale: float, cap: float) -> np.ndarray:
+    """q: [n, H, hd], k/v: [n, KV, hd]; causal, grouped heads; scores times scale, then
+    cap * tanh(s / cap) when cap > 0."""
     n, H, hd = q.shape
     group = H // k.shape[1]
     out = np.zeros_like(q)
     for h in range(H):
         kh, vh = k[:, h // group], v[:, h // group]
-        s = (q[:, h] @ kh.T) / np.sqrt(hd)
+        s = (q[:, h] @ kh.T) * np.float32(scale)
+        if cap > 0:
+            s = cap * np.tanh(s / cap)
         for p in range(n):
             lo = 0 if window is None else max(0, p + 1 - window)
             row = s[p, lo : p + 1]
@@ -95,7 +98,7 @@ def gelu_tanh(x):
 def forward(path: Path, tokens: list[int]) -> np.ndarray:
     r = gguf.GGUFReader(path)
     arch = field(r, "general.architecture")
-    if arch not in ("llama", "qwen2", "qwen3", "gemma3", "phi3"):
+    if arch not in ("llama", "qwen2", "qwen3", "gemma3", "phi3", "gemma2"):
         raise SystemExit(f"no reference for architecture {arch}")
     md = lambda k, d=None: field(r, f"{arch}.{k}", d)  # noqa: E731
     W = weights(r)
@@ -116,8 +119,11 @@ def forward(path: Path, tokens: list[int]) -> np.ndarray:
     base = md("rope.freq_base", 10000.0)
     stype, factor = md("rope.scaling.type", "linear"), md("rope.scaling.factor", 0.0)
     freq_scale = 1.0 if stype == "none" or not factor else 1.0 / factor
-    neox = arch in ("qwen2", "qwen3", "gemma3", "phi3")
-    gemma = arch == "gemma3"
+    neox = arch in ("qwen2", "qwen3", "gemma3", "phi3", "gemma2")
+    gemma = arch in ("gemma2", "gemma3")
+    # gemma2: queries scaled before soft-capped scores (27B: by 1/sqrt(n_embd / n_head)).
+    attn_cap, final_cap = md("attn_logit_softcapping", 0.0), md("final_logit_softcapping", 0.0)
+    q_scale = 1.0 / np.sqrt(n_embd / n_head if arch == "gemma2" and n_layer == 46 else hd)
     factors = opt("rope_freqs.weight") if arch == "llama" else None
 
     n = len(tokens)
@@ -139,11 +145,14 @@ def forward(path: Path, tokens: list[int]) -> np.ndarray:
         if arch in ("qwen3", "gemma3"):
             q, k = rmsnorm(q, w(p("attn_q_norm")), eps), rmsnorm(k, w(p("attn_k_norm")), eps)
         base_l, window = base, None
-        if gemma and l % 6 != 5:
+        if arch == "gemma3" and l % 6 != 5:
             base_l, window = md("rope.freq_base_swa", 10000.0), md("attention.sliding_window")
+        if arch == "gemma2" and l % 2 == 0:
+            window = md("attention.sliding_window")
         q = rope(q, pos, base_l, neox, freq_scale, factors)
         k = rope(k, pos, base_l, neox, freq_scale, factors)
-        o = attention(q, k, v, window).reshape(n, n_head * hd) @ w(p("attn_output")).T
+        o = attention(q, k, v, window, q_scale, attn_cap if arch == "gemma2" else 0.0)
+        o = o.reshape(n, n_head * hd) @ w(p("attn_output")).T
         if gemma:
             o = rmsnorm(o, w(p("post_attention_norm")), eps)
         x = x + o
@@ -160,6 +169,8 @@ def forward(path: Path, tokens: list[int]) -> np.ndarray:
     x = rmsnorm(x, w("output_norm.weight"), eps)
     out = opt("output.weight")
     logits = x @ (out if out is not None else W["token_embd.weight"]).T
+    if arch == "gemma2" and final_cap > 0:
+        logits = final_cap * np.tanh(logits / final_cap)
     unused = sorted(set(W) - used)
     if unused:
         raise SystemExit(f"{path.name}: the reference did not use {unused}")

@@ -56,6 +56,7 @@ fn cases() -> Vec<(TinyArch, KvDtype)> {
         TinyArch::Qwen2,
         TinyArch::Qwen3,
         TinyArch::Phi3,
+        TinyArch::Gemma2,
     ] {
         v.push((arch, KvDtype::F16));
         v.push((arch, KvDtype::Q8_0));

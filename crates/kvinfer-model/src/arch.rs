@@ -25,7 +25,8 @@ pub enum WindowRule {
     /// None: the architecture has no sliding window (the metadata key is refused).
     None,
     /// Every layer but each `period`-th (layer `% period == period - 1` is global): Gemma 3's
-    /// five local layers per global one.
+    /// five local layers per global one (llama.cpp's `set_swa_pattern(6)`), Gemma 2's
+    /// alternation (2).
     AllButEvery(usize),
 }
 
@@ -60,6 +61,11 @@ pub struct ArchSpec {
     /// RoPE base of the sliding-window layers when the file names none
     /// (`rope.freq_base_swa`; llama.cpp's default for gemma3 is 10000).
     pub rope_base_swa: Option<f32>,
+    /// Soft-capping (`attn_logit_softcapping`, `final_logit_softcapping`): attention scores
+    /// and logits through `cap * tanh(x / cap)`; queries are then scaled before the scores
+    /// (by `1 / sqrt(head_dim)`; Gemma 2 27B: `1 / sqrt(n_embd / n_heads)`), as llama.cpp's
+    /// gemma2 graph does.
+    pub softcap: bool,
     /// The chat template used when the file carries none.
     pub builtin_template: Option<&'static str>,
     /// `{arch}.*` metadata keys this architecture reads beyond the common ones
@@ -103,6 +109,7 @@ pub static LLAMA: ArchSpec = ArchSpec {
     embd_scale: false,
     window: WindowRule::None,
     rope_base_swa: None,
+    softcap: false,
     builtin_template: None,
     extra_keys: &[],
 };
@@ -125,6 +132,7 @@ pub static GEMMA3: ArchSpec = ArchSpec {
     embd_scale: true,
     window: WindowRule::AllButEvery(6),
     rope_base_swa: Some(10_000.0),
+    softcap: false,
     builtin_template: Some(crate::chat::GEMMA3_TEMPLATE),
     extra_keys: &["attention.sliding_window", "rope.freq_base_swa"],
 };
@@ -144,6 +152,7 @@ pub static QWEN2: ArchSpec = ArchSpec {
     embd_scale: false,
     window: WindowRule::None,
     rope_base_swa: None,
+    softcap: false,
     builtin_template: None,
     extra_keys: &[],
 };
@@ -163,6 +172,7 @@ pub static QWEN3: ArchSpec = ArchSpec {
     embd_scale: false,
     window: WindowRule::None,
     rope_base_swa: None,
+    softcap: false,
     builtin_template: None,
     extra_keys: &[],
 };
@@ -184,12 +194,38 @@ pub static PHI3: ArchSpec = ArchSpec {
     embd_scale: false,
     window: WindowRule::None,
     rope_base_swa: None,
+    softcap: false,
     builtin_template: None,
     extra_keys: &["attention.sliding_window"],
 };
 
+/// Gemma 2 (Gemma Team 2024, arXiv:2408.00118): Gemma 3 without Q/K norms, with soft-capped
+/// attention scores and logits, and every other layer (the even ones) in a sliding window
+/// (llama.cpp's `gemma2` graph, without flash attention).
+pub static GEMMA2: ArchSpec = ArchSpec {
+    name: "gemma2",
+    rope: RopeStyle::Neox,
+    qkv_bias: false,
+    rope_freqs: false,
+    fused_qkv: false,
+    fused_gate_up: false,
+    qk_norm: false,
+    post_norms: true,
+    act: Act::GeluTanh,
+    embd_scale: true,
+    window: WindowRule::AllButEvery(2),
+    rope_base_swa: None,
+    softcap: true,
+    builtin_template: Some(crate::chat::GEMMA3_TEMPLATE),
+    extra_keys: &[
+        "attention.sliding_window",
+        "attn_logit_softcapping",
+        "final_logit_softcapping",
+    ],
+};
+
 /// Every architecture kvinfer runs.
-pub static ARCHS: &[&ArchSpec] = &[&LLAMA, &GEMMA3, &QWEN2, &QWEN3, &PHI3];
+pub static ARCHS: &[&ArchSpec] = &[&LLAMA, &GEMMA3, &QWEN2, &QWEN3, &PHI3, &GEMMA2];
 
 /// The spec of `general.architecture` = `name`.
 pub fn find(name: &str) -> Option<&'static ArchSpec> {

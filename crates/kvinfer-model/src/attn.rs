@@ -677,24 +677,23 @@ fn scores_span(
 }
 
 /// Softmax of each query's scores (`scores`: exactly `[nq][n_keys]`, over keys `lo..`) over
-/// its range.
+/// its range, soft-capped first when `softcap` is set.
 #[inline(always)]
 fn softmax_rows(
     level: SimdLevel,
     scores: &mut [f32],
     lo: usize,
     ranges: &[(usize, usize)],
-    scale: f32,
+    (scale, softcap): (f32, Option<f32>),
     half: &mut Vec<f16>,
 ) {
     let n_keys = scores.len() / ranges.len().max(1);
     for (i, &(f, e)) in ranges.iter().enumerate() {
-        softmax(
-            level,
-            &mut scores[i * n_keys + f - lo..i * n_keys + e - lo],
-            scale,
-            half,
-        );
+        let row = &mut scores[i * n_keys + f - lo..i * n_keys + e - lo];
+        if let Some(cap) = softcap {
+            crate::layers::softcap(row, cap);
+        }
+        softmax(level, row, scale, half);
     }
 }
 
@@ -854,7 +853,7 @@ fn task(
         &mut sc.scores[..n],
         lo,
         &ranges,
-        shape.scale,
+        (shape.scale, shape.softcap),
         &mut sc.half,
     );
     values_span(
@@ -908,7 +907,8 @@ at_level!(scores_span_at => scores_span(
     sc: &mut Scratch, v: View<'_>, lo: usize, hi: usize, ranges: &[(usize, usize)]
 ));
 at_level!(softmax_rows_at => softmax_rows(
-    scores: &mut [f32], lo: usize, ranges: &[(usize, usize)], scale: f32, half: &mut Vec<f16>
+    scores: &mut [f32], lo: usize, ranges: &[(usize, usize)], scale: (f32, Option<f32>),
+    half: &mut Vec<f16>
 ));
 at_level!(values_span_at => values_span(
     vt: &mut Vec<f32>, o: &mut Vec<f32>, scores: &[f32], v: View<'_>, lo: usize, hi: usize,
@@ -1012,7 +1012,7 @@ fn tasks_split(
             &mut s.scores,
             s.lo,
             &s.ranges,
-            shape.scale,
+            (shape.scale, shape.softcap),
             &mut sc0.half,
         );
     }
@@ -1097,6 +1097,7 @@ mod tests {
             head_dim: hd,
             scale: 1.0 / (hd as f32).sqrt(),
             window,
+            softcap: None,
         };
         let w = n_heads * hd;
         let q: Vec<f32> = (0..n * w).map(|_| rng.random_range(-2.0..2.0)).collect();

@@ -34,6 +34,14 @@ pub struct ModelConfig {
     /// RoPE angles times this: `1 / rope.scaling.factor` under linear scaling (llama.cpp's
     /// `rope_freq_scale`), else 1.
     pub rope_freq_scale: f32,
+    /// Attention scores soft-capped at this (Gemma 2), queries then pre-scaled by
+    /// `query_scale`.
+    pub attn_softcap: Option<f32>,
+    /// Logits soft-capped at this (Gemma 2).
+    pub final_softcap: Option<f32>,
+    /// What queries are multiplied by before their scores: `1 / sqrt(head_dim)` (Gemma 2 27B:
+    /// `1 / sqrt(n_embd / n_heads)`, as llama.cpp).
+    pub query_scale: f32,
     /// Sliding window in tokens, for layers where [`ModelConfig::layer_window`] is `Some`.
     pub sliding_window: Option<usize>,
 }
@@ -73,6 +81,7 @@ impl ModelConfig {
                 .unwrap_or(0),
         };
         let rope_base = f.get_f32(&key("rope.freq_base")).unwrap_or(10_000.0);
+        let cap = |k: &str| f.get_f32(&key(k)).filter(|&c| arch.softcap && c > 0.0);
         // As llama.cpp: the factor (or its old name) applies unless the type is `none`; a file
         // without a type scales linearly. YaRN and the rest are not implemented.
         let factor = f
@@ -106,6 +115,13 @@ impl ModelConfig {
                 .unwrap_or(1e-5),
             rope_base,
             rope_freq_scale,
+            attn_softcap: cap("attn_logit_softcapping"),
+            final_softcap: cap("final_logit_softcapping"),
+            query_scale: if arch.softcap && need("block_count")? == 46 {
+                1.0 / ((n_embd / n_heads) as f32).sqrt()
+            } else {
+                1.0 / (head_dim as f32).sqrt()
+            },
             // gemma3 files carry no SWA base; llama.cpp uses 10000 for its local layers.
             rope_base_swa: f
                 .get_f32(&key("rope.freq_base_swa"))

@@ -8,11 +8,12 @@
 //!             or one Wqkv whose output rows are split: fused_qkv)
 //!   [q, k = rmsnorm(q), rmsnorm(k) per head]                  (qk_norm)
 //!   q, k = rope(q), rope(k)      (normal or NEOX pairs; linear scaling, rope_freqs factors)
-//!   h = Wo · attn(q, K, V)       (causal; the last `window` keys on sliding-window layers)
+//!   h = Wo · attn(q, K, V)       (causal; the last `window` keys on sliding-window layers;
+//!                                 softcap: q pre-scaled, scores cap * tanh(s / cap))
 //!   x += [rmsnorm](h)                                         (post_norms)
 //!   h = Wdown · (act(Wgate·norm(x)) * Wup·norm(x))  (SiLU or GELU; fused_gate_up: one Wup)
 //!   x += [rmsnorm](h)
-//! logits = Wout · norm(x[last])                               [vocab]
+//! logits = Wout · norm(x[last])  [softcap: cap * tanh(logits / cap)]   [vocab]
 //! ```
 
 use crate::arch::{Act, ArchSpec};
@@ -20,8 +21,8 @@ use crate::config::ModelConfig;
 use crate::gguf::GgufFile;
 use crate::kernels::matmul;
 use crate::layers::{
-    attention, geglu, lm_head, rmsnorm, rmsnorm_into, rope_spans, store_kv, swiglu, AttnShape,
-    KvSpans, Rope,
+    attention, geglu, lm_head, rmsnorm, rmsnorm_into, rope_spans, softcap, store_kv, swiglu,
+    AttnShape, KvSpans, Rope,
 };
 use crate::profile::{timed, Op};
 use crate::weights::{load_vec, QMat};
@@ -210,6 +211,10 @@ impl Weights {
                 };
                 rope_spans(&mut q, rows, c.n_heads, c.head_dim, &rope);
                 rope_spans(&mut k, rows, c.n_kv_heads, c.head_dim, &rope);
+                if a.softcap {
+                    // Soft-capped scores are of pre-scaled queries (llama.cpp's gemma2).
+                    q.iter_mut().for_each(|v| *v *= c.query_scale);
+                }
             });
             let (slot, layer_spans) = spans.layer(l);
             timed(Op::KvStore, || store_kv(kv, slot, layer_spans, &k, &v));
@@ -217,8 +222,9 @@ impl Weights {
                 n_heads: c.n_heads,
                 n_kv_heads: c.n_kv_heads,
                 head_dim: c.head_dim,
-                scale: 1.0 / (c.head_dim as f32).sqrt(),
+                scale: if a.softcap { 1.0 } else { c.query_scale },
                 window,
+                softcap: c.attn_softcap,
             };
             timed(Op::Attention, || {
                 attention(&q, kv, slot, layer_spans, shape, &mut att)
@@ -254,14 +260,18 @@ impl Weights {
             timed(Op::Residual, || add(&mut x, &xb));
         }
         timed(Op::Output, || {
-            lm_head(
+            let mut logits = lm_head(
                 &x,
                 spans.rows(),
                 &self.output_norm,
                 c.rms_eps,
                 self.output.view(f),
                 every_row,
-            )
+            );
+            if let Some(cap) = c.final_softcap {
+                logits.iter_mut().for_each(|l| softcap(l, cap));
+            }
+            logits
         })
     }
 }

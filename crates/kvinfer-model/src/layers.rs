@@ -250,6 +250,18 @@ pub struct AttnShape {
     pub scale: f32,
     /// Sliding window: key `j` is visible to query `i` only when `i - j < window`.
     pub window: Option<usize>,
+    /// Scores soft-capped before the softmax, `cap * tanh(s / cap)` (Gemma 2's
+    /// `attn_logit_softcapping`; then `scale` is 1 and the queries come pre-scaled).
+    pub softcap: Option<f32>,
+}
+
+/// `x = cap * tanh(x * (1 / cap))` element-wise, as ggml's scale, tanh, scale (soft-capping of
+/// attention scores and of logits). Scalar, so the same bits at every SIMD level.
+pub fn softcap(x: &mut [f32], cap: f32) {
+    let inv = 1.0 / cap;
+    for v in x {
+        *v = (*v * inv).tanh() * cap;
+    }
 }
 
 /// One sequence's rows in a batched forward pass.
@@ -340,6 +352,7 @@ pub fn attention(
         head_dim,
         scale,
         window,
+        softcap: cap,
     } = shape;
     if kv.layout().dtype == KvDtype::F16 {
         return crate::attn::attention_f16(crate::kernels::simd(), q, kv, layer, spans, shape, out);
@@ -382,6 +395,9 @@ pub fn attention(
                     let out = &mut scores[at..at + slots.len()];
                     let keys = kv.rows_bytes(blocks[bi], layer, false, kvh);
                     kv_quant::dot_kv_rows(dtype, kq, &keys[slots.start * rb..], head_dim, out);
+                }
+                if let Some(cap) = cap {
+                    softcap(scores, cap);
                 }
                 let max = scores
                     .iter()
@@ -586,6 +602,7 @@ mod tests {
             head_dim: 4,
             scale: 0.5,
             window: None,
+            softcap: None,
         };
         let (kv, blocks) = cache(&[1.0, 0.0, 0.0, 0.0], &[1.0, 2.0, 3.0, 4.0], 1, 4);
         let spans = [SeqSpan {
@@ -608,6 +625,7 @@ mod tests {
             head_dim: 2,
             scale: 1.0,
             window: Some(1),
+            softcap: None,
         };
         let (kv, blocks) = cache(&[1.0, 0.0, 1.0, 0.0], &[5.0, 5.0, 7.0, 9.0], 1, 2);
         let spans = [SeqSpan {

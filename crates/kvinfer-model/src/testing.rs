@@ -30,11 +30,14 @@ pub enum TinyArch {
     /// phi3: Q/K/V in one matrix, gate and up in one, NEOX RoPE, 2 heads of 32 (no GQA), a
     /// sliding window in the metadata that is not applied (as llama.cpp), SentencePiece.
     Phi3,
+    /// gemma2: soft-capped attention scores (cap 2) and logits (cap 8), even layers in a
+    /// sliding window of 8, post-norms, GELU; 4 layers, 4 heads of 32 / 2 KV heads.
+    Gemma2,
 }
 
 impl TinyArch {
     /// Every tiny model.
-    pub const ALL: [TinyArch; 7] = [
+    pub const ALL: [TinyArch; 8] = [
         TinyArch::Llama,
         TinyArch::Gemma3,
         TinyArch::LlamaHead32,
@@ -42,6 +45,7 @@ impl TinyArch {
         TinyArch::Qwen2,
         TinyArch::Qwen3,
         TinyArch::Phi3,
+        TinyArch::Gemma2,
     ];
 }
 
@@ -306,6 +310,7 @@ pub fn write_tiny_model_with(
         TinyArch::Qwen2 => ("qwen2", 2, 64, 128, 2, 1, 32),
         TinyArch::Qwen3 => ("qwen3", 2, 64, 128, 4, 2, 32),
         TinyArch::Phi3 => ("phi3", 2, 64, 128, 2, 2, 32),
+        TinyArch::Gemma2 => ("gemma2", 4, 64, 128, 4, 2, 32),
     };
     let key = |k: &str| format!("{name}.{k}");
     w.meta("general.architecture", s(name))
@@ -351,6 +356,13 @@ pub fn write_tiny_model_with(
                 .meta(&key("attention.sliding_window"), MetaValue::U32(8));
             spm_vocab(&mut w)
         }
+        TinyArch::Gemma2 => {
+            w.meta(&key("rope.freq_base"), MetaValue::F32(10_000.0))
+                .meta(&key("attention.sliding_window"), MetaValue::U32(8))
+                .meta(&key("attn_logit_softcapping"), MetaValue::F32(2.0))
+                .meta(&key("final_logit_softcapping"), MetaValue::F32(8.0));
+            spm_vocab(&mut w)
+        }
         TinyArch::Phi3 => {
             w.meta(&key("rope.freq_base"), MetaValue::F32(10_000.0))
                 .meta(&key("attention.sliding_window"), MetaValue::U32(8));
@@ -363,7 +375,18 @@ pub fn write_tiny_model_with(
     };
     let (qd, kvd) = (n_heads * head_dim, n_kv * head_dim);
     mat(&mut w, "token_embd.weight", vocab, n_embd, GgmlType::Q8_0);
-    if arch != TinyArch::Gemma3 {
+    if arch == TinyArch::Gemma2 {
+        // Logits 4x larger, so top-1 margins stand well above rounding (and the cap of 8
+        // bends them); its own generator, so the other tensors are unchanged.
+        let x = Rng(seed ^ 0x6E6D).vec(vocab * n_embd, 6.0 / (n_embd as f32).sqrt());
+        let q = quantize(GgmlType::Q8_0, &x);
+        w.tensor(
+            "output.weight",
+            &[n_embd as u64, vocab as u64],
+            GgmlType::Q8_0,
+            q,
+        );
+    } else if arch != TinyArch::Gemma3 {
         // Untied output (gemma3 keeps the tied path covered). Random tied embeddings make greedy
         // decoding repeat the last token forever, which would hide bugs.
         mat(&mut w, "output.weight", vocab, n_embd, GgmlType::Q8_0);
@@ -409,7 +432,7 @@ pub fn write_tiny_model_with(
             norm(&mut w, &p("attn_q_norm"), head_dim);
             norm(&mut w, &p("attn_k_norm"), head_dim);
         }
-        if arch == TinyArch::Gemma3 {
+        if matches!(arch, TinyArch::Gemma3 | TinyArch::Gemma2) {
             norm(&mut w, &p("post_attention_norm"), n_embd);
             norm(&mut w, &p("post_ffw_norm"), n_embd);
         }
