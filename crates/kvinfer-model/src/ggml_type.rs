@@ -46,6 +46,16 @@ impl GgmlType {
         })
     }
 
+    /// The weight types kvinfer runs, in id order, for messages ("F32, F16, ...").
+    pub fn weight_type_names() -> String {
+        (0..64u32)
+            .filter_map(Self::from_id)
+            .filter(|t| *t != Self::Q8_K)
+            .filter_map(|t| Self::id_name(t as u32))
+            .collect::<Vec<_>>()
+            .join(", ")
+    }
+
     /// ggml's name for a type id, known to kvinfer or not (`"Q5_K"`, `"IQ4_XS"`), for errors.
     pub fn id_name(id: u32) -> Option<&'static str> {
         const NAMES: [&str; 40] = [

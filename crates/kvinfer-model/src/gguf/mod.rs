@@ -66,8 +66,9 @@ pub enum GgufError {
     /// A tensor uses a type kvinfer does not implement.
     #[error(
         "tensor {name} has type {} (ggml type id {type_id}), which kvinfer does not support \
-         (it runs F32, F16, BF16, Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q4_K, Q6_K)",
-        GgmlType::id_name(*type_id).unwrap_or("unknown")
+         (it runs {})",
+        GgmlType::id_name(*type_id).unwrap_or("unknown"),
+        GgmlType::weight_type_names()
     )]
     UnsupportedTensorType {
         /// The tensor.

@@ -101,6 +101,8 @@ fn bad_magic_version_and_types() {
             .err()
             .unwrap();
         assert!(e.to_string().contains(&format!("type {name} ")), "{e}");
+        // The types it does run, from the one list.
+        assert!(e.to_string().contains("Q4_K, Q5_K, Q6_K, BF16)"), "{e}");
     }
 
     let mut bytes = sample().to_bytes();
