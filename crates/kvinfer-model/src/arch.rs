@@ -94,13 +94,13 @@ impl PartialEq for ArchSpec {
     }
 }
 
-/// LLaMA and its descendants (SmolLM2, ...): RMSNorm, RoPE (normal), SwiGLU FFN. Touvron et
-/// al. 2023, arXiv:2302.13971.
-pub static LLAMA: ArchSpec = ArchSpec {
-    name: "llama",
+/// The plain decoder every spec starts from (`..PLAIN`): llama's graph without its optional
+/// RoPE factors. Each architecture below names only what differs.
+const PLAIN: ArchSpec = ArchSpec {
+    name: "",
     rope: RopeStyle::Normal,
     qkv_bias: false,
-    rope_freqs: true,
+    rope_freqs: false,
     fused_qkv: false,
     fused_gate_up: false,
     qk_norm: false,
@@ -112,6 +112,14 @@ pub static LLAMA: ArchSpec = ArchSpec {
     softcap: false,
     builtin_template: None,
     extra_keys: &[],
+};
+
+/// LLaMA and its descendants (SmolLM2, ...): RMSNorm, RoPE (normal), SwiGLU FFN. Touvron et
+/// al. 2023, arXiv:2302.13971. Llama 3.1+ files add RoPE frequency factors.
+pub static LLAMA: ArchSpec = ArchSpec {
+    name: "llama",
+    rope_freqs: true,
+    ..PLAIN
 };
 
 /// Gemma 3 (Gemma Team 2025, arXiv:2503.19786): embeddings scaled by sqrt(n_embd); RMSNorm on
@@ -122,19 +130,15 @@ pub static LLAMA: ArchSpec = ArchSpec {
 pub static GEMMA3: ArchSpec = ArchSpec {
     name: "gemma3",
     rope: RopeStyle::Neox,
-    qkv_bias: false,
-    rope_freqs: false,
-    fused_qkv: false,
-    fused_gate_up: false,
     qk_norm: true,
     post_norms: true,
     act: Act::GeluTanh,
     embd_scale: true,
     window: WindowRule::AllButEvery(6),
     rope_base_swa: Some(10_000.0),
-    softcap: false,
     builtin_template: Some(crate::chat::GEMMA3_TEMPLATE),
     extra_keys: &["attention.sliding_window", "rope.freq_base_swa"],
+    ..PLAIN
 };
 
 /// Qwen 2 / 2.5 (and DeepSeek-R1-Distill-Qwen): llama with biases on Q, K and V and NEOX
@@ -143,18 +147,7 @@ pub static QWEN2: ArchSpec = ArchSpec {
     name: "qwen2",
     rope: RopeStyle::Neox,
     qkv_bias: true,
-    rope_freqs: false,
-    fused_qkv: false,
-    fused_gate_up: false,
-    qk_norm: false,
-    post_norms: false,
-    act: Act::Silu,
-    embd_scale: false,
-    window: WindowRule::None,
-    rope_base_swa: None,
-    softcap: false,
-    builtin_template: None,
-    extra_keys: &[],
+    ..PLAIN
 };
 
 /// Qwen 3 (dense): llama with an RMSNorm on each query and key head before RoPE, no biases,
@@ -162,19 +155,8 @@ pub static QWEN2: ArchSpec = ArchSpec {
 pub static QWEN3: ArchSpec = ArchSpec {
     name: "qwen3",
     rope: RopeStyle::Neox,
-    qkv_bias: false,
-    rope_freqs: false,
-    fused_qkv: false,
-    fused_gate_up: false,
     qk_norm: true,
-    post_norms: false,
-    act: Act::Silu,
-    embd_scale: false,
-    window: WindowRule::None,
-    rope_base_swa: None,
-    softcap: false,
-    builtin_template: None,
-    extra_keys: &[],
+    ..PLAIN
 };
 
 /// Phi-3 / Phi-3.5 (mini, medium; not their 128k LongRoPE variants, whose
@@ -184,19 +166,10 @@ pub static QWEN3: ArchSpec = ArchSpec {
 pub static PHI3: ArchSpec = ArchSpec {
     name: "phi3",
     rope: RopeStyle::Neox,
-    qkv_bias: false,
-    rope_freqs: false,
     fused_qkv: true,
     fused_gate_up: true,
-    qk_norm: false,
-    post_norms: false,
-    act: Act::Silu,
-    embd_scale: false,
-    window: WindowRule::None,
-    rope_base_swa: None,
-    softcap: false,
-    builtin_template: None,
     extra_keys: &["attention.sliding_window"],
+    ..PLAIN
 };
 
 /// Gemma 2 (Gemma Team 2024, arXiv:2408.00118): Gemma 3 without Q/K norms, with soft-capped
@@ -205,16 +178,10 @@ pub static PHI3: ArchSpec = ArchSpec {
 pub static GEMMA2: ArchSpec = ArchSpec {
     name: "gemma2",
     rope: RopeStyle::Neox,
-    qkv_bias: false,
-    rope_freqs: false,
-    fused_qkv: false,
-    fused_gate_up: false,
-    qk_norm: false,
     post_norms: true,
     act: Act::GeluTanh,
     embd_scale: true,
     window: WindowRule::AllButEvery(2),
-    rope_base_swa: None,
     softcap: true,
     builtin_template: Some(crate::chat::GEMMA3_TEMPLATE),
     extra_keys: &[
@@ -222,6 +189,7 @@ pub static GEMMA2: ArchSpec = ArchSpec {
         "attn_logit_softcapping",
         "final_logit_softcapping",
     ],
+    ..PLAIN
 };
 
 /// Every architecture kvinfer runs.

@@ -91,7 +91,7 @@ pub fn dequantize_row_scalar(ty: GgmlType, src: &[u8], dst: &mut [f32]) {
                 .chunks_exact(ty.type_size())
                 .zip(dst.chunks_exact_mut(QK_K))
             {
-                dequant_block_q4_k(b, y);
+                dequant_block_q45_k(b, y, false);
             }
         }
         GgmlType::Q5_K => {
@@ -99,7 +99,7 @@ pub fn dequantize_row_scalar(ty: GgmlType, src: &[u8], dst: &mut [f32]) {
                 .chunks_exact(ty.type_size())
                 .zip(dst.chunks_exact_mut(QK_K))
             {
-                dequant_block_q5_k(b, y);
+                dequant_block_q45_k(b, y, true);
             }
         }
         GgmlType::Q6_K => {
@@ -187,30 +187,18 @@ fn dequant_block_32(ty: GgmlType, b: &[u8], y: &mut [f32]) {
     }
 }
 
-fn dequant_block_q4_k(b: &[u8], y: &mut [f32]) {
+/// ggml's `dequantize_row_q4_K` (`five` false) / `dequantize_row_q5_K`: per pair of 32-weight
+/// sub-blocks, the low and high nibbles of 32 bytes, Q5_K or-ing in a fifth bit from `qh`
+/// (bit `2j` / `2j + 1` of byte `l`).
+fn dequant_block_q45_k(b: &[u8], y: &mut [f32], five: bool) {
     let d = f16_at(b, 0);
     let dmin = f16_at(b, 2);
     let scales = &b[4..16];
-    let qs = &b[16..144];
-    for (j, (q, y)) in qs.chunks_exact(32).zip(y.chunks_exact_mut(64)).enumerate() {
-        let (sc1, m1) = scale_min_k4(2 * j, scales);
-        let (sc2, m2) = scale_min_k4(2 * j + 1, scales);
-        let (d1, m1) = (d * sc1 as f32, dmin * m1 as f32);
-        let (d2, m2) = (d * sc2 as f32, dmin * m2 as f32);
-        for l in 0..32 {
-            y[l] = d1 * (q[l] & 0xF) as f32 - m1;
-            y[l + 32] = d2 * (q[l] >> 4) as f32 - m2;
-        }
-    }
-}
-
-/// ggml's `dequantize_row_q5_K`: Q4_K's nibbles plus a fifth bit from `qh`.
-fn dequant_block_q5_k(b: &[u8], y: &mut [f32]) {
-    let d = f16_at(b, 0);
-    let dmin = f16_at(b, 2);
-    let scales = &b[4..16];
-    let qh = &b[16..48];
-    let qs = &b[48..176];
+    let (qh, qs) = if five {
+        (&b[16..48], &b[48..176])
+    } else {
+        (&[0u8; 32][..], &b[16..144])
+    };
     for (j, (q, y)) in qs.chunks_exact(32).zip(y.chunks_exact_mut(64)).enumerate() {
         let (sc1, m1) = scale_min_k4(2 * j, scales);
         let (sc2, m2) = scale_min_k4(2 * j + 1, scales);
@@ -428,44 +416,32 @@ pub fn dot_q8_scalar(ty: GgmlType, row: &[u8], qs: &[i8], d: &[f32], s: &[f32]) 
 
 /// Dot of a Q4_K row with Q8_K activations.
 pub fn dot_q4_k_scalar(row: &[u8], act: &[BlockQ8K]) -> f32 {
-    let mut sum = 0.0f32;
-    for (b, y) in row.chunks_exact(GgmlType::Q4_K.type_size()).zip(act) {
-        let (d, dmin) = (f16_at(b, 0) * y.d, f16_at(b, 2) * y.d);
-        let scales = &b[4..16];
-        let (mut isum, mut msum) = (0i32, 0i32);
-        for j in 0..8 {
-            let (sc, m) = scale_min_k4(j, scales);
-            let q = &b[16 + 32 * (j / 2)..16 + 32 * (j / 2) + 32];
-            let ys = &y.qs[32 * j..32 * j + 32];
-            let dot: i32 = q
-                .iter()
-                .zip(ys)
-                .map(|(&q, &yv)| (if j % 2 == 0 { q & 0xF } else { q >> 4 }) as i32 * yv as i32)
-                .sum();
-            isum += sc as i32 * dot;
-            msum += m as i32 * (y.bsums[2 * j] as i32 + y.bsums[2 * j + 1] as i32);
-        }
-        sum += d * isum as f32 - dmin * msum as f32;
-    }
-    sum
+    dot_q45_k_scalar(row, act, false)
 }
 
-/// Dot of a Q5_K row with Q8_K activations (as [`dot_q4_k_scalar`], 5-bit quants).
+/// Dot of a Q5_K row with Q8_K activations.
 pub fn dot_q5_k_scalar(row: &[u8], act: &[BlockQ8K]) -> f32 {
+    dot_q45_k_scalar(row, act, true)
+}
+
+/// Q4_K / Q5_K (`five`) . Q8_K: exact integer sums per block, then `d * isum - dmin * msum`.
+fn dot_q45_k_scalar(row: &[u8], act: &[BlockQ8K], five: bool) -> f32 {
+    let ty = if five { GgmlType::Q5_K } else { GgmlType::Q4_K };
+    let qs_at = if five { 48 } else { 16 };
     let mut sum = 0.0f32;
-    for (b, y) in row.chunks_exact(GgmlType::Q5_K.type_size()).zip(act) {
+    for (b, y) in row.chunks_exact(ty.type_size()).zip(act) {
         let (d, dmin) = (f16_at(b, 0) * y.d, f16_at(b, 2) * y.d);
         let scales = &b[4..16];
-        let qh = &b[16..48];
         let (mut isum, mut msum) = (0i32, 0i32);
         for j in 0..8 {
             let (sc, m) = scale_min_k4(j, scales);
-            let q = &b[48 + 32 * (j / 2)..48 + 32 * (j / 2) + 32];
+            let q = &b[qs_at + 32 * (j / 2)..qs_at + 32 * (j / 2) + 32];
             let ys = &y.qs[32 * j..32 * j + 32];
             let dot: i32 = (0..32)
                 .map(|l| {
                     let lo = if j % 2 == 0 { q[l] & 0xF } else { q[l] >> 4 };
-                    (lo | ((qh[l] >> j) & 1) << 4) as i32 * ys[l] as i32
+                    let hi = if five { ((b[16 + l] >> j) & 1) << 4 } else { 0 };
+                    (lo | hi) as i32 * ys[l] as i32
                 })
                 .sum();
             isum += sc as i32 * dot;
