@@ -5,7 +5,7 @@
 //! formats and the scalar reference every SIMD kernel is tested against (`tests.rs`).
 //!
 //! Quantized matmuls follow llama.cpp: activations are quantized to 8 bits per call (blocks of
-//! 32 for Q4_0/Q4_1/Q5_0/Q5_1/Q8_0 weights, Q8_K super-blocks for Q4_K/Q6_K), the dot products
+//! 32 for Q4_0/Q4_1/Q5_0/Q5_1/Q8_0 weights, Q8_K super-blocks for Q4_K/Q5_K/Q6_K), the dot products
 //! are integer (`maddubs` / VNNI `dpbusd`), scaled per block in f32. Results therefore differ
 //! from an f32 matmul by the activation rounding (~1e-2 relative), as in llama.cpp.
 
