@@ -597,6 +597,32 @@ fn fill_queries(
     round_f16(level, &mut sc.q, &mut sc.half);
 }
 
+/// A task's start, the same for a whole task and a split one: its queries into `sc.q`, their
+/// key ranges into `ranges`; returns where it reads and its keys `lo..=hi`.
+#[allow(clippy::too_many_arguments)]
+#[inline(always)]
+fn prepare<'a>(
+    level: SimdLevel,
+    sc: &mut Scratch,
+    t: &Task,
+    span: &'a SeqSpan<'a>,
+    q: &[f32],
+    (kv, layer): (&'a KvStorage, usize),
+    shape: AttnShape,
+    ranges: &mut Vec<(usize, usize)>,
+) -> (View<'a>, usize, usize) {
+    fill_queries(level, sc, t, span, q, shape, ranges);
+    let (lo, hi) = (ranges[0].0, ranges[ranges.len() - 1].1 - 1);
+    let v = View {
+        span,
+        kv,
+        layer,
+        kvh: t.heads.start / (shape.n_heads / shape.n_kv_heads),
+        hd: shape.head_dim,
+    };
+    (v, lo, hi)
+}
+
 /// Query `i`'s key range clipped to keys `lo..=hi`, relative to `lo` (empty: `(0, 0)`).
 #[inline(always)]
 fn clip(ranges: &[(usize, usize)], i: usize, lo: usize, hi: usize) -> (usize, usize) {
@@ -835,17 +861,8 @@ fn task(
     out: Out,
 ) {
     let (n_heads, hd) = (shape.n_heads, shape.head_dim);
-    let kvh = t.heads.start / (n_heads / shape.n_kv_heads);
     let mut ranges = std::mem::take(&mut sc.ranges);
-    fill_queries(level, sc, t, span, q, shape, &mut ranges);
-    let (lo, hi) = (ranges[0].0, ranges[ranges.len() - 1].1 - 1);
-    let v = View {
-        span,
-        kv,
-        layer,
-        kvh,
-        hd,
-    };
+    let (v, lo, hi) = prepare(level, sc, t, span, q, (kv, layer), shape, &mut ranges);
     scores_span(level, sc, v, lo, hi, &ranges);
     let n = ranges.len() * (hi + 1 - lo);
     softmax_rows(
@@ -947,18 +964,17 @@ fn tasks_split(
     let mut splits: Vec<Split> = tasks
         .iter()
         .map(|t| {
-            let span = &spans[t.span];
             let mut ranges = Vec::new();
-            fill_queries(level, &mut sc0, t, span, q, shape, &mut ranges);
-            let (lo, hi) = (ranges[0].0, ranges[ranges.len() - 1].1 - 1);
-            let kvh = t.heads.start / (n_heads / shape.n_kv_heads);
-            let v = View {
-                span,
-                kv,
-                layer,
-                kvh,
-                hd,
-            };
+            let (v, lo, hi) = prepare(
+                level,
+                &mut sc0,
+                t,
+                &spans[t.span],
+                q,
+                (kv, layer),
+                shape,
+                &mut ranges,
+            );
             let scores = vec![0f32; ranges.len() * (hi + 1 - lo)];
             Split {
                 t,
