@@ -4,7 +4,8 @@
 //!   file, a prompt and kvinfer's greedy continuation of it, and kvinfer's logits after every
 //!   one of those tokens;
 //! - from each real model file given after the output directory (and the tiny Llama 3, which
-//!   holds Q4_K and Q5_K), the first rows of one tensor per weight type, dequantized by
+//!   holds Q2_K, Q3_K, Q4_K, Q5_K, IQ4_NL and IQ4_XS), the first rows of one tensor per
+//!   weight type, dequantized by
 //!   kvinfer (as f32 bits).
 //!
 //! Usage: `cargo run --release -p kvinfer-model --example reference_cases -- OUT [MODEL.gguf ...]`
@@ -111,7 +112,7 @@ fn main() -> Result<(), Box<dyn Error>> {
         .iter()
         .map(|&a| tiny_case(&out, a))
         .collect::<Result<Vec<_>, _>>()?;
-    // The tiny Llama 3 holds the K-quants kvinfer's own test quantizer writes (Q4_K, Q5_K).
+    // The tiny Llama 3 holds the super-block and IQ4 types kvinfer's own test quantizer writes.
     let mut dequant = dequant_cases(&out.join(format!("{:?}.gguf", TinyArch::Llama3)))?;
     for m in args {
         dequant.extend(dequant_cases(Path::new(&m))?);

@@ -16,10 +16,14 @@ pub enum GgmlType {
     Q5_0 = 6,
     Q5_1 = 7,
     Q8_0 = 8,
+    Q2_K = 10,
+    Q3_K = 11,
     Q4_K = 12,
     Q5_K = 13,
     Q6_K = 14,
     Q8_K = 15,
+    IQ4_NL = 20,
+    IQ4_XS = 23,
     BF16 = 30,
 }
 
@@ -37,10 +41,14 @@ impl GgmlType {
             6 => Self::Q5_0,
             7 => Self::Q5_1,
             8 => Self::Q8_0,
+            10 => Self::Q2_K,
+            11 => Self::Q3_K,
             12 => Self::Q4_K,
             13 => Self::Q5_K,
             14 => Self::Q6_K,
             15 => Self::Q8_K,
+            20 => Self::IQ4_NL,
+            23 => Self::IQ4_XS,
             30 => Self::BF16,
             _ => return None,
         })
@@ -107,8 +115,14 @@ impl GgmlType {
     pub fn block_size(self) -> usize {
         match self {
             Self::F32 | Self::F16 | Self::BF16 => 1,
-            Self::Q4_0 | Self::Q4_1 | Self::Q5_0 | Self::Q5_1 | Self::Q8_0 => 32,
-            Self::Q4_K | Self::Q5_K | Self::Q6_K | Self::Q8_K => QK_K,
+            Self::Q4_0 | Self::Q4_1 | Self::Q5_0 | Self::Q5_1 | Self::Q8_0 | Self::IQ4_NL => 32,
+            Self::Q2_K
+            | Self::Q3_K
+            | Self::Q4_K
+            | Self::Q5_K
+            | Self::Q6_K
+            | Self::Q8_K
+            | Self::IQ4_XS => QK_K,
         }
     }
 
@@ -122,6 +136,10 @@ impl GgmlType {
             Self::Q5_0 => 2 + 4 + 16,
             Self::Q5_1 => 2 + 2 + 4 + 16,
             Self::Q8_0 => 2 + 32,
+            Self::IQ4_NL => 2 + 16,
+            Self::Q2_K => QK_K / 16 + QK_K / 4 + 2 + 2,
+            Self::Q3_K => QK_K / 8 + QK_K / 4 + 12 + 2,
+            Self::IQ4_XS => 2 + 2 + QK_K / 64 + QK_K / 2,
             Self::Q4_K => 2 + 2 + 12 + QK_K / 2,
             Self::Q5_K => 2 + 2 + 12 + QK_K / 8 + QK_K / 2,
             Self::Q6_K => QK_K / 2 + QK_K / 4 + QK_K / 16 + 2,

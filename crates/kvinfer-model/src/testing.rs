@@ -20,7 +20,8 @@ pub enum TinyArch {
     LlamaHead32,
     /// Llama 3 style: RoPE frequency factors (`rope_freqs.weight`), base 500000 and linear
     /// RoPE scaling (factor 2); n_embd 256, 8 heads of 32 / 2 KV heads, its matrices in the
-    /// K-quants Q4_K and Q5_K (their rows need 256 weights).
+    /// types whose rows need 256 weights: Q4_K and Q5_K in layer 0; Q2_K, Q3_K, IQ4_XS and
+    /// IQ4_NL in layer 1 (as a `*_K_M` file mixes them).
     Llama3,
     /// qwen2: biases on Q, K and V, NEOX RoPE; 2 heads of 32 / 1 KV head.
     Qwen2,
@@ -130,10 +131,153 @@ fn quantize_k(x: &[f32], five: bool) -> Vec<u8> {
     out
 }
 
+/// `v / unit` rounded into `lo..=hi` (0 when `unit` is 0).
+fn steps(v: f32, unit: f32, lo: f32, hi: f32) -> i32 {
+    if unit > 0.0 {
+        (v / unit).round().clamp(lo, hi) as i32
+    } else {
+        0
+    }
+}
+
+/// Q2_K blocks of `x`: per 16 weights a 4-bit scale and min from the range.
+#[allow(clippy::needless_range_loop)] // weight i sets bits of two arrays
+fn quantize_q2_k(x: &[f32]) -> Vec<u8> {
+    let mut out = Vec::new();
+    for b in x.chunks(256) {
+        let (mut scale, mut minv) = ([0f32; 16], [0f32; 16]);
+        for g in 0..16 {
+            let s = &b[16 * g..16 * g + 16];
+            let lo = s.iter().fold(0f32, |m, &v| m.min(v));
+            let hi = s.iter().fold(lo, |m, &v| m.max(v));
+            (scale[g], minv[g]) = ((hi - lo) / 3.0, -lo);
+        }
+        let top = |a: &[f32; 16]| f16::from_f32(a.iter().fold(0f32, |m, &v| m.max(v)) / 15.0);
+        let (d, dmin) = (top(&scale), top(&minv));
+        let (df, dminf) = (d.to_f32(), dmin.to_f32());
+        let mut blk = [0u8; 84];
+        for g in 0..16 {
+            let sc = steps(scale[g], df, 0.0, 15.0);
+            let m = steps(minv[g], dminf, 0.0, 15.0);
+            blk[g] = (sc | (m << 4)) as u8;
+            for i in 16 * g..16 * g + 16 {
+                let q = steps(b[i] + dminf * m as f32, df * sc as f32, 0.0, 3.0);
+                let (h, k, l) = (i / 128, (i % 128) / 32, i % 32);
+                blk[16 + 32 * h + l] |= (q as u8) << (2 * k);
+            }
+        }
+        blk[80..82].copy_from_slice(&d.to_le_bytes());
+        blk[82..84].copy_from_slice(&dmin.to_le_bytes());
+        out.extend(blk);
+    }
+    out
+}
+
+/// Q3_K blocks of `x`: per 16 weights a signed 6-bit scale, quants -4..=3.
+#[allow(clippy::needless_range_loop)] // weight i sets bits of three arrays
+fn quantize_q3_k(x: &[f32]) -> Vec<u8> {
+    let mut out = Vec::new();
+    for b in x.chunks(256) {
+        let scale: [f32; 16] = std::array::from_fn(|g| {
+            b[16 * g..16 * g + 16]
+                .iter()
+                .fold(0f32, |m, &v| m.max(v.abs()))
+                / 4.0
+        });
+        let d = f16::from_f32(scale.iter().fold(0f32, |m, &v| m.max(v)) / 31.0);
+        let df = d.to_f32();
+        let mut blk = [0u8; 110];
+        for g in 0..16 {
+            let sc = steps(scale[g], df, -32.0, 31.0);
+            let stored = (sc + 32) as u8;
+            if g < 8 {
+                blk[96 + g] |= stored & 0xF;
+            } else {
+                blk[96 + g - 8] |= (stored & 0xF) << 4;
+            }
+            blk[96 + 8 + g % 4] |= (stored >> 4) << (2 * (g / 4));
+            for i in 16 * g..16 * g + 16 {
+                let q = (steps(b[i], df * sc as f32, -4.0, 3.0) + 4) as u8;
+                let (h, k, l) = (i / 128, (i % 128) / 32, i % 32);
+                blk[32 + 32 * h + l] |= (q & 3) << (2 * k);
+                blk[l] |= (q >> 2) << (i / 32);
+            }
+        }
+        blk[108..110].copy_from_slice(&d.to_le_bytes());
+        out.extend(blk);
+    }
+    out
+}
+
+/// The index of the IQ4 table value nearest `v`.
+fn nearest_iq4(v: f32) -> u8 {
+    let mut best = 0;
+    for (i, &k) in crate::kernels::quant::KVALUES_IQ4.iter().enumerate() {
+        if (v - k as f32).abs() < (v - crate::kernels::quant::KVALUES_IQ4[best] as f32).abs() {
+            best = i;
+        }
+    }
+    best as u8
+}
+
+/// IQ4_NL blocks of `x` (32 weights, one f16 scale, table indices in Q4_0's nibble order).
+fn quantize_iq4_nl(x: &[f32]) -> Vec<u8> {
+    let mut out = Vec::new();
+    for b in x.chunks(32) {
+        let d = f16::from_f32(b.iter().fold(0f32, |m, &v| m.max(v.abs())) / 127.0);
+        let df = d.to_f32();
+        let q = |v: f32| if df > 0.0 { nearest_iq4(v / df) } else { 8 };
+        out.extend(d.to_le_bytes());
+        out.extend((0..16).map(|j| q(b[j]) | (q(b[j + 16]) << 4)));
+    }
+    out
+}
+
+/// IQ4_XS blocks of `x`: per 32 weights a signed 6-bit scale, table indices.
+fn quantize_iq4_xs(x: &[f32]) -> Vec<u8> {
+    let mut out = Vec::new();
+    for b in x.chunks(256) {
+        let scale: [f32; 8] = std::array::from_fn(|ib| {
+            b[32 * ib..32 * ib + 32]
+                .iter()
+                .fold(0f32, |m, &v| m.max(v.abs()))
+                / 127.0
+        });
+        let d = f16::from_f32(scale.iter().fold(0f32, |m, &v| m.max(v)) / 31.0);
+        let df = d.to_f32();
+        let mut blk = [0u8; 136];
+        let mut scales_h = 0u16;
+        for ib in 0..8 {
+            let ls = steps(scale[ib], df, -32.0, 31.0);
+            let stored = (ls + 32) as u8;
+            blk[4 + ib / 2] |= (stored & 0xF) << (4 * (ib % 2));
+            scales_h |= ((stored >> 4) as u16) << (2 * ib);
+            let unit = df * ls as f32;
+            for j in 0..32 {
+                let q = if unit != 0.0 {
+                    nearest_iq4(b[32 * ib + j] / unit)
+                } else {
+                    8
+                };
+                blk[8 + 16 * ib + j % 16] |= if j < 16 { q } else { q << 4 };
+            }
+        }
+        blk[0..2].copy_from_slice(&d.to_le_bytes());
+        blk[2..4].copy_from_slice(&scales_h.to_le_bytes());
+        out.extend(blk);
+    }
+    out
+}
+
 /// Quantizes f32 values to `ty` (F32, F16, Q8_0, Q4_0 as ggml's reference quantizers do;
-/// Q4_K and Q5_K from each 32 weights' range).
+/// the K-quants and IQ4 types from each block's range, not ggml's search for the best scales:
+/// any well-formed block serves the tests).
 pub fn quantize(ty: GgmlType, x: &[f32]) -> Vec<u8> {
     match ty {
+        GgmlType::Q2_K => quantize_q2_k(x),
+        GgmlType::Q3_K => quantize_q3_k(x),
+        GgmlType::IQ4_NL => quantize_iq4_nl(x),
+        GgmlType::IQ4_XS => quantize_iq4_xs(x),
         GgmlType::Q4_K => quantize_k(x, false),
         GgmlType::Q5_K => quantize_k(x, true),
         GgmlType::F32 => x.iter().flat_map(|v| v.to_le_bytes()).collect(),
@@ -399,10 +543,14 @@ pub fn write_tiny_model_with(
     norm(&mut w, "output_norm.weight", n_embd);
     let mut bias_rng = Rng(seed ^ 0x5151);
     // Types of (q, k, v, output, gate, up, down).
-    let types = match arch {
-        TinyArch::Llama3 => {
+    let layer_types = |l: usize| match arch {
+        TinyArch::Llama3 if l == 0 => {
             use GgmlType::{Q4_K, Q5_K};
             [Q4_K, Q5_K, Q5_K, Q4_K, Q5_K, Q4_K, Q5_K]
+        }
+        TinyArch::Llama3 => {
+            use GgmlType::{IQ4_NL, IQ4_XS, Q2_K, Q3_K};
+            [Q2_K, Q3_K, IQ4_XS, IQ4_NL, Q3_K, Q2_K, IQ4_XS]
         }
         _ => {
             use GgmlType::{F16, F32, Q4_0, Q8_0};
@@ -410,6 +558,7 @@ pub fn write_tiny_model_with(
         }
     };
     for l in 0..n_layers {
+        let types = layer_types(l);
         let p = |t: &str| format!("blk.{l}.{t}.weight");
         norm(&mut w, &p("attn_norm"), n_embd);
         if arch == TinyArch::Phi3 {
@@ -445,4 +594,37 @@ pub fn write_tiny_model_with(
     }
     extra(&mut w);
     w.write(path)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Each type the test quantizer writes decodes (kvinfer's dequantization) close to what it
+    /// was given: a quantizer that wrote misplaced bits would fail here before any model test.
+    #[test]
+    fn quantize_round_trips_within_each_types_precision() {
+        use GgmlType::*;
+        let x = Rng(11).vec(4096, 1.0);
+        for (ty, tol) in [
+            (F16, 1e-3),
+            (Q8_0, 0.01),
+            (Q4_0, 0.1),
+            (Q4_K, 0.1),
+            (Q5_K, 0.05),
+            (Q2_K, 0.35),
+            (Q3_K, 0.2),
+            (IQ4_NL, 0.1),
+            (IQ4_XS, 0.1),
+        ] {
+            let q = quantize(ty, &x);
+            assert_eq!(Some(q.len()), ty.row_bytes(x.len()), "{ty:?} size");
+            let mut y = vec![0f32; x.len()];
+            crate::kernels::dequantize_row(ty, &q, &mut y);
+            let err: f32 = x.iter().zip(&y).map(|(a, b)| (a - b) * (a - b)).sum();
+            let norm: f32 = x.iter().map(|a| a * a).sum();
+            let rel = (err / norm).sqrt();
+            assert!(rel < tol, "{ty:?}: relative error {rel} over {tol}");
+        }
+    }
 }

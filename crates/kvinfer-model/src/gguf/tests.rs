@@ -95,14 +95,18 @@ fn bad_magic_version_and_types() {
         "{e}"
     );
     // A known ggml type kvinfer does not run is named.
-    for (id, name) in [(11u8, "Q3_K"), (23, "IQ4_XS")] {
+    for (id, name) in [(16u8, "IQ2_XXS"), (21, "IQ3_S")] {
         bytes[info_end - 12] = id;
         let e = GgufFile::open(&write_tmp("type.gguf", &bytes))
             .err()
             .unwrap();
         assert!(e.to_string().contains(&format!("type {name} ")), "{e}");
         // The types it does run, from the one list.
-        assert!(e.to_string().contains("Q4_K, Q5_K, Q6_K, BF16)"), "{e}");
+        assert!(
+            e.to_string()
+                .contains("Q2_K, Q3_K, Q4_K, Q5_K, Q6_K, IQ4_NL, IQ4_XS, BF16)"),
+            "{e}"
+        );
     }
 
     let mut bytes = sample().to_bytes();

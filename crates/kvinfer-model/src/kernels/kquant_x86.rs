@@ -1,7 +1,11 @@
-//! K-quant (Q4_K, Q5_K, Q6_K) x Q8_K kernels, AVX2: one weight row against `T` tokens at once.
+//! Super-block (Q2_K, Q3_K, Q4_K, Q5_K, Q6_K, IQ4_XS) x Q8_K kernels, AVX2: one weight row
+//! against `T` tokens at once.
 //!
-//! A tile unpacks each weight super-block (nibbles / 6-bit quants, 6-bit scales and mins) once
-//! and multiplies it with the Q8_K blocks of `T` tokens.
+//! A tile unpacks each weight super-block (2- to 6-bit quants or IQ4_XS's table lookups, the
+//! scales and mins) once and multiplies it with the Q8_K blocks of `T` tokens. Per 16 or 32
+//! weights: `maddubs` of unsigned quants (IQ4_XS: their magnitudes, the signs moved onto the
+//! activations) with the activations, then `madd` with the sub-block scales; offsets (Q3_K's -4,
+//! Q6_K's -32) and mins come from the activations' 16-value sums.
 //!
 //! Batch invariance: every (row, token) result follows the same sequence of float operations
 //! whatever `T` is (the decode path is the `T = 1` instance of the same code): per super-block,
@@ -19,6 +23,9 @@ use super::x86::{f16_at, hsum_ps};
 use super::{QMatRef, SimdLevel};
 use crate::ggml_type::GgmlType;
 
+const Q2K_BYTES: usize = 84;
+const Q3K_BYTES: usize = 110;
+const IQ4XS_BYTES: usize = 136;
 const Q4K_BYTES: usize = 144;
 const Q5K_BYTES: usize = 176;
 const Q6K_BYTES: usize = 210;
@@ -26,9 +33,13 @@ const Q6K_BYTES: usize = 210;
 /// The K-quant a kernel instance runs (a const parameter, so each is compiled on its own):
 /// its bits per weight.
 mod k {
+    pub(super) const Q2: u8 = 2;
+    pub(super) const Q3: u8 = 3;
     pub(super) const Q4: u8 = 4;
     pub(super) const Q5: u8 = 5;
     pub(super) const Q6: u8 = 6;
+    /// IQ4_XS (4-bit indices into a table of 16 values).
+    pub(super) const IQ4X: u8 = 44;
 }
 
 /// The 8 scales and 8 mins of a Q4_K block (12 packed bytes at `p`), as two u64 of bytes.
@@ -204,28 +215,209 @@ unsafe fn q6k_tile<const T: usize>(
     out
 }
 
-/// Q4_K row (`row.len() / 144` blocks) . Q8_K activations (one token).
-#[target_feature(enable = "avx2,fma,f16c")]
-pub(crate) unsafe fn dot_q4_k(row: &[u8], act: &[BlockQ8K]) -> f32 {
-    let nb = row.len() / Q4K_BYTES;
-    assert!(act.len() >= nb);
-    q4k_tile::<false, 1>(row.as_ptr(), nb, [act.as_ptr()])[0]
+/// `_mm256_srl_epi16` by a run-time count.
+#[inline(always)]
+unsafe fn srl16(v: __m256i, n: usize) -> __m256i {
+    _mm256_srl_epi16(v, _mm_cvtsi32_si128(n as i32))
 }
 
-/// Q5_K row (`row.len() / 176` blocks) . Q8_K activations (one token).
-#[target_feature(enable = "avx2,fma,f16c")]
-pub(crate) unsafe fn dot_q5_k(row: &[u8], act: &[BlockQ8K]) -> f32 {
-    let nb = row.len() / Q5K_BYTES;
-    assert!(act.len() >= nb);
-    q4k_tile::<true, 1>(row.as_ptr(), nb, [act.as_ptr()])[0]
+/// One Q2_K row (`nb` blocks at `w`) . `T` tokens' Q8_K blocks.
+#[inline(always)]
+unsafe fn q2k_tile<const T: usize>(
+    w: *const u8,
+    nb: usize,
+    acts: [*const BlockQ8K; T],
+) -> [f32; T] {
+    let m3 = _mm256_set1_epi8(3);
+    let m4 = _mm_set1_epi8(0xF);
+    let mut acc = [_mm256_setzero_ps(); T];
+    for i in 0..nb {
+        let p = w.add(i * Q2K_BYTES);
+        let sm = _mm_loadu_si128(p as *const __m128i);
+        let sc = _mm_and_si128(sm, m4);
+        let mins = _mm256_cvtepu8_epi16(_mm_and_si128(_mm_srli_epi16(sm, 4), m4));
+        let mut isum = [_mm256_setzero_si256(); T];
+        for h in 0..2 {
+            let q = _mm256_loadu_si256(p.add(16 + 32 * h) as *const __m256i);
+            for k in 0..4 {
+                let v = _mm256_and_si256(srl16(q, 2 * k), m3);
+                // Groups 8h + 2k (bytes 0..16) and 8h + 2k + 1 (bytes 16..32).
+                let scale = _mm256_cvtepu8_epi16(_mm_shuffle_epi8(sc, bcast_pair(8 * h + 2 * k)));
+                for t in 0..T {
+                    let ys = (*acts[t].add(i)).qs.as_ptr();
+                    let y = _mm256_loadu_si256(ys.add(128 * h + 32 * k) as *const __m256i);
+                    let prod = _mm256_madd_epi16(_mm256_maddubs_epi16(v, y), scale);
+                    isum[t] = _mm256_add_epi32(isum[t], prod);
+                }
+            }
+        }
+        let dw = f16_at(p.add(80));
+        let mw = f16_at(p.add(82));
+        for t in 0..T {
+            let y = &*acts[t].add(i);
+            let bs = _mm256_loadu_si256(y.bsums.as_ptr() as *const __m256i);
+            let msum = _mm256_cvtepi32_ps(_mm256_madd_epi16(bs, mins));
+            acc[t] = _mm256_fmadd_ps(
+                _mm256_set1_ps(dw * y.d),
+                _mm256_cvtepi32_ps(isum[t]),
+                acc[t],
+            );
+            acc[t] = _mm256_fnmadd_ps(_mm256_set1_ps(mw * y.d), msum, acc[t]);
+        }
+    }
+    let mut out = [0.0f32; T];
+    for t in 0..T {
+        out[t] = hsum_ps(acc[t]);
+    }
+    out
 }
 
-/// Q6_K row (`row.len() / 210` blocks) . Q8_K activations (one token).
+/// The 16 signed scales of a Q3_K block (12 packed bytes at `p`), as i8 bytes.
+#[inline(always)]
+unsafe fn q3k_scales(p: *const u8) -> __m128i {
+    const KMASK1: u32 = 0x0303_0303;
+    const KMASK2: u32 = 0x0f0f_0f0f;
+    let a0 = (p as *const u32).read_unaligned();
+    let a1 = (p.add(4) as *const u32).read_unaligned();
+    let hi = (p.add(8) as *const u32).read_unaligned();
+    let s0 = (a0 & KMASK2) | ((hi & KMASK1) << 4);
+    let s1 = (a1 & KMASK2) | (((hi >> 2) & KMASK1) << 4);
+    let s2 = ((a0 >> 4) & KMASK2) | (((hi >> 4) & KMASK1) << 4);
+    let s3 = ((a1 >> 4) & KMASK2) | (((hi >> 6) & KMASK1) << 4);
+    let v = _mm_setr_epi32(s0 as i32, s1 as i32, s2 as i32, s3 as i32);
+    _mm_sub_epi8(v, _mm_set1_epi8(32))
+}
+
+/// One Q3_K row (`nb` blocks at `w`) . `T` tokens' Q8_K blocks: quants `q + 4` (two low bits
+/// or-ed with 4 where the high bit is set, 0..8), the 4 taken back from the 16-value sums.
+#[inline(always)]
+unsafe fn q3k_tile<const T: usize>(
+    w: *const u8,
+    nb: usize,
+    acts: [*const BlockQ8K; T],
+) -> [f32; T] {
+    let m3 = _mm256_set1_epi8(3);
+    let one = _mm256_set1_epi8(1);
+    let mut acc = [_mm256_setzero_ps(); T];
+    for i in 0..nb {
+        let p = w.add(i * Q3K_BYTES);
+        let scv = q3k_scales(p.add(96));
+        let sc16 = _mm256_cvtepi8_epi16(scv);
+        let hm = _mm256_loadu_si256(p as *const __m256i);
+        let mut isum = [_mm256_setzero_si256(); T];
+        for h in 0..2 {
+            let q = _mm256_loadu_si256(p.add(32 + 32 * h) as *const __m256i);
+            for k in 0..4 {
+                let lo = _mm256_and_si256(srl16(q, 2 * k), m3);
+                // Bit 4h + k of each hmask byte (a shift of at most 7 keeps each byte's bits).
+                let hb = _mm256_slli_epi16(_mm256_and_si256(srl16(hm, 4 * h + k), one), 2);
+                let v = _mm256_or_si256(lo, hb);
+                let scale = _mm256_cvtepi8_epi16(_mm_shuffle_epi8(scv, bcast_pair(8 * h + 2 * k)));
+                for t in 0..T {
+                    let ys = (*acts[t].add(i)).qs.as_ptr();
+                    let y = _mm256_loadu_si256(ys.add(128 * h + 32 * k) as *const __m256i);
+                    let prod = _mm256_madd_epi16(_mm256_maddubs_epi16(v, y), scale);
+                    isum[t] = _mm256_add_epi32(isum[t], prod);
+                }
+            }
+        }
+        let dw = f16_at(p.add(108));
+        for t in 0..T {
+            let y = &*acts[t].add(i);
+            // The -4 offset: -4 * sum_g sc[g] * bsums[g].
+            let bs = _mm256_loadu_si256(y.bsums.as_ptr() as *const __m256i);
+            let off = _mm256_slli_epi32(_mm256_madd_epi16(bs, sc16), 2);
+            let isum = _mm256_sub_epi32(isum[t], off);
+            acc[t] = _mm256_fmadd_ps(_mm256_set1_ps(dw * y.d), _mm256_cvtepi32_ps(isum), acc[t]);
+        }
+    }
+    let mut out = [0.0f32; T];
+    for t in 0..T {
+        out[t] = hsum_ps(acc[t]);
+    }
+    out
+}
+
+/// One IQ4_XS row (`nb` blocks at `w`) . `T` tokens' Q8_K blocks: each 32 weights' nibbles
+/// looked up in `KVALUES_IQ4` (signed: `maddubs` of their magnitudes with the activations
+/// carrying their signs), times the sub-block's scale.
+#[inline(always)]
+unsafe fn iq4xs_tile<const T: usize>(
+    w: *const u8,
+    nb: usize,
+    acts: [*const BlockQ8K; T],
+) -> [f32; T] {
+    let table = _mm256_broadcastsi128_si256(_mm_loadu_si128(
+        super::quant::KVALUES_IQ4.as_ptr() as *const __m128i
+    ));
+    let mut acc = [_mm256_setzero_ps(); T];
+    for i in 0..nb {
+        let p = w.add(i * IQ4XS_BYTES);
+        let sh = (p.add(2) as *const u16).read_unaligned();
+        let mut isum = [_mm256_setzero_si256(); T];
+        for ib in 0..8 {
+            let low = (*p.add(4 + ib / 2) >> (4 * (ib % 2))) & 0xF;
+            let ls = (low as u16 | (((sh >> (2 * ib)) & 3) << 4)) as i16 - 32;
+            let scale = _mm256_set1_epi16(ls);
+            let q = _mm256_shuffle_epi8(table, super::x86::nibbles_32(p.add(8 + 16 * ib)));
+            let aq = _mm256_sign_epi8(q, q);
+            for t in 0..T {
+                let ys = (*acts[t].add(i)).qs.as_ptr();
+                let y = _mm256_loadu_si256(ys.add(32 * ib) as *const __m256i);
+                let prod =
+                    _mm256_madd_epi16(_mm256_maddubs_epi16(aq, _mm256_sign_epi8(y, q)), scale);
+                isum[t] = _mm256_add_epi32(isum[t], prod);
+            }
+        }
+        let dw = f16_at(p);
+        for t in 0..T {
+            let y = &*acts[t].add(i);
+            acc[t] = _mm256_fmadd_ps(
+                _mm256_set1_ps(dw * y.d),
+                _mm256_cvtepi32_ps(isum[t]),
+                acc[t],
+            );
+        }
+    }
+    let mut out = [0.0f32; T];
+    for t in 0..T {
+        out[t] = hsum_ps(acc[t]);
+    }
+    out
+}
+
+/// The tile of kernel `KIND` (see [`k`]).
+#[inline(always)]
+unsafe fn tile<const KIND: u8, const T: usize>(
+    p: *const u8,
+    nb: usize,
+    acts: [*const BlockQ8K; T],
+) -> [f32; T] {
+    match KIND {
+        k::Q2 => q2k_tile::<T>(p, nb, acts),
+        k::Q3 => q3k_tile::<T>(p, nb, acts),
+        k::Q4 => q4k_tile::<false, T>(p, nb, acts),
+        k::Q5 => q4k_tile::<true, T>(p, nb, acts),
+        k::Q6 => q6k_tile::<T>(p, nb, acts),
+        _ => iq4xs_tile::<T>(p, nb, acts),
+    }
+}
+
+/// One super-block-type row . one token's Q8_K activations (the decode kernels' results).
 #[target_feature(enable = "avx2,fma,f16c")]
-pub(crate) unsafe fn dot_q6_k(row: &[u8], act: &[BlockQ8K]) -> f32 {
-    let nb = row.len() / Q6K_BYTES;
+pub(crate) unsafe fn dot_one(ty: GgmlType, row: &[u8], act: &[BlockQ8K]) -> f32 {
+    let nb = row.len() / ty.type_size();
     assert!(act.len() >= nb);
-    q6k_tile::<1>(row.as_ptr(), nb, [act.as_ptr()])[0]
+    let (p, a) = (row.as_ptr(), [act.as_ptr()]);
+    match ty {
+        GgmlType::Q2_K => tile::<{ k::Q2 }, 1>(p, nb, a)[0],
+        GgmlType::Q3_K => tile::<{ k::Q3 }, 1>(p, nb, a)[0],
+        GgmlType::Q4_K => tile::<{ k::Q4 }, 1>(p, nb, a)[0],
+        GgmlType::Q5_K => tile::<{ k::Q5 }, 1>(p, nb, a)[0],
+        GgmlType::Q6_K => tile::<{ k::Q6 }, 1>(p, nb, a)[0],
+        GgmlType::IQ4_XS => tile::<{ k::IQ4X }, 1>(p, nb, a)[0],
+        other => unreachable!("{other:?} is not a super-block type"),
+    }
 }
 
 /// Token groups of 4 (then single tokens) outer, rows `rr` inner: the rows' weights stay in
@@ -247,11 +439,7 @@ unsafe fn k_rows_impl<const KIND: u8, const TT: usize>(
         let ap: [*const BlockQ8K; TT] = std::array::from_fn(|k| a.add((t0 + k) * nb));
         for r in rr.clone() {
             let p = wp.add(r * row_bytes);
-            let v = match KIND {
-                k::Q4 => q4k_tile::<false, TT>(p, nb, ap),
-                k::Q5 => q4k_tile::<true, TT>(p, nb, ap),
-                _ => q6k_tile::<TT>(p, nb, ap),
-            };
+            let v = tile::<KIND, TT>(p, nb, ap);
             for k in 0..TT {
                 out.write(r, t0 + k, v[k]);
             }
@@ -262,11 +450,7 @@ unsafe fn k_rows_impl<const KIND: u8, const TT: usize>(
         for r in rr.clone() {
             let p = wp.add(r * row_bytes);
             let ap = [a.add(t * nb)];
-            let v = match KIND {
-                k::Q4 => q4k_tile::<false, 1>(p, nb, ap),
-                k::Q5 => q4k_tile::<true, 1>(p, nb, ap),
-                _ => q6k_tile::<1>(p, nb, ap),
-            };
+            let v = tile::<KIND, 1>(p, nb, ap);
             out.write(r, t, v[0]);
         }
     }
@@ -305,10 +489,13 @@ unsafe fn k_rows_avx2(
     out: OutPtr,
 ) {
     match w.ty {
+        GgmlType::Q2_K => k_rows_impl::<{ k::Q2 }, 4>(w, row_bytes, rr, acts, n_tokens, out),
+        GgmlType::Q3_K => k_rows_impl::<{ k::Q3 }, 4>(w, row_bytes, rr, acts, n_tokens, out),
+        GgmlType::IQ4_XS => k_rows_impl::<{ k::IQ4X }, 4>(w, row_bytes, rr, acts, n_tokens, out),
         GgmlType::Q4_K => k_rows_impl::<{ k::Q4 }, 4>(w, row_bytes, rr, acts, n_tokens, out),
         GgmlType::Q5_K => k_rows_impl::<{ k::Q5 }, 4>(w, row_bytes, rr, acts, n_tokens, out),
         GgmlType::Q6_K => k_rows_impl::<{ k::Q6 }, 4>(w, row_bytes, rr, acts, n_tokens, out),
-        other => unreachable!("{other:?} is not a K-quant"),
+        other => unreachable!("{other:?} is not a super-block type"),
     }
 }
 
@@ -323,10 +510,13 @@ unsafe fn k_rows_avx512(
     out: OutPtr,
 ) {
     match w.ty {
+        GgmlType::Q2_K => k_rows_impl::<{ k::Q2 }, 8>(w, row_bytes, rr, acts, n_tokens, out),
+        GgmlType::Q3_K => k_rows_impl::<{ k::Q3 }, 8>(w, row_bytes, rr, acts, n_tokens, out),
+        GgmlType::IQ4_XS => k_rows_impl::<{ k::IQ4X }, 8>(w, row_bytes, rr, acts, n_tokens, out),
         GgmlType::Q4_K => k_rows_impl::<{ k::Q4 }, 8>(w, row_bytes, rr, acts, n_tokens, out),
         GgmlType::Q5_K => k_rows_impl::<{ k::Q5 }, 8>(w, row_bytes, rr, acts, n_tokens, out),
         GgmlType::Q6_K => k_rows_impl::<{ k::Q6 }, 4>(w, row_bytes, rr, acts, n_tokens, out),
-        other => unreachable!("{other:?} is not a K-quant"),
+        other => unreachable!("{other:?} is not a super-block type"),
     }
 }
 

@@ -124,7 +124,12 @@ pub(crate) fn matmul_with(level: SimdLevel, w: QMatRef, x: &[f32], n_tokens: usi
         return packed_matmul(level, p, x, n_tokens, out);
     }
     match w.ty {
-        GgmlType::Q4_0 | GgmlType::Q4_1 | GgmlType::Q5_0 | GgmlType::Q5_1 | GgmlType::Q8_0 => {
+        GgmlType::Q4_0
+        | GgmlType::Q4_1
+        | GgmlType::Q5_0
+        | GgmlType::Q5_1
+        | GgmlType::Q8_0
+        | GgmlType::IQ4_NL => {
             with_scratch(&Q8_SCRATCH, |acts| {
                 quantize_q8_tokens(level, x, n_tokens, cols, q8_1(w.ty), acts);
                 let acts = &*acts;
@@ -134,7 +139,12 @@ pub(crate) fn matmul_with(level: SimdLevel, w: QMatRef, x: &[f32], n_tokens: usi
                 });
             });
         }
-        GgmlType::Q4_K | GgmlType::Q5_K | GgmlType::Q6_K => {
+        GgmlType::Q2_K
+        | GgmlType::Q3_K
+        | GgmlType::Q4_K
+        | GgmlType::Q5_K
+        | GgmlType::Q6_K
+        | GgmlType::IQ4_XS => {
             with_scratch(&Q8K_SCRATCH, |acts| {
                 let nb = cols / QK_K;
                 acts.clear();
@@ -334,20 +344,13 @@ fn quantize_q8_k(level: SimdLevel, x: &[f32], out: &mut [BlockQ8K]) {
 fn dot_k(level: SimdLevel, ty: GgmlType, row: &[u8], act: &[BlockQ8K]) -> f32 {
     match (level, ty) {
         #[cfg(target_arch = "x86_64")]
-        (SimdLevel::Avx2 | SimdLevel::Avx2Vnni | SimdLevel::Avx512, GgmlType::Q4_K) => {
+        (SimdLevel::Avx2 | SimdLevel::Avx2Vnni | SimdLevel::Avx512, _) => {
             // SAFETY: level was detected (or checked by the tests).
-            unsafe { super::x86::dot_q4_k(row, act) }
+            unsafe { super::kquant_x86::dot_one(ty, row, act) }
         }
-        #[cfg(target_arch = "x86_64")]
-        (SimdLevel::Avx2 | SimdLevel::Avx2Vnni | SimdLevel::Avx512, GgmlType::Q5_K) => {
-            // SAFETY: as above.
-            unsafe { super::x86::dot_q5_k(row, act) }
-        }
-        #[cfg(target_arch = "x86_64")]
-        (SimdLevel::Avx2 | SimdLevel::Avx2Vnni | SimdLevel::Avx512, GgmlType::Q6_K) => {
-            // SAFETY: as above.
-            unsafe { super::x86::dot_q6_k(row, act) }
-        }
+        (_, GgmlType::Q2_K) => quant::dot_q2_k_scalar(row, act),
+        (_, GgmlType::Q3_K) => quant::dot_q3_k_scalar(row, act),
+        (_, GgmlType::IQ4_XS) => quant::dot_iq4_xs_scalar(row, act),
         (_, GgmlType::Q4_K) => quant::dot_q4_k_scalar(row, act),
         (_, GgmlType::Q5_K) => quant::dot_q5_k_scalar(row, act),
         (_, GgmlType::Q6_K) => quant::dot_q6_k_scalar(row, act),

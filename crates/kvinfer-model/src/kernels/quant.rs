@@ -16,6 +16,14 @@
 //! | Q4_K | 144   | `d [0..2]`, `dmin [2..4]`, `scales [4..16]` (8 x 6-bit scale+min), `qs [16..144]` |
 //! | Q5_K | 176   | as Q4_K, then `qh [16..48]` (bit `2j` / `2j + 1` of byte `l`: fifth bit of weight `l` of sub-blocks `2j` / `2j + 1`), `qs [48..176]` |
 //! | Q6_K | 210   | `ql [0..128]`, `qh [128..192]`, `scales: i8 [192..208]`, `d [208..210]`    |
+//! | Q2_K | 84    | `scales [0..16]` (per 16 weights: scale low nibble, min high), `qs [16..80]` (2 bits), `d [80..82]`, `dmin [82..84]`: w = d * sc * q - dmin * m |
+//! | Q3_K | 110   | `hmask [0..32]`, `qs [32..96]` (2 low bits), `scales [96..108]` (16 x 6 bits, minus 32), `d [108..110]`: w = d * sc * (q - 4 * !high) |
+//! | IQ4_NL | 18  | `d [0..2]`, `qs [2..18]` as Q4_0: w = d * KVALUES_IQ4[q]                   |
+//! | IQ4_XS | 136 | `d [0..2]`, `scales_h: u16 [2..4]`, `scales_l [4..8]`, `qs [8..136]` (16 bytes per 32 weights): w = d * (ls - 32) * KVALUES_IQ4[q] |
+//!
+//! In Q2_K and Q3_K, weight `128 h + 32 k + l` (h in 0..2, k in 0..4, l in 0..32) has its two
+//! low bits at bit `2k` of `qs[32 h + l]`; Q3_K's third bit is bit `4 h + k` of `hmask[l]`.
+//! Every 16 weights share a scale (Q2_K: and a min) in both.
 //!
 //! In the 32-weight types, byte `j` of `qs` holds weight `j` in its low nibble and weight
 //! `j + 16` in its high nibble; bit `j` of `qh` is the fifth bit of weight `j`.
@@ -25,6 +33,54 @@ use half::f16;
 
 /// Weights per block of the 32-weight types (Q4_0 ... Q8_0) and of our activation Q8 format.
 pub const QK: usize = 32;
+
+/// The 16 values an IQ4_NL / IQ4_XS nibble stands for (ggml's `kvalues_iq4nl`).
+pub const KVALUES_IQ4: [i8; 16] = [
+    -127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38, 53, 69, 89, 113,
+];
+
+/// Quant of weight `i` (0..256) of a Q2_K block `b`, in 0..4.
+#[inline(always)]
+pub(crate) fn q2_k_value(b: &[u8], i: usize) -> i32 {
+    let (h, k, l) = (i / 128, (i % 128) / 32, i % 32);
+    ((b[16 + 32 * h + l] >> (2 * k)) & 3) as i32
+}
+
+/// Signed quant of weight `i` (0..256) of a Q3_K block `b`, in -4..4.
+#[inline(always)]
+pub(crate) fn q3_k_value(b: &[u8], i: usize) -> i32 {
+    let (h, k, l) = (i / 128, (i % 128) / 32, i % 32);
+    let low = ((b[32 + 32 * h + l] >> (2 * k)) & 3) as i32;
+    let high = (b[l] >> (i / 32)) & 1;
+    low - if high == 1 { 0 } else { 4 }
+}
+
+/// Signed scale of 16-weight group `g` (0..16) of a Q3_K block `b` (ggml's 12-byte packing:
+/// low nibbles in bytes 0..8, two high bits in bytes 8..12).
+#[inline(always)]
+pub(crate) fn q3_k_scale(b: &[u8], g: usize) -> i32 {
+    let sc = &b[96..108];
+    let low = if g < 8 { sc[g] & 0xF } else { sc[g - 8] >> 4 };
+    let high = (sc[8 + g % 4] >> (2 * (g / 4))) & 3;
+    (low | (high << 4)) as i32 - 32
+}
+
+/// Signed scale of 32-weight sub-block `ib` (0..8) of an IQ4_XS block `b`.
+#[inline(always)]
+pub(crate) fn iq4_xs_scale(b: &[u8], ib: usize) -> i32 {
+    let sh = u16::from_le_bytes([b[2], b[3]]);
+    let low = (b[4 + ib / 2] >> (4 * (ib % 2))) & 0xF;
+    let high = ((sh >> (2 * ib)) & 3) as u8;
+    (low | (high << 4)) as i32 - 32
+}
+
+/// Quant value of weight `j` (0..32) of IQ4_XS sub-block `ib` of block `b`.
+#[inline(always)]
+pub(crate) fn iq4_xs_value(b: &[u8], ib: usize, j: usize) -> i32 {
+    let q = b[8 + 16 * ib + j % 16];
+    let nib = if j < 16 { q & 0xF } else { q >> 4 };
+    KVALUES_IQ4[nib as usize] as i32
+}
 
 /// An `f16` stored little-endian at `b[at..at + 2]`, as f32.
 #[inline(always)]
@@ -110,7 +166,50 @@ pub fn dequantize_row_scalar(ty: GgmlType, src: &[u8], dst: &mut [f32]) {
                 dequant_block_q6_k(b, y);
             }
         }
-        GgmlType::Q4_0 | GgmlType::Q4_1 | GgmlType::Q5_0 | GgmlType::Q5_1 | GgmlType::Q8_0 => {
+        GgmlType::Q2_K => {
+            for (b, y) in src
+                .chunks_exact(ty.type_size())
+                .zip(dst.chunks_exact_mut(QK_K))
+            {
+                let (d, dmin) = (f16_at(b, 80), f16_at(b, 82));
+                for (i, yi) in y.iter_mut().enumerate() {
+                    let sc = b[i / 16];
+                    let (dl, ml) = (d * (sc & 0xF) as f32, dmin * (sc >> 4) as f32);
+                    *yi = dl * q2_k_value(b, i) as f32 - ml;
+                }
+            }
+        }
+        GgmlType::Q3_K => {
+            for (b, y) in src
+                .chunks_exact(ty.type_size())
+                .zip(dst.chunks_exact_mut(QK_K))
+            {
+                let d = f16_at(b, 108);
+                for (i, yi) in y.iter_mut().enumerate() {
+                    *yi = d * q3_k_scale(b, i / 16) as f32 * q3_k_value(b, i) as f32;
+                }
+            }
+        }
+        GgmlType::IQ4_XS => {
+            for (b, y) in src
+                .chunks_exact(ty.type_size())
+                .zip(dst.chunks_exact_mut(QK_K))
+            {
+                let d = f16_at(b, 0);
+                for (ib, y) in y.chunks_exact_mut(QK).enumerate() {
+                    let dl = d * iq4_xs_scale(b, ib) as f32;
+                    for (j, yj) in y.iter_mut().enumerate() {
+                        *yj = dl * iq4_xs_value(b, ib, j) as f32;
+                    }
+                }
+            }
+        }
+        GgmlType::Q4_0
+        | GgmlType::Q4_1
+        | GgmlType::Q5_0
+        | GgmlType::Q5_1
+        | GgmlType::Q8_0
+        | GgmlType::IQ4_NL => {
             for (b, y) in src
                 .chunks_exact(ty.type_size())
                 .zip(dst.chunks_exact_mut(QK))
@@ -161,6 +260,13 @@ pub(crate) fn block_32_values(ty: GgmlType, b: &[u8], v: &mut [i32; QK]) -> (f32
         GgmlType::Q8_0 => {
             for (vj, &q) in v.iter_mut().zip(&b[2..34]) {
                 *vj = q as i8 as i32;
+            }
+            (d, 0.0)
+        }
+        GgmlType::IQ4_NL => {
+            nibbles(&b[2..18], v);
+            for vj in v.iter_mut() {
+                *vj = KVALUES_IQ4[*vj as usize] as i32;
             }
             (d, 0.0)
         }
@@ -469,6 +575,59 @@ pub fn dot_q6_k_scalar(row: &[u8], act: &[BlockQ8K]) -> f32 {
                     isum += sc[l / 16 + 2 * k] as i8 as i32 * q * ys[l + 32 * k] as i32;
                 }
             }
+        }
+        sum += d * isum as f32;
+    }
+    sum
+}
+
+/// Dot of a Q2_K row with Q8_K activations: per block `d * isum - dmin * msum` (llama.cpp's
+/// `vec_dot_q2_K_q8_K`), the mins against the activations' 16-value sums.
+pub fn dot_q2_k_scalar(row: &[u8], act: &[BlockQ8K]) -> f32 {
+    let mut sum = 0.0f32;
+    for (b, y) in row.chunks_exact(GgmlType::Q2_K.type_size()).zip(act) {
+        let (d, dmin) = (f16_at(b, 80) * y.d, f16_at(b, 82) * y.d);
+        let (mut isum, mut msum) = (0i32, 0i32);
+        for g in 0..16 {
+            let dot: i32 = (16 * g..16 * g + 16)
+                .map(|i| q2_k_value(b, i) * y.qs[i] as i32)
+                .sum();
+            isum += (b[g] & 0xF) as i32 * dot;
+            msum += (b[g] >> 4) as i32 * y.bsums[g] as i32;
+        }
+        sum += d * isum as f32 - dmin * msum as f32;
+    }
+    sum
+}
+
+/// Dot of a Q3_K row with Q8_K activations.
+pub fn dot_q3_k_scalar(row: &[u8], act: &[BlockQ8K]) -> f32 {
+    let mut sum = 0.0f32;
+    for (b, y) in row.chunks_exact(GgmlType::Q3_K.type_size()).zip(act) {
+        let d = f16_at(b, 108) * y.d;
+        let mut isum = 0i32;
+        for g in 0..16 {
+            let dot: i32 = (16 * g..16 * g + 16)
+                .map(|i| q3_k_value(b, i) * y.qs[i] as i32)
+                .sum();
+            isum += q3_k_scale(b, g) * dot;
+        }
+        sum += d * isum as f32;
+    }
+    sum
+}
+
+/// Dot of an IQ4_XS row with Q8_K activations.
+pub fn dot_iq4_xs_scalar(row: &[u8], act: &[BlockQ8K]) -> f32 {
+    let mut sum = 0.0f32;
+    for (b, y) in row.chunks_exact(GgmlType::IQ4_XS.type_size()).zip(act) {
+        let d = f16_at(b, 0) * y.d;
+        let mut isum = 0i32;
+        for ib in 0..8 {
+            let dot: i32 = (0..32)
+                .map(|j| iq4_xs_value(b, ib, j) * y.qs[32 * ib + j] as i32)
+                .sum();
+            isum += iq4_xs_scale(b, ib) * dot;
         }
         sum += d * isum as f32;
     }

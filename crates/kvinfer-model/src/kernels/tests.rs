@@ -11,7 +11,7 @@ use super::quant::{self, BlockQ8K, QK};
 use super::*;
 use crate::ggml_type::{GgmlType, QK_K};
 
-const ALL_MATMUL_TYPES: [GgmlType; 11] = [
+const ALL_MATMUL_TYPES: [GgmlType; 15] = [
     GgmlType::F32,
     GgmlType::F16,
     GgmlType::BF16,
@@ -23,6 +23,20 @@ const ALL_MATMUL_TYPES: [GgmlType; 11] = [
     GgmlType::Q4_K,
     GgmlType::Q5_K,
     GgmlType::Q6_K,
+    GgmlType::Q2_K,
+    GgmlType::Q3_K,
+    GgmlType::IQ4_NL,
+    GgmlType::IQ4_XS,
+];
+
+/// The types dotted with Q8_K activations.
+const SUPER_BLOCK_TYPES: [GgmlType; 6] = [
+    GgmlType::Q2_K,
+    GgmlType::Q3_K,
+    GgmlType::Q4_K,
+    GgmlType::Q5_K,
+    GgmlType::Q6_K,
+    GgmlType::IQ4_XS,
 ];
 
 fn f16_bytes(v: f32) -> [u8; 2] {
@@ -47,6 +61,13 @@ fn random_row(rng: &mut StdRng, ty: GgmlType, cols: usize) -> Vec<u8> {
             GgmlType::Q4_0 | GgmlType::Q5_0 | GgmlType::Q8_0 => {
                 b[0..2].copy_from_slice(&f16_bytes(d))
             }
+            GgmlType::IQ4_NL => b[0..2].copy_from_slice(&f16_bytes(d / 16.0)),
+            GgmlType::IQ4_XS => b[0..2].copy_from_slice(&f16_bytes(d / 256.0)),
+            GgmlType::Q2_K => {
+                b[80..82].copy_from_slice(&f16_bytes(d / 4.0));
+                b[82..84].copy_from_slice(&f16_bytes(d / 8.0));
+            }
+            GgmlType::Q3_K => b[108..110].copy_from_slice(&f16_bytes(d / 16.0)),
             GgmlType::Q4_1 | GgmlType::Q5_1 => {
                 b[0..2].copy_from_slice(&f16_bytes(d));
                 b[2..4].copy_from_slice(&f16_bytes(m));
@@ -173,6 +194,67 @@ fn dequant_hand_checked_q4_k_q6_k() {
     assert_eq!(y[150], 0.5 * 4.0 * ((0xF | (1 << 4)) - 32) as f32);
 }
 
+/// Q2_K, Q3_K, IQ4_NL and IQ4_XS blocks built by hand from ggml's layouts.
+#[test]
+fn dequant_hand_checked_q2_k_q3_k_iq4() {
+    // Q2_K: d = 1, dmin = 0.5. Weight 128h + 32k + l takes bits 2k of qs[32h + l] (bytes 16..80)
+    // and the scale / min of its 16-weight group (low / high nibble of scales[group]).
+    let mut b = vec![0u8; 84];
+    b[80..82].copy_from_slice(&f16_bytes(1.0));
+    b[82..84].copy_from_slice(&f16_bytes(0.5));
+    b[0] = 0x23; // group 0: scale 3, min 2
+    b[5] = 0x17; // group 5 (weights 80..96): scale 7, min 1
+    b[16] = 0b10_00_00_11; // weight 0: 3; weight 96 (k = 3, l = 0): 2
+    b[16 + 17] = 0b00_01_00_00; // weight 64 + 17 = 81 (k = 2, group 5): 1
+    let mut y = [0.0f32; QK_K];
+    dequantize_row(GgmlType::Q2_K, &b, &mut y);
+    assert_eq!(y[0], 3.0 * 3.0 - 0.5 * 2.0);
+    assert_eq!(y[81], 7.0 * 1.0 - 0.5 * 1.0);
+    assert_eq!(y[96], 0.0 * 2.0 - 0.0); // group 6: scale 0, min 0
+    assert_eq!(y[1], -0.5 * 2.0);
+
+    // Q3_K: d = 0.5. q = low two bits - (high bit ? 0 : 4); 16 scales of 6 bits minus 32.
+    let mut b = vec![0u8; 110];
+    b[108..110].copy_from_slice(&f16_bytes(0.5));
+    b[96] = 0x05 | 0x30; // scale 0 low nibble 5, scale 8 low nibble 3
+    b[96 + 8] = 0b10_00_00_10; // scale 0 high bits 2 (-> 37 - 32 = 5), scale 12 high bits 2
+    b[96 + 4] = 0xA0; // scale 12 low nibble 10 (-> 42 - 32 = 10)
+    b[32] = 0b11; // weight 0: low bits 3
+    b[0] = 0b1; // weight 0: high bit set -> q = 3
+    b[32 + 32 + 1] = 0b01; // weight 128 + 1 (group 8): low 1, high bit clear -> q = -3
+    b[32 + 32 + 2] = 0b01_00_00_00; // weight 128 + 96 + 2 = 226 (group 14)
+    b[2] = 1 << 7; // weight 226's high bit (bit 4h + k = 7)
+    let mut y = [0.0f32; QK_K];
+    dequantize_row(GgmlType::Q3_K, &b, &mut y);
+    assert_eq!(y[0], 0.5 * 5.0 * 3.0);
+    assert_eq!(y[129], 0.5 * (3.0 - 32.0) * -3.0); // scale 8: 3 | (0 << 4), minus 32
+    assert_eq!(y[226], 0.5 * -32.0 * 1.0); // scale 14: 0 - 32
+    assert_eq!(y[192], 0.5 * (42.0 - 32.0) * -4.0); // group 12, q = 0 - 4
+
+    // IQ4_NL: Q4_0's nibbles index the table.
+    let mut b = vec![0u8; 18];
+    b[0..2].copy_from_slice(&f16_bytes(0.25));
+    b[2] = 0xF0;
+    let mut y = [0.0f32; 32];
+    dequantize_row(GgmlType::IQ4_NL, &b, &mut y);
+    assert_eq!(y[0], 0.25 * -127.0);
+    assert_eq!(y[16], 0.25 * 113.0);
+    assert_eq!(y[1], 0.25 * -127.0);
+
+    // IQ4_XS: d = 2; sub-block 3's scale = low nibble (high half of scales_l[1]) | two bits
+    // 6..8 of scales_h, minus 32.
+    let mut b = vec![0u8; 136];
+    b[0..2].copy_from_slice(&f16_bytes(2.0));
+    b[2..4].copy_from_slice(&(0b10u16 << 6).to_le_bytes());
+    b[5] = 0x30; // scale 3 low nibble 3 -> 3 | 2 << 4 = 35 -> 3
+    b[8 + 16 * 3 + 4] = 0x9E; // sub-block 3: weight 4 -> 14 (89), weight 20 -> 9 (13)
+    let mut y = [0.0f32; QK_K];
+    dequantize_row(GgmlType::IQ4_XS, &b, &mut y);
+    assert_eq!(y[96 + 4], 2.0 * 3.0 * 89.0);
+    assert_eq!(y[96 + 20], 2.0 * 3.0 * 13.0);
+    assert_eq!(y[0], 2.0 * -32.0 * -127.0);
+}
+
 #[test]
 fn dequant_bf16_f16_f32() {
     let vals = [1.5f32, -2.25, 0.0, 3.0e-3];
@@ -215,6 +297,7 @@ fn block_values_match_dequant() {
         GgmlType::Q5_0,
         GgmlType::Q5_1,
         GgmlType::Q8_0,
+        GgmlType::IQ4_NL,
     ] {
         let row = random_row(&mut rng, ty, 64);
         let mut y = vec![0.0f32; 64];
@@ -367,23 +450,20 @@ fn k_quant_dots_simd_vs_scalar() {
     let x = random_f32(&mut rng, cols);
     let mut act = vec![BlockQ8K::ZERO; cols / QK_K];
     quant::quantize_q8_k(&x, &mut act);
-    for ty in [GgmlType::Q4_K, GgmlType::Q5_K, GgmlType::Q6_K] {
+    for ty in SUPER_BLOCK_TYPES {
         let row = random_row(&mut rng, ty, cols);
         let scalar = match ty {
+            GgmlType::Q2_K => quant::dot_q2_k_scalar(&row, &act),
+            GgmlType::Q3_K => quant::dot_q3_k_scalar(&row, &act),
             GgmlType::Q4_K => quant::dot_q4_k_scalar(&row, &act),
             GgmlType::Q5_K => quant::dot_q5_k_scalar(&row, &act),
-            _ => quant::dot_q6_k_scalar(&row, &act),
+            GgmlType::Q6_K => quant::dot_q6_k_scalar(&row, &act),
+            _ => quant::dot_iq4_xs_scalar(&row, &act),
         };
         #[cfg(target_arch = "x86_64")]
         if SimdLevel::available().len() >= 2 {
             // SAFETY: AVX2 available.
-            let simd = unsafe {
-                match ty {
-                    GgmlType::Q4_K => super::x86::dot_q4_k(&row, &act),
-                    GgmlType::Q5_K => super::x86::dot_q5_k(&row, &act),
-                    _ => super::x86::dot_q6_k(&row, &act),
-                }
-            };
+            let simd = unsafe { super::kquant_x86::dot_one(ty, &row, &act) };
             assert!(
                 (simd - scalar).abs() <= 1e-4 * scalar.abs().max(1.0),
                 "{ty:?}: {simd} vs {scalar}"

@@ -307,6 +307,8 @@ pub(crate) struct Q4_1;
 pub(crate) struct Q5_0;
 pub(crate) struct Q5_1;
 pub(crate) struct Q8_0;
+#[allow(non_camel_case_types)] // ggml's name
+pub(crate) struct IQ4_NL;
 
 impl Block32 for Q4_0 {
     const HAS_MIN: bool = false;
@@ -378,6 +380,25 @@ impl Block32 for Q8_0 {
     #[inline(always)]
     unsafe fn quants(p: *const u8) -> __m256i {
         _mm256_loadu_si256(p.add(2) as *const __m256i)
+    }
+    #[inline(always)]
+    unsafe fn scale_min(p: *const u8) -> (f32, f32) {
+        (f16_at(p), 0.0)
+    }
+}
+
+impl Block32 for IQ4_NL {
+    const HAS_MIN: bool = false;
+    const OFFSET: f32 = 0.0;
+    const BYTES: usize = 18;
+    const SIGNED: bool = true;
+    /// The nibbles (Q4_0's layout) looked up in `KVALUES_IQ4`: signed quants, as Q8_0's.
+    #[inline(always)]
+    unsafe fn quants(p: *const u8) -> __m256i {
+        let table = _mm256_broadcastsi128_si256(_mm_loadu_si128(
+            super::quant::KVALUES_IQ4.as_ptr() as *const __m128i,
+        ));
+        _mm256_shuffle_epi8(table, nibbles_32(p.add(2)))
     }
     #[inline(always)]
     unsafe fn scale_min(p: *const u8) -> (f32, f32) {
@@ -766,6 +787,9 @@ pub(crate) unsafe fn q32_rows_avx2(
         GgmlType::Q5_0 => q32_rows::<Q5_0, false, 2, 4>(w, row_bytes, rows, acts, n_tokens, out),
         GgmlType::Q5_1 => q32_rows::<Q5_1, false, 2, 4>(w, row_bytes, rows, acts, n_tokens, out),
         GgmlType::Q8_0 => q32_rows::<Q8_0, false, 2, 4>(w, row_bytes, rows, acts, n_tokens, out),
+        GgmlType::IQ4_NL => {
+            q32_rows::<IQ4_NL, false, 2, 4>(w, row_bytes, rows, acts, n_tokens, out)
+        }
         _ => unreachable!("{ty:?} is not a 32-weight block type"),
     }
 }
@@ -787,14 +811,7 @@ pub(crate) unsafe fn q32_rows_vnni(
         GgmlType::Q5_0 => q32_rows::<Q5_0, true, 4, 4>(w, row_bytes, rows, acts, n_tokens, out),
         GgmlType::Q5_1 => q32_rows::<Q5_1, true, 4, 4>(w, row_bytes, rows, acts, n_tokens, out),
         GgmlType::Q8_0 => q32_rows::<Q8_0, true, 4, 4>(w, row_bytes, rows, acts, n_tokens, out),
+        GgmlType::IQ4_NL => q32_rows::<IQ4_NL, true, 4, 4>(w, row_bytes, rows, acts, n_tokens, out),
         _ => unreachable!("{ty:?} is not a 32-weight block type"),
     }
 }
-
-// ---------------------------------------------------------------------------------------------
-// K-quants x Q8_K.
-// ---------------------------------------------------------------------------------------------
-
-// The kernels live in `kquant_x86.rs` (one row x several tokens); these are the one-token
-// instances.
-pub(crate) use super::kquant_x86::{dot_q4_k, dot_q5_k, dot_q6_k};

@@ -21,7 +21,7 @@ use std::arch::x86_64::*;
 use super::matmul::OutPtr;
 use super::quant::{Q8Acts, QK};
 use super::x86::{
-    decode_prefetch_distance, min_corrections, Block32, Q4_0, Q4_1, Q5_0, Q5_1, Q8_0,
+    decode_prefetch_distance, min_corrections, Block32, IQ4_NL, Q4_0, Q4_1, Q5_0, Q5_1, Q8_0,
 };
 use crate::ggml_type::GgmlType;
 
@@ -103,6 +103,19 @@ impl Block32x2 for Q8_0 {
             _mm256_loadu_si256(p1.add(2) as *const __m256i),
             1,
         );
+        _mm512_xor_si512(v, _mm512_set1_epi8(-128))
+    }
+}
+
+impl Block32x2 for IQ4_NL {
+    const NATURAL: bool = false;
+    /// The nibbles looked up in `KVALUES_IQ4` + 128 (the signed values' offset, as Q8_0).
+    #[inline(always)]
+    unsafe fn quants2(p0: *const u8, p1: *const u8) -> __m512i {
+        let table = _mm512_broadcast_i32x4(_mm_loadu_si128(
+            super::quant::KVALUES_IQ4.as_ptr() as *const __m128i
+        ));
+        let v = _mm512_shuffle_epi8(table, nibbles_64(p0.add(2), p1.add(2)));
         _mm512_xor_si512(v, _mm512_set1_epi8(-128))
     }
 }
@@ -529,6 +542,7 @@ pub(crate) unsafe fn q32_rows_avx512(
         GgmlType::Q5_0 => rows::<Q5_0>(w, row_bytes, rr, acts, n_tokens, out),
         GgmlType::Q5_1 => rows::<Q5_1>(w, row_bytes, rr, acts, n_tokens, out),
         GgmlType::Q8_0 => rows::<Q8_0>(w, row_bytes, rr, acts, n_tokens, out),
+        GgmlType::IQ4_NL => rows::<IQ4_NL>(w, row_bytes, rr, acts, n_tokens, out),
         _ => unreachable!("{ty:?} is not a 32-weight block type"),
     }
 }
