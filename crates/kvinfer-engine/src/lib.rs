@@ -30,7 +30,7 @@ pub use generate::{
 };
 pub use grammar::{Constraint, GrammarCompiler, GrammarSpec, Mask};
 /// The chat message type of the model's template (for servers building prompts).
-pub use kvinfer_model::chat::ChatMessage;
+pub use kvinfer_model::chat::{ChatMessage, ToolSyntax};
 pub use kvinfer_tier::{Codec, TierStats, TieredStore, WriteMode, TIER_LATENCY_BUCKETS_S};
 pub use sampler::{Sampler, SamplingParams};
 pub use stop::{StopMatcher, TextStream, Utf8Stream};

@@ -98,12 +98,52 @@ impl ChatMessage {
     }
 }
 
+/// The syntax a model family writes tool calls in, chosen from its chat template as llama.cpp
+/// chooses it (`common_chat_templates_apply`): the template's own markers name the family.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ToolSyntax {
+    /// `<tool_call>\n{"name": ..., "arguments": {...}}\n</tool_call>` per call (Hermes 2/3,
+    /// Qwen 2.5 / 3, SmolLM3; also what kvinfer asks of templates that do not read tools).
+    Hermes,
+    /// The answer is a JSON object `{"name": ..., "parameters": {...}}` (Llama 3.1 / 3.2 / 3.3,
+    /// whose templates have an `ipython` role).
+    Llama3Json,
+    /// `[TOOL_CALLS][{"name": ..., "arguments": {...}, "id": "abcDEF123"}, ...]` (Mistral Nemo,
+    /// Mistral Small, Mistral 7B v0.3), ids of 9 letters and digits.
+    MistralToolCalls,
+}
+
+impl ToolSyntax {
+    /// The syntax of a template's source (Hermes when it names no other).
+    pub fn of_template(source: &str) -> Self {
+        if source.contains("<tool_call>") {
+            Self::Hermes
+        } else if source.contains("<|start_header_id|>ipython<|end_header_id|>") {
+            Self::Llama3Json
+        } else if source.contains("[TOOL_CALLS]") {
+            Self::MistralToolCalls
+        } else {
+            Self::Hermes
+        }
+    }
+
+    /// A short name for logs and errors.
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Hermes => "hermes",
+            Self::Llama3Json => "llama3-json",
+            Self::MistralToolCalls => "mistral",
+        }
+    }
+}
+
 /// A compiled chat template.
 pub struct ChatTemplate {
     env: Environment<'static>,
     bos_token: String,
     eos_token: String,
     knows_tools: bool,
+    tool_syntax: ToolSyntax,
 }
 
 impl std::fmt::Debug for ChatTemplate {
@@ -139,6 +179,7 @@ impl ChatTemplate {
             bos_token: bos_token.to_string(),
             eos_token: eos_token.to_string(),
             knows_tools: source.contains("tools") || source.contains("tool_calls"),
+            tool_syntax: ToolSyntax::of_template(source),
         })
     }
 
@@ -184,6 +225,16 @@ impl ChatTemplate {
     /// convention); when it does not, a caller offering tools must describe them in the text.
     pub fn knows_tools(&self) -> bool {
         self.knows_tools
+    }
+
+    /// The syntax the model writes tool calls in: its family's when the template reads tools,
+    /// else Hermes (kvinfer then describes the tools and that syntax in a system message).
+    pub fn tool_syntax(&self) -> ToolSyntax {
+        if self.knows_tools {
+            self.tool_syntax
+        } else {
+            ToolSyntax::Hermes
+        }
     }
 
     /// As [`Self::render`], with messages of any serializable shape (e.g. with `tool_calls`,
@@ -296,6 +347,29 @@ fn strftime_utc(format: &str, unix_s: i64) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn tool_syntax_is_the_templates_family() {
+        // Fragments of the real templates' sources.
+        let qwen = "{%- for tool in tools %}...<tool_call>\n{\"name\": <function-name>}";
+        let llama = "{{- \"<|start_header_id|>ipython<|end_header_id|>\\n\\n\" }}{%- if tools %}";
+        let mistral = "{%- if tools %}[AVAILABLE_TOOLS]{{ tools|tojson }}[/AVAILABLE_TOOLS]{%- endif %}[TOOL_CALLS]";
+        assert_eq!(ToolSyntax::of_template(qwen), ToolSyntax::Hermes);
+        assert_eq!(ToolSyntax::of_template(llama), ToolSyntax::Llama3Json);
+        assert_eq!(
+            ToolSyntax::of_template(mistral),
+            ToolSyntax::MistralToolCalls
+        );
+        assert_eq!(
+            ToolSyntax::of_template("{{ messages }}"),
+            ToolSyntax::Hermes
+        );
+        // A template that does not read tools is asked for Hermes' syntax, whatever it names.
+        let t = ChatTemplate::new("[TOOL_CALLS]{{ messages[0].content }}", "", "").unwrap();
+        assert_eq!(t.tool_syntax(), ToolSyntax::Hermes);
+        let t = ChatTemplate::new(mistral, "", "").unwrap();
+        assert_eq!(t.tool_syntax(), ToolSyntax::MistralToolCalls);
+    }
 
     /// SmolLM2-135M-Instruct's `tokenizer.chat_template`.
     const SMOLLM2_TEMPLATE: &str = "{% for message in messages %}{% if loop.first and messages[0]['role'] != 'system' %}{{ '<|im_start|>system\nYou are a helpful AI assistant named SmolLM, trained by Hugging Face<|im_end|>\n' }}{% endif %}{{'<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n'}}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}";

@@ -76,7 +76,8 @@ pub async fn chat(
         req.tools.clone(),
         req.tool_choice.clone(),
         req.parallel_tool_calls,
-    )?;
+    )?
+    .with_syntax(template.tool_syntax());
     let grammar = match (common.grammar(), plan.grammar()) {
         (Some(_), Some(_)) => {
             return Err(ApiError::invalid(

@@ -1,13 +1,18 @@
 //! Tool calling: tools into the prompt, calls out of the output.
 //!
-//! The wire format of a call is Hermes' (used by Qwen 2.5/3, SmolLM3 and others), one block per
-//! call:
+//! Calls are parsed in the syntax the model's family writes, chosen from its chat template as
+//! llama.cpp chooses it ([`ToolSyntax`]): Hermes' (Qwen 2.5/3, SmolLM3 and others), one block
+//! per call,
 //!
 //! ```text
 //! <tool_call>
 //! {"name": "get_weather", "arguments": {"city": "Paris"}}
 //! </tool_call>
 //! ```
+//!
+//! Llama 3.x's, an answer that is a JSON object `{"name": "get_weather", "parameters": {...}}`
+//! (several separated by `;`), and Mistral's, `[TOOL_CALLS]` then a JSON array of
+//! `{"name", "arguments", "id"}` (ids of 9 letters and digits).
 //!
 //! A template that reads `tools` gets them as Hugging Face templates expect. A template that
 //! does not (SmolLM2's, Gemma 3's) gets them described in a system message, and past calls and
@@ -20,6 +25,7 @@ use crate::error::quote;
 use crate::error::ApiError;
 use crate::openai::{FunctionCall, Message, Tool, ToolCallIn, ToolChoice};
 use kvinfer_engine::GrammarSpec;
+pub use kvinfer_engine::ToolSyntax;
 use serde::Serialize;
 use serde_json::{json, Value};
 
@@ -27,6 +33,8 @@ use serde_json::{json, Value};
 pub const OPEN: &str = "<tool_call>";
 /// The closing tag of a call.
 pub const CLOSE: &str = "</tool_call>";
+/// What opens Mistral's calls.
+pub const MISTRAL_CALLS: &str = "[TOOL_CALLS]";
 
 /// What the request asks of tools, checked.
 #[derive(Debug, Clone)]
@@ -37,6 +45,8 @@ pub struct ToolPlan {
     pub forced: Option<Forced>,
     /// More than one call allowed in one answer.
     pub parallel: bool,
+    /// The syntax calls are written in (the model's; Hermes until [`Self::with_syntax`]).
+    pub syntax: ToolSyntax,
 }
 
 /// A tool choice that constrains the output.
@@ -105,6 +115,7 @@ impl ToolPlan {
                         tools: vec![],
                         forced: None,
                         parallel: false,
+                        syntax: ToolSyntax::Hermes,
                     })
                 }
                 "required" if tools.is_empty() => {
@@ -148,7 +159,14 @@ impl ToolPlan {
             tools,
             forced,
             parallel: parallel.unwrap_or(true),
+            syntax: ToolSyntax::Hermes,
         })
+    }
+
+    /// The plan for a model that writes calls in `syntax`.
+    pub fn with_syntax(mut self, syntax: ToolSyntax) -> Self {
+        self.syntax = syntax;
+        self
     }
 
     /// Whether output is parsed for calls.
@@ -156,9 +174,13 @@ impl ToolPlan {
         !self.tools.is_empty()
     }
 
-    /// The grammar forced calls must follow (None: the model is free).
+    /// The grammar forced calls must follow (None: the model is free), in the plan's syntax.
     pub fn grammar(&self) -> Option<GrammarSpec> {
         let forced = self.forced.as_ref()?;
+        let args_key = match self.syntax {
+            ToolSyntax::Llama3Json => "parameters",
+            ToolSyntax::Hermes | ToolSyntax::MistralToolCalls => "arguments",
+        };
         let schemas: Vec<Value> = self
             .tools
             .iter()
@@ -167,13 +189,27 @@ impl ToolPlan {
                 Forced::Named(n) => &t.function.name == n,
             })
             .map(|t| {
+                let mut props = serde_json::Map::new();
+                props.insert("name".into(), json!({"const": t.function.name}));
+                props.insert(
+                    args_key.into(),
+                    t.function
+                        .parameters
+                        .clone()
+                        .unwrap_or_else(|| json!({"type": "object"})),
+                );
+                let mut required = vec![json!("name"), json!(args_key)];
+                if self.syntax == ToolSyntax::MistralToolCalls {
+                    props.insert(
+                        "id".into(),
+                        json!({"type": "string", "pattern": "^[a-zA-Z0-9]{9}$"}),
+                    );
+                    required.push(json!("id"));
+                }
                 json!({
                     "type": "object",
-                    "properties": {
-                        "name": {"const": t.function.name},
-                        "arguments": t.function.parameters.clone().unwrap_or_else(|| json!({"type": "object"})),
-                    },
-                    "required": ["name", "arguments"],
+                    "properties": props,
+                    "required": required,
                     "additionalProperties": false,
                 })
             })
@@ -185,14 +221,28 @@ impl ToolPlan {
         };
         schema["x-guidance"] =
             json!({"whitespace_flexible": false, "item_separator": ", ", "key_separator": ": "});
-        let call = format!("\"{OPEN}\\n\" %json {schema} \"\\n{CLOSE}\"");
         // A named function is exactly one call; `required` allows several only when parallel
         // calls are allowed. The grammar ends after the last call it allows.
         let several = self.parallel && matches!(forced, Forced::Any);
+        let (call, sep, start, end) = match self.syntax {
+            ToolSyntax::Hermes => (
+                format!("\"{OPEN}\\n\" %json {schema} \"\\n{CLOSE}\""),
+                "\"\\n\"",
+                String::new(),
+                "",
+            ),
+            ToolSyntax::Llama3Json => (format!("%json {schema}"), "\"; \"", String::new(), ""),
+            ToolSyntax::MistralToolCalls => (
+                format!("%json {schema}"),
+                "\", \"",
+                format!("\"{MISTRAL_CALLS}[\" "),
+                " \"]\"",
+            ),
+        };
         let lark = if several {
-            format!("start: call (\"\\n\" call)*\ncall: {call}\n")
+            format!("start: {start}call ({sep} call)*{end}\ncall: {call}\n")
         } else {
-            format!("start: {call}\n")
+            format!("start: {start}call{end}\ncall: {call}\n")
         };
         Some(GrammarSpec::Lark(lark))
     }
@@ -370,16 +420,50 @@ pub enum Piece {
     Call(ToolCallOut),
 }
 
-/// Splits streamed output into text and calls. Text that might begin a call is held back until
-/// it is clear; a call is given whole once its closing tag arrives. A block that does not hold
-/// a valid call of an offered tool stays text.
-#[derive(Debug, Default)]
+/// The first JSON value at the start of a text (after whitespace).
+enum JsonPrefix {
+    /// More text is needed to know.
+    Incomplete,
+    /// The text does not start with JSON.
+    Invalid,
+    /// A value and the bytes it took.
+    Value(Value, usize),
+}
+
+fn json_prefix(s: &str) -> JsonPrefix {
+    let mut it = serde_json::Deserializer::from_str(s).into_iter::<Value>();
+    match it.next() {
+        None => JsonPrefix::Incomplete,
+        Some(Ok(v)) => JsonPrefix::Value(v, it.byte_offset()),
+        Some(Err(e)) if e.is_eof() => JsonPrefix::Incomplete,
+        Some(Err(_)) => JsonPrefix::Invalid,
+    }
+}
+
+/// Where a Llama 3 JSON parser is.
+#[derive(Debug, Default, Clone, Copy, PartialEq)]
+enum JsonMode {
+    /// Only whitespace so far: a call may open the answer.
+    #[default]
+    Start,
+    /// After a call: another may follow (after `;`).
+    Calls,
+    /// The answer is text.
+    Text,
+}
+
+/// Splits streamed output into text and calls, in the plan's syntax. Text that might begin a
+/// call is held back until it is clear; a call is given whole once it is complete. A block that
+/// does not hold valid calls of offered tools stays text.
+#[derive(Debug)]
 pub struct CallParser {
     buf: String,
     names: Vec<String>,
+    syntax: ToolSyntax,
     /// A call was the last thing found: whitespace after it is not content (the newline
     /// between parallel calls, the one before the end).
     after_call: bool,
+    json_mode: JsonMode,
 }
 
 impl CallParser {
@@ -388,7 +472,9 @@ impl CallParser {
         Self {
             buf: String::new(),
             names: plan.tools.iter().map(|t| t.function.name.clone()).collect(),
+            syntax: plan.syntax,
             after_call: false,
+            json_mode: JsonMode::Start,
         }
     }
 
@@ -396,42 +482,129 @@ impl CallParser {
     pub fn push(&mut self, text: &str) -> Vec<Piece> {
         self.buf.push_str(text);
         let mut out = Vec::new();
+        match self.syntax {
+            ToolSyntax::Hermes => self.push_tagged(&mut out),
+            ToolSyntax::MistralToolCalls => self.push_marked(&mut out),
+            ToolSyntax::Llama3Json => self.push_json(&mut out),
+        }
+        out
+    }
+
+    /// Hermes: `<tool_call>` ... `</tool_call>` blocks anywhere in the text.
+    fn push_tagged(&mut self, out: &mut Vec<Piece>) {
         loop {
             if self.after_call && self.buf.trim().is_empty() {
-                return out; // whitespace after a call: held until it is clear what follows
+                return; // whitespace after a call: held until it is clear what follows
             }
-            match self.buf.find(OPEN) {
-                Some(start) => {
-                    let Some(end) = self.buf[start..].find(CLOSE).map(|e| start + e) else {
-                        // Inside a call: the text before it is final.
-                        let before: String = self.buf.drain(..start).collect();
-                        self.text(&mut out, before);
-                        return out;
+            let Some(start) = self.buf.find(OPEN) else {
+                return self.release_unless_prefix_of(out, OPEN);
+            };
+            let Some(end) = self.buf[start..].find(CLOSE).map(|e| start + e) else {
+                // Inside a call: the text before it is final.
+                let before: String = self.buf.drain(..start).collect();
+                return self.text(out, before);
+            };
+            let before: String = self.buf.drain(..start).collect();
+            let block: String = self.buf.drain(..end - start + CLOSE.len()).collect();
+            self.text(out, before);
+            let body = &block[OPEN.len()..block.len() - CLOSE.len()];
+            let call = serde_json::from_str::<Value>(body.trim())
+                .ok()
+                .and_then(|v| self.call(&v, None));
+            match call {
+                Some(c) => {
+                    out.push(Piece::Call(c));
+                    self.after_call = true;
+                }
+                None => self.text(out, block),
+            }
+        }
+    }
+
+    /// Mistral: `[TOOL_CALLS]` and a JSON array of calls.
+    fn push_marked(&mut self, out: &mut Vec<Piece>) {
+        loop {
+            if self.after_call && self.buf.trim().is_empty() {
+                return;
+            }
+            let Some(start) = self.buf.find(MISTRAL_CALLS) else {
+                return self.release_unless_prefix_of(out, MISTRAL_CALLS);
+            };
+            let before: String = self.buf.drain(..start).collect();
+            self.text(out, before);
+            let body = &self.buf[MISTRAL_CALLS.len()..];
+            match json_prefix(body) {
+                JsonPrefix::Incomplete => return,
+                JsonPrefix::Invalid => {
+                    let marker: String = self.buf.drain(..MISTRAL_CALLS.len()).collect();
+                    self.text(out, marker);
+                }
+                JsonPrefix::Value(v, n) => {
+                    let block: String = self.buf.drain(..MISTRAL_CALLS.len() + n).collect();
+                    let items = match &v {
+                        Value::Array(a) => a.iter().collect::<Vec<_>>(),
+                        one => vec![one],
                     };
-                    let before: String = self.buf.drain(..start).collect();
-                    let block: String = self.buf.drain(..end - start + CLOSE.len()).collect();
-                    self.text(&mut out, before);
-                    match self.call(&block[OPEN.len()..block.len() - CLOSE.len()]) {
-                        Some(c) => {
-                            out.push(Piece::Call(c));
+                    let calls: Option<Vec<ToolCallOut>> = items
+                        .iter()
+                        .map(|c| self.call(c, c.get("id").and_then(Value::as_str)))
+                        .collect();
+                    match calls {
+                        Some(calls) if !calls.is_empty() => {
+                            out.extend(calls.into_iter().map(Piece::Call));
                             self.after_call = true;
                         }
-                        None => self.text(&mut out, block),
+                        _ => self.text(out, block),
                     }
-                }
-                None => {
-                    // Hold back a tail that could be the start of an opening tag.
-                    let keep = (1..OPEN.len())
-                        .rev()
-                        .find(|&k| self.buf.ends_with(&OPEN[..k]))
-                        .unwrap_or(0);
-                    let cut = self.buf.len() - keep;
-                    let text: String = self.buf.drain(..cut).collect();
-                    self.text(&mut out, text);
-                    return out;
                 }
             }
         }
+    }
+
+    /// Llama 3: an answer that opens with a JSON call (more may follow, after `;`).
+    fn push_json(&mut self, out: &mut Vec<Piece>) {
+        loop {
+            if self.json_mode == JsonMode::Text {
+                let all = std::mem::take(&mut self.buf);
+                return self.text(out, all);
+            }
+            let mut t = self.buf.trim_start();
+            if self.json_mode == JsonMode::Calls {
+                t = t.strip_prefix(';').map_or(t, str::trim_start);
+            }
+            if t.is_empty() {
+                return;
+            }
+            if !t.starts_with('{') {
+                self.json_mode = JsonMode::Text;
+                continue;
+            }
+            let skip = self.buf.len() - t.len();
+            match json_prefix(t) {
+                JsonPrefix::Incomplete => return,
+                JsonPrefix::Invalid => self.json_mode = JsonMode::Text,
+                JsonPrefix::Value(v, n) => match self.call(&v, None) {
+                    Some(c) => {
+                        self.buf.drain(..skip + n);
+                        out.push(Piece::Call(c));
+                        self.after_call = true;
+                        self.json_mode = JsonMode::Calls;
+                    }
+                    None => self.json_mode = JsonMode::Text,
+                },
+            }
+        }
+    }
+
+    /// Releases the text held, except a tail that could be the start of `marker`.
+    fn release_unless_prefix_of(&mut self, out: &mut Vec<Piece>, marker: &str) {
+        let keep = (1..marker.len())
+            .rev()
+            .find(|&k| self.buf.ends_with(&marker[..k]))
+            .unwrap_or(0);
+        let cut = self.buf.len() - keep;
+        let text: String = self.buf.drain(..cut).collect();
+        self.text(out, text);
     }
 
     /// The output ended: whatever is held is text, except whitespace after a call and a call
@@ -439,7 +612,16 @@ impl CallParser {
     pub fn finish(&mut self) -> Vec<Piece> {
         let mut out = Vec::new();
         let rest = std::mem::take(&mut self.buf);
-        if !(self.after_call && rest.trim().is_empty()) && !rest.starts_with(OPEN) {
+        let cut_call = match self.syntax {
+            ToolSyntax::Hermes => rest.starts_with(OPEN),
+            ToolSyntax::MistralToolCalls => rest.starts_with(MISTRAL_CALLS),
+            ToolSyntax::Llama3Json => {
+                self.json_mode != JsonMode::Text
+                    && rest.trim_start().starts_with('{')
+                    && rest.contains("\"name\"")
+            }
+        };
+        if !(self.after_call && rest.trim().is_empty()) && !cut_call {
             self.text(&mut out, rest);
         }
         out
@@ -456,19 +638,32 @@ impl CallParser {
         }
     }
 
-    fn call(&self, body: &str) -> Option<ToolCallOut> {
-        let v: Value = serde_json::from_str(body.trim()).ok()?;
+    /// The call in `v` (`{"name", "arguments" | "parameters"}`) if it names an offered tool;
+    /// `id` is the model's own (Mistral), kept when well-formed.
+    fn call(&self, v: &Value, id: Option<&str>) -> Option<ToolCallOut> {
         let name = v.get("name")?.as_str()?;
         if !self.names.iter().any(|n| n == name) {
             return None;
         }
-        let args = match v.get("arguments") {
+        let args = match v.get("arguments").or_else(|| v.get("parameters")) {
             None => json!({}),
             Some(Value::String(s)) => serde_json::from_str(s).ok()?,
             Some(a) => a.clone(),
         };
+        let id = match (self.syntax, id) {
+            (ToolSyntax::MistralToolCalls, Some(i))
+                if i.len() == 9 && i.chars().all(|c| c.is_ascii_alphanumeric()) =>
+            {
+                i.to_string()
+            }
+            (ToolSyntax::MistralToolCalls, _) => {
+                use rand::distr::{Alphanumeric, SampleString};
+                Alphanumeric.sample_string(&mut rand::rng(), 9)
+            }
+            _ => format!("call_{:024x}", rand::random::<u128>() >> 32),
+        };
         Some(ToolCallOut {
-            id: format!("call_{:024x}", rand::random::<u128>() >> 32),
+            id,
             kind: "function",
             function: FunctionOut {
                 name: name.to_string(),
@@ -564,6 +759,124 @@ mod tests {
         assert_eq!(
             held,
             vec![Piece::Text("a ".into()), Piece::Text("<tool".into())]
+        );
+    }
+
+    fn texts_and_calls(out: &[Piece]) -> (String, Vec<(String, String, String)>) {
+        let mut text = String::new();
+        let mut calls = Vec::new();
+        for p in out {
+            match p {
+                Piece::Text(t) => text.push_str(t),
+                Piece::Call(c) => calls.push((
+                    c.id.clone(),
+                    c.function.name.clone(),
+                    c.function.arguments.clone(),
+                )),
+            }
+        }
+        (text, calls)
+    }
+
+    #[test]
+    fn llama3_answers_that_are_json_calls_are_calls_and_other_answers_text() {
+        let llama = || CallParser::new(&plan(None).with_syntax(ToolSyntax::Llama3Json));
+        // Two calls, split anywhere, `;` between them.
+        let out = run(
+            &mut llama(),
+            &[
+                " {\"name\": \"weather\", \"param",
+                "eters\": {\"city\": \"Rome\"}}",
+                "; {\"type\": \"function\", \"name\": \"time\", \"parameters\": {}}\n",
+            ],
+        );
+        let (text, calls) = texts_and_calls(&out);
+        assert_eq!(text, "");
+        assert_eq!(calls.len(), 2, "{out:?}");
+        assert_eq!(
+            (calls[0].1.as_str(), calls[0].2.as_str()),
+            ("weather", r#"{"city":"Rome"}"#)
+        );
+        assert_eq!((calls[1].1.as_str(), calls[1].2.as_str()), ("time", "{}"));
+        assert!(calls[0].0.starts_with("call_"));
+        // Text, JSON that is not a call, an unknown tool: all text, nothing lost.
+        for answer in [
+            "It is sunny. {\"name\": \"weather\"}",
+            "{\"city\": \"Paris\"}",
+            "{\"name\": \"nope\", \"parameters\": {}} after",
+            "{not json",
+        ] {
+            let chunks: Vec<String> = answer.chars().map(String::from).collect();
+            let chunks: Vec<&str> = chunks.iter().map(String::as_str).collect();
+            let (text, calls) = texts_and_calls(&run(&mut llama(), &chunks));
+            assert_eq!((text.as_str(), calls.len()), (answer, 0), "{answer}");
+        }
+        // A call cut short by the length limit is not content.
+        let (text, calls) = texts_and_calls(&run(&mut llama(), &["{\"name\": \"time\", \"par"]));
+        assert_eq!((text.as_str(), calls.len()), ("", 0));
+    }
+
+    #[test]
+    fn mistral_tool_calls_arrays_are_calls_with_their_ids() {
+        let mistral = || CallParser::new(&plan(None).with_syntax(ToolSyntax::MistralToolCalls));
+        let out = run(
+            &mut mistral(),
+            &[
+                "Let me check.[TOOL",
+                "_CALLS][{\"name\": \"weather\", \"arguments\": {\"city\": \"Oslo\"}, \"id\": \"abcDEF123\"}, ",
+                "{\"name\": \"time\", \"arguments\": \"{}\", \"id\": \"bad id\"}]",
+            ],
+        );
+        let (text, calls) = texts_and_calls(&out);
+        assert_eq!(text, "Let me check.");
+        assert_eq!(calls.len(), 2, "{out:?}");
+        assert_eq!(calls[0].0, "abcDEF123");
+        assert_eq!(
+            (calls[0].1.as_str(), calls[0].2.as_str()),
+            ("weather", r#"{"city":"Oslo"}"#)
+        );
+        // An id that is not 9 letters and digits is replaced by one that is.
+        assert!(calls[1].0.len() == 9 && calls[1].0.chars().all(|c| c.is_ascii_alphanumeric()));
+        assert_ne!(calls[1].0, "bad id");
+        // An array naming an unknown tool, or not JSON: text.
+        for answer in [
+            "[TOOL_CALLS][{\"name\": \"nope\", \"arguments\": {}}]",
+            "[TOOL_CALLS] oops",
+            "a [TOOL",
+        ] {
+            let (text, calls) = texts_and_calls(&run(&mut mistral(), &[answer]));
+            assert_eq!((text.as_str(), calls.len()), (answer, 0), "{answer}");
+        }
+        let (text, calls) =
+            texts_and_calls(&run(&mut mistral(), &["[TOOL_CALLS][{\"name\": \"ti"]));
+        assert_eq!((text.as_str(), calls.len()), ("", 0));
+    }
+
+    #[test]
+    fn forced_grammars_write_each_syntax() {
+        let forced = |syntax| {
+            let Some(GrammarSpec::Lark(l)) = plan(Some(ToolChoice::Mode("required".into())))
+                .with_syntax(syntax)
+                .grammar()
+            else {
+                panic!("a lark grammar")
+            };
+            l
+        };
+        let h = forced(ToolSyntax::Hermes);
+        assert!(
+            h.contains("<tool_call>") && h.contains("\"arguments\""),
+            "{h}"
+        );
+        let l = forced(ToolSyntax::Llama3Json);
+        assert!(
+            l.contains("\"parameters\"") && !l.contains("<tool_call>"),
+            "{l}"
+        );
+        let m = forced(ToolSyntax::MistralToolCalls);
+        assert!(
+            m.contains("[TOOL_CALLS][") && m.contains("[a-zA-Z0-9]{9}"),
+            "{m}"
         );
     }
 

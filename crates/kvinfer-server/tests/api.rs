@@ -6,7 +6,8 @@ use axum::body::{to_bytes, Body};
 use axum::http::{Request, StatusCode};
 use axum::Router;
 use kvinfer_engine::{start_engine, CacheOptions, EngineConfig};
-use kvinfer_model::testing::{write_tiny_model_ctx, TinyArch};
+use kvinfer_model::gguf::MetaValue;
+use kvinfer_model::testing::{write_tiny_model_ctx, write_tiny_model_with, TinyArch};
 use kvinfer_model::Model;
 use kvinfer_server::{router, ServerConfig};
 use serde_json::{json, Value};
@@ -26,12 +27,23 @@ fn app_with(server: ServerConfig) -> Router {
 
 /// A server on a tiny model with a context of `ctx` tokens and a pool of `blocks` blocks.
 fn app_ctx(server: ServerConfig, ctx: u32, blocks: usize) -> Router {
+    app_template(server, ctx, blocks, None)
+}
+
+/// As [`app_ctx`], with the file's chat template replaced by `template`.
+fn app_template(server: ServerConfig, ctx: u32, blocks: usize, template: Option<&str>) -> Router {
     let dir = std::env::temp_dir().join(format!("kvinfer-server-test-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
     static NEXT: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
     let k = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     let path = dir.join(format!("tiny-{k}.gguf"));
-    write_tiny_model_ctx(&path, TinyArch::Llama, 3, ctx).unwrap();
+    match template {
+        None => write_tiny_model_ctx(&path, TinyArch::Llama, 3, ctx).unwrap(),
+        Some(t) => write_tiny_model_with(&path, TinyArch::Llama, 3, ctx, |w| {
+            w.meta("tokenizer.chat_template", MetaValue::Str(t.into()));
+        })
+        .unwrap(),
+    }
     let model = Model::load(&path).unwrap();
     let config = EngineConfig {
         cache: CacheOptions {
@@ -948,4 +960,95 @@ async fn schemas_that_cannot_be_followed_are_400s_naming_response_format() {
         }
     }
     still_serving(&app).await;
+}
+
+/// A Mistral-style template that reads tools (its `[TOOL_CALLS]` names the syntax).
+const MISTRAL_TEMPLATE: &str = "{%- if tools %}[AVAILABLE_TOOLS]{{ tools | tojson }}[/AVAILABLE_TOOLS]{%- endif %}\
+{%- for m in messages %}{%- if m.role == 'user' %}[INST]{{ m.content }}[/INST]\
+{%- elif m.role == 'tool' %}[TOOL_RESULTS]{{ m.content }}[/TOOL_RESULTS]\
+{%- elif m.tool_calls %}[TOOL_CALLS][{%- for c in m.tool_calls %}{\"name\": \"{{ c.function.name }}\", \"id\": \"{{ c.id }}\"}{%- endfor %}]\
+{%- else %}{{ m.content }}{%- endif %}{%- endfor %}";
+
+/// A Llama 3.x-style template that reads tools (its `ipython` header names the syntax).
+const LLAMA3_TEMPLATE: &str = "{%- for m in messages %}{%- if m.role == 'tool' %}<|start_header_id|>ipython<|end_header_id|>\n\n{{ m.content }}<|eot_id|>\
+{%- else %}<|start_header_id|>{{ m.role }}<|end_header_id|>\n\n{{ m.content }}<|eot_id|>{%- endif %}{%- endfor %}\
+{%- if tools %}Tools: {{ tools | tojson }}{%- endif %}<|start_header_id|>assistant<|end_header_id|>\n\n";
+
+#[tokio::test]
+async fn forced_calls_follow_the_syntax_of_the_models_template() {
+    let tools = json!([
+        {"type": "function", "function": {"name": "get_time", "parameters": {"type": "object",
+         "properties": {"zone": {"enum": ["utc", "cet"]}}, "required": ["zone"], "additionalProperties": false}}},
+        {"type": "function", "function": {"name": "get_weather", "parameters": {"type": "object",
+         "properties": {"city": {"enum": ["Paris", "Rome"]}}, "required": ["city"], "additionalProperties": false}}}
+    ]);
+    for (template, mistral) in [(MISTRAL_TEMPLATE, true), (LLAMA3_TEMPLATE, false)] {
+        let app = app_template(ServerConfig::default(), 2048, 256, Some(template));
+        for stream in [false, true] {
+            let body = json!({"messages": [{"role": "user", "content": "time?"}], "max_tokens": 200,
+                "temperature": 1.0, "seed": 5, "stream": stream, "tools": tools,
+                "tool_choice": "required"});
+            let (s, b) = call(
+                &app,
+                "POST",
+                "/v1/chat/completions",
+                Body::from(body.to_string()),
+                None,
+            )
+            .await;
+            assert_eq!(s, StatusCode::OK, "{b}");
+            let calls: Vec<Value> = if stream {
+                sse_chunks(&b)
+                    .iter()
+                    .flat_map(|c| {
+                        c["choices"][0]["delta"]["tool_calls"]
+                            .as_array()
+                            .cloned()
+                            .unwrap_or_default()
+                    })
+                    .collect()
+            } else {
+                let v: Value = serde_json::from_str(&b).unwrap();
+                assert_eq!(v["choices"][0]["finish_reason"], "tool_calls", "{v}");
+                assert!(v["choices"][0]["message"]["content"].is_null(), "{v}");
+                v["choices"][0]["message"]["tool_calls"]
+                    .as_array()
+                    .unwrap()
+                    .clone()
+            };
+            assert!(!calls.is_empty(), "mistral {mistral} stream {stream}: {b}");
+            for c in &calls {
+                let id = c["id"].as_str().unwrap();
+                if mistral {
+                    assert!(
+                        id.len() == 9 && id.chars().all(|c| c.is_ascii_alphanumeric()),
+                        "{id}"
+                    );
+                } else {
+                    assert!(id.starts_with("call_"), "{id}");
+                }
+                let f = &c["function"];
+                let args: Value = serde_json::from_str(f["arguments"].as_str().unwrap()).unwrap();
+                match f["name"].as_str().unwrap() {
+                    "get_time" => assert!(["utc", "cet"].contains(&args["zone"].as_str().unwrap())),
+                    "get_weather" => {
+                        assert!(["Paris", "Rome"].contains(&args["city"].as_str().unwrap()))
+                    }
+                    other => panic!("called {other}"),
+                }
+            }
+        }
+        // The call and its result render back through the family's template.
+        let (s, v) = post(
+            &app,
+            "/v1/chat/completions",
+            json!({"max_tokens": 4, "tools": tools, "messages": [
+            {"role": "user", "content": "time?"},
+            {"role": "assistant", "content": null, "tool_calls": [{"id": "abcDEF123", "type": "function",
+                "function": {"name": "get_time", "arguments": "{\"zone\": \"utc\"}"}}]},
+            {"role": "tool", "tool_call_id": "abcDEF123", "content": "12:00"}]}),
+        )
+        .await;
+        assert_eq!(s, StatusCode::OK, "{v}");
+    }
 }

@@ -68,9 +68,13 @@ impl GgufWriter {
         Self::default()
     }
 
-    /// Adds a metadata key.
+    /// Sets a metadata key (a key set again keeps its place and takes the new value: a GGUF
+    /// file holds each key once).
     pub fn meta(&mut self, key: &str, value: MetaValue) -> &mut Self {
-        self.metadata.push((key.to_string(), value));
+        match self.metadata.iter_mut().find(|(k, _)| k == key) {
+            Some((_, v)) => *v = value,
+            None => self.metadata.push((key.to_string(), value)),
+        }
         self
     }
 
