@@ -34,6 +34,10 @@ pub enum TinyArch {
     /// gemma2: soft-capped attention scores (cap 2) and logits (cap 8), even layers in a
     /// sliding window of 8, post-norms, GELU; 4 layers, 4 heads of 32 / 2 KV heads.
     Gemma2,
+    /// A llama wide enough that the matrix products dominate (n_embd 2048, n_ff 5632, 16 heads
+    /// of 128 / 4 KV heads, 2 layers), every matrix in one type: per-type speed against
+    /// llama.cpp on the same file (`examples/wide_model.rs`). Not in [`TinyArch::ALL`].
+    Wide(GgmlType),
 }
 
 impl TinyArch {
@@ -455,6 +459,7 @@ pub fn write_tiny_model_with(
         TinyArch::Qwen3 => ("qwen3", 2, 64, 128, 4, 2, 32),
         TinyArch::Phi3 => ("phi3", 2, 64, 128, 2, 2, 32),
         TinyArch::Gemma2 => ("gemma2", 4, 64, 128, 4, 2, 32),
+        TinyArch::Wide(_) => ("llama", 2, 2048, 5632, 16, 4, 128),
     };
     let key = |k: &str| format!("{name}.{k}");
     w.meta("general.architecture", s(name))
@@ -480,7 +485,11 @@ pub fn write_tiny_model_with(
         );
     }
     let vocab = match arch {
-        TinyArch::Llama | TinyArch::LlamaHead32 | TinyArch::Qwen2 | TinyArch::Qwen3 => {
+        TinyArch::Llama
+        | TinyArch::LlamaHead32
+        | TinyArch::Qwen2
+        | TinyArch::Qwen3
+        | TinyArch::Wide(_) => {
             w.meta(&key("rope.freq_base"), MetaValue::F32(10_000.0));
             bpe_vocab(&mut w)
         }
@@ -552,6 +561,7 @@ pub fn write_tiny_model_with(
             use GgmlType::{IQ4_NL, IQ4_XS, Q2_K, Q3_K};
             [Q2_K, Q3_K, IQ4_XS, IQ4_NL, Q3_K, Q2_K, IQ4_XS]
         }
+        TinyArch::Wide(ty) => [ty; 7],
         _ => {
             use GgmlType::{F16, F32, Q4_0, Q8_0};
             [Q8_0, F16, F32, Q4_0, Q8_0, F16, Q4_0]
