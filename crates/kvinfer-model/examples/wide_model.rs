@@ -12,7 +12,10 @@ use std::path::PathBuf;
 
 fn main() -> Result<(), Box<dyn Error>> {
     let mut args = std::env::args().skip(1);
-    let out = PathBuf::from(args.next().ok_or("usage: wide_model OUT_DIR TYPE [TYPE ...]")?);
+    let out = PathBuf::from(
+        args.next()
+            .ok_or("usage: wide_model OUT_DIR TYPE [TYPE ...]")?,
+    );
     std::fs::create_dir_all(&out)?;
     for name in args {
         let ty = (0..64u32)

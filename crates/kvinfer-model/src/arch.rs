@@ -79,6 +79,11 @@ impl ArchSpec {
         self.name
     }
 
+    /// Whether the architecture has sliding-window layers at all.
+    pub fn has_window(&self) -> bool {
+        !matches!(self.window, WindowRule::None)
+    }
+
     /// Whether `layer` attends within the sliding window (when the model has one).
     pub fn is_swa_layer(&self, layer: usize) -> bool {
         match self.window {
@@ -114,11 +119,14 @@ const PLAIN: ArchSpec = ArchSpec {
     extra_keys: &[],
 };
 
-/// LLaMA and its descendants (SmolLM2, ...): RMSNorm, RoPE (normal), SwiGLU FFN. Touvron et
-/// al. 2023, arXiv:2302.13971. Llama 3.1+ files add RoPE frequency factors.
+/// LLaMA and its descendants (SmolLM2, Mistral 7B, ...): RMSNorm, RoPE (normal), SwiGLU FFN.
+/// Touvron et al. 2023, arXiv:2302.13971. Llama 3.1+ files add RoPE frequency factors. A
+/// Mistral-style `attention.sliding_window` is read and not applied: llama.cpp's `llama` graph
+/// attends to the whole context (the model summary says so).
 pub static LLAMA: ArchSpec = ArchSpec {
     name: "llama",
     rope_freqs: true,
+    extra_keys: &["attention.sliding_window"],
     ..PLAIN
 };
 

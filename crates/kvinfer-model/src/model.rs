@@ -344,7 +344,7 @@ impl Model {
         types.sort_by(|a, b| b.1.cmp(&a.1).then(a.0.cmp(&b.0)));
         let types: Vec<String> = types.iter().map(|(n, c)| format!("{n} x {c}")).collect();
         let c = &self.config;
-        format!(
+        let mut out = format!(
             "{} {:?}: {} layers, {} heads ({} KV) of {}, context {} tokens, weights {}",
             c.arch.name(),
             self.name,
@@ -354,7 +354,14 @@ impl Model {
             c.head_dim,
             c.context_length,
             types.join(", ")
-        )
+        );
+        let key = format!("{}.attention.sliding_window", c.arch.name());
+        if let (false, Some(w)) = (c.arch.has_window(), self.file.get_u32(&key)) {
+            out.push_str(&format!(
+                "; the file's sliding window of {w} is not applied (as llama.cpp: full attention)"
+            ));
+        }
+        out
     }
 
     /// Size of the model file in bytes.

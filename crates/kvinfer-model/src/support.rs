@@ -128,6 +128,7 @@ mod tests {
     use crate::gguf::{GgufWriter, MetaValue};
     use crate::testing::{write_tiny_model_with, TinyArch};
     use crate::Model;
+    use kvinfer_cache::KvDtype;
 
     fn load_with(arch: TinyArch, extra: impl FnOnce(&mut GgufWriter)) -> Result<Model, String> {
         let dir = std::env::temp_dir().join(format!("kvinfer-support-{}", std::process::id()));
@@ -167,6 +168,20 @@ mod tests {
         })
         .unwrap();
         assert_eq!(m.config.rope_freq_scale, 1.0);
+        // A Mistral-style window on llama is read and not applied, as llama.cpp's llama graph
+        // does (one layer group: no window); the summary says so.
+        let plain = load_with(TinyArch::Llama, |_| {}).unwrap();
+        let m = load_with(TinyArch::Llama, |w| {
+            w.meta("llama.attention.sliding_window", MetaValue::U32(4));
+        })
+        .unwrap();
+        assert!(
+            m.summary().contains("sliding window of 4 is not applied"),
+            "{}",
+            m.summary()
+        );
+        assert!(!plain.summary().contains("sliding window"));
+        assert_eq!(m.kv_identity(16, KvDtype::F16, true).groups.len(), 1);
         // Keys whose value changes nothing are fine.
         load_with(TinyArch::Llama, |w| {
             w.meta("llama.rope.scaling.type", MetaValue::Str("none".into()))
@@ -245,14 +260,6 @@ mod tests {
                 w.meta("gemma3.attn_logit_softcapping", MetaValue::F32(50.0));
             },
             "attn_logit_softcapping",
-        );
-        // A sliding window on llama (Mistral-style) is not computed.
-        refused(
-            Llama,
-            |w| {
-                w.meta("llama.attention.sliding_window", MetaValue::U32(4));
-            },
-            "llama.attention.sliding_window",
         );
         // Partial rotary embedding.
         refused(

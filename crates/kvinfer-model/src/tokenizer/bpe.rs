@@ -30,6 +30,14 @@ const GPT2_REGEX: &str =
     r"'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+";
 /// Llama 3's pre-tokenizer regex, as in its `tokenizer.json`.
 const LLAMA3_REGEX: &str = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
+/// Mistral's Tekken (Nemo, Small 3, Pixtral) pre-tokenizer regex as llama.cpp runs it: its
+/// rewrite of the `tokenizer.json` one, where "uppercase" is a letter other than a-z and
+/// "lowercase" a letter other than A-Z (so every non-ASCII letter is both).
+const TEKKEN_REGEX: &str = r"[^
+\p{L}\p{N}]?((?=[\p{L}])([^a-z]))*((?=[\p{L}])([^A-Z]))+|[^
+\p{L}\p{N}]?((?=[\p{L}])([^a-z]))+((?=[\p{L}])([^A-Z]))*|\p{N}| ?[^\s\p{L}\p{N}]+[
+/]*|\s*[
+]+|\s+(?!\S)|\s+";
 /// Qwen 2's pre-tokenizer regex, as in its `tokenizer.json`.
 const QWEN2_REGEX: &str = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
 
@@ -59,6 +67,7 @@ fn pre_tokenizer_for(pre: Option<&str>) -> Result<PreTokenizer, TokenizerError> 
         "llama3" | "llama-v3" | "llama-bpe" | "falcon3" | "falcon-h1" | "pixtral" | "midm-2.0"
         | "lfm2" | "dbrx" | "smaug-bpe" => p(&[LLAMA3_REGEX], true),
         "qwen2" | "deepseek-r1-qwen" | "megrez" | "stablelm2" => p(&[QWEN2_REGEX], false),
+        "tekken" => p(&[TEKKEN_REGEX], true),
         "default" => p(
             &[
                 r"[\p{P}\$\+<=>\^~\|]+",
@@ -405,6 +414,13 @@ mod tests {
         );
         assert_eq!(words("smollm", "a²b"), ["a", "²", "b"]);
         assert!(words("smollm", "").is_empty());
+        // Tekken: case changes split words; every non-ASCII letter counts as both cases (as in
+        // llama.cpp's rewrite); digits one by one.
+        assert_eq!(
+            words("tekken", "HelloWorld ÉtéWORLD 123"),
+            ["Hello", "World", " Été", "WORLD", " ", "1", "2", "3"]
+        );
+        assert_eq!(words("tekken", "a/b\n\nc"), ["a", "/b", "\n\n", "c"]);
     }
 
     #[test]

@@ -159,6 +159,7 @@ impl TokenizerSpec {
                         | "pixtral"
                         | "midm-2.0"
                         | "lfm2"
+                        | "tekken"
                 )
             );
         let id = |key: &str, default: Option<u32>| match file.get_u32(key) {
