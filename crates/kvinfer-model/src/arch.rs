@@ -68,6 +68,9 @@ pub struct ArchSpec {
     pub softcap: bool,
     /// The chat template used when the file carries none.
     pub builtin_template: Option<&'static str>,
+    /// The output matrix is always the embedding table (llama.cpp's gemma2 never reads an
+    /// `output.weight`, so a file with one is refused); otherwise `output.weight` when present.
+    pub tied_output: bool,
     /// `{arch}.*` metadata keys this architecture reads beyond the common ones
     /// ([`crate::support`]).
     pub extra_keys: &'static [&'static str],
@@ -116,6 +119,7 @@ const PLAIN: ArchSpec = ArchSpec {
     rope_base_swa: None,
     softcap: false,
     builtin_template: None,
+    tied_output: false,
     extra_keys: &[],
 };
 
@@ -192,6 +196,7 @@ pub static GEMMA2: ArchSpec = ArchSpec {
     window: WindowRule::AllButEvery(2),
     softcap: true,
     builtin_template: Some(crate::chat::GEMMA3_TEMPLATE),
+    tied_output: true,
     extra_keys: &[
         "attention.sliding_window",
         "attn_logit_softcapping",

@@ -70,9 +70,11 @@ impl Weights {
         let a = c.arch;
         let (d, kv, qd, hd) = (c.n_embd, c.kv_dim(), c.n_heads * c.head_dim, c.head_dim);
         let tok_embd = QMat::load_table(f, "token_embd.weight", c.vocab_size, d)?;
-        let output = match f.tensor("output.weight") {
-            Some(_) => QMat::load(f, "output.weight", c.vocab_size, d)?,
-            None => tok_embd.clone().packed(f),
+        // A tied architecture never looks the name up, so a file with one is refused.
+        let untied = !a.tied_output && f.tensor("output.weight").is_some();
+        let output = match untied {
+            true => QMat::load(f, "output.weight", c.vocab_size, d)?,
+            false => tok_embd.clone().packed(f),
         };
         let layers = (0..c.n_layers)
             .map(|l| {

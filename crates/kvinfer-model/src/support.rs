@@ -193,7 +193,7 @@ mod tests {
 
     #[test]
     fn what_changes_the_computation_is_refused_by_name() {
-        use TinyArch::{Gemma3, Llama, Qwen2};
+        use TinyArch::{Gemma2, Gemma3, Llama, Qwen2};
         // Another architecture's tensors: Q/K norms on llama, biases on qwen3.
         refused(
             Llama,
@@ -260,6 +260,15 @@ mod tests {
                 w.meta("gemma3.attn_logit_softcapping", MetaValue::F32(50.0));
             },
             "attn_logit_softcapping",
+        );
+        // Gemma 2's output is always the embedding table in llama.cpp: an output matrix is
+        // not computed.
+        refused(
+            Gemma2,
+            |w| {
+                w.tensor_f32("output.weight", &[64, 2], &[0.0; 128]);
+            },
+            "output.weight",
         );
         // Partial rotary embedding.
         refused(

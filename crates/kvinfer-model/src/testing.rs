@@ -32,7 +32,8 @@ pub enum TinyArch {
     /// sliding window in the metadata that is not applied (as llama.cpp), SentencePiece.
     Phi3,
     /// gemma2: soft-capped attention scores (cap 2) and logits (cap 8), even layers in a
-    /// sliding window of 8, post-norms, GELU; 4 layers, 4 heads of 32 / 2 KV heads.
+    /// sliding window of 8, post-norms, GELU, output tied to the embeddings; 4 layers, 4 heads
+    /// of 32 / 2 KV heads.
     Gemma2,
     /// A llama wide enough that the matrix products dominate (n_embd 2048, n_ff 5632, 16 heads
     /// of 128 / 4 KV heads, 2 layers), every matrix in one type: per-type speed against
@@ -379,11 +380,23 @@ fn bpe_vocab(w: &mut GgufWriter) -> usize {
     n
 }
 
-fn spm_vocab(w: &mut GgufWriter) -> usize {
-    let mut tokens: Vec<String> = ["<pad>", "<eos>", "<bos>", "<unk>"]
-        .iter()
-        .map(|t| t.to_string())
-        .collect();
+fn spm_vocab(w: &mut GgufWriter, phi3: bool) -> usize {
+    // Gemma's special tokens, or Phi-3's (llama.cpp's Phi-3 vocabulary needs `<unk>`, `<s>`,
+    // `</s>` and `<|endoftext|>`, and strips whitespace after the others).
+    let (head, tail, ids): (&[&str], &[&str], _) = if phi3 {
+        (
+            &["<pad>", "</s>", "<s>", "<unk>"],
+            &["<|endoftext|>", "<|user|>", "<|assistant|>", "<|end|>"],
+            (2, 1, 3),
+        )
+    } else {
+        (
+            &["<pad>", "<eos>", "<bos>", "<unk>"],
+            &["<start_of_turn>", "<end_of_turn>"],
+            (2, 1, 3),
+        )
+    };
+    let mut tokens: Vec<String> = head.iter().map(|t| t.to_string()).collect();
     let mut types = vec![3, 3, 3, 2];
     let mut scores = vec![0f32; 4];
     for b in 0..256 {
@@ -399,7 +412,7 @@ fn spm_vocab(w: &mut GgufWriter) -> usize {
         types.push(1);
         scores.push(-(i as f32));
     }
-    for p in ["<start_of_turn>", "<end_of_turn>"] {
+    for p in tail {
         tokens.push(p.to_string());
         types.push(3);
         scores.push(0.0);
@@ -416,9 +429,9 @@ fn spm_vocab(w: &mut GgufWriter) -> usize {
             "tokenizer.ggml.token_type",
             MetaValue::Array(types.into_iter().map(MetaValue::I32).collect()),
         )
-        .meta("tokenizer.ggml.bos_token_id", MetaValue::U32(2))
-        .meta("tokenizer.ggml.eos_token_id", MetaValue::U32(1))
-        .meta("tokenizer.ggml.unknown_token_id", MetaValue::U32(3))
+        .meta("tokenizer.ggml.bos_token_id", MetaValue::U32(ids.0))
+        .meta("tokenizer.ggml.eos_token_id", MetaValue::U32(ids.1))
+        .meta("tokenizer.ggml.unknown_token_id", MetaValue::U32(ids.2))
         .meta("tokenizer.ggml.add_bos_token", MetaValue::Bool(true))
         .meta("tokenizer.ggml.add_space_prefix", MetaValue::Bool(false));
     n
@@ -507,19 +520,19 @@ pub fn write_tiny_model_with(
         TinyArch::Gemma3 => {
             w.meta(&key("rope.freq_base"), MetaValue::F32(1_000_000.0))
                 .meta(&key("attention.sliding_window"), MetaValue::U32(8));
-            spm_vocab(&mut w)
+            spm_vocab(&mut w, arch == TinyArch::Phi3)
         }
         TinyArch::Gemma2 => {
             w.meta(&key("rope.freq_base"), MetaValue::F32(10_000.0))
                 .meta(&key("attention.sliding_window"), MetaValue::U32(8))
                 .meta(&key("attn_logit_softcapping"), MetaValue::F32(2.0))
                 .meta(&key("final_logit_softcapping"), MetaValue::F32(8.0));
-            spm_vocab(&mut w)
+            spm_vocab(&mut w, arch == TinyArch::Phi3)
         }
         TinyArch::Phi3 => {
             w.meta(&key("rope.freq_base"), MetaValue::F32(10_000.0))
                 .meta(&key("attention.sliding_window"), MetaValue::U32(8));
-            spm_vocab(&mut w)
+            spm_vocab(&mut w, arch == TinyArch::Phi3)
         }
     };
     let mut mat = |w: &mut GgufWriter, name: &str, rows: usize, cols: usize, ty: GgmlType| {
@@ -528,18 +541,9 @@ pub fn write_tiny_model_with(
     };
     let (qd, kvd) = (n_heads * head_dim, n_kv * head_dim);
     mat(&mut w, "token_embd.weight", vocab, n_embd, GgmlType::Q8_0);
-    if arch == TinyArch::Gemma2 {
-        // Logits 4x larger, so top-1 margins stand well above rounding (and the cap of 8
-        // bends them); its own generator, so the other tensors are unchanged.
-        let x = Rng(seed ^ 0x6E6D).vec(vocab * n_embd, 6.0 / (n_embd as f32).sqrt());
-        let q = quantize(GgmlType::Q8_0, &x);
-        w.tensor(
-            "output.weight",
-            &[n_embd as u64, vocab as u64],
-            GgmlType::Q8_0,
-            q,
-        );
-    } else if arch != TinyArch::Gemma3 {
+    if matches!(arch, TinyArch::Gemma2 | TinyArch::Gemma3) {
+        // Tied output.
+    } else {
         // Untied output (gemma3 keeps the tied path covered). Random tied embeddings make greedy
         // decoding repeat the last token forever, which would hide bugs.
         mat(&mut w, "output.weight", vocab, n_embd, GgmlType::Q8_0);
@@ -549,7 +553,19 @@ pub fn write_tiny_model_with(
         let v: Vec<f32> = norm_rng.vec(n, 0.2).iter().map(|x| 1.0 + x).collect();
         w.tensor_f32(name, &[n as u64], &v);
     };
-    norm(&mut w, "output_norm.weight", n_embd);
+    if arch == TinyArch::Gemma2 {
+        // Logits 4x larger (a 4x output norm; the output is tied to the embeddings, as
+        // llama.cpp's gemma2 always has it), so top-1 margins stand well above rounding and the
+        // cap of 8 bends them.
+        let v: Vec<f32> = Rng(seed ^ 0x6E6D)
+            .vec(n_embd, 0.2)
+            .iter()
+            .map(|x| 4.0 * (1.0 + x))
+            .collect();
+        w.tensor_f32("output_norm.weight", &[n_embd as u64], &v);
+    } else {
+        norm(&mut w, "output_norm.weight", n_embd);
+    }
     let mut bias_rng = Rng(seed ^ 0x5151);
     // Types of (q, k, v, output, gate, up, down).
     let layer_types = |l: usize| match arch {
@@ -591,9 +607,18 @@ pub fn write_tiny_model_with(
             norm(&mut w, &p("attn_q_norm"), head_dim);
             norm(&mut w, &p("attn_k_norm"), head_dim);
         }
-        if matches!(arch, TinyArch::Gemma3 | TinyArch::Gemma2) {
+        if arch == TinyArch::Gemma3 {
             norm(&mut w, &p("post_attention_norm"), n_embd);
             norm(&mut w, &p("post_ffw_norm"), n_embd);
+        }
+        if arch == TinyArch::Gemma2 {
+            // Layer outputs 3x larger than the scaled embedding they add to, so the tied output
+            // does not just echo the input token.
+            for t in ["post_attention_norm", "post_ffw_norm"] {
+                let v: Vec<f32> = Rng(seed ^ (l as u64 + 0x77)).vec(n_embd, 0.2);
+                let v: Vec<f32> = v.iter().map(|x| 3.0 * (1.0 + x)).collect();
+                w.tensor_f32(&p(t), &[n_embd as u64], &v);
+            }
         }
         if arch == TinyArch::Qwen2 {
             for (t, n) in [("attn_q", qd), ("attn_k", kvd), ("attn_v", kvd)] {

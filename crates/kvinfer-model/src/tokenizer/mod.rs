@@ -22,8 +22,8 @@
 //! - llama.cpp picks the end-of-turn token among several candidates in hash-map order; here the
 //!   first of its list wins (`<|im_end|>` before `<|endoftext|>`). Both are end-of-generation
 //!   either way.
-//! - llama.cpp sets lstrip/rstrip attributes on special tokens for a few models by name (Phi-3,
-//!   Jina, ModernBERT); not done here.
+//! - llama.cpp sets lstrip/rstrip attributes on special tokens for a few models by name; here
+//!   only Phi-3's (its architecture is supported; Jina and ModernBERT are not).
 //! - Special tokens of equal length are tried in id order (llama.cpp: unspecified `std::sort`
 //!   order); this matters only when one such token's end is another's start.
 //! - A vocabulary without a byte token for some byte makes llama.cpp's SPM throw; here that byte
@@ -120,6 +120,8 @@ pub struct TokenizerSpec {
     pub add_eos: bool,
     /// `tokenizer.ggml.add_space_prefix`; SentencePiece only.
     pub add_space_prefix: bool,
+    /// `general.name`: llama.cpp sets strip attributes on special tokens by model name.
+    pub model_name: String,
 }
 
 impl TokenizerSpec {
@@ -189,6 +191,7 @@ impl TokenizerSpec {
             add_space_prefix: file
                 .get_bool("tokenizer.ggml.add_space_prefix")
                 .unwrap_or(is_spm),
+            model_name: file.get_str("general.name").unwrap_or_default().to_string(),
             tokens,
             model,
         })

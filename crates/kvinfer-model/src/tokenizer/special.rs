@@ -99,15 +99,30 @@ impl SpecialTokens {
                     continue;
                 };
                 let mut start = range.start;
+                let token_attr = vocab.attrs[id as usize];
+                // llama.cpp's `isspace` (ASCII whitespace, vertical tab included).
+                let space = |b: u8| b == b' ' || (b'\t'..=b'\r').contains(&b);
                 // Matches of a whole UTF-8 string in UTF-8 text fall on character boundaries,
-                // so all slicing below is in bounds and on boundaries.
+                // so all slicing below is in bounds and on boundaries (the strips drop ASCII
+                // bytes only).
                 while let Some(pos) = text[start..range.end].find(needle) {
                     let at = start + pos;
-                    if at > start {
-                        next.push(Fragment::Text(start..at));
+                    let mut left_end = at;
+                    if token_attr & attr::LSTRIP != 0 {
+                        while left_end > start && space(text.as_bytes()[left_end - 1]) {
+                            left_end -= 1;
+                        }
+                    }
+                    if left_end > start {
+                        next.push(Fragment::Text(start..left_end));
                     }
                     next.push(Fragment::Token(id));
                     start = at + needle.len();
+                    if token_attr & attr::RSTRIP != 0 {
+                        while start < range.end && space(text.as_bytes()[start]) {
+                            start += 1;
+                        }
+                    }
                 }
                 if start < range.end {
                     next.push(Fragment::Text(start..range.end));

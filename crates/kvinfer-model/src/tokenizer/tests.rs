@@ -334,3 +334,36 @@ fn tokenizer_is_shareable_across_threads() {
     fn assert_send_sync<T: Send + Sync>() {}
     assert_send_sync::<Tokenizer>();
 }
+
+#[test]
+fn phi3_special_tokens_swallow_the_whitespace_after_them_as_in_llama_cpp() {
+    let phi3 = |name: &str| {
+        let mut spec = bpe_spec(HELLO_MERGES);
+        spec.model_name = name.into();
+        Tokenizer::from_spec(spec).unwrap()
+    };
+    let (t, plain) = (phi3("Phi-3-mini-4k-instruct"), phi3("SmolLM2"));
+    let start = id(&t, "<|im_start|>");
+    // "<|im_start|>\n hello": the newline and space after the control token are dropped.
+    assert_eq!(
+        t.encode("<|im_start|>\n hello", false, true),
+        [start, id(&t, "hello")]
+    );
+    assert_ne!(
+        plain.encode("<|im_start|>\n hello", false, true),
+        [start, id(&t, "hello")]
+    );
+    // Whitespace before it stays; user-defined tokens strip too.
+    let tag = id(&t, "<tag>");
+    assert_eq!(
+        t.encode("hello<tag>  hello", false, true),
+        [id(&t, "hello"), tag, id(&t, "hello")]
+    );
+    let before = t.encode("hello <tag>", false, true);
+    assert_eq!(before.last(), Some(&tag));
+    assert_eq!(
+        before.len(),
+        3,
+        "the space before the token stays: {before:?}"
+    );
+}

@@ -71,6 +71,10 @@ pub(crate) mod attr {
     pub const CONTROL: u32 = 1 << 3;
     pub const USER_DEFINED: u32 = 1 << 4;
     pub const BYTE: u32 = 1 << 5;
+    /// Whitespace before the token is dropped when it is cut out of the text.
+    pub const LSTRIP: u32 = 1 << 7;
+    /// Whitespace after the token is dropped when it is cut out of the text.
+    pub const RSTRIP: u32 = 1 << 8;
 }
 
 /// How normal tokens spell their bytes.
@@ -241,9 +245,39 @@ impl Vocab {
             piece_offsets: Vec::new(),
         };
         vocab.eog_ids = vocab.detect_special_tokens(&mut attrs);
+        vocab.strip_attrs_by_name(&spec.model_name, &mut attrs);
         vocab.attrs = attrs;
         vocab.build_pieces(style);
         Ok(vocab)
+    }
+
+    /// llama.cpp's strip attributes by model name (`llama_vocab::impl::load`): for Phi-3 every
+    /// special token swallows the whitespace after it, except `<unk>`, `<s>` and
+    /// `<|endoftext|>` (llama.cpp refuses a Phi-3 vocabulary without them; here a missing one is
+    /// skipped).
+    fn strip_attrs_by_name(&self, model_name: &str, attrs: &mut [u32]) {
+        let name = model_name.to_lowercase();
+        if !(name.contains("phi-3") || name.contains("phi3")) {
+            return;
+        }
+        for a in attrs.iter_mut() {
+            if *a & (attr::CONTROL | attr::USER_DEFINED | attr::UNKNOWN) != 0 {
+                *a |= attr::RSTRIP;
+            }
+        }
+        let mut set = |text: &str, on: bool| {
+            if let Some(&id) = self.token_to_id.get(text) {
+                if on {
+                    attrs[id as usize] |= attr::RSTRIP;
+                } else {
+                    attrs[id as usize] &= !attr::RSTRIP;
+                }
+            }
+        };
+        set("</s>", true);
+        for t in ["<unk>", "<s>", "<|endoftext|>"] {
+            set(t, false);
+        }
     }
 
     /// llama.cpp's "auto-detect special tokens by text": fills in the end-of-turn token, marks
